@@ -1,0 +1,284 @@
+//! The block-device layer of Viridian.
+//!
+//! * [`BlockDevice`]: the one trait every consumer (CLI, FUSE, NBD, storvsc, VMM) uses and every
+//!   format (raw, VHD, VHDX, undo overlay) implements.
+//! * [`Storage`]: the file layer under a format: real files, memory, fault injection.
+//! * [`RawDisk`]: a raw image over any storage, sparse-aware.
+//! * [`map`]: walking allocation across a chain (qemu-img map semantics).
+
+pub mod check;
+mod error;
+pub mod fault;
+pub mod map;
+mod raw;
+mod storage;
+
+pub use check::CheckReport;
+pub use error::{Error, IoContext, Result};
+pub use raw::RawDisk;
+pub use storage::{write_zeros, Access, FileStorage, MemStorage, Storage};
+
+use std::any::Any;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How a range of a layer is backed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    /// Bytes stored in this layer. `host_offset` is their offset in this layer's file when the
+    /// whole extent is contiguous there (fixed VHD, allocated VHD/VHDX block, raw file).
+    Data { host_offset: Option<u64> },
+    /// Defined by this layer to read as zeros (VHDX ZERO/UNMAPPED blocks, holes in a raw file).
+    Zero,
+    /// Not defined by this layer: read from the backing disk, or zeros when there is none
+    /// (an unallocated block of a dynamic VHD or a NOT_PRESENT VHDX block).
+    Unallocated,
+}
+
+/// One run of equal allocation, starting at the offset that was asked about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub allocation: Allocation,
+}
+
+/// Flags for [`BlockDevice::write_zeroes`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated (it must still read as zeros afterwards).
+    pub may_unmap: bool,
+}
+
+/// A virtual disk: random access to `size()` bytes.
+///
+/// All methods take `&self`; implementations are internally synchronised and must let
+/// concurrent readers proceed in parallel for data I/O (metadata may use locks).
+/// Offsets and lengths are bytes; callers need not align them, but implementations may be
+/// faster when they are sector aligned.
+pub trait BlockDevice: Send + Sync + std::fmt::Debug {
+    /// Short format name as qemu-img prints it: "raw", "vpc" is qemu's name for VHD but we say
+    /// "vhd"; "vhdx".
+    fn format(&self) -> &'static str;
+
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+
+    fn logical_sector_size(&self) -> u32 {
+        512
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        512
+    }
+
+    fn read_only(&self) -> bool;
+
+    /// Reads exactly `buf.len()` bytes at `offset` (the merged view, parents included).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes all of `buf` at `offset`. Durable only after [`BlockDevice::flush`].
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes all completed writes durable (and metadata consistent on disk).
+    fn flush(&self) -> Result<()>;
+
+    /// Hint that the range is no longer needed: afterwards it reads as either its old contents
+    /// or zeros. Formats free whole blocks where they safely can.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.size())?;
+        if self.read_only() {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Makes the range read as zeros, deallocating it where allowed and possible.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let _ = flags;
+        check_range(offset, len, self.size())?;
+        write_zero_buffers(self, offset, len)
+    }
+
+    /// Allocation of this layer only, for the run starting at `offset` (at most `len` bytes,
+    /// at least one byte when `len > 0`). The default says "data" for everything.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        check_range(offset, len, self.size())?;
+        Ok(Extent {
+            len,
+            allocation: Allocation::Data { host_offset: None },
+        })
+    }
+
+    /// The parent of a differencing layer.
+    fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
+        None
+    }
+
+    /// The image file, when there is one.
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+
+    /// Flushes and leaves the image clean on disk (VHDX: log empty). Called on every orderly
+    /// exit; implementations also do it on drop, as best effort.
+    fn close(&self) -> Result<()> {
+        if self.read_only() {
+            Ok(())
+        } else {
+            self.flush()
+        }
+    }
+
+    /// The identity children link to: a VHD footer's Unique ID, a VHDX DataWriteGuid (as the
+    /// 16 bytes stored on disk). None for formats without one (raw).
+    fn unique_id(&self) -> Option<[u8; 16]> {
+        None
+    }
+
+    /// What a differencing layer records about its parent (None for base images).
+    fn parent_link(&self) -> Option<ParentLink> {
+        None
+    }
+
+    /// Allocation unit (VHD/VHDX block size), for `info`'s cluster-size.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Whether the image needs recovery (VHDX log not empty).
+    fn dirty(&self) -> bool {
+        false
+    }
+
+    /// Format-specific facts for `info` (goes under qemu-img's "format-specific" → "data").
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// For downcasting to the concrete format type.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// What a differencing layer records about its parent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentLink {
+    /// The parent's name for messages (VHD parent Unicode name; VHDX relative or absolute path).
+    pub name: String,
+    /// Paths to try, in order: resolved relative locator, absolute locator(s), then the
+    /// child's own directory + file name. Relative entries are already joined with the child's
+    /// directory.
+    pub candidates: Vec<std::path::PathBuf>,
+    /// The parent's [`BlockDevice::unique_id`] that this child was made against.
+    pub expected_id: [u8; 16],
+    /// The format the parent must have ("vhd" or "vhdx").
+    pub format: &'static str,
+}
+
+/// Fails with [`Error::OutOfRange`] unless `offset..offset+len` lies inside `size`.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
+
+/// Writes zeros through `write_at` in bounded chunks (fallback for `write_zeroes`).
+pub fn write_zero_buffers<D: BlockDevice + ?Sized>(
+    d: &D,
+    mut offset: u64,
+    mut len: u64,
+) -> Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    while len > 0 {
+        let n = len.min(zeros.len() as u64) as usize;
+        d.write_at(&zeros[..n], offset)?;
+        offset += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// True when every byte is zero. Word-at-a-time; used to skip zero runs everywhere.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (prefix, words, suffix) = unsafe {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned middle.
+        buf.align_to::<u64>()
+    };
+    prefix.iter().all(|&b| b == 0)
+        && suffix.iter().all(|&b| b == 0)
+        && words.iter().all(|&w| w == 0)
+}
+
+/// Depth of the chain below `d` (0 for a disk without parent).
+pub fn chain_depth(d: &dyn BlockDevice) -> usize {
+    let mut n = 0;
+    let mut cur = d.backing();
+    while let Some(p) = cur {
+        n += 1;
+        cur = p.backing();
+    }
+    n
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
+    fn format(&self) -> &'static str {
+        (**self).format()
+    }
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        (**self).logical_sector_size()
+    }
+    fn physical_sector_size(&self) -> u32 {
+        (**self).physical_sector_size()
+    }
+    fn read_only(&self) -> bool {
+        (**self).read_only()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        (**self).write_zeroes(offset, len, flags)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        (**self).block_status(offset, len)
+    }
+    fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
+        (**self).backing()
+    }
+    fn path(&self) -> Option<&Path> {
+        (**self).path()
+    }
+    fn close(&self) -> Result<()> {
+        (**self).close()
+    }
+    fn unique_id(&self) -> Option<[u8; 16]> {
+        (**self).unique_id()
+    }
+    fn parent_link(&self) -> Option<ParentLink> {
+        (**self).parent_link()
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        (**self).cluster_size()
+    }
+    fn dirty(&self) -> bool {
+        (**self).dirty()
+    }
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        (**self).format_specific()
+    }
+    fn as_any(&self) -> &dyn Any {
+        (**self).as_any()
+    }
+}

@@ -1,0 +1,324 @@
+//! Where image bytes live: the file layer under every format.
+//!
+//! Format crates do all their I/O through [`Storage`] so that tests can run them on memory and on
+//! a fault-injecting layer ([`crate::fault::FaultyStorage`]) as well as on real files.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+/// Byte-addressed backing store of an image file. All methods take `&self` and must be safe to
+/// call from many threads at once (positional I/O, no shared cursor).
+#[allow(clippy::len_without_is_empty)] // a store is never asked whether it is empty
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Reads exactly `buf.len()` bytes at `offset`; reading past the end is `UnexpectedEof`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the store if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends (with zeros).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Deallocates a range so that it reads as zeros. The default writes zeros.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros(self, offset, len)
+    }
+    /// Whether `offset` lies in allocated data, and how many bytes (at most `len`, at least 1 if
+    /// `len > 0`) share that state. Stores without sparse files answer "data" for everything.
+    fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let _ = offset;
+        Ok((true, len))
+    }
+    /// The file behind this store, if any (for messages and parent lookup).
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// Writes `len` zero bytes at `offset` in bounded chunks.
+pub fn write_zeros<S: Storage + ?Sized>(s: &S, mut offset: u64, mut len: u64) -> io::Result<()> {
+    let chunk = vec![0u8; len.min(1 << 20) as usize];
+    while len > 0 {
+        let n = len.min(chunk.len() as u64) as usize;
+        s.write_at(&chunk[..n], offset)?;
+        offset += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// Whether the file should be opened for writing and how it is shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// A real file. Reads and writes are `pread`/`pwrite`, so concurrent readers never serialise.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+}
+
+impl FileStorage {
+    /// Opens an existing file. When `lock` is true an advisory `flock` is taken: shared for
+    /// read-only opens, exclusive for read-write ones, so two writers (or a writer and a reader)
+    /// on one image are refused with [`crate::Error::Locked`].
+    pub fn open(path: &Path, access: Access, lock: bool) -> crate::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(access == Access::ReadWrite)
+            .open(path)
+            .map_err(|e| crate::Error::io(format!("cannot open {}", path.display()), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| crate::Error::io(format!("cannot stat {}", path.display()), e))?;
+        if meta.is_dir() {
+            return Err(crate::Error::InvalidArgument(format!(
+                "{} is a directory, not a disk image",
+                path.display()
+            )));
+        }
+        if lock {
+            lock_file(&file, path, access)?;
+        }
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Creates a new file; fails if it exists. Takes an exclusive lock.
+    pub fn create(path: &Path) -> crate::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| crate::Error::io(format!("cannot create {}", path.display()), e))?;
+        lock_file(&file, path, Access::ReadWrite)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+fn lock_file(file: &File, path: &Path, access: Access) -> crate::Result<()> {
+    let op = match access {
+        Access::ReadOnly => libc::LOCK_SH,
+        Access::ReadWrite => libc::LOCK_EX,
+    } | libc::LOCK_NB;
+    // SAFETY: flock on a valid, owned file descriptor; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(crate::Error::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        // Locks unsupported on this file system: go on without one.
+        if err.raw_os_error() == Some(libc::ENOLCK) || err.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(());
+        }
+        return Err(crate::Error::io(
+            format!("cannot lock {}", path.display()),
+            err,
+        ));
+    }
+    Ok(())
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: fallocate on a valid descriptor with plain integer arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => write_zeros(self, offset, len),
+            _ => Err(err),
+        }
+    }
+    fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        if len == 0 {
+            return Ok((true, 0));
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek on a valid descriptor. It moves the shared file position, which nothing
+        // here uses (all data I/O is positional).
+        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // No data at or after offset: a hole up to EOF.
+                Some(libc::ENXIO) => Ok((false, len)),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((true, len)),
+                _ => Err(err),
+            };
+        }
+        let data = data as u64;
+        if data > offset {
+            return Ok((false, (data - offset).min(len)));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Ok((true, len));
+        }
+        let hole = hole as u64;
+        Ok((true, hole.saturating_sub(offset).clamp(1, len)))
+    }
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+}
+
+/// An in-memory store (tests, RAM disks).
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        MemStorage {
+            data: RwLock::new(v),
+        }
+    }
+    pub fn with_len(len: usize) -> Self {
+        Self::from_vec(vec![0; len])
+    }
+    /// A copy of the current bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.data.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+pub(crate) fn mem_read(v: &[u8], buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let end = offset.checked_add(buf.len() as u64);
+    match end {
+        Some(end) if end <= v.len() as u64 => {
+            buf.copy_from_slice(&v[offset as usize..end as usize]);
+            Ok(())
+        }
+        _ => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "read past end of store",
+        )),
+    }
+}
+
+pub(crate) fn mem_write(v: &mut Vec<u8>, buf: &[u8], offset: u64) -> io::Result<()> {
+    let end = offset
+        .checked_add(buf.len() as u64)
+        .filter(|&e| e <= (1u64 << 40))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write too far out"))?
+        as usize;
+    if v.len() < end {
+        v.resize(end, 0);
+    }
+    v[offset as usize..end].copy_from_slice(buf);
+    Ok(())
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        mem_read(
+            &self.data.read().unwrap_or_else(|e| e.into_inner()),
+            buf,
+            offset,
+        )
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        mem_write(
+            &mut self.data.write().unwrap_or_else(|e| e.into_inner()),
+            buf,
+            offset,
+        )
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if len > (1u64 << 40) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "too large"));
+        }
+        self.data
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(len as usize, 0);
+        Ok(())
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        (**self).data_run(offset, len)
+    }
+    fn path(&self) -> Option<&Path> {
+        (**self).path()
+    }
+}

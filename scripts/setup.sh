@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything the build and the tests need on a fresh Debian (bookworm) machine of this
+# project's kind. Idempotent: skips what is already there.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-img || need+=(qemu-utils)
+have nbdinfo || need+=(libnbd-bin)
+have fusermount3 || need+=(fuse3)
+have mkfs.ext4 || need+=(e2fsprogs)
+have mkfs.vfat || need+=(dosfstools)
+have sfdisk || need+=(fdisk)
+have python3 || need+=(python3)
+[ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
+have pkg-config || need+=(pkg-config)
+
+if [ ${#need[@]} -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    echo "setup: installing ${need[*]}" >&2
+    $SUDO apt-get update -qq
+    # qemu-utils must come from backports (qemu 10); plain bookworm would give 7.2.
+    if printf '%s\n' "${need[@]}" | grep -qx qemu-utils; then
+        if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            echo "deb http://deb.debian.org/debian bookworm-backports main" |
+                $SUDO tee /etc/apt/sources.list.d/backports.list >/dev/null
+            $SUDO apt-get update -qq
+        fi
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq -t bookworm-backports qemu-utils
+    fi
+    rest=()
+    for p in "${need[@]}"; do [ "$p" = qemu-utils ] || rest+=("$p"); done
+    if [ ${#rest[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${rest[@]}"
+    fi
+fi
+
+qemu-img --version | head -1 >&2

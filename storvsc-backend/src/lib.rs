@@ -1,0 +1,1 @@
+//! storvsc-backend (under construction).

@@ -1,0 +1,1 @@
+//! vhd (under construction).

@@ -1,0 +1,1 @@
+//! vmbus (under construction).

@@ -1,0 +1,1 @@
+//! vmm (under construction).
