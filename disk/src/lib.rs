@@ -10,6 +10,7 @@ pub mod check;
 mod error;
 pub mod fault;
 pub mod map;
+pub mod overlay;
 mod raw;
 mod storage;
 
