@@ -1,1 +1,52 @@
-//! vmbus (under construction).
+//! VMBus, host side: channel management, GPADLs, ring buffers and a channel server that
+//! routes packets to devices (see `docs/VMM.md` §3 in the shared design notes).
+//!
+//! The crate has no threads and no I/O of its own. The VMM feeds it the two guest→host
+//! events and carries out the [`Action`]s it returns:
+//!
+//! ```text
+//! vCPU exit: HvPostMessage(input GPA)  → read hv_input_post_message (256 B) from guest memory
+//!     status = server.post_message(&mem, connection_id, message_type, &payload[..payload_size])
+//!     put `status` in RAX, then for a in server.take_actions() { vmm.do(a) }
+//! vCPU exit / ioeventfd: HvSignalEvent(connection_id)
+//!     status = server.signal_event(&mem, connection_id)   // drains that channel's ring
+//!     for a in server.take_actions() { vmm.do(a) }
+//! device finished async work / timer:  server.poll(&mem); take_actions()
+//!
+//! Action::DeliverMessage { vp, sint, message_type, payload } → SIMP slot `sint` of `vp`
+//!     (FIFO per (vp, sint); msg_pending + EOM when the slot is busy), then inject the SINT vector
+//! Action::SignalGuest { vp, sint, relid } → set bit `relid` of the SIEFP page of `vp` at
+//!     sint*256 bytes, then inject the SINT vector
+//! Action::ChannelFailed { relid, reason } → log it (the guest broke the protocol)
+//! ```
+//!
+//! Pieces, usable on their own:
+//! * [`protocol`]: channel-management messages ([`Message::parse`], [`Message::encode`]).
+//! * [`GuestMemory`]: the guest-memory trait (the VMM implements it over `vm-memory`;
+//!   [`VecMemory`] is a plain buffer for tests). Every guest address is bounds-checked.
+//! * [`GpadlTable`], [`PageBuffer`]: GPADL assembly and scatter/gather access to page lists.
+//! * [`ring`]: ring-buffer reader/writer with the signalling rules of VMM.md §3.4.
+//! * [`VmbusServer`] + [`VmbusDevice`]: the channel state machine and the device trait a
+//!   device (e.g. `storvsc-backend`) implements. A device sees packets through
+//!   [`ChannelIo`] (guest memory, completions, logging).
+//!
+//! Guest errors never panic: malformed messages are logged and dropped (or answered with a
+//! failure status), and a malformed ring stops its channel with [`Action::ChannelFailed`].
+//! Wrap the server in a `Mutex` to share it between vCPU threads and an I/O thread.
+
+pub mod gpadl;
+pub mod guid;
+pub mod memory;
+pub mod protocol;
+pub mod ring;
+pub mod server;
+
+pub use gpadl::{GpaRange, Gpadl, GpadlError, GpadlTable, PageBuffer};
+pub use guid::Guid;
+pub use memory::{GuestMemory, MemoryError, VecMemory, PAGE_SIZE};
+pub use protocol::{Message, ProtocolError};
+pub use ring::{IncomingPacket, PacketKind, RingError};
+pub use server::{
+    channel_connection_id, hv_status, Action, ChannelIo, ChannelState, DeviceError, VmbusDevice,
+    VmbusServer,
+};
