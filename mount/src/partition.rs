@@ -563,3 +563,287 @@ pub fn crc32(data: &[u8]) -> u32 {
     }
     !c
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk::RawDisk;
+
+    fn mem(size: u64) -> RawDisk {
+        RawDisk::memory(size).unwrap()
+    }
+
+    fn mbr_entry(sector: &mut [u8], slot: usize, status: u8, type_id: u8, lba: u32, count: u32) {
+        let o = 446 + 16 * slot;
+        sector[o] = status;
+        sector[o + 4] = type_id;
+        sector[o + 8..o + 12].copy_from_slice(&lba.to_le_bytes());
+        sector[o + 12..o + 16].copy_from_slice(&count.to_le_bytes());
+    }
+
+    fn sig(sector: &mut [u8]) {
+        sector[510] = 0x55;
+        sector[511] = 0xAA;
+    }
+
+    #[test]
+    fn crc32_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn no_table() {
+        let d = mem(1 << 20);
+        assert!(partitions(&d).unwrap().is_empty());
+        let d = mem(100);
+        assert!(partitions(&d).unwrap().is_empty());
+    }
+
+    #[test]
+    fn boot_sector_is_not_a_table() {
+        let d = mem(1 << 20);
+        let mut s = [0u8; 512];
+        sig(&mut s);
+        // A FAT boot sector has code/data where the entries would be.
+        mbr_entry(&mut s, 0, 0x31, 0x06, 1, 10);
+        d.write_at(&s, 0).unwrap();
+        let t = read_table(&d).unwrap();
+        assert_eq!(t.scheme, None);
+    }
+
+    #[test]
+    fn mbr_primary_extended_logical() {
+        let d = mem(64 << 20);
+        let mut s = [0u8; 512];
+        sig(&mut s);
+        mbr_entry(&mut s, 0, 0x80, 0x83, 2048, 8192);
+        mbr_entry(&mut s, 1, 0, 0x05, 16384, 65536);
+        mbr_entry(&mut s, 3, 0, 0x07, 100_000, 1000);
+        d.write_at(&s, 0).unwrap();
+        // Three logical partitions, each EBR at the start of its slot.
+        let ebrs = [
+            (16384u32, 2048u32, 4096u32),
+            (24576, 2048, 4096),
+            (40960, 2048, 50000),
+        ];
+        for (i, (lba, rel, count)) in ebrs.iter().enumerate() {
+            let mut e = [0u8; 512];
+            sig(&mut e);
+            mbr_entry(&mut e, 0, 0, 0x83, *rel, *count);
+            if let Some(next) = ebrs.get(i + 1) {
+                mbr_entry(&mut e, 1, 0, 0x05, next.0 - 16384, 8192);
+            }
+            d.write_at(&e, u64::from(*lba) * 512).unwrap();
+        }
+        let t = read_table(&d).unwrap();
+        assert_eq!(t.scheme, Some(Scheme::Mbr));
+        let nums: Vec<u32> = t.partitions.iter().map(|p| p.number).collect();
+        assert_eq!(nums, vec![1, 4, 5, 6, 7]);
+        let p1 = &t.partitions[0];
+        assert_eq!((p1.start, p1.len), (2048 * 512, 8192 * 512));
+        assert!(matches!(
+            p1.kind,
+            PartitionKind::Mbr {
+                bootable: true,
+                type_id: 0x83,
+                logical: false
+            }
+        ));
+        let p6 = &t.partitions[3];
+        assert_eq!((p6.start, p6.len), ((24576 + 2048) * 512, 4096 * 512));
+        assert!(matches!(p6.kind, PartitionKind::Mbr { logical: true, .. }));
+        let p7 = &t.partitions[4];
+        assert_eq!(p7.start, (40960 + 2048) * 512);
+        // The last logical partition runs past the extended partition's end: clipped to it.
+        assert_eq!(p7.start + p7.len, (16384 + 65536) * 512);
+        assert!(p7.clipped);
+        assert_eq!(t.partitions[1].file_name(), "p4");
+    }
+
+    #[test]
+    fn ebr_loop_is_bounded() {
+        let d = mem(16 << 20);
+        let mut s = [0u8; 512];
+        sig(&mut s);
+        mbr_entry(&mut s, 0, 0, 0x0F, 2048, 20000);
+        d.write_at(&s, 0).unwrap();
+        // EBR A (sector 2048) links to EBR B (4096); B links to itself.
+        for (lba, link) in [(2048u32, 2048u32), (4096, 2048)] {
+            let mut e = [0u8; 512];
+            sig(&mut e);
+            mbr_entry(&mut e, 0, 0, 0x83, 1, 10);
+            mbr_entry(&mut e, 1, 0, 0x05, link, 10);
+            d.write_at(&e, u64::from(lba) * 512).unwrap();
+        }
+        let t = read_table(&d).unwrap();
+        assert_eq!(t.partitions.len(), 2);
+        assert!(
+            t.dropped.iter().any(|m| m.contains("loops")),
+            "{:?}",
+            t.dropped
+        );
+    }
+
+    #[test]
+    fn long_ebr_chain_is_capped() {
+        let d = mem(64 << 20);
+        let mut s = [0u8; 512];
+        sig(&mut s);
+        mbr_entry(&mut s, 0, 0, 0x05, 2048, 120_000);
+        d.write_at(&s, 0).unwrap();
+        for i in 0..200u32 {
+            let mut e = [0u8; 512];
+            sig(&mut e);
+            mbr_entry(&mut e, 0, 0, 0x83, 1, 100);
+            mbr_entry(&mut e, 1, 0, 0x05, (i + 1) * 200, 200);
+            d.write_at(&e, u64::from(2048 + i * 200) * 512).unwrap();
+        }
+        let t = read_table(&d).unwrap();
+        assert_eq!(t.partitions.len(), MAX_LOGICAL);
+        assert_eq!(t.partitions.last().unwrap().number, 4 + MAX_LOGICAL as u32);
+    }
+
+    #[test]
+    fn entries_past_the_end() {
+        let d = mem(1 << 20); // 2048 sectors
+        let mut s = [0u8; 512];
+        sig(&mut s);
+        mbr_entry(&mut s, 0, 0, 0x83, 1024, 4096); // runs past the end: clipped
+        mbr_entry(&mut s, 1, 0, 0x83, 5000, 10); // starts past the end: dropped
+        mbr_entry(&mut s, 2, 0, 0x83, u32::MAX, u32::MAX); // overflow-prone: dropped
+        mbr_entry(&mut s, 3, 0, 0x05, 0xFFFF_0000, 100); // extended past the end
+        d.write_at(&s, 0).unwrap();
+        let t = read_table(&d).unwrap();
+        assert_eq!(t.partitions.len(), 1);
+        let p = &t.partitions[0];
+        assert_eq!((p.start, p.len, p.clipped), (1024 * 512, 1024 * 512, true));
+        assert_eq!(t.dropped.len(), 3, "{:?}", t.dropped);
+    }
+
+    /// Writes a GPT (primary and backup) with the given (first, last, name) entries.
+    fn write_gpt(d: &RawDisk, parts: &[(u64, u64, &str)]) {
+        let sectors = d.size() / 512;
+        let mut s = [0u8; 512];
+        sig(&mut s);
+        mbr_entry(
+            &mut s,
+            0,
+            0,
+            0xEE,
+            1,
+            (sectors - 1).min(u64::from(u32::MAX)) as u32,
+        );
+        d.write_at(&s, 0).unwrap();
+        let mut entries = vec![0u8; 128 * 128];
+        for (i, (first, last, name)) in parts.iter().enumerate() {
+            let e = &mut entries[i * 128..(i + 1) * 128];
+            e[0..16].copy_from_slice(&[0xAF; 16]);
+            e[16..32].copy_from_slice(&[i as u8 + 1; 16]);
+            e[32..40].copy_from_slice(&first.to_le_bytes());
+            e[40..48].copy_from_slice(&last.to_le_bytes());
+            for (k, u) in name.encode_utf16().enumerate() {
+                e[56 + 2 * k..58 + 2 * k].copy_from_slice(&u.to_le_bytes());
+            }
+        }
+        let ecrc = crc32(&entries);
+        for (my, alt, elba) in [(1, sectors - 1, 2), (sectors - 1, 1, sectors - 33)] {
+            let mut h = [0u8; 512];
+            h[0..8].copy_from_slice(b"EFI PART");
+            h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+            h[12..16].copy_from_slice(&92u32.to_le_bytes());
+            h[24..32].copy_from_slice(&my.to_le_bytes());
+            h[32..40].copy_from_slice(&alt.to_le_bytes());
+            h[40..48].copy_from_slice(&34u64.to_le_bytes());
+            h[48..56].copy_from_slice(&(sectors - 34).to_le_bytes());
+            h[72..80].copy_from_slice(&elba.to_le_bytes());
+            h[80..84].copy_from_slice(&128u32.to_le_bytes());
+            h[84..88].copy_from_slice(&128u32.to_le_bytes());
+            h[88..92].copy_from_slice(&ecrc.to_le_bytes());
+            let c = crc32(&h[..92]);
+            h[16..20].copy_from_slice(&c.to_le_bytes());
+            d.write_at(&h, my * 512).unwrap();
+            d.write_at(&entries, elba * 512).unwrap();
+        }
+    }
+
+    #[test]
+    fn gpt_parses_and_validates() {
+        let d = mem(8 << 20);
+        write_gpt(
+            &d,
+            &[(2048, 4095, "boot"), (4096, 16000, "root"), (0, 0, "")],
+        );
+        // Third entry: first == last == 0 with a nonzero type: a one-sector partition at LBA 0.
+        let t = read_table(&d).unwrap();
+        assert_eq!(t.scheme, Some(Scheme::Gpt));
+        assert_eq!(t.partitions.len(), 3);
+        let p2 = &t.partitions[1];
+        assert_eq!(
+            (p2.number, p2.start, p2.len),
+            (2, 4096 * 512, (16000 - 4096 + 1) * 512)
+        );
+        match &p2.kind {
+            PartitionKind::Gpt {
+                name, unique_guid, ..
+            } => {
+                assert_eq!(name, "root");
+                assert_eq!(unique_guid, &[2u8; 16]);
+            }
+            k => panic!("{k:?}"),
+        }
+        // Outside the usable range is kept but noted.
+        assert!(t.dropped.iter().any(|m| m.contains("partition 3")));
+    }
+
+    #[test]
+    fn gpt_bad_primary_uses_backup() {
+        let d = mem(8 << 20);
+        write_gpt(&d, &[(2048, 4095, "a")]);
+        // Corrupt one byte of the primary header (covered by its CRC).
+        d.write_at(&[0x99], 512 + 40).unwrap();
+        let t = read_table(&d).unwrap();
+        assert_eq!(t.partitions.len(), 1);
+        assert!(
+            t.dropped.iter().any(|m| m.contains("CRC32")),
+            "{:?}",
+            t.dropped
+        );
+        assert!(t.dropped.iter().any(|m| m.contains("backup")));
+    }
+
+    #[test]
+    fn gpt_bad_entries_and_backup_is_an_error() {
+        let d = mem(8 << 20);
+        write_gpt(&d, &[(2048, 4095, "a")]);
+        let sectors = d.size() / 512;
+        // Corrupt the primary entry array and the backup header.
+        d.write_at(&[1], 2 * 512 + 40).unwrap();
+        d.write_at(&[1], (sectors - 1) * 512 + 40).unwrap();
+        match read_table(&d) {
+            Err(PartitionError::InvalidGpt { primary, backup }) => {
+                assert!(primary.contains("entry array CRC32"), "{primary}");
+                assert!(backup.contains("CRC32"), "{backup}");
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn gpt_hostile_sizes() {
+        let d = mem(8 << 20);
+        write_gpt(
+            &d,
+            &[
+                (2048, 4095, "a"),
+                (5000, 1 << 40, "huge"),
+                (1 << 40, 1 << 41, "far"),
+            ],
+        );
+        let t = read_table(&d).unwrap();
+        let nums: Vec<u32> = t.partitions.iter().map(|p| p.number).collect();
+        assert_eq!(nums, vec![1, 2]);
+        assert!(t.partitions[1].clipped);
+        assert_eq!(t.partitions[1].start + t.partitions[1].len, d.size());
+    }
+}
