@@ -1,0 +1,330 @@
+//! The VHDX log: finding and replaying a log sequence, and writing entries.
+//!
+//! # How Viridian writes metadata (the write-ahead scheme)
+//!
+//! Every change to metadata at file offsets >= 192 KiB (BAT pages, sector-bitmap pages, the
+//! metadata region, region tables) goes through the log. Headers are never logged: they are
+//! updated with the two-copy sequence-number rule.
+//!
+//! * **Session start** (first write after open): one header update sets a fresh LogGuid, a new
+//!   FileWriteGuid and a new DataWriteGuid (written to the non-current slot, flushed, then to
+//!   the other slot, flushed, so both copies are valid). From then on the log is "active"; log
+//!   sequence numbers restart at 1 with every new LogGuid, so entries of older sessions can never
+//!   join a sequence.
+//! * **Between flushes**, metadata changes only touch the in-memory BAT and a map of dirty 4 KiB
+//!   pages. Payload data is written straight to its block (positional I/O). New blocks are only
+//!   ever appended at the end of the file, so a block the log has not yet made reachable holds
+//!   nothing that matters, and a crash can at worst leak it.
+//! * **Flush** (`flush()`), in this order:
+//!   1. `storage.flush()`: all payload writes and every page applied after the previous entry are
+//!      now durable, so the previous entry is no longer needed.
+//!   2. Write ONE log entry holding every dirty page (a full 4 KiB image each) whose Tail points
+//!      at itself (nothing older is needed), FlushedFileOffset = the durable file length and
+//!      LastFileOffset = the length the file must have.
+//!   3. `storage.flush()`: the entry is durable; the flush is acknowledged.
+//!   4. Apply the pages to their final places *without* flushing; step 1 of the next flush (or
+//!      close) makes them durable before the entry they came from can be overwritten.
+//!
+//!   So a flush costs two storage flushes and no header writes, however many blocks were
+//!   allocated. An entry is placed right after the previous one in the ring (wrapping around the
+//!   end) and is limited to half the log, so it never overwrites the previous entry, which is
+//!   still the replay target until the new one is durable. A dirty set larger than that is
+//!   written as several entries with a checkpoint (flush, apply, flush) between them; every
+//!   intermediate state is one a crash between two writes could have produced anyway.
+//! * **Crash at any instant**: replay finds the valid entry with the highest sequence number (a
+//!   torn entry fails its CRC and is ignored) and rewrites its page images, which are complete
+//!   and idempotent, so re-applying an entry whose pages had already reached the file is
+//!   harmless.
+//! * **Close**: flush as above, flush the applied pages, then clear LogGuid with a header update
+//!   (log empty, image clean).
+//!
+//! Replay itself follows MS-VHDX: the candidate heads are tried from the highest sequence number
+//! down; a head is accepted when the chain from its Tail to it consists of valid, contiguous
+//! (modulo the ring) entries with consecutive sequence numbers.
+
+use std::collections::BTreeMap;
+
+use crate::format::*;
+use disk::{Error, Result};
+
+pub const SIG_LOGE: &[u8; 4] = b"loge";
+pub const SIG_DESC: &[u8; 4] = b"desc";
+pub const SIG_ZERO: &[u8; 4] = b"zero";
+pub const SIG_DATA: &[u8; 4] = b"data";
+
+/// One operation of a log entry.
+#[derive(Clone, Debug)]
+pub enum LogOp {
+    Data { file_offset: u64, page: Box<[u8]> },
+    Zero { file_offset: u64, len: u64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct LogEntry {
+    pub offset: u64,
+    pub length: u64,
+    pub tail: u64,
+    pub sequence: u64,
+    pub flushed_file_offset: u64,
+    pub last_file_offset: u64,
+    pub ops: Vec<LogOp>,
+}
+
+/// The sequence to replay (oldest first).
+#[derive(Clone, Debug, Default)]
+pub struct LogSequence {
+    pub entries: Vec<LogEntry>,
+}
+
+impl LogSequence {
+    pub fn flushed_file_offset(&self) -> u64 {
+        self.entries.last().map_or(0, |e| e.flushed_file_offset)
+    }
+    pub fn last_file_offset(&self) -> u64 {
+        self.entries.last().map_or(0, |e| e.last_file_offset)
+    }
+    pub fn head_sequence(&self) -> u64 {
+        self.entries.last().map_or(0, |e| e.sequence)
+    }
+    pub fn head_end(&self, log_len: u64) -> u64 {
+        self.entries
+            .last()
+            .map_or(0, |e| (e.offset + e.length) % log_len)
+    }
+}
+
+fn ring(log: &[u8], off: u64, len: u64) -> Vec<u8> {
+    let n = log.len() as u64;
+    let mut out = Vec::with_capacity(len as usize);
+    let mut pos = off % n;
+    let mut left = len;
+    while left > 0 {
+        let take = left.min(n - pos);
+        out.extend_from_slice(&log[pos as usize..(pos + take) as usize]);
+        left -= take;
+        pos = (pos + take) % n;
+    }
+    out
+}
+
+/// Number of 4 KiB descriptor sectors for `n` descriptors.
+pub fn desc_sectors(n: u64) -> u64 {
+    if n <= 126 {
+        1
+    } else {
+        1 + (n - 126).div_ceil(128)
+    }
+}
+
+/// Validates and decodes the entry at ring offset `off`; None when it is not a valid entry.
+fn parse_entry(log: &[u8], off: u64, guid: &Guid) -> Option<LogEntry> {
+    let n = log.len() as u64;
+    let h = ring(log, off, 64);
+    if &h[0..4] != SIG_LOGE {
+        return None;
+    }
+    let length = rd32(&h, 8) as u64;
+    let tail = rd32(&h, 12) as u64;
+    let sequence = rd64(&h, 16);
+    let count = rd32(&h, 24) as u64;
+    if length < PAGE || !length.is_multiple_of(PAGE) || length > n || sequence == 0 {
+        return None;
+    }
+    if !tail.is_multiple_of(PAGE) || tail >= n || rdguid(&h, 32) != *guid {
+        return None;
+    }
+    let ds = desc_sectors(count);
+    if ds * PAGE > length {
+        return None;
+    }
+    let e = ring(log, off, length);
+    if rd32(&e, 4) != crc32c_skip(&e, 4) {
+        return None;
+    }
+    let mut ops = Vec::new();
+    let mut data_idx = 0u64;
+    for i in 0..count {
+        let d = 64 + i as usize * 32;
+        let sig = &e[d..d + 4];
+        let file_offset = rd64(&e, d + 16);
+        if rd64(&e, d + 24) != sequence || !file_offset.is_multiple_of(PAGE) {
+            return None;
+        }
+        if sig == SIG_ZERO {
+            let len = rd64(&e, d + 8);
+            if !len.is_multiple_of(PAGE) {
+                return None;
+            }
+            ops.push(LogOp::Zero { file_offset, len });
+        } else if sig == SIG_DESC {
+            let s = ((ds + data_idx) * PAGE) as usize;
+            if s as u64 + PAGE > length {
+                return None;
+            }
+            let sec = &e[s..s + PAGE as usize];
+            if &sec[0..4] != SIG_DATA
+                || rd32(sec, 4) as u64 != sequence >> 32
+                || rd32(sec, 4092) as u64 != sequence & 0xffff_ffff
+            {
+                return None;
+            }
+            let mut page = vec![0u8; PAGE as usize].into_boxed_slice();
+            page[0..8].copy_from_slice(&e[d + 8..d + 16]);
+            page[8..4092].copy_from_slice(&sec[8..4092]);
+            page[4092..4096].copy_from_slice(&e[d + 4..d + 8]);
+            ops.push(LogOp::Data { file_offset, page });
+            data_idx += 1;
+        } else {
+            return None;
+        }
+    }
+    Some(LogEntry {
+        offset: off,
+        length,
+        tail,
+        sequence,
+        flushed_file_offset: rd64(&h, 48),
+        last_file_offset: rd64(&h, 56),
+        ops,
+    })
+}
+
+/// Finds the sequence to replay in the log region bytes `log` (whole region).
+pub fn find_sequence(log: &[u8], guid: &Guid) -> LogSequence {
+    let n = log.len() as u64;
+    if n < PAGE {
+        return LogSequence::default();
+    }
+    let mut valid: BTreeMap<u64, LogEntry> = BTreeMap::new();
+    let mut off = 0;
+    while off < n {
+        if &log[off as usize..off as usize + 4] == SIG_LOGE {
+            if let Some(e) = parse_entry(log, off, guid) {
+                valid.insert(off, e);
+            }
+        }
+        off += PAGE;
+    }
+    let mut heads: Vec<&LogEntry> = valid.values().collect();
+    heads.sort_by_key(|e| std::cmp::Reverse(e.sequence));
+    'heads: for head in heads {
+        // Walk from the tail to the head.
+        let mut chain = Vec::new();
+        let mut pos = head.tail;
+        let mut expect: Option<u64> = None;
+        let mut used = 0u64;
+        loop {
+            let Some(e) = valid.get(&pos) else {
+                continue 'heads;
+            };
+            if let Some(s) = expect {
+                if e.sequence != s {
+                    continue 'heads;
+                }
+            }
+            used += e.length;
+            if used > n || e.sequence > head.sequence {
+                continue 'heads;
+            }
+            chain.push(e.clone());
+            if e.offset == head.offset {
+                break;
+            }
+            expect = Some(e.sequence + 1);
+            pos = (e.offset + e.length) % n;
+        }
+        return LogSequence { entries: chain };
+    }
+    LogSequence::default()
+}
+
+/// Serialises one entry holding full-page images (`pages`: file offset, 4 KiB each).
+pub fn build_entry(
+    sequence: u64,
+    tail: u32,
+    guid: &Guid,
+    flushed_file_offset: u64,
+    last_file_offset: u64,
+    pages: &[(u64, &[u8])],
+) -> Vec<u8> {
+    let count = pages.len() as u64;
+    let ds = desc_sectors(count);
+    let len = (ds + count) * PAGE;
+    let mut e = vec![0u8; len as usize];
+    e[0..4].copy_from_slice(SIG_LOGE);
+    wr32(&mut e, 8, len as u32);
+    wr32(&mut e, 12, tail);
+    wr64(&mut e, 16, sequence);
+    wr32(&mut e, 24, count as u32);
+    e[32..48].copy_from_slice(guid);
+    wr64(&mut e, 48, flushed_file_offset);
+    wr64(&mut e, 56, last_file_offset);
+    for (i, (off, page)) in pages.iter().enumerate() {
+        let d = 64 + i * 32;
+        e[d..d + 4].copy_from_slice(SIG_DESC);
+        e[d + 4..d + 8].copy_from_slice(&page[4092..4096]);
+        e[d + 8..d + 16].copy_from_slice(&page[0..8]);
+        wr64(&mut e, d + 16, *off);
+        wr64(&mut e, d + 24, sequence);
+        let s = ((ds + i as u64) * PAGE) as usize;
+        e[s..s + 4].copy_from_slice(SIG_DATA);
+        wr32(&mut e, s + 4, (sequence >> 32) as u32);
+        e[s + 8..s + 4092].copy_from_slice(&page[8..4092]);
+        wr32(&mut e, s + 4092, sequence as u32);
+    }
+    let c = crc32c_skip(&e, 4);
+    wr32(&mut e, 4, c);
+    e
+}
+
+/// Checks that a replayed sequence only targets loggable offsets and yields its operations.
+pub fn validate_targets(seq: &LogSequence, log_offset: u64, log_len: u64) -> Result<()> {
+    for e in &seq.entries {
+        for op in &e.ops {
+            let (o, l) = match op {
+                LogOp::Data { file_offset, .. } => (*file_offset, PAGE),
+                LogOp::Zero { file_offset, len } => (*file_offset, *len),
+            };
+            let end = o.saturating_add(l);
+            if o < RT1_OFFSET
+                || (o < log_offset + log_len && end > log_offset)
+                || end > MAX_SIZE * 2
+            {
+                return Err(Error::corrupt(
+                    "VHDX log entry",
+                    log_offset + e.offset,
+                    format!(
+                        "sequence {} writes {o:#x}+{l:#x}, which is a header, the log itself or absurdly far",
+                        e.sequence
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_then_find() {
+        let guid = [7u8; 16];
+        let page = vec![0xabu8; 4096];
+        let mut log = vec![0u8; 1 << 20];
+        let e1 = build_entry(1, 0, &guid, 0, 0, &[(2 << 20, &page)]);
+        log[..e1.len()].copy_from_slice(&e1);
+        let e2 = build_entry(2, 0, &guid, 0, 0, &[(3 << 20, &page)]);
+        log[e1.len()..e1.len() + e2.len()].copy_from_slice(&e2);
+        let s = find_sequence(&log, &guid);
+        assert_eq!(s.entries.len(), 2);
+        assert_eq!(s.head_sequence(), 2);
+        // Wrong guid: nothing.
+        assert!(find_sequence(&log, &[1u8; 16]).entries.is_empty());
+        // Tear entry 2: only entry 1 remains.
+        log[e1.len() + 5000] ^= 1;
+        let s = find_sequence(&log, &guid);
+        assert_eq!(s.entries.len(), 1);
+    }
+}
