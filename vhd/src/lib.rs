@@ -959,6 +959,9 @@ impl VhdDisk {
             let before = bm.clone();
             set_bits(&mut bm, first * 8, inb / SECTOR, end / SECTOR);
             if bm != before {
+                // Data must be durable before the bit that exposes it, or a crash could show
+                // never-written sectors instead of the parent's data.
+                flush_storage(&*self.storage)?;
                 write_all(&*self.storage, &bm, base + first, "VHD sector bitmap")?;
             }
         }
