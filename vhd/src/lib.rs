@@ -901,8 +901,14 @@ impl VhdDisk {
         let end = pos + bitmap + bs;
         let s = &*self.storage;
         let cur_len = s.len().map_err(|e| io_err("reading VHD file length", e))?;
-        write_all(s, &footer.to_bytes(), end, "VHD footer")?;
-        flush_storage(s)?;
+        if let Err(e) =
+            write_all(s, &footer.to_bytes(), end, "VHD footer").and_then(|_| flush_storage(s))
+        {
+            // A failed or short footer write must not leave a torn footer at EOF: cut it off
+            // again (best effort; the old footer is still intact).
+            let _ = s.set_len(cur_len);
+            return Err(e);
+        }
         // Space past the old footer is normally fresh (zeros); if an earlier failed attempt
         // left bytes there, zero the payload so unwritten sectors read as zeros.
         if cur_len > footer_pos + FOOTER_SIZE as u64 {
@@ -917,12 +923,17 @@ impl VhdDisk {
         write_all(s, &bm, pos, "VHD sector bitmap")?;
         write_all(s, data, pos + bitmap + inb, "VHD data block")?;
         flush_storage(s)?;
-        write_all(
+        if let Err(e) = write_all(
             s,
             &(sector as u32).to_be_bytes(),
             bat_off + 4 * blk,
             "VHD BAT entry",
-        )?;
+        ) {
+            // A short write may have torn the entry: put the old value back (best effort), so
+            // the block is merely leaked.
+            let _ = s.write_at(&UNALLOCATED.to_be_bytes(), bat_off + 4 * blk);
+            return Err(e);
+        }
         let mut m = self.mw();
         m.bat[blk as usize] = sector as u32;
         m.footer_pos = end;

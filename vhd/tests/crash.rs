@@ -1,0 +1,216 @@
+//! Crash ordering: crash at every storage operation during allocating writes with flushes.
+//! Every crash image must open, every write acknowledged by a completed flush must read back,
+//! and check() may report leaks but never corruption.
+
+mod common;
+
+use std::sync::Arc;
+
+use disk::check::Repair;
+use disk::fault::{FaultPlan, FaultyStorage, SplitMix};
+use disk::{BlockDevice, MemStorage, Storage};
+use vhd::{CreateKind, CreateOptions, OpenOptions, VhdDisk};
+
+const SIZE: u64 = 1 << 20;
+const SECTOR: usize = 512;
+
+enum Op {
+    Write(u64, Vec<u8>),
+    Flush,
+}
+
+fn script() -> Vec<Op> {
+    let mut rng = SplitMix(42);
+    let mut ops = Vec::new();
+    for i in 0..14u64 {
+        // Sector-aligned writes, many of them allocating (64 KiB blocks, 16 blocks).
+        let off = rng.below(SIZE / 512 - 16) * 512;
+        let len = (1 + rng.below(12)) as usize * SECTOR;
+        ops.push(Op::Write(off, common::pattern(len, i as u8 + 1)));
+        if i % 2 == 1 {
+            ops.push(Op::Flush);
+        }
+    }
+    ops
+}
+
+/// Per sector: the acknowledged content plus every later (unacknowledged) version.
+struct Model {
+    allowed: Vec<Vec<Vec<u8>>>,
+}
+
+impl Model {
+    fn new(initial: &[u8]) -> Self {
+        Model {
+            allowed: initial.chunks(SECTOR).map(|c| vec![c.to_vec()]).collect(),
+        }
+    }
+    fn write(&mut self, off: u64, data: &[u8]) {
+        for (i, c) in data.chunks(SECTOR).enumerate() {
+            self.allowed[off as usize / SECTOR + i].push(c.to_vec());
+        }
+    }
+    fn flush(&mut self) {
+        for a in &mut self.allowed {
+            let last = a.pop().unwrap_or_default();
+            *a = vec![last];
+        }
+    }
+    fn verify(&self, got: &[u8], what: &str) {
+        for (i, c) in got.chunks(SECTOR).enumerate() {
+            assert!(
+                self.allowed[i].iter().any(|a| a == c),
+                "{what}: sector {i} holds neither its acknowledged content nor a later write"
+            );
+        }
+    }
+}
+
+fn run_crash_suite(base: Vec<u8>, parent: Option<Arc<dyn BlockDevice>>) -> u64 {
+    let ops = script();
+    let opts = OpenOptions::default();
+    let initial_view = {
+        let mut d = VhdDisk::open(Arc::new(MemStorage::from_vec(base.clone())), &opts).unwrap();
+        if let Some(p) = &parent {
+            d.attach_parent(p.clone()).unwrap();
+        }
+        let mut v = vec![0u8; SIZE as usize];
+        d.read_at(&mut v, 0).unwrap();
+        v
+    };
+    // Count operations of a clean run.
+    let total = {
+        let fs = Arc::new(FaultyStorage::new(base.clone(), FaultPlan::default()));
+        let mut d = VhdDisk::open(fs.clone(), &opts).unwrap();
+        if let Some(p) = &parent {
+            d.attach_parent(p.clone()).unwrap();
+        }
+        for op in &ops {
+            match op {
+                Op::Write(o, b) => d.write_at(b, *o).unwrap(),
+                Op::Flush => d.flush().unwrap(),
+            }
+        }
+        d.flush().unwrap();
+        fs.ops()
+    };
+    assert!(total > 20, "script too small: {total} ops");
+    let mut rng = SplitMix(7);
+    let mut images = 0;
+    for crash_at in 0..=total {
+        let fs = Arc::new(FaultyStorage::new(
+            base.clone(),
+            FaultPlan {
+                crash_at: Some(crash_at),
+                ..Default::default()
+            },
+        ));
+        let mut d = VhdDisk::open(fs.clone(), &opts).unwrap();
+        if let Some(p) = &parent {
+            d.attach_parent(p.clone()).unwrap();
+        }
+        let mut model = Model::new(&initial_view);
+        for op in &ops {
+            let r = match op {
+                Op::Write(o, b) => {
+                    model.write(*o, b);
+                    d.write_at(b, *o)
+                }
+                Op::Flush => d.flush().map(|_| model.flush()),
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        drop(d);
+        for _ in 0..4 {
+            let img = fs.crash_image(&mut rng);
+            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
+            let mut d = VhdDisk::open(s.clone(), &opts)
+                .unwrap_or_else(|e| panic!("crash at op {crash_at}: image does not open: {e}"));
+            if let Some(p) = &parent {
+                d.attach_parent(p.clone()).unwrap();
+            }
+            let mut got = vec![0u8; SIZE as usize];
+            d.read_at(&mut got, 0).unwrap();
+            model.verify(&got, &format!("crash at op {crash_at}"));
+            drop(d);
+            let r = vhd::check(s, Repair::None).unwrap();
+            assert_eq!(r.corruptions, 0, "crash at op {crash_at}: {r:?}");
+            images += 1;
+        }
+    }
+    images
+}
+
+fn dynamic_base() -> Vec<u8> {
+    let s = Arc::new(MemStorage::new());
+    let mut o = CreateOptions::new(CreateKind::Dynamic, SIZE);
+    o.block_size = 64 << 10;
+    drop(VhdDisk::create_on(s.clone(), &o).unwrap());
+    s.to_vec()
+}
+
+#[test]
+fn dynamic_crash_at_every_operation() {
+    let n = run_crash_suite(dynamic_base(), None);
+    assert!(n > 80);
+}
+
+#[test]
+fn differencing_crash_at_every_operation() {
+    let ps = Arc::new(MemStorage::new());
+    let p = VhdDisk::create_on(ps.clone(), &CreateOptions::new(CreateKind::Dynamic, SIZE)).unwrap();
+    p.write_at(&common::pattern(SIZE as usize, 77), 0).unwrap();
+    p.flush().unwrap();
+    let parent: Arc<dyn BlockDevice> = Arc::new(p);
+    let s = Arc::new(MemStorage::new());
+    let kind = CreateKind::Differencing {
+        parent_path: "/x/parent.vhd".into(),
+        parent: parent.clone(),
+    };
+    let mut o = CreateOptions::new(kind, 0);
+    o.block_size = 64 << 10;
+    drop(VhdDisk::create_on(s.clone(), &o).unwrap());
+    let n = run_crash_suite(s.to_vec(), Some(parent));
+    assert!(n > 80);
+}
+
+#[test]
+fn failed_and_short_writes_leave_a_usable_image() {
+    let base = dynamic_base();
+    for n in 0..40u64 {
+        for plan in [
+            FaultPlan {
+                fail_write: Some(n),
+                ..Default::default()
+            },
+            FaultPlan {
+                short_write: Some(n),
+                ..Default::default()
+            },
+            FaultPlan {
+                fail_flush: Some(n),
+                ..Default::default()
+            },
+        ] {
+            let fs = Arc::new(FaultyStorage::new(base.clone(), plan));
+            let d = VhdDisk::open(fs.clone(), &OpenOptions::default()).unwrap();
+            for op in script() {
+                let _ = match op {
+                    Op::Write(o, b) => d.write_at(&b, o),
+                    Op::Flush => d.flush(),
+                };
+            }
+            let _ = d.flush();
+            drop(d);
+            let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(fs.volatile()));
+            let d = VhdDisk::open(s.clone(), &OpenOptions::default())
+                .unwrap_or_else(|e| panic!("{plan:?}: {e}"));
+            let mut got = vec![0u8; SIZE as usize];
+            d.read_at(&mut got, 0).unwrap();
+            let r = vhd::check(s, Repair::None).unwrap();
+            assert_eq!(r.corruptions, 0, "{plan:?}: {r:?}");
+        }
+    }
+}

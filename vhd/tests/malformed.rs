@@ -1,0 +1,324 @@
+//! Hostile input: typed errors, no panics, bounded memory.
+
+mod common;
+
+use std::sync::Arc;
+
+use disk::fault::SplitMix;
+use disk::{BlockDevice, Error, MemStorage, Storage};
+use vhd::{CreateKind, CreateOptions, OpenOptions, VhdDisk};
+
+const MIB: u64 = 1 << 20;
+
+fn open(bytes: Vec<u8>) -> disk::Result<VhdDisk> {
+    VhdDisk::open(
+        Arc::new(MemStorage::from_vec(bytes)),
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+}
+
+/// A small dynamic image with two allocated blocks (64 KiB blocks).
+fn dynamic_image() -> Vec<u8> {
+    let s = Arc::new(MemStorage::new());
+    let mut o = CreateOptions::new(CreateKind::Dynamic, MIB);
+    o.block_size = 64 << 10;
+    let d = VhdDisk::create_on(s.clone(), &o).unwrap();
+    d.write_at(&common::pattern(70_000, 1), 1000).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    s.to_vec()
+}
+
+fn differencing_image() -> Vec<u8> {
+    let parent: Arc<dyn BlockDevice> = Arc::new(
+        VhdDisk::create_on(
+            Arc::new(MemStorage::new()),
+            &CreateOptions::new(CreateKind::Dynamic, MIB),
+        )
+        .unwrap(),
+    );
+    let s = Arc::new(MemStorage::new());
+    let kind = CreateKind::Differencing {
+        parent_path: "/images/parent.vhd".into(),
+        parent,
+    };
+    let d = VhdDisk::create_on(s.clone(), &CreateOptions::new(kind, 0)).unwrap();
+    d.write_at(&[9u8; 1024], 512).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    s.to_vec()
+}
+
+fn be32(v: &mut [u8], off: usize, x: u32) {
+    v[off..off + 4].copy_from_slice(&x.to_be_bytes());
+}
+
+/// Recomputes the footer checksum (so tests hit the check they mean, not the checksum).
+fn fix_footer(v: &mut [u8], at: usize) {
+    v[at + 64..at + 68].fill(0);
+    let sum: u32 = v[at..at + 512].iter().map(|&b| b as u32).sum();
+    be32(v, at + 64, !sum);
+}
+
+fn set_footer_field(v: &mut Vec<u8>, off: usize, bytes: &[u8]) {
+    let n = v.len();
+    for at in [0, n - 512] {
+        v[at + off..at + off + bytes.len()].copy_from_slice(bytes);
+        fix_footer(v, at);
+    }
+}
+
+fn corrupt_structure(e: &Error) -> &'static str {
+    match e {
+        Error::Corrupt { structure, .. } => structure,
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+/// Opening (and, if it opens, reading everything and checking) must never panic.
+fn exercise(bytes: Vec<u8>) {
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(bytes));
+    if let Ok(d) = VhdDisk::open(
+        s.clone(),
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    ) {
+        let size = d.size();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut off = 0;
+        while off < size {
+            let n = (size - off).min(buf.len() as u64) as usize;
+            let _ = d.read_at(&mut buf[..n], off);
+            let _ = d.block_status(off, n as u64);
+            off += n as u64;
+        }
+        let _ = d.format_specific();
+        let _ = d.parent_link();
+    }
+    let _ = vhd::check(s, disk::check::Repair::None);
+}
+
+#[test]
+fn tiny_and_empty_files_are_not_vhd() {
+    for len in [0usize, 100, 511] {
+        let e = open(vec![0; len]).unwrap_err();
+        assert!(matches!(e, Error::WrongFormat { .. }), "{e}");
+        assert!(!VhdDisk::probe(&MemStorage::from_vec(vec![0; len])).unwrap());
+    }
+    assert!(matches!(
+        open(vec![0; 4096]).unwrap_err(),
+        Error::WrongFormat { .. }
+    ));
+}
+
+#[test]
+fn truncated_at_every_interesting_point() {
+    let img = dynamic_image();
+    let n = img.len();
+    let mut cuts = vec![
+        512,
+        513,
+        1000,
+        1024,
+        1535,
+        1536,
+        2047,
+        2048,
+        4095,
+        4096,
+        n / 2,
+        n - 513,
+        n - 512,
+        n - 511,
+        n - 1,
+    ];
+    cuts.extend((0..n).step_by(4093));
+    for cut in cuts {
+        let v = img[..cut].to_vec();
+        exercise(v.clone());
+        // Anything cut inside the allocated data must not open with garbage silently:
+        // either a typed error or a consistent image.
+        if let Ok(d) = open(v) {
+            let mut b = vec![0u8; d.size() as usize];
+            let _ = d.read_at(&mut b, 0);
+        }
+    }
+    // Losing only the trailing footer: the copy at offset 0 is used, BAT entries into the lost
+    // region are refused.
+    let e = open(img[..n - 512].to_vec());
+    match e {
+        Ok(d) => assert!(d.info().warnings.iter().any(|w| w.contains("offset 0"))),
+        Err(e) => assert_eq!(corrupt_structure(&e), "VHD BAT"),
+    }
+}
+
+#[test]
+fn bad_footer_checksum_is_a_warning_and_bad_type_an_error() {
+    let mut img = dynamic_image();
+    let n = img.len();
+    for at in [0, n - 512] {
+        img[at + 64] ^= 1;
+    }
+    let d = open(img.clone()).unwrap();
+    assert!(d.info().warnings.iter().any(|w| w.contains("checksum")));
+    set_footer_field(&mut img, 60, &7u32.to_be_bytes());
+    let e = open(img).unwrap_err();
+    assert_eq!(corrupt_structure(&e), "VHD footer");
+}
+
+#[test]
+fn bat_entry_past_eof_or_on_metadata() {
+    let img = dynamic_image();
+    for bad in [0x7fff_fff0u32, 0, 2, 3] {
+        let mut v = img.clone();
+        be32(&mut v, 1536, bad);
+        let e = open(v.clone()).unwrap_err();
+        assert_eq!(corrupt_structure(&e), "VHD BAT", "entry {bad:#x}: {e}");
+        let r = vhd::check(Arc::new(MemStorage::from_vec(v)), disk::check::Repair::All).unwrap();
+        assert!(r.corruptions >= 1 && r.corruptions_fixed == 0, "{r:?}");
+    }
+}
+
+#[test]
+fn huge_table_claims_are_bounded_by_file_size() {
+    let img = dynamic_image();
+    // max_table_entries 2^32-1 with current_size 2 TiB in a ~200 KiB file: refused, no 16 GiB
+    // allocation.
+    let mut v = img.clone();
+    be32(&mut v, 512 + 28, u32::MAX);
+    set_footer_field(&mut v, 48, &(2u64 << 40).to_be_bytes());
+    let e = open(v).unwrap_err();
+    assert_eq!(corrupt_structure(&e), "VHD BAT");
+    // current_size near 2^64 with tiny blocks: refused by max_table_entries.
+    let mut v = img.clone();
+    set_footer_field(&mut v, 48, &(u64::MAX - 4095).to_be_bytes());
+    let e = open(v).unwrap_err();
+    assert_eq!(corrupt_structure(&e), "VHD dynamic header");
+    // A 4 KiB file claiming 2^32 entries.
+    let mut v = img[..4096].to_vec();
+    be32(&mut v, 512 + 28, u32::MAX);
+    v.extend_from_slice(&img[img.len() - 512..]);
+    let n = v.len();
+    v[n - 512 + 48..n - 512 + 56].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    fix_footer(&mut v, n - 512);
+    let t = std::time::Instant::now();
+    assert!(open(v).is_err());
+    assert!(t.elapsed().as_secs() < 2);
+    // Fewer table entries than the size needs.
+    let mut v = img.clone();
+    be32(&mut v, 512 + 28, 3);
+    assert_eq!(
+        corrupt_structure(&open(v).unwrap_err()),
+        "VHD dynamic header"
+    );
+}
+
+#[test]
+fn bad_block_sizes() {
+    let img = dynamic_image();
+    for bs in [0u32, 3000, 0x1234_5678, 0x8000_0000, 256] {
+        let mut v = img.clone();
+        be32(&mut v, 512 + 32, bs);
+        match open(v).unwrap_err() {
+            Error::Corrupt {
+                structure, offset, ..
+            } => {
+                assert_eq!((structure, offset), ("VHD dynamic header", 512 + 32));
+            }
+            e => panic!("{e}"),
+        }
+    }
+}
+
+#[test]
+fn bad_header_offset_and_cookie() {
+    let img = dynamic_image();
+    let mut v = img.clone();
+    set_footer_field(&mut v, 16, &(1u64 << 50).to_be_bytes());
+    assert_eq!(corrupt_structure(&open(v).unwrap_err()), "VHD footer");
+    let mut v = img.clone();
+    v[512] = b'X';
+    assert_eq!(
+        corrupt_structure(&open(v).unwrap_err()),
+        "VHD dynamic header"
+    );
+}
+
+#[test]
+fn locators_out_of_range() {
+    let img = differencing_image();
+    assert!(open(img.clone()).is_ok());
+    // Locator 0 offset far past EOF.
+    let mut v = img.clone();
+    v[512 + 576 + 16..512 + 576 + 24].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    assert_eq!(
+        corrupt_structure(&open(v).unwrap_err()),
+        "VHD parent locator"
+    );
+    // Offset + length overflows.
+    let mut v = img.clone();
+    v[512 + 576 + 16..512 + 576 + 24].copy_from_slice(&u64::MAX.to_be_bytes());
+    assert_eq!(
+        corrupt_structure(&open(v).unwrap_err()),
+        "VHD parent locator"
+    );
+    // Absurd length.
+    let mut v = img.clone();
+    be32(&mut v, 512 + 576 + 8, u32::MAX);
+    assert_eq!(
+        corrupt_structure(&open(v).unwrap_err()),
+        "VHD parent locator"
+    );
+    // Unpaired surrogate in the parent name: opens, lossy name, raw kept.
+    let mut v = img.clone();
+    v[512 + 64..512 + 66].copy_from_slice(&0xD800u16.to_be_bytes());
+    let d = open(v).unwrap();
+    assert!(d.parent_link().unwrap().name.starts_with('\u{FFFD}'));
+    assert_eq!(d.parent_name_raw().unwrap()[0], 0xD800);
+    assert!(d.info().warnings.iter().any(|w| w.contains("surrogate")));
+}
+
+#[test]
+fn footer_quirks_511_bytes_and_copy_mismatch() {
+    let img = dynamic_image();
+    // 511-byte trailing footer.
+    let v = img[..img.len() - 1].to_vec();
+    let d = open(v.clone()).unwrap();
+    assert!(d.info().warnings.iter().any(|w| w.contains("511")));
+    assert!(VhdDisk::probe(&MemStorage::from_vec(v)).unwrap());
+    // Copy at 0 differs (valid checksum on both): trailer wins, warning.
+    let mut v = img.clone();
+    v[40..48].copy_from_slice(&(3 * MIB).to_be_bytes());
+    fix_footer(&mut v, 0);
+    let d = open(v).unwrap();
+    assert_eq!(d.size(), MIB);
+    assert!(d.info().warnings.iter().any(|w| w.contains("differs")));
+}
+
+#[test]
+fn random_corruption_never_panics() {
+    let imgs = [dynamic_image(), differencing_image()];
+    let mut rng = SplitMix(0x5eed);
+    for round in 0..300 {
+        let base = &imgs[round % 2];
+        let mut v = base.clone();
+        let flips = 1 + rng.below(8);
+        for _ in 0..flips {
+            // Aim at the metadata most of the time.
+            let at = if rng.below(4) == 0 {
+                rng.below(v.len() as u64) as usize
+            } else if rng.below(2) == 0 {
+                rng.below(4096) as usize
+            } else {
+                v.len() - 1 - rng.below(512) as usize
+            };
+            v[at] = rng.next_u64() as u8;
+        }
+        exercise(v);
+    }
+}
