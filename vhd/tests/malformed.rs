@@ -63,7 +63,7 @@ fn fix_footer(v: &mut [u8], at: usize) {
     be32(v, at + 64, !sum);
 }
 
-fn set_footer_field(v: &mut Vec<u8>, off: usize, bytes: &[u8]) {
+fn set_footer_field(v: &mut [u8], off: usize, bytes: &[u8]) {
     let n = v.len();
     for at in [0, n - 512] {
         v[at + off..at + off + bytes.len()].copy_from_slice(bytes);
