@@ -1,1 +1,487 @@
-//! chain (under construction).
+//! Opening images: format probing and parent chains.
+//!
+//! [`open`] looks at the bytes (VHDX file identifier, VHD footer at the start or the end, else
+//! raw), opens the image, and for differencing images finds and verifies every parent:
+//! the locators' candidate paths are tried in order (relative, absolute, then the child's own
+//! directory), the first file that exists is opened read-only, and its identity (VHD Unique ID,
+//! VHDX DataWriteGuid) must equal what the child recorded, else the open fails naming both
+//! files. Cycles and absurd depths are refused.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub mod undo;
+
+use disk::{Access, BlockDevice, Error, FileStorage, RawDisk, Result, Storage};
+pub use undo::UndoDisk;
+
+/// Parents deeper than this are refused (a crafted chain must not recurse forever).
+pub const MAX_CHAIN_DEPTH: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Vhd,
+    Vhdx,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Vhd => "vhd",
+            Format::Vhdx => "vhdx",
+        }
+    }
+
+    /// Parses a user's `-f` value; `vpc` is qemu's name for VHD.
+    pub fn parse(s: &str) -> Option<Format> {
+        match s.to_ascii_lowercase().as_str() {
+            "raw" => Some(Format::Raw),
+            "vhd" | "vpc" => Some(Format::Vhd),
+            "vhdx" | "avhdx" => Some(Format::Vhdx),
+            _ => None,
+        }
+    }
+}
+
+/// How to open an image and its parents.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Open the top image read-only (parents are always read-only unless `parents_writable`).
+    pub read_only: bool,
+    /// Skip probing.
+    pub format: Option<Format>,
+    /// Use this file as the top image's parent instead of what the locators say (moved chains).
+    pub parent_override: Option<PathBuf>,
+    /// Open only the top image; differencing reads of parent data then fail.
+    pub no_parent: bool,
+    /// VHD size rule (CHS or current_size) for every VHD in the chain.
+    pub vhd_size_rule: vhd::SizeRule,
+    /// Open parents read-write too (commit writes into them).
+    pub parents_writable: bool,
+    /// Take advisory locks (shared for readers, exclusive for writers).
+    pub lock: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: true,
+            format: None,
+            parent_override: None,
+            no_parent: false,
+            vhd_size_rule: vhd::SizeRule::Auto,
+            parents_writable: false,
+            lock: true,
+        }
+    }
+}
+
+impl OpenOptions {
+    pub fn read_only() -> Self {
+        Self::default()
+    }
+    pub fn read_write() -> Self {
+        OpenOptions {
+            read_only: false,
+            ..Self::default()
+        }
+    }
+}
+
+/// Determines the format from the bytes of a store.
+pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    if vhdx::VhdxDisk::probe(storage)? {
+        return Ok(Format::Vhdx);
+    }
+    if vhd::VhdDisk::probe(storage)? {
+        return Ok(Format::Vhd);
+    }
+    Ok(Format::Raw)
+}
+
+/// Probes the format of a file without locking or writing it.
+pub fn probe_path(path: &Path) -> Result<Format> {
+    let s = FileStorage::open(path, Access::ReadOnly, false)?;
+    probe(&s)
+}
+
+/// Opens `path` and, unless told not to, its whole parent chain.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn BlockDevice>> {
+    let mut seen = HashSet::new();
+    open_layer(
+        path,
+        opts,
+        !opts.read_only,
+        0,
+        &mut seen,
+        opts.parent_override.as_deref(),
+    )
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn open_layer(
+    path: &Path,
+    opts: &OpenOptions,
+    writable: bool,
+    depth: usize,
+    seen: &mut HashSet<PathBuf>,
+    parent_override: Option<&Path>,
+) -> Result<Arc<dyn BlockDevice>> {
+    if !seen.insert(canonical(path)) {
+        return Err(Error::ParentCycle {
+            child: path.to_path_buf(),
+            parent: path.to_path_buf(),
+        });
+    }
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+    if !meta.is_file() && !is_block_device(&meta) {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a regular file or block device",
+            path.display()
+        )));
+    }
+    let access = if writable {
+        Access::ReadWrite
+    } else {
+        Access::ReadOnly
+    };
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, access, opts.lock)?);
+    let format = match opts.format.filter(|_| depth == 0) {
+        Some(f) => f,
+        None => probe(&*storage)?,
+    };
+    match format {
+        Format::Raw => Ok(Arc::new(RawDisk::new(storage, !writable)?)),
+        Format::Vhd => {
+            let vopts = vhd::OpenOptions {
+                read_only: !writable,
+                size_rule: opts.vhd_size_rule,
+            };
+            let mut d = vhd::VhdDisk::open(storage, &vopts)?;
+            if let Some(link) = d.parent_link().filter(|_| !opts.no_parent) {
+                let parent = open_parent(path, &link, opts, depth, seen, parent_override)?;
+                d.attach_parent(parent)?;
+            }
+            Ok(Arc::new(d))
+        }
+        Format::Vhdx => {
+            let xopts = vhdx::OpenOptions {
+                read_only: !writable,
+            };
+            let mut d = vhdx::VhdxDisk::open(storage, &xopts)?;
+            if let Some(link) = d.parent_link().filter(|_| !opts.no_parent) {
+                let parent = open_parent(path, &link, opts, depth, seen, parent_override)?;
+                d.attach_parent(parent)?;
+            }
+            Ok(Arc::new(d))
+        }
+    }
+}
+
+fn is_block_device(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    meta.file_type().is_block_device()
+}
+
+/// Finds, opens and verifies the parent a child's locators describe.
+fn open_parent(
+    child: &Path,
+    link: &disk::ParentLink,
+    opts: &OpenOptions,
+    depth: usize,
+    seen: &mut HashSet<PathBuf>,
+    parent_override: Option<&Path>,
+) -> Result<Arc<dyn BlockDevice>> {
+    if depth + 1 >= MAX_CHAIN_DEPTH {
+        return Err(Error::Unsupported(format!(
+            "parent chain of {} is deeper than {MAX_CHAIN_DEPTH} images",
+            child.display()
+        )));
+    }
+    let candidates: Vec<PathBuf> = match parent_override {
+        Some(p) => vec![p.to_path_buf()],
+        None => link.candidates.clone(),
+    };
+    let mut tried = Vec::new();
+    let mut mismatch: Option<Error> = None;
+    for cand in candidates {
+        if tried.contains(&cand) {
+            continue;
+        }
+        tried.push(cand.clone());
+        let meta = match std::fs::metadata(&cand) {
+            Ok(m) => m,
+            Err(_) => continue,
+        };
+        if !meta.is_file() && !is_block_device(&meta) {
+            continue;
+        }
+        if seen.contains(&canonical(&cand)) {
+            return Err(Error::ParentCycle {
+                child: child.to_path_buf(),
+                parent: cand,
+            });
+        }
+        let parent = open_layer(&cand, opts, opts.parents_writable, depth + 1, seen, None)?;
+        let found_format = parent.format();
+        let found_id = parent.unique_id();
+        if found_format != link.format {
+            mismatch.get_or_insert(Error::ParentMismatch {
+                child: child.to_path_buf(),
+                parent: cand.clone(),
+                detail: format!(
+                    "the child needs a {} parent, this file is {}",
+                    link.format, found_format
+                ),
+            });
+        } else if found_id != Some(link.expected_id) {
+            mismatch.get_or_insert(Error::ParentMismatch {
+                child: child.to_path_buf(),
+                parent: cand.clone(),
+                detail: format!(
+                    "the child was made against identity {}, this file has {}",
+                    hex_id(&link.expected_id),
+                    found_id
+                        .map(|i| hex_id(&i))
+                        .unwrap_or_else(|| "none".into())
+                ),
+            });
+        } else {
+            return Ok(parent);
+        }
+        // Not ours: release it (and its place in the cycle set) and try the next candidate.
+        remove_subtree(seen, &parent);
+    }
+    Err(mismatch.unwrap_or_else(|| Error::ParentNotFound {
+        child: child.to_path_buf(),
+        name: link.name.clone(),
+        tried,
+    }))
+}
+
+fn remove_subtree(seen: &mut HashSet<PathBuf>, d: &Arc<dyn BlockDevice>) {
+    let mut cur: Option<&Arc<dyn BlockDevice>> = Some(d);
+    while let Some(layer) = cur {
+        if let Some(p) = layer.path() {
+            seen.remove(&canonical(p));
+        }
+        cur = layer.backing();
+    }
+}
+
+/// Formats 16 identity bytes as a GUID-like hex string for messages.
+pub fn hex_id(id: &[u8; 16]) -> String {
+    let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Every layer of a chain, top first.
+pub fn layers(top: &Arc<dyn BlockDevice>) -> Vec<Arc<dyn BlockDevice>> {
+    let mut out = vec![top.clone()];
+    while let Some(p) = out.last().and_then(|l| l.backing().cloned()) {
+        out.push(p);
+    }
+    out
+}
+
+/// What to create.
+#[derive(Clone, Debug)]
+pub struct CreateSpec {
+    pub format: Format,
+    /// Virtual size; ignored (taken from the parent) when `parent` is set.
+    pub size: u64,
+    /// Fixed (preallocated) instead of dynamic.
+    pub fixed: bool,
+    pub block_size: Option<u32>,
+    pub log_size: Option<u32>,
+    pub logical_sector_size: Option<u32>,
+    pub physical_sector_size: Option<u32>,
+    /// VHD only: size by CHS geometry or exact current_size.
+    pub vhd_size_rule: vhd::SizeRule,
+    /// VHD only: Azure-ready fixed disk (whole MiB).
+    pub azure: bool,
+    /// Make a differencing image on top of this parent.
+    pub parent: Option<PathBuf>,
+}
+
+impl CreateSpec {
+    pub fn new(format: Format, size: u64) -> Self {
+        CreateSpec {
+            format,
+            size,
+            fixed: false,
+            block_size: None,
+            log_size: None,
+            logical_sector_size: None,
+            physical_sector_size: None,
+            vhd_size_rule: vhd::SizeRule::CurrentSize,
+            azure: false,
+            parent: None,
+        }
+    }
+}
+
+/// Creates a new image (never overwrites) and returns it opened read-write.
+pub fn create(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> {
+    if path.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "{} already exists; refusing to overwrite it",
+            path.display()
+        )));
+    }
+    let parent = match &spec.parent {
+        Some(p) => Some((p.clone(), open(p, &OpenOptions::read_only())?)),
+        None => None,
+    };
+    match spec.format {
+        Format::Raw => {
+            if parent.is_some() {
+                return Err(Error::InvalidArgument(
+                    "raw images cannot have a backing file".into(),
+                ));
+            }
+            Ok(Arc::new(RawDisk::create(path, spec.size)?))
+        }
+        Format::Vhd => {
+            let kind = match parent {
+                Some((parent_path, parent)) => {
+                    if parent.format() != "vhd" {
+                        return Err(Error::InvalidArgument(format!(
+                            "a differencing VHD needs a VHD parent; {} is {}",
+                            parent_path.display(),
+                            parent.format()
+                        )));
+                    }
+                    vhd::CreateKind::Differencing {
+                        parent_path: std::path::absolute(&parent_path).unwrap_or(parent_path),
+                        parent,
+                    }
+                }
+                None if spec.fixed || spec.azure => vhd::CreateKind::Fixed,
+                None => vhd::CreateKind::Dynamic,
+            };
+            Ok(Arc::new(vhd::VhdDisk::create(
+                path,
+                &vhd_options(spec, Some(kind)),
+            )?))
+        }
+        Format::Vhdx => {
+            let kind = match parent {
+                Some((parent_path, parent)) => {
+                    if parent.format() != "vhdx" {
+                        return Err(Error::InvalidArgument(format!(
+                            "a differencing VHDX needs a VHDX parent; {} is {}",
+                            parent_path.display(),
+                            parent.format()
+                        )));
+                    }
+                    vhdx::CreateKind::Differencing {
+                        parent_path: std::path::absolute(&parent_path).unwrap_or(parent_path),
+                        parent,
+                    }
+                }
+                None if spec.fixed => vhdx::CreateKind::Fixed,
+                None => vhdx::CreateKind::Dynamic,
+            };
+            Ok(Arc::new(vhdx::VhdxDisk::create(
+                path,
+                &vhdx_options(spec, Some(kind)),
+            )?))
+        }
+    }
+}
+
+/// The VHD creation options a spec stands for (`kind` None: fixed or dynamic per the spec).
+pub fn vhd_options(spec: &CreateSpec, kind: Option<vhd::CreateKind>) -> vhd::CreateOptions {
+    let kind = kind.unwrap_or(if spec.fixed || spec.azure {
+        vhd::CreateKind::Fixed
+    } else {
+        vhd::CreateKind::Dynamic
+    });
+    let mut o = vhd::CreateOptions::new(kind, spec.size);
+    if let Some(b) = spec.block_size {
+        o.block_size = b;
+    }
+    o.size_rule = spec.vhd_size_rule;
+    o.azure = spec.azure;
+    o
+}
+
+/// The VHDX creation options a spec stands for.
+pub fn vhdx_options(spec: &CreateSpec, kind: Option<vhdx::CreateKind>) -> vhdx::CreateOptions {
+    let kind = kind.unwrap_or(if spec.fixed {
+        vhdx::CreateKind::Fixed
+    } else {
+        vhdx::CreateKind::Dynamic
+    });
+    let mut o = vhdx::CreateOptions::new(kind, spec.size);
+    if let Some(b) = spec.block_size {
+        o.block_size = b;
+    }
+    if let Some(l) = spec.log_size {
+        o.log_size = l;
+    }
+    if let Some(s) = spec.logical_sector_size {
+        o.logical_sector_size = s;
+    }
+    if let Some(s) = spec.physical_sector_size {
+        o.physical_sector_size = s;
+    }
+    o
+}
+
+/// Copies into `base` every range that a layer of `top` above depth `depth_limit` defines
+/// (read through `top`'s merged view), so `base` then reads as `top` does. Zero ranges become
+/// write-zeroes. Returns the bytes merged; `progress` is told about every range walked.
+pub fn merge(
+    top: &dyn BlockDevice,
+    depth_limit: usize,
+    base: &dyn BlockDevice,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let size = top.size();
+    if base.size() < size {
+        return Err(Error::InvalidArgument(format!(
+            "cannot merge {size} bytes into a {}-byte image",
+            base.size()
+        )));
+    }
+    let mut buf = vec![0u8; 2 << 20];
+    let mut pos = 0;
+    let mut merged = 0;
+    while pos < size {
+        let e = disk::map::status_through_chain(top, pos, size - pos)?;
+        if e.present && e.depth < depth_limit {
+            if e.zero {
+                base.write_zeroes(pos, e.length, disk::ZeroFlags { may_unmap: true })?;
+            } else {
+                let mut off = 0;
+                while off < e.length {
+                    let n = (e.length - off).min(buf.len() as u64) as usize;
+                    top.read_at(&mut buf[..n], pos + off)?;
+                    base.write_at(&buf[..n], pos + off)?;
+                    off += n as u64;
+                }
+            }
+            merged += e.length;
+        }
+        pos += e.length;
+        progress(e.length);
+    }
+    base.flush()?;
+    Ok(merged)
+}

@@ -9,7 +9,7 @@ pub struct MapExtent {
     pub start: u64,
     pub length: u64,
     /// Layer that defines the bytes: 0 = the top image, 1 = its parent, ...; for ranges no layer
-    /// defines, the depth of the bottom layer + 1 (qemu-img's convention).
+    /// defines, the depth of the bottom layer (as qemu-img reports it).
     pub depth: usize,
     /// Some layer defines these bytes.
     pub present: bool,
@@ -61,7 +61,7 @@ pub fn status_through_chain(top: &dyn BlockDevice, offset: u64, len: u64) -> Res
                     return Ok(MapExtent {
                         start: offset,
                         length: len,
-                        depth: depth + 1,
+                        depth,
                         present: false,
                         zero: true,
                         data: false,

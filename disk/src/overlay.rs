@@ -37,6 +37,11 @@ impl CowOverlay {
         &self.base
     }
 
+    /// The scratch store: every written granule is complete there, at its own offset.
+    pub fn scratch(&self) -> &Arc<dyn Storage> {
+        &self.scratch
+    }
+
     fn is_present(bits: &[u64], g: u64) -> bool {
         bits[(g / 64) as usize] & (1 << (g % 64)) != 0
     }
@@ -137,8 +142,8 @@ impl BlockDevice for CowOverlay {
         Ok(())
     }
     fn flush(&self) -> Result<()> {
-        // The overlay is throwaway by design; nothing to make durable.
-        Ok(())
+        // Durable scratch data matters when the caller named the undo file and keeps it.
+        self.scratch.flush().map_err(Self::scratch_err)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(offset, len, self.size)?;

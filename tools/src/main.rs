@@ -1,1 +1,94 @@
-fn main() {}
+//! `viridian`: a qemu-img-style tool for VHD, VHDX and raw images.
+//!
+//! Verbs, flags, JSON keys and exit codes follow qemu-img where the concept is the same.
+//! Every error is reported as one line on stderr (`viridian: what failed: why`) with exit code 1,
+//! except where qemu-img defines other codes (check, compare).
+
+mod cmd_check;
+mod cmd_commit;
+mod cmd_compare;
+mod cmd_convert;
+mod cmd_create;
+mod cmd_info;
+mod cmd_io;
+mod cmd_map;
+mod cmd_measure;
+mod cmd_rebase;
+mod cmd_resize;
+mod cmd_undo;
+mod common;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "viridian",
+    version,
+    about = "VHD, VHDX and raw disk image tool (qemu-img style)",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show facts about an image (and its backing chain).
+    Info(cmd_info::Args),
+    /// Create an image (fixed, dynamic or differencing).
+    Create(cmd_create::Args),
+    /// Copy images between formats, sparse-aware; flattens chains.
+    Convert(cmd_convert::Args),
+    /// Check an image for consistency and optionally repair it.
+    Check(cmd_check::Args),
+    /// Compare the contents of two images.
+    Compare(cmd_compare::Args),
+    /// Show the allocation map of an image.
+    Map(cmd_map::Args),
+    /// Compute the file size a converted image needs.
+    Measure(cmd_measure::Args),
+    /// Merge a differencing image into its parent (like Merge-VHD).
+    Commit(cmd_commit::Args),
+    /// Change the parent of a differencing image (like Set-VHD -ParentPath).
+    Rebase(cmd_rebase::Args),
+    /// Grow (or shrink, VHDX) an image.
+    Resize(cmd_resize::Args),
+    /// Reclaim all-zero and trimmed blocks (like Optimize-VHD).
+    Compact(cmd_resize::CompactArgs),
+    /// Create a differencing child on top of an image, or list its chain.
+    Snapshot(cmd_create::SnapshotArgs),
+    /// Run read/write/zero/discard commands against an image (like qemu-io).
+    Io(cmd_io::Args),
+    /// List, show, commit or discard undo disks (.vud).
+    Undo(cmd_undo::Args),
+}
+
+fn main() {
+    common::install_interrupt_handler();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(a) => cmd_info::run(a),
+        Command::Create(a) => cmd_create::run(a),
+        Command::Convert(a) => cmd_convert::run(a),
+        Command::Check(a) => cmd_check::run(a),
+        Command::Compare(a) => cmd_compare::run(a),
+        Command::Map(a) => cmd_map::run(a),
+        Command::Measure(a) => cmd_measure::run(a),
+        Command::Commit(a) => cmd_commit::run(a),
+        Command::Rebase(a) => cmd_rebase::run(a),
+        Command::Resize(a) => cmd_resize::run(a),
+        Command::Compact(a) => cmd_resize::run_compact(a),
+        Command::Snapshot(a) => cmd_create::run_snapshot(a),
+        Command::Io(a) => cmd_io::run(a),
+        Command::Undo(a) => cmd_undo::run(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("viridian: {}", common::one_line(&e));
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! `viridian check`: consistency checks with qemu-img check's output and exit codes
+//! (0 clean, 1 check not completed, 2 corruptions, 3 leaks only, 63 format has no checks).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use chain::Format;
+use disk::check::Repair;
+use disk::{Access, CheckReport, FileStorage, Storage};
+
+use crate::common::{self, Output};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Repair: leaks, or all (everything that is safe to fix).
+    #[arg(short = 'r', long = "repair")]
+    repair: Option<String>,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Accepted for qemu-img compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    file: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    let repair = match a.repair.as_deref() {
+        None => Repair::None,
+        Some("leaks") => Repair::Leaks,
+        Some("all") => Repair::All,
+        Some(other) => bail!("-r {other}: expected leaks or all"),
+    };
+    let format = match &a.format {
+        Some(f) => common::parse_format(f)?,
+        None => chain::probe_path(&a.file)
+            .with_context(|| format!("cannot open {}", a.file.display()))?,
+    };
+    let access = if repair == Repair::None {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let storage: Arc<dyn Storage> = Arc::new(
+        FileStorage::open(&a.file, access, !a.force_share || repair != Repair::None)
+            .with_context(|| format!("cannot open {}", a.file.display()))?,
+    );
+    let result = match format {
+        Format::Raw => {
+            eprintln!("viridian: This image format does not support checks");
+            return Ok(63);
+        }
+        Format::Vhd => vhd::check(storage, repair),
+        Format::Vhdx => vhdx::check(storage, repair),
+    };
+    let mut report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // The check itself could not finish (qemu's exit code 1 case).
+            let mut r = CheckReport {
+                check_errors: 1,
+                ..Default::default()
+            };
+            r.warning(e.to_string());
+            r
+        }
+    };
+    report.filename = a.file.display().to_string();
+    report.format = common::qemu_format_name(format.name()).to_string();
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Human if !a.quiet => print_human(&report),
+        Output::Human => {}
+    }
+    Ok(report.exit_code())
+}
+
+fn print_human(r: &CheckReport) {
+    for f in &r.findings {
+        let tag = match (f.kind, f.fixed) {
+            (_, true) => "Repaired",
+            ("corruption", _) => "ERROR",
+            ("leak", _) => "Leaked",
+            _ => "Warning",
+        };
+        eprintln!("{tag}: {}", f.message);
+    }
+    let remaining_corruptions = r.corruptions - r.corruptions_fixed.min(r.corruptions);
+    let remaining_leaks = r.leaks - r.leaks_fixed.min(r.leaks);
+    if r.corruptions_fixed + r.leaks_fixed > 0 {
+        println!(
+            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n",
+            r.leaks_fixed, r.corruptions_fixed
+        );
+    }
+    if r.check_errors > 0 {
+        println!(
+            "{} internal errors occurred during the check.",
+            r.check_errors
+        );
+    } else if remaining_corruptions > 0 {
+        println!(
+            "{remaining_corruptions} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it."
+        );
+    } else if remaining_leaks > 0 {
+        println!(
+            "{remaining_leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data."
+        );
+    } else {
+        println!("No errors were found on the image.");
+    }
+    if let (Some(a), Some(t)) = (r.allocated_clusters, r.total_clusters) {
+        let pct = if t == 0 {
+            0.0
+        } else {
+            a as f64 * 100.0 / t as f64
+        };
+        let frag = r.fragmented_clusters.unwrap_or(0);
+        let fpct = if a == 0 {
+            0.0
+        } else {
+            frag as f64 * 100.0 / a as f64
+        };
+        println!("{a}/{t} = {pct:.2}% allocated, {fpct:.2}% fragmented, 0.00% compressed clusters");
+    }
+    if let Some(end) = r.image_end_offset {
+        println!("Image end offset: {end}");
+    }
+}

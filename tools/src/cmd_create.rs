@@ -1,0 +1,210 @@
+//! `viridian create` and `viridian snapshot`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use chain::{CreateSpec, Format};
+
+use crate::common::{self, parse_bool, parse_size};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Format: vhd (qemu name vpc), vhdx or raw.
+    #[arg(short = 'f', long = "format", default_value = "vhdx")]
+    format: String,
+    /// Options: subformat=fixed|dynamic, block_size=, log_size= (vhdx),
+    /// logical_sector_size=, physical_sector_size= (vhdx), force_size=on|off (vhd: off rounds
+    /// the size to CHS geometry like Virtual PC), size_rule=chs|current, azure=on (vhd fixed,
+    /// whole MiB). `-o help` lists them.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Make a differencing image on top of this parent (its size is used).
+    #[arg(short = 'b', long = "backing")]
+    backing: Option<PathBuf>,
+    /// Format of the backing file (checked against what it is).
+    #[arg(short = 'F', long = "backing-format")]
+    backing_format: Option<String>,
+    /// Accepted for qemu-img compatibility (we always open the parent to link to it).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    file: PathBuf,
+    size: Option<String>,
+}
+
+const OPTION_HELP: &str = "Supported options:
+  subformat=fixed|dynamic    fixed (preallocated) or dynamic (sparse); default dynamic
+  block_size=SIZE            VHD: default 2M; VHDX: 1M to 256M, default 1M
+  log_size=SIZE              VHDX log size, default 1M
+  logical_sector_size=512|4096   VHDX only
+  physical_sector_size=512|4096  VHDX only
+  force_size=on|off          VHD: on (default) keeps the exact size; off rounds to CHS geometry
+  size_rule=current|chs      VHD: same as force_size=on|off
+  azure=on                   VHD: Azure-ready fixed disk (whole MiB, 20 MiB to 32 TiB)";
+
+pub fn spec_from_options(format: Format, size: u64, options: &[String]) -> Result<CreateSpec> {
+    let opts = common::parse_options(options)?;
+    let mut spec = CreateSpec::new(format, size);
+    for (k, v) in &opts {
+        match k.as_str() {
+            "subformat" => match v.as_str() {
+                "fixed" => spec.fixed = true,
+                "dynamic" => spec.fixed = false,
+                _ => bail!("subformat={v}: expected fixed or dynamic"),
+            },
+            "block_size" => {
+                let b = parse_size(v)?;
+                spec.block_size = Some(u32::try_from(b).context("block_size too large")?);
+            }
+            "log_size" => {
+                let b = parse_size(v)?;
+                spec.log_size = Some(u32::try_from(b).context("log_size too large")?);
+            }
+            "logical_sector_size" => spec.logical_sector_size = Some(parse_size(v)? as u32),
+            "physical_sector_size" => spec.physical_sector_size = Some(parse_size(v)? as u32),
+            "force_size" => {
+                spec.vhd_size_rule = if parse_bool(k, v)? {
+                    vhd::SizeRule::CurrentSize
+                } else {
+                    vhd::SizeRule::Chs
+                }
+            }
+            "size_rule" => {
+                spec.vhd_size_rule = match v.as_str() {
+                    "chs" => vhd::SizeRule::Chs,
+                    "current" | "current_size" => vhd::SizeRule::CurrentSize,
+                    _ => bail!("size_rule={v}: expected chs or current"),
+                }
+            }
+            "azure" => spec.azure = parse_bool(k, v)?,
+            "size" => spec.size = parse_size(v)?,
+            // qemu options that have no meaning for our writers; accepted so scripts run.
+            "preallocation" | "block_state_zero" | "nocow" | "extent_size_hint" => {}
+            other => bail!("unknown option {other:?} (see -o help)"),
+        }
+    }
+    let is_vhd = format == Format::Vhd;
+    let is_vhdx = format == Format::Vhdx;
+    if !is_vhdx
+        && (spec.log_size.is_some()
+            || spec.logical_sector_size.is_some()
+            || spec.physical_sector_size.is_some())
+    {
+        bail!("log_size and sector sizes apply to vhdx only");
+    }
+    if !is_vhd && (spec.azure || opts.contains_key("force_size") || opts.contains_key("size_rule"))
+    {
+        bail!("force_size, size_rule and azure apply to vhd only");
+    }
+    if format == Format::Raw && spec.block_size.is_some() {
+        bail!("raw images have no block size");
+    }
+    Ok(spec)
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    if a.options.iter().any(|o| o == "help" || o == "?") {
+        println!("{OPTION_HELP}");
+        return Ok(0);
+    }
+    let format = common::parse_format(&a.format)?;
+    let size = match (&a.size, &a.backing) {
+        (Some(s), _) => parse_size(s)?,
+        (None, Some(_)) => 0,
+        (None, None) => bail!("create: a SIZE is needed unless -b gives a parent"),
+    };
+    let mut spec = spec_from_options(format, size, &a.options)?;
+    if let Some(b) = &a.backing {
+        if let Some(bf) = &a.backing_format {
+            let want = common::parse_format(bf)?;
+            let have =
+                chain::probe_path(b).with_context(|| format!("cannot open {}", b.display()))?;
+            if want != have {
+                bail!(
+                    "backing file {} is {}, not {}",
+                    b.display(),
+                    have.name(),
+                    want.name()
+                );
+            }
+        }
+        if a.size.is_some() {
+            let parent = common::open_ro(b, None, common::SizeRuleArg::Auto)?;
+            if parent.size() != size {
+                bail!(
+                    "a differencing image has its parent's size ({} bytes), not {size}",
+                    parent.size()
+                );
+            }
+        }
+        spec.parent = Some(b.clone());
+    }
+    let d = chain::create(&a.file, &spec)
+        .with_context(|| format!("cannot create {}", a.file.display()))?;
+    d.close()
+        .with_context(|| format!("cannot finish {}", a.file.display()))?;
+    if !a.quiet {
+        let mut line = format!(
+            "Formatting '{}', fmt={} size={}",
+            a.file.display(),
+            common::qemu_format_name(d.format()),
+            d.size()
+        );
+        if let Some(b) = &a.backing {
+            line.push_str(&format!(" backing_file={}", b.display()));
+        }
+        println!("{line}");
+    }
+    Ok(0)
+}
+
+#[derive(clap::Args)]
+pub struct SnapshotArgs {
+    /// Create a differencing child named CHILD on top of FILE (a checkpoint).
+    #[arg(short = 'c', long = "create", value_name = "CHILD")]
+    create: Option<PathBuf>,
+    /// List the chain below FILE.
+    #[arg(short = 'l', long = "list")]
+    list: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    file: PathBuf,
+}
+
+pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
+    if let Some(child) = &a.create {
+        let format = chain::probe_path(&a.file)
+            .with_context(|| format!("cannot open {}", a.file.display()))?;
+        if format == Format::Raw {
+            bail!(
+                "{} is raw; snapshots need a vhd or vhdx parent (convert it first)",
+                a.file.display()
+            );
+        }
+        let mut spec = CreateSpec::new(format, 0);
+        spec.parent = Some(a.file.clone());
+        let d = chain::create(child, &spec)
+            .with_context(|| format!("cannot create {}", child.display()))?;
+        d.close()?;
+        if !a.quiet {
+            println!("Created {} on top of {}", child.display(), a.file.display());
+        }
+        return Ok(0);
+    }
+    if a.list || a.create.is_none() {
+        let top = common::open_ro(&a.file, None, common::SizeRuleArg::Auto)?;
+        for (depth, layer) in chain::layers(&top).iter().enumerate() {
+            println!(
+                "{depth}\t{}\t{}\t{}",
+                common::qemu_format_name(layer.format()),
+                layer.size(),
+                layer
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,279 @@
+//! `viridian info`: qemu-img info's output (human and JSON, same keys), plus VHD/VHDX facts
+//! under `format-specific`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Result;
+use chain::OpenOptions;
+use disk::{Allocation, BlockDevice};
+use serde_json::{json, Map, Value};
+
+use crate::common::{self, Output, SizeRuleArg};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format (raw, vhd/vpc, vhdx); probed when absent.
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Show every image of the backing chain.
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    /// Accepted for qemu-img compatibility; we never write during info.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// VHD size rule.
+    #[arg(long = "size-rule", value_enum, default_value_t = SizeRuleArg::Auto)]
+    size_rule: SizeRuleArg,
+    /// Use this file as the parent (moved chains).
+    #[arg(long)]
+    parent: Option<PathBuf>,
+    file: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    // The top image's facts do not need its parent; open it alone first so a missing parent
+    // still lets us show everything the file itself says.
+    let mut opts = OpenOptions::read_only();
+    opts.parent_override = a.parent.clone();
+    opts.lock = !a.force_share;
+    let full = common::open_with(&a.file, a.format.as_deref(), a.size_rule, opts.clone());
+    let (top, chain_error) = match full {
+        Ok(d) => (d, None),
+        Err(e) => {
+            let mut alone = opts;
+            alone.no_parent = true;
+            match common::open_with(&a.file, a.format.as_deref(), a.size_rule, alone) {
+                Ok(d) if d.parent_link().is_some() => (d, Some(e)),
+                _ => return Err(e),
+            }
+        }
+    };
+    let layers = chain::layers(&top);
+    let shown: Vec<&Arc<dyn BlockDevice>> = if a.backing_chain {
+        layers.iter().collect()
+    } else {
+        layers.iter().take(1).collect()
+    };
+    let mut infos = Vec::new();
+    for (i, layer) in shown.iter().enumerate() {
+        let path = if i == 0 {
+            a.file.clone()
+        } else {
+            layer.path().map(Path::to_path_buf).unwrap_or_default()
+        };
+        infos.push(image_info(layer.as_ref(), &path)?);
+    }
+    match a.output {
+        Output::Json => {
+            let v = if a.backing_chain {
+                Value::Array(infos)
+            } else {
+                infos.pop().unwrap_or(Value::Null)
+            };
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Human => {
+            for (i, info) in infos.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print_human(info);
+            }
+        }
+    }
+    if let Some(e) = chain_error {
+        eprintln!("viridian: warning: {}", common::one_line(&e));
+        if a.backing_chain {
+            return Ok(1);
+        }
+    }
+    Ok(0)
+}
+
+/// Share of the layer's virtual size that it stores itself, and the share of its allocated
+/// clusters that do not follow their predecessor in the file.
+fn allocation_stats(d: &dyn BlockDevice) -> Result<(u64, u64, u64)> {
+    let size = d.size();
+    let cluster = d.cluster_size().unwrap_or(1 << 20).max(512);
+    let mut pos = 0;
+    let mut allocated = 0u64;
+    let mut clusters = 0u64;
+    let mut fragmented = 0u64;
+    let mut expected_next: Option<u64> = None;
+    while pos < size {
+        let len = (cluster - pos % cluster).min(size - pos);
+        let e = d.block_status(pos, len)?;
+        let n = e.len.clamp(1, len);
+        if let Allocation::Data { host_offset } = e.allocation {
+            allocated += n;
+            if pos % cluster == 0 {
+                clusters += 1;
+                if let Some(h) = host_offset {
+                    if expected_next.is_some_and(|x| x != h) {
+                        fragmented += 1;
+                    }
+                    expected_next = Some(h + cluster);
+                }
+            }
+        }
+        pos += n;
+    }
+    Ok((allocated, clusters, fragmented))
+}
+
+pub fn image_info(d: &dyn BlockDevice, path: &Path) -> Result<Value> {
+    let mut m = Map::new();
+    m.insert("filename".into(), json!(path.display().to_string()));
+    m.insert("format".into(), json!(common::qemu_format_name(d.format())));
+    m.insert("virtual-size".into(), json!(d.size()));
+    if let Some(n) = common::actual_size(path) {
+        m.insert("actual-size".into(), json!(n));
+    }
+    if let Some(c) = d.cluster_size() {
+        m.insert("cluster-size".into(), json!(c));
+    }
+    m.insert("dirty-flag".into(), json!(d.dirty()));
+    if let Some(link) = d.parent_link() {
+        m.insert("backing-filename".into(), json!(link.name));
+        if let Some(p) = d.backing().and_then(|b| b.path()) {
+            let full = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            m.insert(
+                "full-backing-filename".into(),
+                json!(full.display().to_string()),
+            );
+        }
+        m.insert(
+            "backing-filename-format".into(),
+            json!(common::qemu_format_name(link.format)),
+        );
+    }
+    let mut data = match d.format_specific() {
+        Some(Value::Object(o)) => o,
+        Some(other) => {
+            let mut o = Map::new();
+            o.insert("details".into(), other);
+            o
+        }
+        None => Map::new(),
+    };
+    data.insert("logical-sector-size".into(), json!(d.logical_sector_size()));
+    data.insert(
+        "physical-sector-size".into(),
+        json!(d.physical_sector_size()),
+    );
+    if d.format() != "raw" {
+        let (allocated, clusters, fragmented) = allocation_stats(d)?;
+        let pct = |a: u64, b: u64| {
+            if b == 0 {
+                0.0
+            } else {
+                (a as f64 * 10000.0 / b as f64).round() / 100.0
+            }
+        };
+        data.insert("allocated-bytes".into(), json!(allocated));
+        data.insert("allocated-percent".into(), json!(pct(allocated, d.size())));
+        data.insert(
+            "fragmentation-percent".into(),
+            json!(pct(fragmented, clusters)),
+        );
+    }
+    if let Some(link) = d.parent_link() {
+        data.insert(
+            "parent-candidates".into(),
+            json!(link
+                .candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()),
+        );
+        data.insert(
+            "parent-identity".into(),
+            json!(chain::hex_id(&link.expected_id)),
+        );
+    }
+    m.insert(
+        "format-specific".into(),
+        json!({ "type": common::qemu_format_name(d.format()), "data": Value::Object(data) }),
+    );
+    Ok(Value::Object(m))
+}
+
+fn print_human(info: &Value) {
+    let s = |k: &str| {
+        info.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let n = |k: &str| info.get(k).and_then(Value::as_u64);
+    println!("image: {}", s("filename"));
+    println!("file format: {}", s("format"));
+    if let Some(v) = n("virtual-size") {
+        println!("virtual size: {} ({v} bytes)", common::human_size(v));
+    }
+    if let Some(v) = n("actual-size") {
+        println!("disk size: {}", common::human_size(v));
+    }
+    if let Some(v) = n("cluster-size") {
+        println!("cluster_size: {v}");
+    }
+    if info.get("backing-filename").is_some() {
+        match info.get("full-backing-filename").and_then(Value::as_str) {
+            Some(full) => println!(
+                "backing file: {} (actual path: {full})",
+                s("backing-filename")
+            ),
+            None => println!("backing file: {} (not found)", s("backing-filename")),
+        }
+        println!("backing file format: {}", s("backing-filename-format"));
+    }
+    if info.get("dirty-flag").and_then(Value::as_bool) == Some(true) {
+        println!("dirty flag: yes (log needs replay)");
+    }
+    if let Some(data) = info
+        .get("format-specific")
+        .and_then(|f| f.get("data"))
+        .and_then(Value::as_object)
+    {
+        if !data.is_empty() {
+            println!("Format specific information:");
+            for (k, v) in data {
+                print_value(k, v, 1);
+            }
+        }
+    }
+}
+
+fn print_value(key: &str, v: &Value, depth: usize) {
+    let pad = "    ".repeat(depth);
+    match v {
+        Value::Object(o) => {
+            println!("{pad}{key}:");
+            for (k, v) in o {
+                print_value(k, v, depth + 1);
+            }
+        }
+        Value::Array(items) => {
+            println!("{pad}{key}:");
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::Object(_) | Value::Array(_) => {
+                        print_value(&format!("[{i}]"), item, depth + 1)
+                    }
+                    other => println!("{pad}    [{i}]: {}", scalar(other)),
+                }
+            }
+        }
+        other => println!("{pad}{key}: {}", scalar(other)),
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,69 @@
+//! `viridian measure`: the file size a VHD, VHDX or raw target needs.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use chain::Format;
+use serde_json::json;
+
+use crate::common::{self, Output, SizeRuleArg};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Target format.
+    #[arg(short = 'O', default_value = "vhdx")]
+    out_format: String,
+    /// Target options, as for create.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    #[arg(short = 'f')]
+    format: Option<String>,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    /// Measure a new empty image of this size instead of FILE.
+    #[arg(long)]
+    size: Option<String>,
+    /// Accepted for qemu-img compatibility.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[arg(long = "size-rule", value_enum, default_value_t = SizeRuleArg::Auto)]
+    size_rule: SizeRuleArg,
+    file: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    let (size, allocated) = match (&a.size, &a.file) {
+        (Some(s), None) => (common::parse_size(s)?, 0),
+        (None, Some(f)) => {
+            let d = common::open_ro(f, a.format.as_deref(), a.size_rule)?;
+            let mut allocated = 0;
+            disk::map::for_each_extent(d.as_ref(), |e| {
+                if e.data {
+                    allocated += e.length;
+                }
+                Ok(())
+            })?;
+            (d.size(), allocated)
+        }
+        _ => bail!("measure needs either --size or FILE (not both)"),
+    };
+    let format = common::parse_format(&a.out_format)?;
+    let spec = crate::cmd_create::spec_from_options(format, size, &a.options)?;
+    let (required, full) = match format {
+        // A raw file needs its whole size (sparse files may use less, as qemu-img says too).
+        Format::Raw => (size, size),
+        Format::Vhd => vhd::measure(size, allocated, &chain::vhd_options(&spec, None)),
+        Format::Vhdx => vhdx::measure(size, allocated, &chain::vhdx_options(&spec, None)),
+    };
+    match a.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"required": required, "fully-allocated": full}))?
+        ),
+        Output::Human => {
+            println!("required size: {required}");
+            println!("fully allocated size: {full}");
+        }
+    }
+    Ok(0)
+}

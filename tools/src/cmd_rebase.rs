@@ -1,0 +1,145 @@
+//! `viridian rebase`: give a differencing image a new parent, like Set-VHD -ParentPath.
+//!
+//! Safe mode (default) first copies into the image every range it does not define itself where
+//! the old and the new parent read differently, so the image reads the same afterwards. `-u`
+//! only rewrites the parent locator (for a parent that was moved or copied).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use chain::OpenOptions;
+use disk::BlockDevice;
+
+use crate::common::{self, SizeRuleArg};
+use crate::progress;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// The new parent.
+    #[arg(short = 'b', long = "backing", required = true)]
+    backing: PathBuf,
+    #[arg(short = 'F', long = "backing-format")]
+    backing_format: Option<String>,
+    /// Unsafe: only rewrite the parent link; contents are not compared.
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    #[arg(short = 'p')]
+    progress: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    file: PathBuf,
+}
+
+/// Points `child` at `parent` (unsafe rebase), writing through the child's own format.
+pub fn relink(child: &Path, parent: &Path) -> Result<()> {
+    let mut rw = OpenOptions::read_write();
+    rw.no_parent = true;
+    let c = chain::open(child, &rw).with_context(|| format!("cannot open {}", child.display()))?;
+    let p = common::open_ro(parent, None, SizeRuleArg::Auto)?;
+    set_parent(c.as_ref(), parent, p.as_ref())?;
+    c.close()
+        .with_context(|| format!("cannot finish writing {}", child.display()))?;
+    Ok(())
+}
+
+fn set_parent(child: &dyn BlockDevice, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
+    let abs = std::path::absolute(parent_path).unwrap_or_else(|_| parent_path.to_path_buf());
+    if let Some(v) = child.as_any().downcast_ref::<vhd::VhdDisk>() {
+        if parent.format() != "vhd" {
+            bail!(
+                "a differencing VHD needs a VHD parent; {} is {}",
+                parent_path.display(),
+                parent.format()
+            );
+        }
+        v.set_parent(&abs, parent)?;
+    } else if let Some(v) = child.as_any().downcast_ref::<vhdx::VhdxDisk>() {
+        if parent.format() != "vhdx" {
+            bail!(
+                "a differencing VHDX needs a VHDX parent; {} is {}",
+                parent_path.display(),
+                parent.format()
+            );
+        }
+        v.set_parent(&abs, parent)?;
+    } else {
+        bail!("{} images have no parent to change", child.format());
+    }
+    Ok(())
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    if let Some(bf) = &a.backing_format {
+        let want = common::parse_format(bf)?;
+        if chain::probe_path(&a.backing)? != want {
+            bail!("{} is not {}", a.backing.display(), want.name());
+        }
+    }
+    let new_parent = common::open_ro(&a.backing, None, SizeRuleArg::Auto)?;
+    let mut rw = OpenOptions::read_write();
+    rw.no_parent = true;
+    if let Some(f) = &a.format {
+        rw.format = Some(common::parse_format(f)?);
+    }
+    let child =
+        chain::open(&a.file, &rw).with_context(|| format!("cannot open {}", a.file.display()))?;
+    if child.parent_link().is_none() {
+        bail!("{} is not a differencing image", a.file.display());
+    }
+    if new_parent.size() != child.size() {
+        bail!(
+            "{} has size {} but {} has {}",
+            a.backing.display(),
+            new_parent.size(),
+            a.file.display(),
+            child.size()
+        );
+    }
+    if !a.unsafe_mode {
+        // The old view, read without locks (the child is open for writing above).
+        let mut ro = OpenOptions::read_only();
+        ro.lock = false;
+        let old = chain::open(&a.file, &ro).with_context(|| {
+            format!(
+                "cannot open the current chain of {} (use -u if the old parent is gone)",
+                a.file.display()
+            )
+        })?;
+        let size = child.size();
+        let pb = progress::bar(size, a.progress, a.quiet);
+        let mut b_old = vec![0u8; 1 << 20];
+        let mut b_new = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        while pos < size {
+            common::check_interrupted()?;
+            let e = disk::map::status_through_chain(old.as_ref(), pos, size - pos)?;
+            let defined_here = e.present && e.depth == 0;
+            if !defined_here {
+                let mut off = 0;
+                while off < e.length {
+                    let n = (e.length - off).min(b_old.len() as u64) as usize;
+                    let at = pos + off;
+                    old.read_at(&mut b_old[..n], at)?;
+                    new_parent.read_at(&mut b_new[..n], at)?;
+                    if b_old[..n] != b_new[..n] {
+                        // Copy only the differing sectors' span.
+                        child
+                            .write_at(&b_old[..n], at)
+                            .with_context(|| format!("cannot write {}", a.file.display()))?;
+                    }
+                    off += n as u64;
+                }
+            }
+            pos += e.length;
+            pb.inc(e.length);
+        }
+        pb.finish_and_clear();
+    }
+    set_parent(child.as_ref(), &a.backing, new_parent.as_ref())?;
+    child
+        .close()
+        .with_context(|| format!("cannot finish writing {}", a.file.display()))?;
+    Ok(0)
+}

@@ -1,0 +1,116 @@
+//! `viridian resize` and `viridian compact`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use chain::OpenOptions;
+
+use crate::common::{self, SizeRuleArg};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Allow making the image smaller.
+    #[arg(long)]
+    shrink: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    file: PathBuf,
+    /// New size, or +SIZE / -SIZE relative to the current one.
+    #[arg(allow_hyphen_values = true)]
+    size: String,
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    let mut rw = OpenOptions::read_write();
+    rw.no_parent = true;
+    let d = common::open_with(&a.file, a.format.as_deref(), SizeRuleArg::Auto, rw)?;
+    let cur = d.size();
+    let new = if let Some(rest) = a.size.strip_prefix('+') {
+        cur.checked_add(common::parse_size(rest)?)
+            .context("size overflows")?
+    } else if let Some(rest) = a.size.strip_prefix('-') {
+        cur.checked_sub(common::parse_size(rest)?)
+            .context("cannot shrink below zero")?
+    } else {
+        common::parse_size(&a.size)?
+    };
+    if new < cur && !a.shrink {
+        bail!("use --shrink to make {} smaller ({cur} -> {new} bytes); data past the new end would be lost", a.file.display());
+    }
+    if d.parent_link().is_some() {
+        bail!(
+            "{} is a differencing image: resize its base and the whole chain instead",
+            a.file.display()
+        );
+    }
+    if let Some(v) = d.as_any().downcast_ref::<vhd::VhdDisk>() {
+        v.resize(new)?;
+    } else if let Some(v) = d.as_any().downcast_ref::<vhdx::VhdxDisk>() {
+        v.resize(new)?;
+    } else {
+        // Raw: the file length is the size.
+        drop(d);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&a.file)
+            .with_context(|| format!("cannot open {}", a.file.display()))?;
+        f.set_len(new)
+            .with_context(|| format!("cannot resize {}", a.file.display()))?;
+        f.sync_all()?;
+        if !a.quiet {
+            println!("Image resized.");
+        }
+        return Ok(0);
+    }
+    d.close()
+        .with_context(|| format!("cannot finish writing {}", a.file.display()))?;
+    if !a.quiet {
+        println!("Image resized.");
+    }
+    Ok(0)
+}
+
+#[derive(clap::Args)]
+pub struct CompactArgs {
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    #[arg(short = 'q')]
+    quiet: bool,
+    file: PathBuf,
+}
+
+pub fn run_compact(a: CompactArgs) -> Result<i32> {
+    let before = std::fs::metadata(&a.file)
+        .with_context(|| format!("cannot open {}", a.file.display()))?
+        .len();
+    let rw = OpenOptions::read_write();
+    let d = common::open_with(&a.file, a.format.as_deref(), SizeRuleArg::Auto, rw)?;
+    if let Some(v) = d.as_any().downcast_ref::<vhd::VhdDisk>() {
+        v.compact()?;
+    } else if let Some(v) = d.as_any().downcast_ref::<vhdx::VhdxDisk>() {
+        v.compact()?;
+    } else {
+        bail!(
+            "compact works on vhd and vhdx images; {} is {}",
+            a.file.display(),
+            d.format()
+        );
+    }
+    d.close()
+        .with_context(|| format!("cannot finish writing {}", a.file.display()))?;
+    drop(d);
+    let meta = std::fs::metadata(&a.file)?;
+    if !a.quiet {
+        println!(
+            "Compacted {}: file size {} -> {} bytes ({} allocated on disk)",
+            a.file.display(),
+            before,
+            meta.len(),
+            meta.blocks() * 512
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,239 @@
+//! `viridian undo`: inspect, commit or discard undo disks (Virtual PC `.vud` files, or any
+//! differencing image used as a throwaway layer).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use chain::OpenOptions;
+use serde_json::json;
+
+use crate::common::{self, Output, SizeRuleArg};
+use crate::progress;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(clap::Subcommand)]
+enum Action {
+    /// List undo disks (.vud) in a directory with their parents and sizes.
+    List {
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+        dir: PathBuf,
+    },
+    /// Show what an undo disk changes: the ranges it holds.
+    Show {
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+        file: PathBuf,
+    },
+    /// Merge an undo disk into its parent, then delete it.
+    Commit {
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        file: PathBuf,
+    },
+    /// Delete an undo disk, leaving its parent as it is.
+    Discard {
+        #[arg(short = 'q')]
+        quiet: bool,
+        file: PathBuf,
+    },
+}
+
+struct UndoFacts {
+    path: PathBuf,
+    parent: Option<PathBuf>,
+    parent_error: Option<String>,
+    size: u64,
+    changed: Vec<(u64, u64)>,
+}
+
+fn facts(file: &Path) -> Result<UndoFacts> {
+    let mut alone = OpenOptions::read_only();
+    alone.no_parent = true;
+    let child = common::open_with(file, None, SizeRuleArg::Auto, alone)?;
+    if child.parent_link().is_none() {
+        bail!("{} is not a differencing (undo) disk", file.display());
+    }
+    let (parent, parent_error) = match chain::open(file, &OpenOptions::read_only()) {
+        Ok(full) => (
+            full.backing().and_then(|b| b.path().map(Path::to_path_buf)),
+            None,
+        ),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let mut changed: Vec<(u64, u64)> = Vec::new();
+    let size = child.size();
+    let mut pos = 0;
+    while pos < size {
+        let e = disk::map::status_through_chain(child.as_ref(), pos, size - pos)?;
+        if e.present && e.depth == 0 {
+            match changed.last_mut() {
+                Some((s, l)) if *s + *l == pos => *l += e.length,
+                _ => changed.push((pos, e.length)),
+            }
+        }
+        pos += e.length;
+    }
+    Ok(UndoFacts {
+        path: file.to_path_buf(),
+        parent,
+        parent_error,
+        size,
+        changed,
+    })
+}
+
+fn facts_json(f: &UndoFacts) -> serde_json::Value {
+    json!({
+        "filename": f.path.display().to_string(),
+        "parent": f.parent.as_ref().map(|p| p.display().to_string()),
+        "parent-error": f.parent_error,
+        "virtual-size": f.size,
+        "changed-bytes": f.changed.iter().map(|(_, l)| l).sum::<u64>(),
+        "changed-ranges": f.changed.iter().map(|(s, l)| json!({"start": s, "length": l})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    match a.action {
+        Action::List { output, dir } => {
+            let mut found = Vec::new();
+            let entries = std::fs::read_dir(&dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?;
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("vud")))
+                .collect();
+            paths.sort();
+            for p in paths {
+                match facts(&p) {
+                    Ok(f) => found.push(f),
+                    Err(e) => eprintln!(
+                        "viridian: skipping {}: {}",
+                        p.display(),
+                        common::one_line(&e)
+                    ),
+                }
+            }
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &found.iter().map(facts_json).collect::<Vec<_>>()
+                    )?
+                ),
+                Output::Human => {
+                    for f in &found {
+                        let changed: u64 = f.changed.iter().map(|(_, l)| l).sum();
+                        println!(
+                            "{}\tparent: {}\tchanged: {}",
+                            f.path.display(),
+                            f.parent
+                                .as_ref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_else(|| format!(
+                                    "NOT FOUND ({})",
+                                    f.parent_error.clone().unwrap_or_default()
+                                )),
+                            common::human_size(changed)
+                        );
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Action::Show { output, file } => {
+            let f = facts(&file)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&facts_json(&f))?),
+                Output::Human => {
+                    println!("undo disk: {}", f.path.display());
+                    match &f.parent {
+                        Some(p) => println!("parent: {}", p.display()),
+                        None => println!(
+                            "parent: not found: {}",
+                            f.parent_error.clone().unwrap_or_default()
+                        ),
+                    }
+                    println!(
+                        "virtual size: {} ({} bytes)",
+                        common::human_size(f.size),
+                        f.size
+                    );
+                    let changed: u64 = f.changed.iter().map(|(_, l)| l).sum();
+                    println!(
+                        "changed: {} in {} ranges",
+                        common::human_size(changed),
+                        f.changed.len()
+                    );
+                    for (s, l) in &f.changed {
+                        println!("    {s:#x} +{l:#x}");
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Action::Commit {
+            progress,
+            quiet,
+            file,
+        } => {
+            let f = facts(&file)?;
+            let parent = f.parent.clone().with_context(|| {
+                format!(
+                    "cannot commit {}: {}",
+                    file.display(),
+                    f.parent_error.clone().unwrap_or_default()
+                )
+            })?;
+            let mut alone = OpenOptions::read_only();
+            alone.no_parent = true;
+            let child = common::open_with(&file, None, SizeRuleArg::Auto, alone)?;
+            let mut rw = OpenOptions::read_write();
+            rw.no_parent = true;
+            let base = chain::open(&parent, &rw)
+                .with_context(|| format!("cannot open {} for writing", parent.display()))?;
+            let pb = progress::bar(f.size, progress, quiet);
+            let merged = chain::merge(child.as_ref(), 1, base.as_ref(), &mut |n| pb.inc(n))
+                .with_context(|| format!("cannot merge into {}", parent.display()))?;
+            base.close()?;
+            pb.finish_and_clear();
+            drop(child);
+            std::fs::remove_file(&file)
+                .with_context(|| format!("cannot remove {}", file.display()))?;
+            if !quiet {
+                println!(
+                    "Committed {merged} bytes into {}; removed {}",
+                    parent.display(),
+                    file.display()
+                );
+            }
+            Ok(0)
+        }
+        Action::Discard { quiet, file } => {
+            let mut alone = OpenOptions::read_only();
+            alone.no_parent = true;
+            let child = common::open_with(&file, None, SizeRuleArg::Auto, alone)?;
+            if child.parent_link().is_none() {
+                bail!(
+                    "{} is not a differencing (undo) disk; refusing to delete it",
+                    file.display()
+                );
+            }
+            drop(child);
+            std::fs::remove_file(&file)
+                .with_context(|| format!("cannot remove {}", file.display()))?;
+            if !quiet {
+                println!("Discarded {}", file.display());
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Pieces every verb shares: sizes, `-o` options, opening images, output modes, interrupts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use chain::{Format, OpenOptions};
+use disk::BlockDevice;
+
+/// `--output human|json`, as qemu-img.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    #[default]
+    Human,
+    Json,
+}
+
+/// `--size-rule`: how a VHD's virtual size is derived.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SizeRuleArg {
+    /// current_size, except creators `vpc ` and `qemu` use CHS (qemu 10's rule).
+    #[default]
+    Auto,
+    /// CHS geometry from the footer.
+    Chs,
+    /// The footer's current_size field.
+    Current,
+}
+
+impl SizeRuleArg {
+    pub fn to_vhd(self) -> vhd::SizeRule {
+        match self {
+            SizeRuleArg::Auto => vhd::SizeRule::Auto,
+            SizeRuleArg::Chs => vhd::SizeRule::Chs,
+            SizeRuleArg::Current => vhd::SizeRule::CurrentSize,
+        }
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C and SIGTERM set a flag that long operations poll, so they can stop cleanly (remove a
+/// half-written target, leave sources untouched) instead of dying mid-write.
+pub fn install_interrupt_handler() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+pub fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// One line: the error and its causes joined with ": ", without repeating a cause that the
+/// outer message already contains.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out.replace('\n', " ")
+}
+
+/// Parses a size with qemu's suffixes (k, M, G, T, P, E; 1024-based; plain number = bytes;
+/// a trailing `b`/`B` ignored).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix(['b', 'B'])
+        .filter(|r| r.ends_with(|c: char| c.is_ascii_alphabetic()))
+        .unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'P' => 1 << 50,
+                'E' => 1 << 60,
+                _ => bail!("invalid size {s:?}: unknown suffix {c:?} (use k, M, G, T, P or E)"),
+            };
+            (&t[..t.len() - 1], m)
+        }
+        _ => (t, 1),
+    };
+    if num.is_empty() {
+        bail!("invalid size {s:?}");
+    }
+    if let Ok(n) = num.parse::<u64>() {
+        return n
+            .checked_mul(mult)
+            .ok_or_else(|| anyhow!("size {s:?} is too large"));
+    }
+    let f: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("invalid size {s:?}: not a number"))?;
+    if f.is_nan() || f < 0.0 || f * mult as f64 >= u64::MAX as f64 {
+        bail!("invalid size {s:?}");
+    }
+    Ok((f * mult as f64) as u64)
+}
+
+/// `-o key=value,key=value` (repeatable; later values win). `help` is handled by callers.
+pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for group in opts {
+        for item in group.split(',').filter(|s| !s.is_empty()) {
+            match item.split_once('=') {
+                Some((k, v)) => {
+                    map.insert(k.trim().to_string(), v.trim().to_string());
+                }
+                None => {
+                    map.insert(item.trim().to_string(), "on".to_string());
+                }
+            }
+        }
+    }
+    Ok(map)
+}
+
+pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => bail!("option {key}={v}: expected on or off"),
+    }
+}
+
+pub fn parse_format(s: &str) -> Result<Format> {
+    Format::parse(s).ok_or_else(|| anyhow!("unknown format {s:?} (use raw, vhd/vpc or vhdx)"))
+}
+
+/// Opens an image read-only with its chain.
+pub fn open_ro(
+    path: &Path,
+    format: Option<&str>,
+    rule: SizeRuleArg,
+) -> Result<Arc<dyn BlockDevice>> {
+    open_with(path, format, rule, OpenOptions::read_only())
+}
+
+pub fn open_with(
+    path: &Path,
+    format: Option<&str>,
+    rule: SizeRuleArg,
+    mut opts: OpenOptions,
+) -> Result<Arc<dyn BlockDevice>> {
+    if let Some(f) = format {
+        opts.format = Some(parse_format(f)?);
+    }
+    opts.vhd_size_rule = rule.to_vhd();
+    chain::open(path, &opts).with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// The name qemu-img prints for a format (qemu calls VHD "vpc"), so scripts keep working.
+pub fn qemu_format_name(fmt: &str) -> &str {
+    match fmt {
+        "vhd" => "vpc",
+        other => other,
+    }
+}
+
+/// Bytes the file occupies on disk (st_blocks * 512), as qemu's actual-size.
+pub fn actual_size(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+}
+
+/// Human sizes as qemu-img prints them: "64 MiB", "1.5 GiB".
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        let s = format!("{v:.3}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        format!("{s} {}", UNITS[u])
+    }
+}
+
+/// Removes a partially written output when an operation fails or is interrupted.
+pub struct RemoveOnFailure {
+    path: Option<PathBuf>,
+}
+
+impl RemoveOnFailure {
+    pub fn new(path: &Path) -> Self {
+        RemoveOnFailure {
+            path: Some(path.to_path_buf()),
+        }
+    }
+    pub fn disarm(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for RemoveOnFailure {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_follow_qemu_suffixes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("1k").unwrap(), 1024);
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("10MB").unwrap(), 10 << 20);
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999E").is_err());
+    }
+
+    #[test]
+    fn human_sizes_read_like_qemu() {
+        assert_eq!(human_size(64 << 20), "64 MiB");
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn options_split_and_default_to_on() {
+        let m = parse_options(&["subformat=fixed,azure".into(), "block_size=1M".into()]).unwrap();
+        assert_eq!(m["subformat"], "fixed");
+        assert_eq!(m["azure"], "on");
+        assert_eq!(m["block_size"], "1M");
+    }
+}
