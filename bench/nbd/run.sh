@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# NBD server benchmark: Viridian's nbd crate (nbd/examples/serve_raw) beside qemu-nbd, serving
+# the same 2 GiB sparse raw image (half of it random data) on Unix sockets, in one run.
+#
+#   1. nbdcopy of the whole export to null: (extents on, so holes are skipped)
+#   2. fio 4 KiB random reads through fio's nbd ioengine (when fio has it)
+#
+# Each measurement runs ROUNDS times, alternating servers; the best round counts (the machine
+# is shared, so the best is the least disturbed). Prints a table and the viridian/qemu ratios.
+#
+# Usage: bench/nbd/run.sh [workdir]      env: ROUNDS=3 FIO_RUNTIME=8 SIZE_MIB=2048
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+WORK=${1:-$(mktemp -d /tmp/nbd-bench.XXXXXX)}
+mkdir -p "$WORK"
+ROUNDS=${ROUNDS:-3}
+FIO_RUNTIME=${FIO_RUNTIME:-8}
+SIZE_MIB=${SIZE_MIB:-2048}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target-nbd}
+
+for bin in qemu-nbd nbdcopy; do
+    command -v "$bin" >/dev/null || { echo "missing $bin (apt-get install qemu-utils libnbd-bin)"; exit 1; }
+done
+HAVE_FIO=0
+if command -v fio >/dev/null && fio --enghelp 2>/dev/null | grep -qw nbd; then HAVE_FIO=1; fi
+
+echo "== building serve_raw (release)"
+(cd "$ROOT" && cargo build --release -q -p nbd --example serve_raw)
+SERVE_RAW=$CARGO_TARGET_DIR/release/examples/serve_raw
+
+IMG=$WORK/bench.raw
+if [ ! -f "$IMG" ]; then
+    echo "== creating $IMG: ${SIZE_MIB} MiB, every other 4 MiB extent random data"
+    python3 - "$IMG" "$SIZE_MIB" <<'PY'
+import os, sys
+path, mib = sys.argv[1], int(sys.argv[2])
+ext = 4 << 20
+with open(path, "wb") as f:
+    f.truncate(mib << 20)
+    for off in range(0, mib << 20, 2 * ext):
+        f.seek(off)
+        f.write(os.urandom(ext))
+PY
+fi
+# Warm the page cache so both servers read from memory.
+cat "$IMG" >/dev/null
+
+VSOCK=$WORK/viridian.sock
+QSOCK=$WORK/qemu.sock
+rm -f "$VSOCK" "$QSOCK"
+"$SERVE_RAW" --unix "$VSOCK" "$IMG" 2>"$WORK/viridian.log" &
+VPID=$!
+# qemu-nbd at its best for this job: persistent, read-only, 8 connections allowed (which also
+# makes it advertise multi-conn), page cache, thread pool AIO.
+qemu-nbd -r -t -f raw -e 8 --cache=writeback --aio=threads -k "$QSOCK" "$IMG" 2>"$WORK/qemu.log" &
+QPID=$!
+trap 'kill $VPID $QPID 2>/dev/null || true' EXIT
+for s in "$VSOCK" "$QSOCK"; do
+    for _ in $(seq 100); do [ -S "$s" ] && break; sleep 0.05; done
+done
+VURI="nbd+unix:///?socket=$VSOCK"
+QURI="nbd+unix:///?socket=$QSOCK"
+nbdinfo "$VURI" | grep -E 'can_multi_conn|export-size:' | sed 's/^/  viridian: /' || true
+nbdinfo "$QURI" | grep -E 'can_multi_conn|export-size:' | sed 's/^/  qemu-nbd: /' || true
+
+secs() { python3 -c 'import sys,time; print(time.time())'; }
+
+copy_once() { # uri -> seconds
+    local t0 t1
+    t0=$(secs); nbdcopy "$1" null: ; t1=$(secs)
+    python3 -c "print(f'{$t1-$t0:.3f}')"
+}
+
+best() { sort -g | head -1; }
+bestmax() { sort -g | tail -1; }
+
+echo "== nbdcopy $SIZE_MIB MiB export to null: ($ROUNDS rounds)"
+VC=(); QC=()
+for r in $(seq "$ROUNDS"); do
+    VC+=("$(copy_once "$VURI")"); QC+=("$(copy_once "$QURI")")
+    echo "  round $r: viridian ${VC[-1]} s, qemu-nbd ${QC[-1]} s"
+done
+VCB=$(printf '%s\n' "${VC[@]}" | best); QCB=$(printf '%s\n' "${QC[@]}" | best)
+
+fio_once() { # uri -> IOPS
+    fio --name=randread --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 \
+        --numjobs=2 --size="${SIZE_MIB}M" --time_based --runtime="$FIO_RUNTIME" \
+        --group_reporting --output-format=json 2>/dev/null |
+        python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):]); print(round(j["jobs"][0]["read"]["iops"]))'
+}
+
+if [ "$HAVE_FIO" = 1 ]; then
+    echo "== fio nbd engine, 4 KiB random reads, 2 jobs x iodepth 32, ${FIO_RUNTIME}s ($ROUNDS rounds)"
+    VF=(); QF=()
+    for r in $(seq "$ROUNDS"); do
+        VF+=("$(fio_once "$VURI")"); QF+=("$(fio_once "$QURI")")
+        echo "  round $r: viridian ${VF[-1]} IOPS, qemu-nbd ${QF[-1]} IOPS"
+    done
+    VFB=$(printf '%s\n' "${VF[@]}" | bestmax); QFB=$(printf '%s\n' "${QF[@]}" | bestmax)
+else
+    echo "== fio without the nbd engine: skipped"
+fi
+
+echo
+echo "== results (best round; $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg))"
+python3 - "$SIZE_MIB" "$VCB" "$QCB" "${VFB:-}" "${QFB:-}" <<'PY'
+import sys
+mib, vc, qc = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+print(f"nbdcopy  viridian {mib/vc:8.0f} MiB/s ({vc:.3f} s)   qemu-nbd {mib/qc:8.0f} MiB/s ({qc:.3f} s)   ratio {qc/vc:.2f}")
+if sys.argv[4]:
+    vf, qf = int(sys.argv[4]), int(sys.argv[5])
+    print(f"fio 4k   viridian {vf:8d} IOPS               qemu-nbd {qf:8d} IOPS               ratio {vf/qf:.2f}")
+PY
