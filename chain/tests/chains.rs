@@ -1,0 +1,188 @@
+//! Parent resolution: locators, identity checks, cycles, overrides, in both formats.
+
+use std::path::Path;
+
+use chain::{create, open, CreateSpec, Format, OpenOptions};
+use disk::{BlockDevice, Error};
+
+fn mk(path: &Path, format: Format, parent: Option<&Path>) {
+    let mut spec = CreateSpec::new(format, 8 << 20);
+    spec.parent = parent.map(Path::to_path_buf);
+    let d = create(path, &spec).unwrap();
+    d.close().unwrap();
+}
+
+fn write(path: &Path, byte: u8, offset: u64) {
+    let d = open(path, &OpenOptions::read_write()).unwrap();
+    d.write_at(&[byte; 4096], offset).unwrap();
+    d.close().unwrap();
+}
+
+fn read(path: &Path, offset: u64) -> u8 {
+    let d = open(path, &OpenOptions::read_only()).unwrap();
+    let mut b = [0u8; 4096];
+    d.read_at(&mut b, offset).unwrap();
+    assert!(b.iter().all(|&x| x == b[0]), "torn read");
+    b[0]
+}
+
+fn ext(f: Format) -> &'static str {
+    f.name()
+}
+
+#[test]
+fn probe_tells_formats_apart() {
+    let d = tempfile::tempdir().unwrap();
+    for f in [Format::Raw, Format::Vhd, Format::Vhdx] {
+        let p = d.path().join(format!("x.{}", ext(f)));
+        mk(&p, f, None);
+        assert_eq!(chain::probe_path(&p).unwrap(), f);
+    }
+    // A fixed VHD is recognised by its trailing footer (qemu calls it raw).
+    let p = d.path().join("fixed.vhd");
+    let mut spec = CreateSpec::new(Format::Vhd, 8 << 20);
+    spec.fixed = true;
+    create(&p, &spec).unwrap().close().unwrap();
+    assert_eq!(chain::probe_path(&p).unwrap(), Format::Vhd);
+    assert_eq!(open(&p, &OpenOptions::read_only()).unwrap().size(), 8 << 20);
+}
+
+#[test]
+fn three_level_chains_read_through_and_write_only_the_top() {
+    for f in [Format::Vhd, Format::Vhdx] {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            d.path().join(format!("a.{}", ext(f))),
+            d.path().join(format!("b.{}", ext(f))),
+            d.path().join(format!("c.{}", ext(f))),
+        );
+        mk(&a, f, None);
+        write(&a, 1, 0);
+        write(&a, 1, 1 << 20);
+        mk(&b, f, Some(&a));
+        write(&b, 2, 1 << 20);
+        mk(&c, f, Some(&b));
+        let a_bytes = std::fs::read(&a).unwrap();
+        write(&c, 3, 2 << 20);
+        assert_eq!(read(&c, 0), 1);
+        assert_eq!(read(&c, 1 << 20), 2);
+        assert_eq!(read(&c, 2 << 20), 3);
+        assert_eq!(read(&c, 3 << 20), 0);
+        assert_eq!(std::fs::read(&a).unwrap(), a_bytes, "{f:?}: base changed");
+        let top = open(&c, &OpenOptions::read_only()).unwrap();
+        assert_eq!(chain::layers(&top).len(), 3);
+    }
+}
+
+#[test]
+fn moved_chain_is_found_in_the_childs_directory_or_by_override() {
+    for f in [Format::Vhd, Format::Vhdx] {
+        let d = tempfile::tempdir().unwrap();
+        let sub = d.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let a = sub.join(format!("base.{}", ext(f)));
+        let b = sub.join(format!("child.{}", ext(f)));
+        mk(&a, f, None);
+        write(&a, 7, 0);
+        mk(&b, f, Some(&a));
+        // Move the whole folder: the absolute locator is stale, the relative one still works.
+        let moved = d.path().join("moved");
+        std::fs::rename(&sub, &moved).unwrap();
+        let child = moved.join(format!("child.{}", ext(f)));
+        assert_eq!(read(&child, 0), 7, "{f:?}: relative locator");
+        // Move the parent elsewhere: not found, with the paths tried.
+        let elsewhere = d.path().join(format!("elsewhere.{}", ext(f)));
+        std::fs::rename(moved.join(format!("base.{}", ext(f))), &elsewhere).unwrap();
+        match open(&child, &OpenOptions::read_only()) {
+            Err(Error::ParentNotFound { tried, .. }) => assert!(!tried.is_empty()),
+            other => panic!("{f:?}: expected ParentNotFound, got {other:?}"),
+        }
+        let mut o = OpenOptions::read_only();
+        o.parent_override = Some(elsewhere.clone());
+        let top = open(&child, &o).unwrap();
+        let mut buf = [0u8; 512];
+        top.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf[0], 7);
+    }
+}
+
+#[test]
+fn wrong_parent_is_refused_naming_both_files() {
+    for f in [Format::Vhd, Format::Vhdx] {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join(format!("a.{}", ext(f)));
+        let other = d.path().join(format!("other.{}", ext(f)));
+        let b = d.path().join(format!("b.{}", ext(f)));
+        mk(&a, f, None);
+        mk(&other, f, None);
+        mk(&b, f, Some(&a));
+        let mut o = OpenOptions::read_only();
+        o.parent_override = Some(other.clone());
+        match open(&b, &o) {
+            Err(e @ Error::ParentMismatch { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("other.") && msg.contains("b."), "{msg}");
+            }
+            other => panic!("{f:?}: expected ParentMismatch, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn parent_cycles_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a.vhd");
+    let b = d.path().join("b.vhd");
+    let c = d.path().join("c.vhd");
+    mk(&a, Format::Vhd, None);
+    mk(&b, Format::Vhd, Some(&a));
+    mk(&c, Format::Vhd, Some(&b));
+    // Point b at c: c -> b -> c.
+    {
+        let mut rw = OpenOptions::read_write();
+        rw.no_parent = true;
+        let bd = open(&b, &rw).unwrap();
+        let cd = open(
+            &c,
+            &OpenOptions {
+                no_parent: true,
+                ..OpenOptions::read_only()
+            },
+        )
+        .unwrap();
+        let v = bd.as_any().downcast_ref::<vhd::VhdDisk>().unwrap();
+        v.set_parent(&c, cd.as_ref()).unwrap();
+        bd.close().unwrap();
+    }
+    match open(&c, &OpenOptions::read_only()) {
+        Err(Error::ParentCycle { .. }) => {}
+        other => panic!("expected ParentCycle, got {other:?}"),
+    }
+}
+
+#[test]
+fn undo_sessions_never_touch_the_parent_until_commit() {
+    for f in [Format::Raw, Format::Vhd, Format::Vhdx] {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join(format!("a.{}", ext(f)));
+        mk(&a, f, None);
+        write(&a, 5, 0);
+        let before = std::fs::read(&a).unwrap();
+        let u = chain::UndoDisk::open(&a, &OpenOptions::read_only(), None).unwrap();
+        let disk = u.disk();
+        disk.write_at(&[9u8; 4096], 4096).unwrap();
+        disk.flush().unwrap();
+        let mut b = [0u8; 8192];
+        disk.read_at(&mut b, 0).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 5) && b[4096..].iter().all(|&x| x == 9));
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            before,
+            "{f:?}: parent written during undo"
+        );
+        drop(disk);
+        u.commit(&mut |_| {}).unwrap();
+        assert_eq!(read(&a, 4096), 9, "{f:?}: commit");
+        assert_eq!(read(&a, 0), 5);
+    }
+}
