@@ -770,10 +770,9 @@ impl VhdDisk {
 
     // ---- reading ----
 
-    fn parent_read(&self, buf: &mut [u8], off: u64) -> Result<()> {
+    fn parent_read(&self, m: &Meta, buf: &mut [u8], off: u64) -> Result<()> {
         let Some(p) = &self.parent else {
-            let name = self
-                .m()
+            let name = m
                 .header
                 .as_ref()
                 .map(|h| h.parent_name_lossy())
@@ -811,20 +810,22 @@ impl VhdDisk {
         Ok((first, b))
     }
 
-    /// Reads `buf` from block `blk` at in-block offset `inb` (merged view).
+    /// Reads `buf` from block `blk` at in-block offset `inb` (merged view). Callers hold the
+    /// metadata read guard `m` across the I/O, so compact/resize cannot move the block under
+    /// them; readers still run in parallel.
     fn read_in_block(
         &self,
+        m: &Meta,
         blk: u64,
         entry: u32,
         inb: u64,
         buf: &mut [u8],
-        bs: u64,
-        bitmap: u64,
     ) -> Result<()> {
+        let (bs, bitmap) = (m.block_size as u64, m.bitmap);
         let voff = blk * bs + inb;
         if entry == UNALLOCATED {
             if self.kind == DiskType::Differencing {
-                return self.parent_read(buf, voff);
+                return self.parent_read(m, buf, voff);
             }
             buf.fill(0);
             return Ok(());
@@ -854,7 +855,7 @@ impl VhdDisk {
             if present {
                 read_exact(&*self.storage, out, data + p, "VHD data block")?;
             } else {
-                self.parent_read(out, blk * bs + p)?;
+                self.parent_read(m, out, blk * bs + p)?;
             }
             p = q;
         }
@@ -942,10 +943,8 @@ impl VhdDisk {
     }
 
     fn write_in_block(&self, blk: u64, inb: u64, data: &[u8]) -> Result<()> {
-        let (entry, bs, bitmap) = {
-            let m = self.m();
-            (m.bat[blk as usize], m.block_size as u64, m.bitmap)
-        };
+        let m = self.m();
+        let (entry, bitmap) = (m.bat[blk as usize], m.bitmap);
         let diff = self.kind == DiskType::Differencing;
         let mut owned;
         let (inb, data) = if diff && ((inb | data.len() as u64) & (SECTOR - 1)) != 0 {
@@ -953,12 +952,13 @@ impl VhdDisk {
             let lo = inb / SECTOR * SECTOR;
             let hi = (inb + data.len() as u64).div_ceil(SECTOR) * SECTOR;
             owned = vec![0u8; (hi - lo) as usize];
-            self.read_in_block(blk, entry, lo, &mut owned, bs, bitmap)?;
+            self.read_in_block(&m, blk, entry, lo, &mut owned)?;
             owned[(inb - lo) as usize..(inb - lo) as usize + data.len()].copy_from_slice(data);
             (lo, &owned[..])
         } else {
             (inb, data)
         };
+        drop(m);
         if entry == UNALLOCATED {
             return self.allocate(blk, inb, data);
         }
@@ -1238,6 +1238,7 @@ impl VhdDisk {
         let mut buf = vec![0u8; bs as usize];
         // 1. Unmap zero blocks (they read as zeros either way).
         let n = self.m().bat.len();
+        let mut freed = Vec::new();
         for i in 0..n {
             let e = self.m().bat[i];
             if e == UNALLOCATED {
@@ -1252,51 +1253,45 @@ impl VhdDisk {
                     "VHD BAT entry",
                 )?;
                 self.mw().bat[i] = UNALLOCATED;
+                freed.push(e as u64 * SECTOR);
                 st.blocks_freed += 1;
             }
         }
         flush_storage(s)?;
-        // 2. Move the highest block into the lowest hole until the blocks are packed. A move
-        // copies, flushes, and only then repoints the BAT entry (old copy stays valid).
-        loop {
-            let bat = self.m().bat.clone();
-            let mut used: Vec<(u64, usize)> = bat
-                .iter()
-                .enumerate()
-                .filter(|(_, &e)| e != UNALLOCATED)
-                .map(|(i, &e)| (e as u64 * SECTOR, i))
-                .collect();
-            used.sort_unstable();
-            // Find the first slot position (in packed order) not occupied.
-            let mut target = None;
-            let mut p = block_position(meta_end, bitmap);
-            for &(off, _) in &used {
-                if off != p {
-                    if off > p {
-                        target = Some(p);
-                    }
-                    break;
-                }
-                p = block_position(p + slot, bitmap);
-            }
-            let (Some(t), Some(&(last_off, last_i))) = (target, used.last()) else {
-                break;
-            };
-            if last_off <= t || used.iter().any(|&(o, _)| o < t + slot && o + slot > t) {
+        // 2. Move the highest block into the lowest hole left by a freed block (an exact slot
+        // of the same size, so any layout works). A move copies, flushes, and only then
+        // repoints the BAT entry, so the old copy stays valid until the entry changes.
+        let mut holes: std::collections::BTreeSet<u64> = freed.into_iter().collect();
+        let mut used: std::collections::BTreeMap<u64, usize> = self
+            .m()
+            .bat
+            .iter()
+            .enumerate()
+            .filter(|(_, &e)| e != UNALLOCATED)
+            .map(|(i, &e)| (e as u64 * SECTOR, i))
+            .collect();
+        let mut whole = vec![0u8; slot as usize];
+        while let (Some(&h), Some((&last_off, &last_i))) = (holes.first(), used.last_key_value()) {
+            if h >= last_off {
                 break;
             }
-            let mut whole = vec![0u8; slot as usize];
             read_exact(s, &mut whole, last_off, "VHD data block")?;
-            write_all(s, &whole, t, "VHD data block")?;
+            write_all(s, &whole, h, "VHD data block")?;
             flush_storage(s)?;
-            write_all(
-                s,
-                &((t / SECTOR) as u32).to_be_bytes(),
-                bat_off + 4 * last_i as u64,
-                "VHD BAT entry",
-            )?;
+            {
+                let mut m = self.mw();
+                write_all(
+                    s,
+                    &((h / SECTOR) as u32).to_be_bytes(),
+                    bat_off + 4 * last_i as u64,
+                    "VHD BAT entry",
+                )?;
+                m.bat[last_i] = (h / SECTOR) as u32;
+            }
             flush_storage(s)?;
-            self.mw().bat[last_i] = (t / SECTOR) as u32;
+            holes.remove(&h);
+            used.remove(&last_off);
+            used.insert(h, last_i);
             st.blocks_moved += 1;
         }
         // 3. Trim: footer at the new end first, then truncate.
@@ -1670,11 +1665,11 @@ impl BlockDevice for VhdDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let (size, bs, bitmap) = {
-            let m = self.m();
-            (m.size, m.block_size as u64, m.bitmap)
-        };
-        check_range(offset, buf.len() as u64, size)?;
+        // A shared guard for the whole read: many readers at once, but compact/resize (which
+        // take it exclusively) cannot move blocks mid-read.
+        let m = self.m();
+        let bs = m.block_size as u64;
+        check_range(offset, buf.len() as u64, m.size)?;
         if self.kind == DiskType::Fixed {
             return read_exact(&*self.storage, buf, offset, "VHD fixed disk data");
         }
@@ -1684,13 +1679,8 @@ impl BlockDevice for VhdDisk {
             let blk = off / bs;
             let inb = off % bs;
             let n = ((bs - inb) as usize).min(buf.len() - done);
-            let entry = self
-                .m()
-                .bat
-                .get(blk as usize)
-                .copied()
-                .unwrap_or(UNALLOCATED);
-            self.read_in_block(blk, entry, inb, &mut buf[done..done + n], bs, bitmap)?;
+            let entry = m.bat.get(blk as usize).copied().unwrap_or(UNALLOCATED);
+            self.read_in_block(&m, blk, entry, inb, &mut buf[done..done + n])?;
             done += n;
         }
         Ok(())
@@ -1783,8 +1773,6 @@ impl BlockDevice for VhdDisk {
                 },
             });
         }
-        let bitmap = m.bitmap;
-        drop(m);
         let hi = blk_end - blk * bs;
         let (first, bm) = self.read_bitmap(entry, inb, hi)?;
         let bit = |sector: u64| -> bool {
@@ -1797,7 +1785,6 @@ impl BlockDevice for VhdDisk {
             q += SECTOR;
         }
         let n = q.min(hi) - inb;
-        let _ = bitmap;
         Ok(Extent {
             len: n,
             allocation: if present {
