@@ -64,22 +64,27 @@ QURI="nbd+unix:///?socket=$QSOCK"
 nbdinfo "$VURI" | grep -E 'can_multi_conn|export-size:' | sed 's/^/  viridian: /' || true
 nbdinfo "$QURI" | grep -E 'can_multi_conn|export-size:' | sed 's/^/  qemu-nbd: /' || true
 
-secs() { python3 -c 'import sys,time; print(time.time())'; }
 
-copy_once() { # uri -> seconds
-    local t0 t1
-    t0=$(secs); nbdcopy "$1" null: ; t1=$(secs)
-    python3 -c "print(f'{$t1-$t0:.3f}')"
+TICK=$(getconf CLK_TCK)
+cpu_of() { awk '{print $14+$15}' "/proc/$1/stat"; } # user+system ticks of a process
+cpu_s() { awk -v a="$1" -v b="$2" -v t="$TICK" 'BEGIN { printf "%.2f", (b - a) / t }'; }
+
+copy_once() { # uri pid -> "seconds server-cpu-seconds"
+    local t0 t1 c0 c1
+    c0=$(cpu_of "$2"); t0=$(secs); nbdcopy "$1" null: ; t1=$(secs); c1=$(cpu_of "$2")
+    python3 -c "print(f'{$t1-$t0:.3f} {($c1-$c0)/$TICK:.2f}')"
 }
 
 best() { sort -g | head -1; }
 bestmax() { sort -g | tail -1; }
 
+secs() { date +%s.%N; }
 echo "== nbdcopy $SIZE_MIB MiB export to null: ($ROUNDS rounds)"
 VC=(); QC=()
 for r in $(seq "$ROUNDS"); do
-    VC+=("$(copy_once "$VURI")"); QC+=("$(copy_once "$QURI")")
-    echo "  round $r: viridian ${VC[-1]} s, qemu-nbd ${QC[-1]} s"
+    read -r vt vcpu < <(copy_once "$VURI" "$VPID"); read -r qt qcpu < <(copy_once "$QURI" "$QPID")
+    VC+=("$vt"); QC+=("$qt")
+    echo "  round $r: viridian $vt s (server cpu $vcpu s), qemu-nbd $qt s (server cpu $qcpu s)"
 done
 VCB=$(printf '%s\n' "${VC[@]}" | best); QCB=$(printf '%s\n' "${QC[@]}" | best)
 
@@ -94,8 +99,10 @@ if [ "$HAVE_FIO" = 1 ]; then
     echo "== fio nbd engine, 4 KiB random reads, 2 jobs x iodepth 32, ${FIO_RUNTIME}s ($ROUNDS rounds)"
     VF=(); QF=()
     for r in $(seq "$ROUNDS"); do
-        VF+=("$(fio_once "$VURI")"); QF+=("$(fio_once "$QURI")")
-        echo "  round $r: viridian ${VF[-1]} IOPS, qemu-nbd ${QF[-1]} IOPS"
+        c0=$(cpu_of "$VPID"); VF+=("$(fio_once "$VURI")"); c1=$(cpu_of "$VPID")
+        d0=$(cpu_of "$QPID"); QF+=("$(fio_once "$QURI")"); d1=$(cpu_of "$QPID")
+        echo "  round $r: viridian ${VF[-1]} IOPS (server cpu $(cpu_s "$c0" "$c1") s)," \
+             "qemu-nbd ${QF[-1]} IOPS (server cpu $(cpu_s "$d0" "$d1") s)"
     done
     VFB=$(printf '%s\n' "${VF[@]}" | bestmax); QFB=$(printf '%s\n' "${QF[@]}" | bestmax)
 else

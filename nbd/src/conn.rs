@@ -21,8 +21,8 @@ const MAX_DESCRIPTORS: usize = 1 << 16;
 /// Holes shorter than this inside a read are sent as data: a chunk header costs more.
 const MIN_HOLE_CHUNK: u64 = 4096;
 /// Reply/payload buffers up to this size are kept for reuse.
-const POOL_BUF_MAX: usize = 4 << 20;
-const POOL_MAX_BUFS: usize = 32;
+const POOL_BUF_MAX: usize = (2 << 20) + 4096;
+const POOL_MAX_BUFS: usize = 16;
 
 pub(crate) fn serve(shared: &Shared, stream: Stream) {
     let peer = stream.peer();
@@ -119,7 +119,9 @@ enum Job {
     },
     Write {
         offset: u64,
+        /// The payload is `data[..len]` (pooled buffers may be longer).
         data: Vec<u8>,
+        len: usize,
     },
     Flush,
     Trim {
@@ -256,7 +258,7 @@ impl Conn<'_> {
                     } else {
                         self.budget.acquire(len as u64);
                         let mut data = self.take_buf(len as usize);
-                        if let Err(e) = r.read_exact(&mut data) {
+                        if let Err(e) = r.read_exact(&mut data[..len as usize]) {
                             self.budget.release(len as u64);
                             return Err(e.into());
                         }
@@ -266,7 +268,11 @@ impl Conn<'_> {
                                     cookie,
                                     fua,
                                     cost: len as u64,
-                                    job: Job::Write { offset, data },
+                                    job: Job::Write {
+                                        offset,
+                                        data,
+                                        len: len as usize,
+                                    },
                                 };
                                 if tx.send(w).is_err() {
                                     return Ok(());
@@ -429,9 +435,13 @@ impl Conn<'_> {
         let disk = self.disk();
         let res = match job {
             Job::Read { offset, len, df } => {
-                let out = self.read_reply(cookie, offset, len, df);
-                self.send(&out);
-                self.give_buf(out);
+                let mut out = ReplyBuf {
+                    v: self.take_buf(0),
+                    used: 0,
+                };
+                self.read_reply(&mut out, cookie, offset, len, df);
+                self.send(out.bytes());
+                self.give_buf(out.v);
                 return;
             }
             Job::BlockStatus { offset, len, one } => {
@@ -439,8 +449,8 @@ impl Conn<'_> {
                 self.send(&out);
                 return;
             }
-            Job::Write { offset, data } => {
-                let r = disk.write_at(&data, offset);
+            Job::Write { offset, data, len } => {
+                let r = disk.write_at(&data[..len], offset);
                 self.give_buf(data);
                 self.wrote.store(true, Ordering::Release);
                 r
@@ -476,45 +486,50 @@ impl Conn<'_> {
     }
 
     /// The whole reply to a READ in one buffer: simple, or structured with hole chunks.
-    fn read_reply(&self, cookie: u64, offset: u64, len: u32, df: bool) -> Vec<u8> {
+    fn read_reply(&self, out: &mut ReplyBuf, cookie: u64, offset: u64, len: u32, df: bool) {
         let disk = self.disk();
-        let mut out = self.take_buf(0);
+        let mut hdr = Vec::with_capacity(32);
         if !self.session.structured {
-            put_simple_reply(&mut out, 0, cookie);
-            out.resize(SIMPLE_HEADER_LEN + len as usize, 0);
-            if let Err(e) = disk.read_at(&mut out[SIMPLE_HEADER_LEN..], offset) {
-                out.clear();
-                put_simple_reply(&mut out, errno_of(&e), cookie);
+            put_simple_reply(&mut hdr, 0, cookie);
+            out.push(&hdr);
+            if let Err(e) = disk.read_at(out.reserve(len as usize), offset) {
+                hdr.clear();
+                put_simple_reply(&mut hdr, errno_of(&e), cookie);
+                out.used = 0;
+                out.push(&hdr);
             }
-            return out;
+            return;
         }
         if len == 0 {
-            put_chunk_header(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
-            return out;
+            put_chunk_header(&mut hdr, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+            out.push(&hdr);
+            return;
         }
         let segments = self.read_segments(offset, len as u64, df);
         let mut last_header = 0;
         for (start, n, hole) in segments {
-            last_header = out.len();
+            last_header = out.used;
+            hdr.clear();
             if hole {
-                put_chunk_header(&mut out, 0, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
-                out.extend_from_slice(&start.to_be_bytes());
-                out.extend_from_slice(&(n as u32).to_be_bytes());
+                put_chunk_header(&mut hdr, 0, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+                hdr.extend_from_slice(&start.to_be_bytes());
+                hdr.extend_from_slice(&(n as u32).to_be_bytes());
+                out.push(&hdr);
             } else {
-                put_chunk_header(&mut out, 0, REPLY_TYPE_OFFSET_DATA, cookie, 8 + n as u32);
-                out.extend_from_slice(&start.to_be_bytes());
-                let at = out.len();
-                out.resize(at + n as usize, 0);
-                if let Err(e) = disk.read_at(&mut out[at..], start) {
+                put_chunk_header(&mut hdr, 0, REPLY_TYPE_OFFSET_DATA, cookie, 8 + n as u32);
+                hdr.extend_from_slice(&start.to_be_bytes());
+                out.push(&hdr);
+                if let Err(e) = disk.read_at(out.reserve(n as usize), start) {
                     // Nothing has been sent yet: replace the whole reply by one error chunk.
-                    out.clear();
-                    put_error_chunk(&mut out, cookie, errno_of(&e), &e.to_string());
-                    return out;
+                    hdr.clear();
+                    put_error_chunk(&mut hdr, cookie, errno_of(&e), &e.to_string());
+                    out.used = 0;
+                    out.push(&hdr);
+                    return;
                 }
             }
         }
-        out[last_header + 4..last_header + 6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
-        out
+        out.v[last_header + 4..last_header + 6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
     }
 
     /// Splits a read into (offset, length, is_hole) runs from the merged allocation view.
@@ -630,7 +645,8 @@ impl Conn<'_> {
         }
     }
 
-    /// A buffer of `len` bytes (contents unspecified), reused when possible.
+    /// A buffer of at least `len` bytes (contents unspecified), reused when possible so
+    /// that large requests neither allocate nor zero-fill each time.
     fn take_buf(&self, len: usize) -> Vec<u8> {
         let mut b = self
             .pool
@@ -638,8 +654,9 @@ impl Conn<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .pop()
             .unwrap_or_default();
-        b.clear();
-        b.resize(len, 0);
+        if b.len() < len {
+            b.resize(len, 0);
+        }
         b
     }
 
@@ -650,5 +667,33 @@ impl Conn<'_> {
                 p.push(b);
             }
         }
+    }
+}
+
+/// A reply being built in a reused buffer: `v[..used]` is the reply; `v` beyond it is stale
+/// bytes kept initialised so growing into it costs no zero-fill.
+struct ReplyBuf {
+    v: Vec<u8>,
+    used: usize,
+}
+
+impl ReplyBuf {
+    /// The next `n` bytes of the reply, to be filled by the caller.
+    fn reserve(&mut self, n: usize) -> &mut [u8] {
+        let end = self.used + n;
+        if self.v.len() < end {
+            self.v.resize(end, 0);
+        }
+        let start = self.used;
+        self.used = end;
+        &mut self.v[start..end]
+    }
+
+    fn push(&mut self, b: &[u8]) {
+        self.reserve(b.len()).copy_from_slice(b);
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.v[..self.used]
     }
 }
