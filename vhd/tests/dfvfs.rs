@@ -182,3 +182,18 @@ fn dfvfs_bad_checksums_are_warnings() {
     let r = vhd::check(s, disk::check::Repair::None).unwrap();
     assert!(r.corruptions >= 2, "{r:?}");
 }
+
+#[test]
+fn dfvfs_good_images_check_clean() {
+    for name in ["ext2.vhd", "fat-differential.vhd"] {
+        let Some(p) = common::dfvfs(name) else { return };
+        let s: Arc<dyn Storage> = Arc::new(FileStorage::open(&p, Access::ReadOnly, false).unwrap());
+        let r = vhd::check(s, disk::check::Repair::None).unwrap();
+        assert_eq!(
+            (r.corruptions, r.leaks, r.check_errors),
+            (0, 0, 0),
+            "{name}: {r:?}"
+        );
+        assert_eq!(r.exit_code(), 0);
+    }
+}
