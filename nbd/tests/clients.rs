@@ -140,7 +140,7 @@ fn nbdinfo_map_matches_the_sparse_file() {
 
 #[test]
 fn nbdcopy_and_qemu_img_compare_see_the_source_bytes() {
-    let (srv, _d, expected, path) = ro_server();
+    let (srv, d, expected, path) = ro_server();
     if have("nbdcopy") {
         let out = srv.dir.path().join("copy.raw");
         run(Command::new("nbdcopy").arg(srv.uri("ro")).arg(&out));
@@ -167,6 +167,23 @@ fn nbdcopy_and_qemu_img_compare_see_the_source_bytes() {
             .arg(srv.uri("ro")));
         let v: serde_json::Value = serde_json::from_str(&info).unwrap();
         assert_eq!(v["virtual-size"], 16 * MIB);
+        // qemu-img map over NBD sees base:allocation: data where written, zero elsewhere.
+        let map = run(Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "raw"])
+            .arg(srv.uri("ro")));
+        let v: serde_json::Value = serde_json::from_str(&map).unwrap();
+        let covers = |off: u64, data: bool| {
+            v.as_array().unwrap().iter().any(|e| {
+                let s = e["start"].as_u64().unwrap();
+                let l = e["length"].as_u64().unwrap();
+                s <= off && off < s + l && e["data"] == data
+            })
+        };
+        assert!(covers(4 * MIB + 4096, true), "{map}");
+        assert!(covers(16 * MIB - 4096, true), "{map}");
+        if disk::map::map_range(&*d, 0, MIB).unwrap()[0].zero {
+            assert!(covers(0, false), "{map}");
+        }
     }
 }
 
