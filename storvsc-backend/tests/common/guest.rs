@@ -83,7 +83,7 @@ impl GuestRing {
         let w = self.get(mem, 0);
         let r = self.get(mem, 4);
         let total = pkt.len() as u32 + 8;
-        if self.writable(w, r) <= total {
+        if w >= self.size || r >= self.size || self.writable(w, r) <= total {
             return None;
         }
         self.copy_in(mem, w, pkt);
@@ -165,6 +165,7 @@ pub struct Guest {
     pub out_ring: Option<GuestRing>,
     pub in_ring: Option<GuestRing>,
     pub gpadl_pages: Vec<u64>,
+    pub ring_gpadl: u32,
     next_gpadl: u32,
     next_tag: u64,
     pub done: HashMap<u64, Done>,
@@ -221,6 +222,7 @@ impl Guest {
             out_ring: None,
             in_ring: None,
             gpadl_pages: Vec::new(),
+            ring_gpadl: 0,
             next_gpadl: 0xE1E10,
             next_tag: 1,
             done: HashMap::new(),
@@ -404,6 +406,7 @@ impl Guest {
         self.out_ring = Some(out);
         self.in_ring = Some(inr);
         self.gpadl_pages = pages;
+        self.ring_gpadl = gpadl;
         match self.next_message() {
             Message::OpenChannelResult {
                 child_relid,
