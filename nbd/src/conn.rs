@@ -3,6 +3,7 @@
 
 use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::Shutdown;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -213,8 +214,14 @@ impl Conn<'_> {
                 }
             };
             let cost = work.cost;
+            let cookie = work.cookie;
             if !self.dead.load(Ordering::Acquire) {
-                self.execute(work);
+                // A panicking disk implementation must not take the connection (or the
+                // server) down: the request fails with EIO and the worker goes on.
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| self.execute(work)));
+                if r.is_err() {
+                    self.send_error(cookie, false, EIO, "internal error in the disk layer");
+                }
             }
             self.budget.release(cost);
         }

@@ -6,6 +6,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -88,8 +89,10 @@ impl Server {
                 return Err(Error::DuplicateExport(e.name.clone()));
             }
         }
-        if config.max_request < 4096 {
-            return Err(Error::Config("max_request must be at least 4096".into()));
+        if !(4096..=1 << 30).contains(&config.max_request) {
+            return Err(Error::Config(
+                "max_request must be between 4096 and 1 GiB".into(),
+            ));
         }
         if config.max_connections == 0
             || config.workers_per_connection == 0
@@ -382,10 +385,18 @@ impl BoundServer {
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
-                    crate::conn::serve(&shared, stream);
-                    let mut conns = shared.conns();
-                    conns.remove(&id);
-                    shared.conns_cv.notify_all();
+                    // Deregisters even if the connection code panics (a buggy disk), so the
+                    // slot comes back and shutdown does not wait for it forever.
+                    let _slot = ConnSlot {
+                        shared: &shared,
+                        id,
+                    };
+                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        crate::conn::serve(&shared, stream)
+                    }));
+                    if r.is_err() {
+                        shared.log(|| format!("connection {id} ended by a panic"));
+                    }
                 });
             if let Err(e) = spawned {
                 self.shared
@@ -395,6 +406,22 @@ impl BoundServer {
                 }
             }
         }
+    }
+}
+
+/// Removes a connection from the registry when its thread ends, however it ends.
+struct ConnSlot<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for ConnSlot<'_> {
+    fn drop(&mut self) {
+        let mut conns = self.shared.conns();
+        if let Some(s) = conns.remove(&self.id) {
+            s.shutdown(Shutdown::Both);
+        }
+        self.shared.conns_cv.notify_all();
     }
 }
 

@@ -436,3 +436,52 @@ fn many_pipelined_requests_without_reading_replies_do_not_wedge_others() {
     f.good_client_works();
     drop(c);
 }
+
+/// A disk with a bug: reads at 4096 panic.
+#[derive(Debug)]
+struct PanickyDisk;
+
+impl BlockDevice for PanickyDisk {
+    fn format(&self) -> &'static str {
+        "raw"
+    }
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> disk::Result<()> {
+        if offset == 4096 {
+            panic!("simulated bug in a disk implementation");
+        }
+        buf.fill(7);
+        Ok(())
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> disk::Result<()> {
+        Err(disk::Error::ReadOnly)
+    }
+    fn flush(&self) -> disk::Result<()> {
+        Ok(())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[test]
+fn a_panicking_disk_fails_the_request_not_the_server() {
+    let srv = TestServer::start(
+        vec![nbd::Export::new("p", Arc::new(PanickyDisk))],
+        Default::default(),
+    );
+    let (mut c, _, _) = Client::open(&srv.sock, "p");
+    c.request(0, CMD_READ, 1, 4096, 512);
+    let ch = c.chunks();
+    assert_eq!(ch[0].kind, CHUNK_ERROR);
+    assert_eq!(ch[0].error(), 5);
+    assert_eq!(c.read(2, 0, 512).unwrap(), vec![7u8; 512]);
+    drop(c);
+    let (mut c, _, _) = Client::open(&srv.sock, "p");
+    assert_eq!(c.read(3, 8192, 16).unwrap(), vec![7u8; 16]);
+}
