@@ -1726,11 +1726,17 @@ impl BlockDevice for VhdDisk {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        let _ = flags;
         if self.read_only {
             return Err(Error::ReadOnly);
         }
         check_range(offset, len, self.size())?;
+        if self.kind == DiskType::Fixed && flags.may_unmap {
+            // The data area is the file itself: a hole reads as zeros.
+            return self
+                .storage
+                .punch_hole(offset, len)
+                .map_err(|e| io_err(format!("zeroing {len} bytes at {offset}"), e));
+        }
         // write_at skips zero writes to unallocated dynamic blocks; nothing is freed here
         // (freeing a block in the middle of the file would only leak its space).
         disk::write_zero_buffers(self, offset, len)

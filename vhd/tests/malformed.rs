@@ -322,3 +322,76 @@ fn random_corruption_never_panics() {
         exercise(v);
     }
 }
+
+/// Deprecated locators (Wi2r relative ANSI, Wi2k absolute ANSI, MacX file URL) are read, and
+/// candidates come out in order: relative, absolute (+ slash form), child dir + name.
+#[test]
+fn deprecated_locators_and_candidate_order() {
+    let mut v = differencing_image();
+    let entry = |i: usize| 512 + 576 + 24 * i;
+    let region = u64::from_be_bytes(v[entry(0) + 16..entry(0) + 24].try_into().unwrap()) as usize;
+    let payloads: [(&[u8; 4], &[u8]); 3] = [
+        (b"Wi2r", b"..\\base\\p.vhd\0"),
+        (b"Wi2k", b"D:\\vms\\p.vhd"),
+        (b"MacX", b"file:///Users/me/my%20vms/p.vhd"),
+    ];
+    for (i, (code, data)) in payloads.iter().enumerate() {
+        let off = region + i * 1024;
+        v[off..off + data.len()].copy_from_slice(data);
+        let e = entry(i);
+        v[e..e + 4].copy_from_slice(*code);
+        // Platform data space in sectors (spec style): 2 sectors.
+        be32(&mut v, e + 4, 2);
+        be32(&mut v, e + 8, data.len() as u32);
+        v[e + 16..e + 24].copy_from_slice(&(off as u64).to_be_bytes());
+    }
+    let d = open(v).unwrap();
+    let info = d.info();
+    let paths: Vec<_> = info
+        .locators
+        .iter()
+        .map(|l| l.path.clone().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "..\\base\\p.vhd",
+            "D:\\vms\\p.vhd",
+            "/Users/me/my vms/p.vhd"
+        ]
+    );
+    assert!(info.locators.iter().all(|l| l.data_space_bytes == 1024));
+    let link = d.parent_link().unwrap();
+    // No file path for a memory store: relative entries are relative to "".
+    let want: Vec<std::path::PathBuf> = [
+        "../base/p.vhd",
+        "D:\\vms\\p.vhd",
+        "D:/vms/p.vhd",
+        "/Users/me/my vms/p.vhd",
+        "parent.vhd",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    assert_eq!(link.candidates, want);
+    assert!(info.warnings.iter().any(|w| w.contains("header checksum")));
+}
+
+/// The BAT may sit at any byte offset (not sector aligned).
+#[test]
+fn bat_at_odd_offset() {
+    let img = dynamic_image();
+    let mut v = img.clone();
+    // Move the 16-entry BAT from 1536 to 2049 (padding before the first block at 3584).
+    let bat: Vec<u8> = img[1536..1536 + 64].to_vec();
+    let new = 2049;
+    v[new..new + 64].copy_from_slice(&bat);
+    v[512 + 16..512 + 24].copy_from_slice(&(new as u64).to_be_bytes());
+    let d = open(v).unwrap();
+    let e = open(img).unwrap();
+    let (mut a, mut b) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
+    d.read_at(&mut a, 0).unwrap();
+    e.read_at(&mut b, 0).unwrap();
+    assert!(a == b);
+    assert_eq!(d.info().bat_offset, Some(new as u64));
+}

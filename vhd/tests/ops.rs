@@ -431,3 +431,47 @@ fn concurrent_readers_and_writer() {
     let r = vhd::check(d.storage().clone(), Repair::None).unwrap();
     assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
 }
+
+#[test]
+fn write_zeroes_and_discard() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["fixed", "dynamic"] {
+        let p = dir.path().join(format!("{kind}.vhd"));
+        let k = if kind == "fixed" {
+            CreateKind::Fixed
+        } else {
+            CreateKind::Dynamic
+        };
+        let d = VhdDisk::create(&p, &CreateOptions::new(k, 4 * MIB)).unwrap();
+        d.write_at(&vec![0xee; 3 * MIB as usize], 0).unwrap();
+        for unmap in [false, true] {
+            d.write_zeroes(
+                MIB + 512 * unmap as u64,
+                4096,
+                disk::ZeroFlags { may_unmap: unmap },
+            )
+            .unwrap();
+        }
+        d.discard(2 * MIB, 4096).unwrap();
+        // Zeroing unallocated space of a dynamic disk allocates nothing.
+        let before = d.info().allocated_blocks;
+        d.write_zeroes(3 * MIB, MIB, disk::ZeroFlags::default())
+            .unwrap();
+        assert_eq!(d.info().allocated_blocks, before);
+        let all = read_all(&d);
+        assert!(
+            all[MIB as usize..MIB as usize + 4608]
+                .iter()
+                .all(|&b| b == 0),
+            "{kind}"
+        );
+        assert!(all[..MIB as usize].iter().all(|&b| b == 0xee), "{kind}");
+        let tail = &all[2 * MIB as usize..2 * MIB as usize + 4096];
+        assert!(tail.iter().all(|&b| b == 0xee) || tail.iter().all(|&b| b == 0));
+        assert!(all[3 * MIB as usize..].iter().all(|&b| b == 0));
+        assert!(matches!(
+            d.write_zeroes(4 * MIB, 1, disk::ZeroFlags::default()),
+            Err(disk::Error::OutOfRange { .. })
+        ));
+    }
+}
