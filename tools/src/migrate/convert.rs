@@ -114,13 +114,10 @@ pub fn convert(
     target
         .close()
         .with_context(|| format!("cannot finish writing {}", out.display()))?;
-    let geometry = target
-        .as_any()
-        .downcast_ref::<vhd::VhdDisk>()
-        .map(|v| {
-            let i = v.info();
-            format!("{}/{}/{}", i.cylinders, i.heads, i.sectors_per_track)
-        });
+    let geometry = target.as_any().downcast_ref::<vhd::VhdDisk>().map(|v| {
+        let i = v.info();
+        format!("{}/{}/{}", i.cylinders, i.heads, i.sectors_per_track)
+    });
     Ok(Converted {
         bytes_written: written,
         virtual_size: target.size(),

@@ -173,13 +173,21 @@ fn apply(a: &Args, s: &Settings, plan: &plan::Plan) -> Result<i32> {
         });
     }
     let r = report::build(plan, &outcomes, true);
-    write_new(&s.to.join(&plan.toml), report::vm_toml(plan).as_bytes(), &mut cleanup)?;
+    write_new(
+        &s.to.join(&plan.toml),
+        report::vm_toml(plan).as_bytes(),
+        &mut cleanup,
+    )?;
     write_new(
         &s.to.join("report.json"),
         (serde_json::to_string_pretty(&r)? + "\n").as_bytes(),
         &mut cleanup,
     )?;
-    write_new(&s.to.join("report.md"), report::markdown(&r).as_bytes(), &mut cleanup)?;
+    write_new(
+        &s.to.join("report.md"),
+        report::markdown(&r).as_bytes(),
+        &mut cleanup,
+    )?;
     cleanup.disarm();
     if a.json {
         print_report(&r, true)?;
@@ -233,7 +241,10 @@ mod tests {
             to: to.to_path_buf(),
             format: OutFormat::Vhdx,
             undo,
-            maps: maps.iter().map(|m| paths::PathMap::parse(m).unwrap()).collect(),
+            maps: maps
+                .iter()
+                .map(|m| paths::PathMap::parse(m).unwrap())
+                .collect(),
             size_rule: vhd::SizeRule::Auto,
             physical_sector_size: 4096,
         }
@@ -286,12 +297,23 @@ mod tests {
         let fx = fixtures::make(t.path(), &o).unwrap();
         let to = t.path().join("out");
         // Without the map the disk is missing, and the error says what was tried.
-        let e = plan::build(&settings(&fx, &to, UndoChoice::Merge, &[]), vmc::load(&fx.vmc).unwrap())
-            .unwrap_err()
-            .to_string();
+        let e = plan::build(
+            &settings(&fx, &to, UndoChoice::Merge, &[]),
+            vmc::load(&fx.vmc).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("missing") && e.contains("--path-map"), "{e}");
-        let map = format!("{}={}", fx.windows_dir.to_uppercase(), fx.store_dir.display());
-        let p = plan::build(&settings(&fx, &to, UndoChoice::Merge, &[&map]), vmc::load(&fx.vmc).unwrap()).unwrap();
+        let map = format!(
+            "{}={}",
+            fx.windows_dir.to_uppercase(),
+            fx.store_dir.display()
+        );
+        let p = plan::build(
+            &settings(&fx, &to, UndoChoice::Merge, &[&map]),
+            vmc::load(&fx.vmc).unwrap(),
+        )
+        .unwrap();
         let d = &p.disks[0];
         assert_eq!(Path::new(&d.source), fx.vhd);
         assert!(d.resolved_by.contains("--path-map"));
@@ -300,8 +322,15 @@ mod tests {
         assert!(d.undo.is_some());
         assert_eq!(read_all(d.view.as_ref().unwrap().as_ref()), fx.merged_view);
         // Discard: the base view.
-        let p = plan::build(&settings(&fx, &to, UndoChoice::Discard, &[&map]), vmc::load(&fx.vmc).unwrap()).unwrap();
-        assert_eq!(read_all(p.disks[0].view.as_ref().unwrap().as_ref()), fx.base_view);
+        let p = plan::build(
+            &settings(&fx, &to, UndoChoice::Discard, &[&map]),
+            vmc::load(&fx.vmc).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            read_all(p.disks[0].view.as_ref().unwrap().as_ref()),
+            fx.base_view
+        );
     }
 
     #[test]
@@ -325,7 +354,10 @@ mod tests {
         assert!(p.disks[0].undo.is_none());
         assert_eq!(p.unmatched_undo.len(), 2);
         assert!(!p.undecided());
-        assert_eq!(read_all(p.disks[0].view.as_ref().unwrap().as_ref()), fx.base_view);
+        assert_eq!(
+            read_all(p.disks[0].view.as_ref().unwrap().as_ref()),
+            fx.base_view
+        );
     }
 
     #[test]
@@ -334,8 +366,12 @@ mod tests {
         let mut o = fixtures::Options::new("winxp");
         o.with_saved_state = true;
         let fx = fixtures::make(t.path(), &o).unwrap();
-        let before = [&fx.vmc, &fx.vhd, fx.vud.as_ref().unwrap()]
-            .map(|p| (std::fs::read(p).unwrap(), std::fs::metadata(p).unwrap().modified().unwrap()));
+        let before = [&fx.vmc, &fx.vhd, fx.vud.as_ref().unwrap()].map(|p| {
+            (
+                std::fs::read(p).unwrap(),
+                std::fs::metadata(p).unwrap().modified().unwrap(),
+            )
+        });
         let to = t.path().join("out");
         let ts = to.to_str().unwrap();
         let vmc_s = fx.vmc.to_str().unwrap();
@@ -343,11 +379,16 @@ mod tests {
         // Dry run: nothing written. Apply without a choice: refused.
         assert_eq!(run(args(&[vmc_s, "--to", ts, "-q"])).unwrap(), 0);
         assert!(!to.exists());
-        let e = run(args(&[vmc_s, "--to", ts, "--apply", "-q"])).unwrap_err().to_string();
+        let e = run(args(&[vmc_s, "--to", ts, "--apply", "-q"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--merge-undo"), "{e}");
         assert!(!to.exists());
 
-        assert_eq!(run(args(&[vmc_s, "--to", ts, "--apply", "--merge-undo", "-q"])).unwrap(), 0);
+        assert_eq!(
+            run(args(&[vmc_s, "--to", ts, "--apply", "--merge-undo", "-q"])).unwrap(),
+            0
+        );
         let out = open(&to.join("winxp-disk0.vhdx"));
         assert_eq!(out.size(), fixtures::chs_size());
         assert_eq!(out.physical_sector_size(), 4096);
@@ -355,9 +396,15 @@ mod tests {
         assert_eq!(read_all(out.as_ref()), fx.merged_view);
         drop(out);
         let toml = std::fs::read_to_string(to.join("winxp.toml")).unwrap();
-        assert!(toml.contains("name = \"winxp\"\nmemory_mib = 512\ncpus = 1\n"), "{toml}");
+        assert!(
+            toml.contains("name = \"winxp\"\nmemory_mib = 512\ncpus = 1\n"),
+            "{toml}"
+        );
         assert!(toml.contains("[[disk]]\npath = \"winxp-disk0.vhdx\"\nread_only = false\nundo = false\ncontroller = \"ide\"\nchannel = 0\nslot = 0\n"), "{toml}");
-        assert!(toml.contains("[[network]]\nmac = \"00:03:FF:12:34:56\"\n"), "{toml}");
+        assert!(
+            toml.contains("[[network]]\nmac = \"00:03:FF:12:34:56\"\n"),
+            "{toml}"
+        );
         let j: serde_json::Value =
             serde_json::from_slice(&std::fs::read(to.join("report.json")).unwrap()).unwrap();
         assert_eq!(j["mode"], "applied");
@@ -365,12 +412,17 @@ mod tests {
         let md = std::fs::read_to_string(to.join("report.md")).unwrap();
         assert!(md.contains("cannot be migrated") && md.contains("Virtual Machine Additions"));
 
-        for (p, (bytes, mtime)) in [&fx.vmc, &fx.vhd, fx.vud.as_ref().unwrap()].iter().zip(&before) {
+        for (p, (bytes, mtime)) in [&fx.vmc, &fx.vhd, fx.vud.as_ref().unwrap()]
+            .iter()
+            .zip(&before)
+        {
             assert_eq!(&std::fs::read(p).unwrap(), bytes);
             assert_eq!(&std::fs::metadata(p).unwrap().modified().unwrap(), mtime);
         }
         // A second run would overwrite: refused, and the first run's files are untouched.
-        let e = run(args(&[vmc_s, "--to", ts, "--apply", "--merge-undo", "-q"])).unwrap_err().to_string();
+        let e = run(args(&[vmc_s, "--to", ts, "--apply", "--merge-undo", "-q"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("refusing to overwrite"), "{e}");
         assert!(to.join("winxp-disk0.vhdx").exists());
     }
@@ -393,7 +445,11 @@ mod tests {
         .unwrap();
         assert_eq!(code, 0);
         let p = to.join("winxp-disk0.vhd");
-        for rule in [vhd::SizeRule::Auto, vhd::SizeRule::Chs, vhd::SizeRule::CurrentSize] {
+        for rule in [
+            vhd::SizeRule::Auto,
+            vhd::SizeRule::Chs,
+            vhd::SizeRule::CurrentSize,
+        ] {
             let d = chain::open(
                 &p,
                 &chain::OpenOptions {
@@ -418,16 +474,28 @@ mod tests {
         o.missing_disk = true;
         let fx = fixtures::make(t.path(), &o).unwrap();
         let to = t.path().join("out");
-        let e = run(args(&[fx.vmc.to_str().unwrap(), "--to", to.to_str().unwrap(), "--apply", "--merge-undo"]))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("missing") && e.contains("gone-missing.vhd"), "{e}");
+        let e = run(args(&[
+            fx.vmc.to_str().unwrap(),
+            "--to",
+            to.to_str().unwrap(),
+            "--apply",
+            "--merge-undo",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("missing") && e.contains("gone-missing.vhd"),
+            "{e}"
+        );
         assert!(!to.exists());
         // Unreadable .vmc.
         let bad = t.path().join("bad.vmc");
         std::fs::write(&bad, [0xFF, 0xFE, b'<', 0, b'x']).unwrap();
         let e = run(args(&[bad.to_str().unwrap(), "--to", to.to_str().unwrap()])).unwrap_err();
-        assert!(common::one_line(&e).contains("not a readable .vmc"), "{e:#}");
+        assert!(
+            common::one_line(&e).contains("not a readable .vmc"),
+            "{e:#}"
+        );
     }
 
     #[test]
@@ -441,7 +509,10 @@ mod tests {
         c.add(&f);
         drop(c);
         assert!(!f.exists() && !dir.exists());
-        assert!(convert::check_room(t.path(), u64::MAX).unwrap_err().to_string().contains("not enough room"));
+        assert!(convert::check_room(t.path(), u64::MAX)
+            .unwrap_err()
+            .to_string()
+            .contains("not enough room"));
         assert!(convert::free_space(&t.path().join("not/yet")).unwrap() > 0);
     }
 }

@@ -36,7 +36,11 @@ impl PathMap {
         }
         Ok(PathMap {
             root: w.root.to_ascii_lowercase(),
-            components: w.components.iter().map(|c| c.to_ascii_lowercase()).collect(),
+            components: w
+                .components
+                .iter()
+                .map(|c| c.to_ascii_lowercase())
+                .collect(),
             from: from.trim().to_string(),
             to: PathBuf::from(to.trim()),
         })
@@ -44,7 +48,9 @@ impl PathMap {
 
     /// The local path for `win`, when this map's prefix covers it.
     fn apply(&self, win: &WinPath) -> Option<PathBuf> {
-        if win.root.to_ascii_lowercase() != self.root || win.components.len() < self.components.len() {
+        if win.root.to_ascii_lowercase() != self.root
+            || win.components.len() < self.components.len()
+        {
             return None;
         }
         let matches = self
@@ -55,7 +61,10 @@ impl PathMap {
         if !matches {
             return None;
         }
-        Some(resolve_components(&self.to, &win.components[self.components.len()..]))
+        Some(resolve_components(
+            &self.to,
+            &win.components[self.components.len()..],
+        ))
     }
 }
 
@@ -134,6 +143,13 @@ fn normalize(comps: Vec<String>) -> Vec<String> {
 pub fn resolve_components(base: &Path, comps: &[String]) -> PathBuf {
     let mut cur = base.to_path_buf();
     for c in comps {
+        if c == ".." {
+            // Lexical, as Windows resolves `..` (callers pass absolute bases).
+            if cur.file_name().is_none() || !cur.pop() {
+                cur.push("..");
+            }
+            continue;
+        }
         let exact = cur.join(c);
         if exact.exists() {
             cur = exact;
@@ -181,13 +197,23 @@ pub fn candidates(
             let mut best: Option<(&PathMap, PathBuf)> = None;
             for m in maps {
                 if let Some(p) = m.apply(&w) {
-                    if best.as_ref().is_none_or(|(b, _)| m.components.len() > b.components.len()) {
+                    if best
+                        .as_ref()
+                        .is_none_or(|(b, _)| m.components.len() > b.components.len())
+                    {
                         best = Some((m, p));
                     }
                 }
             }
             if let Some((m, p)) = best {
-                push(p, format!("absolute path {abs:?} through --path-map {}={}", m.from, m.to.display()));
+                push(
+                    p,
+                    format!(
+                        "absolute path {abs:?} through --path-map {}={}",
+                        m.from,
+                        m.to.display()
+                    ),
+                );
             }
         } else if abs.starts_with('/') {
             let p = PathBuf::from(abs);
@@ -206,7 +232,10 @@ pub fn candidates(
                 file_name.get_or_insert_with(|| last.clone());
             }
             if !comps.is_empty() {
-                push(resolve_components(vmc_dir, &comps), format!("relative path {rel:?} from the .vmc's folder"));
+                push(
+                    resolve_components(vmc_dir, &comps),
+                    format!("relative path {rel:?} from the .vmc's folder"),
+                );
             }
         }
     }

@@ -148,9 +148,11 @@ pub struct Plan {
 
 impl Plan {
     pub fn undecided(&self) -> bool {
-        self.disks
-            .iter()
-            .any(|d| d.undo.as_ref().is_some_and(|u| u.choice == UndoChoice::Undecided))
+        self.disks.iter().any(|d| {
+            d.undo
+                .as_ref()
+                .is_some_and(|u| u.choice == UndoChoice::Undecided)
+        })
     }
 
     /// Every file the migration writes, relative to the target directory.
@@ -167,7 +169,13 @@ impl Plan {
 pub fn safe_stem(name: &str) -> String {
     let s: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let s = s.trim_matches('.').to_string();
     if s.is_empty() {
@@ -202,7 +210,10 @@ pub fn layer_info(d: &dyn BlockDevice) -> LayerInfo {
         li.size_rule = Some(i.size_rule.to_string());
         li.current_size = Some(i.current_size);
         li.chs_size = Some(i.chs_size);
-        li.geometry = Some(format!("{}/{}/{}", i.cylinders, i.heads, i.sectors_per_track));
+        li.geometry = Some(format!(
+            "{}/{}/{}",
+            i.cylinders, i.heads, i.sectors_per_track
+        ));
         li.saved_state = i.saved_state;
     } else if let Some(fs) = d.format_specific() {
         li.disk_type = fs
@@ -267,6 +278,7 @@ pub fn build(s: &Settings, vm: Vmc) -> Result<Plan> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    let vmc_dir = std::path::absolute(&vmc_dir).unwrap_or(vmc_dir);
     let file_stem = safe_stem(&vm.name);
     let mut warnings = vm.warnings.clone();
     let mut disks = Vec::new();
@@ -277,7 +289,9 @@ pub fn build(s: &Settings, vm: Vmc) -> Result<Plan> {
         let where_ = format!("{} {}:{}", d.bus.name(), d.channel, d.slot);
         if d.kind != DriveKind::HardDisk {
             let reason = match d.kind {
-                DriveKind::CdDvd => "CD/DVD drive: not migrated; attach the ISO again if the guest needs it",
+                DriveKind::CdDvd => {
+                    "CD/DVD drive: not migrated; attach the ISO again if the guest needs it"
+                }
                 _ => "not a hard disk (drive_type other than 1): not migrated",
             };
             skipped.push(SkippedDrive {
@@ -290,7 +304,12 @@ pub fn build(s: &Settings, vm: Vmc) -> Result<Plan> {
             });
             continue;
         }
-        let cands = paths::candidates(d.absolute.as_deref(), d.relative.as_deref(), &vmc_dir, &s.maps);
+        let cands = paths::candidates(
+            d.absolute.as_deref(),
+            d.relative.as_deref(),
+            &vmc_dir,
+            &s.maps,
+        );
         let Some(found) = cands.iter().find(|c| c.path.is_file()) else {
             let named = d
                 .absolute
@@ -298,7 +317,10 @@ pub fn build(s: &Settings, vm: Vmc) -> Result<Plan> {
                 .or(d.relative.as_deref())
                 .unwrap_or("(no path)");
             let tried: Vec<String> = cands.iter().map(|c| paths::show(&c.path)).collect();
-            let hint = if d.absolute.as_deref().is_some_and(|a| paths::WinPath::parse(a).is_some())
+            let hint = if d
+                .absolute
+                .as_deref()
+                .is_some_and(|a| paths::WinPath::parse(a).is_some())
                 && s.maps.is_empty()
             {
                 " (map its Windows folder with --path-map 'C:\\dir=/local/dir')"
@@ -308,7 +330,11 @@ pub fn build(s: &Settings, vm: Vmc) -> Result<Plan> {
             bail!(
                 "disk {where_} of VM {:?} is missing: the .vmc names {named:?}; tried {}{hint}",
                 vm.name,
-                if tried.is_empty() { "nothing".into() } else { tried.join(", ") }
+                if tried.is_empty() {
+                    "nothing".into()
+                } else {
+                    tried.join(", ")
+                }
             );
         };
         let base = chain::open(&found.path, &open_opts(s)).with_context(|| {
@@ -318,7 +344,10 @@ pub fn build(s: &Settings, vm: Vmc) -> Result<Plan> {
             )
         })?;
         let chain_layers = chain::layers(&base);
-        let infos: Vec<LayerInfo> = chain_layers.iter().map(|l| layer_info(l.as_ref())).collect();
+        let infos: Vec<LayerInfo> = chain_layers
+            .iter()
+            .map(|l| layer_info(l.as_ref()))
+            .collect();
         for li in &infos {
             if li.saved_state {
                 warnings.push(format!(
@@ -355,7 +384,12 @@ pub fn build(s: &Settings, vm: Vmc) -> Result<Plan> {
         if d.undo_absolute.is_none() && d.undo_relative.is_none() {
             continue;
         }
-        let c = paths::candidates(d.undo_absolute.as_deref(), d.undo_relative.as_deref(), &vmc_dir, &s.maps);
+        let c = paths::candidates(
+            d.undo_absolute.as_deref(),
+            d.undo_relative.as_deref(),
+            &vmc_dir,
+            &s.maps,
+        );
         match c.iter().find(|c| c.path.is_file()) {
             Some(f) => {
                 vud_files
@@ -391,9 +425,7 @@ pub fn build(s: &Settings, vm: Vmc) -> Result<Plan> {
     for (path, how) in vud_files.into_values() {
         match undo_parent_id(&path) {
             Ok(id) => {
-                let hit = bases
-                    .iter()
-                    .position(|(b, _)| b.unique_id() == Some(id));
+                let hit = bases.iter().position(|(b, _)| b.unique_id() == Some(id));
                 match hit {
                     Some(i) => matches[i].push((path, how)),
                     None => unmatched.push(Leftover {
@@ -407,7 +439,10 @@ pub fn build(s: &Settings, vm: Vmc) -> Result<Plan> {
             }
             Err(e) => unmatched.push(Leftover {
                 path: paths::show(&path),
-                reason: format!("not usable as an undo disk: {}", crate::common::one_line(&e)),
+                reason: format!(
+                    "not usable as an undo disk: {}",
+                    crate::common::one_line(&e)
+                ),
             }),
         }
     }
@@ -580,6 +615,9 @@ fn size_note(top: &LayerInfo) -> (String, bool) {
             }
             (n, false)
         }
-        _ => (format!("{} bytes ({})", top.virtual_size, top.format), false),
+        _ => (
+            format!("{} bytes ({})", top.virtual_size, top.format),
+            false,
+        ),
     }
 }

@@ -59,7 +59,9 @@ pub fn vm_toml(plan: &Plan) -> String {
         "# Migrated by viridian migrate from {}\n",
         plan.vmc_path.replace('\n', " ")
     ));
-    t.push_str("# kernel/initrd/cmdline are absent for migrated Windows guests; add them for Linux.\n");
+    t.push_str(
+        "# kernel/initrd/cmdline are absent for migrated Windows guests; add them for Linux.\n",
+    );
     t.push_str(&format!("name = {}\n", toml_str(&vm.name)));
     t.push_str(&format!("memory_mib = {}\n", vm.memory_mib));
     t.push_str(&format!("cpus = {}\n", vm.cpus));
@@ -77,7 +79,9 @@ pub fn vm_toml(plan: &Plan) -> String {
         t.push_str("\n[[network]]\n");
         match &n.mac {
             Some(m) => t.push_str(&format!("mac = {}\n", toml_str(m))),
-            None => t.push_str("# the .vmc had no MAC address for this adapter; viridian run picks one\n"),
+            None => t.push_str(
+                "# the .vmc had no MAC address for this adapter; viridian run picks one\n",
+            ),
         }
     }
     t
@@ -104,7 +108,12 @@ pub fn guest_actions(plan: &Plan) -> Vec<String> {
         )),
         None => {}
     }
-    if plan.vm.nics.iter().any(|n| n.mac.as_deref().is_some_and(|m| m.starts_with("00:03:FF"))) {
+    if plan
+        .vm
+        .nics
+        .iter()
+        .any(|n| n.mac.as_deref().is_some_and(|m| m.starts_with("00:03:FF")))
+    {
         v.push("The MAC address is in Virtual PC's 00:03:FF range and is kept so the guest keeps its network settings; change it in the TOML if it clashes on the new network.".into());
     }
     if plan.vm.undo.enabled == Some(true) {
@@ -127,7 +136,10 @@ pub fn dropped(plan: &Plan) -> Vec<Dropped> {
             if u.choice == UndoChoice::Discard {
                 v.push(Dropped {
                     item: u.path.clone(),
-                    reason: format!("undo disk discarded (--discard-undo): {} holds the base contents only", d.output),
+                    reason: format!(
+                        "undo disk discarded (--discard-undo): {} holds the base contents only",
+                        d.output
+                    ),
                 });
             }
         }
@@ -174,7 +186,10 @@ pub fn merged(plan: &Plan) -> Vec<String> {
     for d in &plan.disks {
         if let Some(u) = &d.undo {
             if u.choice == UndoChoice::Merge {
-                v.push(format!("{} merged with {} into {}", u.path, d.source, d.output));
+                v.push(format!(
+                    "{} merged with {} into {}",
+                    u.path, d.source, d.output
+                ));
             }
         }
         if d.chain.len() > 1 {
@@ -208,11 +223,23 @@ pub fn markdown(r: &Report) -> String {
     let p = r.plan;
     let vm = &p.vm;
     let mut m = String::new();
-    let title = if r.mode == "applied" { "Migration report" } else { "Migration plan (dry run: nothing written)" };
+    let title = if r.mode == "applied" {
+        "Migration report"
+    } else {
+        "Migration plan (dry run: nothing written)"
+    };
     m.push_str(&format!("# {title}: {}\n\n", md_escape(&vm.name)));
-    m.push_str(&format!("* Source: `{}` ({}, version {})\n", p.vmc_path, vm.encoding.name(), vm.version.as_deref().unwrap_or("?")));
+    m.push_str(&format!(
+        "* Source: `{}` ({}, version {})\n",
+        p.vmc_path,
+        vm.encoding.name(),
+        vm.version.as_deref().unwrap_or("?")
+    ));
     m.push_str(&format!("* Target: `{}`\n", p.target_dir));
-    m.push_str(&format!("* Memory: {} MiB, CPUs: {}\n", vm.memory_mib, vm.cpus));
+    m.push_str(&format!(
+        "* Memory: {} MiB, CPUs: {}\n",
+        vm.memory_mib, vm.cpus
+    ));
     m.push_str(&format!(
         "* Undo disks setting: {}{}\n",
         match vm.undo.enabled {
@@ -220,10 +247,16 @@ pub fn markdown(r: &Report) -> String {
             Some(false) => "disabled",
             None => "not recorded",
         },
-        vm.undo.default_action.map(|a| format!(" (default_action {a})")).unwrap_or_default()
+        vm.undo
+            .default_action
+            .map(|a| format!(" (default_action {a})"))
+            .unwrap_or_default()
     ));
     m.push_str(&format!("* VM description: `{}`\n", p.toml));
-    m.push_str(&format!("* Space needed: about {}\n\n", human_size(p.need_bytes)));
+    m.push_str(&format!(
+        "* Space needed: about {}\n\n",
+        human_size(p.need_bytes)
+    ));
 
     m.push_str("## Disks\n\n");
     if p.disks.is_empty() {
@@ -237,7 +270,11 @@ pub fn markdown(r: &Report) -> String {
             d.slot,
             d.output
         ));
-        m.push_str(&format!("* Found: `{}` ({})\n", d.source, md_escape(&d.resolved_by)));
+        m.push_str(&format!(
+            "* Found: `{}` ({})\n",
+            d.source,
+            md_escape(&d.resolved_by)
+        ));
         m.push_str("* Chain (top first):\n");
         for l in &d.chain {
             m.push_str(&format!(
@@ -249,8 +286,15 @@ pub fn markdown(r: &Report) -> String {
                 l.creator_host_os.as_deref().unwrap_or("-"),
                 l.unique_id.as_deref().unwrap_or("-"),
                 l.virtual_size,
-                l.geometry.as_deref().map(|g| format!("CHS {g}")).unwrap_or_else(|| "no CHS".into()),
-                if l.saved_state { ", saved-state flag set" } else { "" }
+                l.geometry
+                    .as_deref()
+                    .map(|g| format!("CHS {g}"))
+                    .unwrap_or_else(|| "no CHS".into()),
+                if l.saved_state {
+                    ", saved-state flag set"
+                } else {
+                    ""
+                }
             ));
         }
         match &d.undo {
@@ -266,7 +310,11 @@ pub fn markdown(r: &Report) -> String {
             )),
             None => m.push_str("* Undo disk: none\n"),
         }
-        m.push_str(&format!("* Guest size: {} bytes: {}\n", d.guest_size, md_escape(&d.size_note)));
+        m.push_str(&format!(
+            "* Guest size: {} bytes: {}\n",
+            d.guest_size,
+            md_escape(&d.size_note)
+        ));
         m.push_str(&format!(
             "* Data: {} in use; output {} about {}\n",
             human_size(d.data_bytes),
@@ -278,8 +326,14 @@ pub fn markdown(r: &Report) -> String {
                 "* Converted: {} bytes virtual, {} written{}{}\n",
                 o.virtual_size,
                 human_size(o.bytes_written),
-                o.geometry.as_deref().map(|g| format!(", CHS {g}")).unwrap_or_default(),
-                o.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+                o.geometry
+                    .as_deref()
+                    .map(|g| format!(", CHS {g}"))
+                    .unwrap_or_default(),
+                o.note
+                    .as_deref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
             ));
         }
         m.push('\n');
@@ -293,7 +347,9 @@ pub fn markdown(r: &Report) -> String {
         m.push_str(&format!(
             "* Adapter {}: MAC {}, network {:?}\n",
             n.index,
-            n.mac.as_deref().unwrap_or("(none; a new one will be picked)"),
+            n.mac
+                .as_deref()
+                .unwrap_or("(none; a new one will be picked)"),
             n.network.as_deref().unwrap_or("-")
         ));
     }
@@ -304,7 +360,9 @@ pub fn markdown(r: &Report) -> String {
         m.push_str("None found: the VM was shut down.\n\n");
     } else {
         for s in &p.saved_state {
-            m.push_str(&format!("* `{s}`: **cannot be migrated**, dropped (see below)\n"));
+            m.push_str(&format!(
+                "* `{s}`: **cannot be migrated**, dropped (see below)\n"
+            ));
         }
         m.push('\n');
     }

@@ -104,7 +104,9 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Vmc> {
         Some(t) => match t.parse::<u64>() {
             Ok(v) if v > 0 => v,
             _ => {
-                warnings.push(format!("memory/ram_size {t:?} is not a positive integer; using 512 MiB"));
+                warnings.push(format!(
+                    "memory/ram_size {t:?} is not a positive integer; using 512 MiB"
+                ));
                 512
             }
         },
@@ -132,7 +134,10 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Vmc> {
         (Bus::Ide, "ide_adapter", "ide_controller"),
         (Bus::Scsi, "scsi_adapter", "scsi_controller"),
     ] {
-        let adapters = [pci.and_then(|p| p.child(adapter)), hw.and_then(|h| h.child(adapter))];
+        let adapters = [
+            pci.and_then(|p| p.child(adapter)),
+            hw.and_then(|h| h.child(adapter)),
+        ];
         for ad in adapters.into_iter().flatten() {
             for (ci, ctl) in ad.children_named(controller).enumerate() {
                 let channel = id_of(ctl, ci, &mut warnings);
@@ -165,13 +170,19 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Vmc> {
                 None => None,
             };
             let network = c.text_at(&["virtual_network", "name"]);
-            nics.push(Nic { index, mac, network });
+            nics.push(Nic {
+                index,
+                mac,
+                network,
+            });
         }
     }
 
     let undo_el = root.path(&["settings", "undo_drives"]);
     let undo = UndoSettings {
-        enabled: undo_el.and_then(|u| u.text_at(&["enabled"])).and_then(|t| parse_bool(&t)),
+        enabled: undo_el
+            .and_then(|u| u.text_at(&["enabled"]))
+            .and_then(|t| parse_bool(&t)),
         default_action: undo_el
             .and_then(|u| u.text_at(&["default_action"]))
             .and_then(|t| t.parse().ok()),
@@ -195,7 +206,10 @@ fn id_of(e: &Element, position: usize, warnings: &mut Vec<String>) -> u32 {
         Some(v) => match v.trim().parse() {
             Ok(n) => n,
             Err(_) => {
-                warnings.push(format!("<{} id={v:?}>: not a number; using its position {position}", e.name));
+                warnings.push(format!(
+                    "<{} id={v:?}>: not a number; using its position {position}",
+                    e.name
+                ));
                 position as u32
             }
         },
@@ -203,7 +217,13 @@ fn id_of(e: &Element, position: usize, warnings: &mut Vec<String>) -> u32 {
     }
 }
 
-fn drive(bus: Bus, channel: u32, slot: u32, loc: &Element, warnings: &mut Vec<String>) -> Option<Drive> {
+fn drive(
+    bus: Bus,
+    channel: u32,
+    slot: u32,
+    loc: &Element,
+    warnings: &mut Vec<String>,
+) -> Option<Drive> {
     let absolute = loc.text_at(&["pathname", "absolute"]);
     let relative = loc.text_at(&["pathname", "relative"]);
     let kind = match loc.text_at(&["drive_type"]) {
@@ -231,8 +251,10 @@ fn drive(bus: Bus, channel: u32, slot: u32, loc: &Element, warnings: &mut Vec<St
         .find_map(|n| loc.child(n));
     let (undo_absolute, undo_relative) = match undo {
         Some(u) => (
-            u.text_at(&["absolute"]).or_else(|| u.text_at(&["pathname", "absolute"])),
-            u.text_at(&["relative"]).or_else(|| u.text_at(&["pathname", "relative"])),
+            u.text_at(&["absolute"])
+                .or_else(|| u.text_at(&["pathname", "absolute"])),
+            u.text_at(&["relative"])
+                .or_else(|| u.text_at(&["pathname", "relative"])),
         ),
         None => (None, None),
     };
@@ -258,7 +280,10 @@ fn parse_bool(t: &str) -> Option<bool> {
 
 /// `0003FF123456` (also with separators) to `00:03:FF:12:34:56`. All-zero means "none".
 pub fn mac_from_hex(hex: &str) -> Option<String> {
-    let digits: String = hex.chars().filter(|c| !matches!(c, ':' | '-' | ' ')).collect();
+    let digits: String = hex
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-' | ' '))
+        .collect();
     if digits.len() != 12 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
         return None;
     }
@@ -288,7 +313,11 @@ mod tests {
     fn parses_the_same_vmc_in_every_encoding() {
         let text = sample();
         let mut seen = Vec::new();
-        for enc in [fixtures::Encoding::Utf16Le, fixtures::Encoding::Utf16Be, fixtures::Encoding::Utf8] {
+        for enc in [
+            fixtures::Encoding::Utf16Le,
+            fixtures::Encoding::Utf16Be,
+            fixtures::Encoding::Utf8,
+        ] {
             let v = parse(&fixtures::encode(&text, enc), "xp").unwrap();
             assert_eq!(v.name, "xp");
             assert_eq!(v.memory_mib, 512);
@@ -296,20 +325,33 @@ mod tests {
             assert_eq!(v.version.as_deref(), Some("2.0"));
             assert_eq!(v.drives.len(), 2);
             let d = &v.drives[0];
-            assert_eq!((d.bus, d.channel, d.slot, d.kind), (Bus::Ide, 0, 0, DriveKind::HardDisk));
+            assert_eq!(
+                (d.bus, d.channel, d.slot, d.kind),
+                (Bus::Ide, 0, 0, DriveKind::HardDisk)
+            );
             assert_eq!(d.absolute.as_deref(), Some("C:\\VMs\\xp\\xp.vhd"));
             assert_eq!(d.relative.as_deref(), Some(".\\xp.vhd"));
             assert_eq!(v.drives[1].kind, DriveKind::CdDvd);
             assert_eq!((v.drives[1].channel, v.drives[1].slot), (1, 0));
             assert_eq!(v.nics.len(), 1);
             assert_eq!(v.nics[0].mac.as_deref(), Some("00:03:FF:12:34:56"));
-            assert_eq!(v.nics[0].network.as_deref(), Some("Shared Networking (NAT) & more"));
+            assert_eq!(
+                v.nics[0].network.as_deref(),
+                Some("Shared Networking (NAT) & more")
+            );
             assert_eq!(v.undo.enabled, Some(true));
             assert_eq!(v.undo.default_action, Some(1));
             assert!(v.warnings.is_empty(), "{:?}", v.warnings);
             seen.push(v.encoding);
         }
-        assert_eq!(seen, [TextEncoding::Utf16Le, TextEncoding::Utf16Be, TextEncoding::Utf8]);
+        assert_eq!(
+            seen,
+            [
+                TextEncoding::Utf16Le,
+                TextEncoding::Utf16Be,
+                TextEncoding::Utf8
+            ]
+        );
     }
 
     #[test]
@@ -329,7 +371,10 @@ mod tests {
         // IDE first (boot order), then SCSI.
         assert_eq!((v.drives[0].bus, v.drives[0].slot), (Bus::Ide, 1));
         let s = &v.drives[1];
-        assert_eq!((s.bus, s.channel, s.slot, s.kind), (Bus::Scsi, 0, 3, DriveKind::HardDisk));
+        assert_eq!(
+            (s.bus, s.channel, s.slot, s.kind),
+            (Bus::Scsi, 0, 3, DriveKind::HardDisk)
+        );
         assert_eq!(s.undo_absolute.as_deref(), Some("\\\\nas\\vms\\db.vud"));
         assert_eq!(v.nics[0].mac, None);
         assert_eq!(v.undo, UndoSettings::default());
@@ -352,8 +397,14 @@ mod tests {
 
     #[test]
     fn macs() {
-        assert_eq!(mac_from_hex("0003FFabcdef").as_deref(), Some("00:03:FF:AB:CD:EF"));
-        assert_eq!(mac_from_hex("00-03-ff-ab-cd-ef").as_deref(), Some("00:03:FF:AB:CD:EF"));
+        assert_eq!(
+            mac_from_hex("0003FFabcdef").as_deref(),
+            Some("00:03:FF:AB:CD:EF")
+        );
+        assert_eq!(
+            mac_from_hex("00-03-ff-ab-cd-ef").as_deref(),
+            Some("00:03:FF:AB:CD:EF")
+        );
         assert_eq!(mac_from_hex("0003FF"), None);
         assert_eq!(mac_from_hex("zz03FFabcdef"), None);
     }

@@ -119,10 +119,7 @@ impl Element {
 
 /// Parses a document and returns its root element.
 pub fn parse(text: &str) -> Result<Element> {
-    let mut p = Parser {
-        s: text,
-        pos: 0,
-    };
+    let mut p = Parser { s: text, pos: 0 };
     let mut stack: Vec<Element> = Vec::new();
     let mut root: Option<Element> = None;
     loop {
@@ -205,7 +202,9 @@ pub fn parse(text: &str) -> Result<Element> {
             p.pos = end;
             let raw = &text[start..end];
             match stack.last_mut() {
-                Some(e) => e.text.push_str(&unescape(raw).map_err(|m| p.error_at(start, &m))?),
+                Some(e) => e
+                    .text
+                    .push_str(&unescape(raw).map_err(|m| p.error_at(start, &m))?),
                 None if raw.trim().is_empty() => {}
                 None => return Err(p.error_at(start, "text outside the root element")),
             }
@@ -235,7 +234,10 @@ impl Parser<'_> {
     fn line_col(&self, at: usize) -> (usize, usize) {
         let before = &self.s[..at.min(self.s.len())];
         let line = before.matches('\n').count() + 1;
-        let col = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+        let col = before
+            .rfind('\n')
+            .map_or(before.len(), |i| before.len() - i - 1)
+            + 1;
         (line, col)
     }
     fn error(&self, msg: &str) -> anyhow::Error {
@@ -314,13 +316,14 @@ fn unescape(s: &str) -> std::result::Result<String, String> {
             "quot" => '"',
             "apos" => '\'',
             _ => {
-                let code = if let Some(h) = ent.strip_prefix("#x").or_else(|| ent.strip_prefix("#X")) {
-                    u32::from_str_radix(h, 16).ok()
-                } else if let Some(d) = ent.strip_prefix('#') {
-                    d.parse::<u32>().ok()
-                } else {
-                    None
-                };
+                let code =
+                    if let Some(h) = ent.strip_prefix("#x").or_else(|| ent.strip_prefix("#X")) {
+                        u32::from_str_radix(h, 16).ok()
+                    } else if let Some(d) = ent.strip_prefix('#') {
+                        d.parse::<u32>().ok()
+                    } else {
+                        None
+                    };
                 code.and_then(char::from_u32)
                     .ok_or_else(|| format!("unknown entity &{ent};"))?
             }
@@ -355,7 +358,10 @@ mod tests {
             (utf16(doc, false, true), TextEncoding::Utf16Be),
             (utf16(doc, true, false), TextEncoding::Utf16Le),
             (utf16(doc, false, false), TextEncoding::Utf16Be),
-            ([&[0xEF, 0xBB, 0xBF][..], doc.as_bytes()].concat(), TextEncoding::Utf8),
+            (
+                [&[0xEF, 0xBB, 0xBF][..], doc.as_bytes()].concat(),
+                TextEncoding::Utf8,
+            ),
             (doc.as_bytes().to_vec(), TextEncoding::Utf8),
         ] {
             let (text, e) = decode(&bytes).unwrap();
