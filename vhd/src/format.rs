@@ -18,6 +18,8 @@ pub const MAX_FIXED_SIZE: u64 = 32 << 40;
 /// Block sizes we accept when reading (qemu rejects 0x80000000; keep bitmaps small).
 pub const MIN_BLOCK_SIZE: u32 = 512;
 pub const MAX_BLOCK_SIZE: u32 = 256 << 20;
+/// Most BAT entries we hold in memory (256 MiB of table; 2 TiB at 32 KiB blocks).
+pub const MAX_BAT_ENTRIES: u64 = 1 << 26;
 /// Longest locator payload we read (a 32K-unit UTF-16 path).
 pub const MAX_LOCATOR_LEN: u32 = 64 << 10;
 

@@ -340,7 +340,15 @@ pub(crate) fn load(storage: &dyn Storage, rule: SizeRule, strict: bool) -> Resul
     }
     let mut footer_checksum_ok = Footer::checksum_ok(&raw);
     let mut copy_matches = true;
-    if trailer_ok && copy_footer.is_some() {
+    // Only a dynamic/differencing trailer has a copy at 0; on a fixed disk offset 0 is guest
+    // data (which may well be another VHD).
+    let trailer_sparse = Footer::parse(&raw).is_some_and(|f| {
+        matches!(
+            f.disk_type(),
+            Some(DiskType::Dynamic) | Some(DiskType::Differencing)
+        )
+    });
+    if trailer_ok && trailer_sparse && copy_footer.is_some() {
         copy_matches = copy == raw;
         if !copy_matches {
             if !footer_checksum_ok && Footer::checksum_ok(&copy) {
@@ -505,6 +513,11 @@ pub(crate) fn load(storage: &dyn Storage, rule: SizeRule, strict: bool) -> Resul
                 header.max_table_entries
             ),
         ));
+    }
+    if needed > MAX_BAT_ENTRIES {
+        return Err(Error::Unsupported(format!(
+            "virtual size {size} with {bs}-byte blocks needs {needed} BAT entries; at most {MAX_BAT_ENTRIES} are supported"
+        )));
     }
     let bat_off = header.table_offset;
     let bat_bytes = needed * 4;
@@ -1145,6 +1158,11 @@ impl VhdDisk {
             (h, m.header_offset, m.bat.clone(), m.block_size as u64)
         };
         let needed = new_size.div_ceil(bs);
+        if needed > MAX_BAT_ENTRIES {
+            return Err(Error::InvalidArgument(format!(
+                "{new_size} bytes in {bs}-byte blocks needs more than {MAX_BAT_ENTRIES} BAT entries"
+            )));
+        }
         if needed > h.max_table_entries as u64 || needed > bat.len() as u64 {
             let old_entries = bat.len() as u64;
             let mut table = Vec::with_capacity((needed * 4) as usize);
@@ -1604,8 +1622,10 @@ fn resolve_size(opts: &CreateOptions) -> Result<u64> {
                     "block size {bs} must be a power of two between 4 KiB and 256 MiB"
                 )));
             }
-            if size.div_ceil(bs as u64) > u32::MAX as u64 - 1 {
-                return Err(Error::InvalidArgument("too many blocks".into()));
+            if size.div_ceil(bs as u64) > MAX_BAT_ENTRIES {
+                return Err(Error::InvalidArgument(format!(
+                    "{size} bytes in {bs}-byte blocks needs more than {MAX_BAT_ENTRIES} blocks; use a larger block size"
+                )));
             }
         }
     }

@@ -395,3 +395,40 @@ fn bat_at_odd_offset() {
     assert!(a == b);
     assert_eq!(d.info().bat_offset, Some(new as u64));
 }
+
+/// A fixed disk whose guest data starts with a (dynamic) VHD footer: offset 0 is data, never a
+/// footer copy, even when the trailer's checksum is bad.
+#[test]
+fn fixed_disk_with_vhd_inside_keeps_its_own_footer() {
+    let inner = dynamic_image();
+    let s = Arc::new(MemStorage::new());
+    let d = VhdDisk::create_on(s.clone(), &CreateOptions::new(CreateKind::Fixed, MIB)).unwrap();
+    d.write_at(&inner[..512], 0).unwrap();
+    drop(d);
+    let mut v = s.to_vec();
+    let n = v.len();
+    v[n - 512 + 64] ^= 0x55;
+    let d = open(v).unwrap();
+    let i = d.info();
+    assert_eq!(i.disk_type, "fixed");
+    assert_eq!(d.size(), MIB);
+    assert!(
+        !i.warnings.iter().any(|w| w.contains("offset 0")),
+        "{:?}",
+        i.warnings
+    );
+    let mut b = [0u8; 8];
+    d.read_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"conectix");
+}
+
+/// More BAT entries than we are willing to hold is a typed Unsupported error.
+#[test]
+fn bat_entry_cap() {
+    let mut v = dynamic_image();
+    // 512-byte blocks and 1 TiB: 2^31 entries.
+    be32(&mut v, 512 + 32, 512);
+    be32(&mut v, 512 + 28, u32::MAX);
+    set_footer_field(&mut v, 48, &(1u64 << 40).to_be_bytes());
+    assert!(matches!(open(v).unwrap_err(), Error::Unsupported(_)));
+}
