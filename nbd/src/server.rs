@@ -209,6 +209,8 @@ impl Listener {
                 let (s, _) = l.accept()?;
                 // Small replies (write acks, 4 KiB reads) must not wait for Nagle.
                 let _ = s.set_nodelay(true);
+                // A peer that vanishes without a FIN would hold its slot forever otherwise.
+                crate::stream::enable_keepalive(&s);
                 Ok(Stream::Tcp(s))
             }
             Listener::Unix(l) => Ok(Stream::Unix(l.accept()?.0)),

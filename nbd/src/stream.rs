@@ -96,3 +96,28 @@ impl Write for Stream {
         Ok(())
     }
 }
+
+/// Turns on TCP keepalive (first probe after 60 s idle, then every 10 s, 6 probes), so a client
+/// that disappears without closing is noticed within about two minutes. Best effort.
+pub(crate) fn enable_keepalive(s: &TcpStream) {
+    let fd = s.as_raw_fd();
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
+    ] {
+        let v: libc::c_int = value;
+        // SAFETY: setsockopt on a valid, open descriptor, with a pointer to a live c_int and
+        // its exact size; the kernel only reads those bytes.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
