@@ -1,0 +1,129 @@
+//! A pass-through [`BlockDevice`] that counts what the guest moves through it.
+
+use std::any::Any;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use disk::{BlockDevice, Extent, ParentLink, ZeroFlags};
+
+/// Bytes and requests seen by one disk.
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+}
+
+/// A snapshot of [`DiskCounters`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DiskStats {
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+}
+
+impl DiskCounters {
+    pub fn snapshot(&self) -> DiskStats {
+        DiskStats {
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            write_bytes: self.write_bytes.load(Ordering::Relaxed),
+            reads: self.reads.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            flushes: self.flushes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct CountingDisk {
+    inner: Arc<dyn BlockDevice>,
+    pub counters: Arc<DiskCounters>,
+}
+
+impl CountingDisk {
+    pub fn new(inner: Arc<dyn BlockDevice>) -> Self {
+        CountingDisk {
+            inner,
+            counters: Arc::new(DiskCounters::default()),
+        }
+    }
+}
+
+impl BlockDevice for CountingDisk {
+    fn format(&self) -> &'static str {
+        self.inner.format()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn logical_sector_size(&self) -> u32 {
+        self.inner.logical_sector_size()
+    }
+    fn physical_sector_size(&self) -> u32 {
+        self.inner.physical_sector_size()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> disk::Result<()> {
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .read_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> disk::Result<()> {
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .write_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> disk::Result<()> {
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> disk::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> disk::Result<()> {
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
+        self.inner.write_zeroes(offset, len, flags)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> disk::Result<Extent> {
+        self.inner.block_status(offset, len)
+    }
+    fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
+        self.inner.backing()
+    }
+    fn path(&self) -> Option<&Path> {
+        self.inner.path()
+    }
+    fn close(&self) -> disk::Result<()> {
+        self.inner.close()
+    }
+    fn unique_id(&self) -> Option<[u8; 16]> {
+        self.inner.unique_id()
+    }
+    fn parent_link(&self) -> Option<ParentLink> {
+        self.inner.parent_link()
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        self.inner.cluster_size()
+    }
+    fn dirty(&self) -> bool {
+        self.inner.dirty()
+    }
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        self.inner.format_specific()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
