@@ -240,8 +240,10 @@ impl Guest {
     pub fn free_pages(&mut self, pages: Vec<u64>) {
         // Put them back at random positions so later buffers stay scattered.
         for p in pages {
-            let i = self.rng.below(self.free.len() as u64 + 1) as usize;
-            self.free.insert(i.min(self.free.len()), p);
+            self.free.push(p);
+            let last = self.free.len() - 1;
+            let i = self.rng.below(self.free.len() as u64) as usize;
+            self.free.swap(i, last);
         }
     }
 
