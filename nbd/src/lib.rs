@@ -138,7 +138,7 @@ impl Default for ServerConfig {
             workers_per_connection: 8,
             max_inflight_requests: 128,
             max_inflight_bytes: 64 << 20,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             multi_conn: true,
             verbose: false,
