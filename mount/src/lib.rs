@@ -92,6 +92,13 @@ pub enum MountError {
     Session(#[source] io::Error),
     #[error("flushing or closing the disk after unmount failed: {0}")]
     Close(#[source] disk::Error),
+    #[error("the mount process exited before {path} was mounted ({status})")]
+    ServerExited {
+        path: PathBuf,
+        status: std::process::ExitStatus,
+    },
+    #[error("{0} was not mounted within the time limit")]
+    Timeout(PathBuf),
     #[error("cannot install signal handlers: {0}")]
     Signal(#[source] io::Error),
 }
@@ -231,7 +238,9 @@ pub fn mount(
         .collect();
     config.mount_options = vec![
         MountOption::FSName(fsname),
-        MountOption::Subtype("viridian".to_string()),
+        // As a kernel option (not fuser's Subtype, which only renames the source), so that
+        // /proc/mounts lists the type as "fuse.viridian".
+        MountOption::CUSTOM("subtype=viridian".to_string()),
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
         if opts.writable {
@@ -342,6 +351,37 @@ fn serve_until(
         std::mem::forget(s);
     }
     r
+}
+
+/// The type /proc/mounts shows for our mounts.
+pub const FSTYPE: &str = "fuse.viridian";
+
+/// For a CLI that serves in a child process (`viridian mount` without `--foreground` re-runs
+/// itself with `--foreground` as a child): waits until `mountpoint` shows a mount of ours, or
+/// fails when the child exits first (its stderr carries the reason) or `timeout` passes.
+pub fn wait_for_mount(
+    mountpoint: &Path,
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Result<(), MountError> {
+    let path = mountpoint
+        .canonicalize()
+        .unwrap_or_else(|_| mountpoint.to_path_buf());
+    let deadline = Instant::now() + timeout;
+    loop {
+        if mount_entry(&path).as_deref() == Some(FSTYPE) {
+            return Ok(());
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => return Err(MountError::ServerExited { path, status }),
+            Ok(None) => {}
+            Err(source) => return Err(MountError::Mountpoint { path, source }),
+        }
+        if Instant::now() >= deadline {
+            return Err(MountError::Timeout(path));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Unmounts a FUSE mount made by this crate (by any process), like `fusermount3 -u`. The

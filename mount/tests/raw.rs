@@ -300,3 +300,26 @@ fn drop_unmounts_and_closes() {
     assert!(mount::mount_entry(&canon).is_none());
     assert_eq!(c.closes(), 1);
 }
+
+#[test]
+fn wait_for_mount_sees_the_mount_or_the_exit() {
+    if !prerequisites(
+        "wait_for_mount_sees_the_mount_or_the_exit",
+        &["sleep", "false"],
+    ) {
+        return;
+    }
+    let d: Arc<dyn BlockDevice> = Arc::new(RawDisk::memory(MIB).unwrap());
+    let m = Mounted::new(d, &MountOptions::default());
+    let canon = m.dir.path().canonicalize().unwrap();
+    assert_eq!(mount::mount_entry(&canon).as_deref(), Some(mount::FSTYPE));
+    let mut child = Command::new("sleep").arg("5").spawn().unwrap();
+    mount::wait_for_mount(m.dir.path(), &mut child, Duration::from_secs(5)).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("false").spawn().unwrap();
+    let e = mount::wait_for_mount(dir.path(), &mut child, Duration::from_secs(5)).unwrap_err();
+    assert!(matches!(e, MountError::ServerExited { .. }), "{e}");
+}
