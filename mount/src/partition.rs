@@ -846,4 +846,60 @@ mod tests {
         assert!(t.partitions[1].clipped);
         assert_eq!(t.partitions[1].start + t.partitions[1].len, d.size());
     }
+
+    /// Random garbage behind valid signatures never panics, never loops, and every partition
+    /// returned lies inside the disk.
+    #[test]
+    fn random_tables_are_safe() {
+        let mut x = 0x1234_5678_9ABC_DEF0u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..300 {
+            let size = 512 * (64 + next() % 2048);
+            let d = mem(size);
+            let sectors = size / 512;
+            // Random sectors, each with a 55 AA signature and random plausible entries.
+            for i in 0..40 {
+                let lba = if i == 0 { 0 } else { next() % sectors };
+                let mut s = [0u8; 512];
+                for b in s.iter_mut() {
+                    *b = next() as u8;
+                }
+                sig(&mut s);
+                for slot in 0..4 {
+                    let ty = [0x05, 0x0F, 0x83, 0xEE, 0x00][(next() % 5) as usize];
+                    let lba = (next() % (sectors + 10)) as u32;
+                    let count = if next() % 4 == 0 {
+                        u32::MAX
+                    } else {
+                        (next() % sectors) as u32
+                    };
+                    let status = if next() % 2 == 0 { 0 } else { 0x80 };
+                    mbr_entry(&mut s, slot, status, ty, lba, count);
+                }
+                if next() % 3 == 0 {
+                    s[0..8].copy_from_slice(b"EFI PART");
+                }
+                d.write_at(&s, lba * 512).unwrap();
+            }
+            if next() % 2 == 0 {
+                let parts: Vec<(u64, u64, &str)> = (0..(next() % 6))
+                    .map(|_| (next() % (sectors * 2), next() % (sectors * 2), "x"))
+                    .collect();
+                if sectors > 80 {
+                    write_gpt(&d, &parts);
+                }
+            }
+            if let Ok(t) = read_table(&d) {
+                for p in &t.partitions {
+                    assert!(p.len > 0 && p.start + p.len <= size, "{p:?}");
+                }
+                assert!(t.partitions.len() <= 4 + MAX_LOGICAL + 128);
+            }
+        }
+    }
 }
