@@ -1025,9 +1025,13 @@ impl VhdDisk {
     /// Re-links a differencing disk to a new parent (`rebase -u`): parent unique id, time
     /// stamp, name and W2ku/W2ru locators.
     ///
-    /// Order: locator payloads first (in their old space when they fit, else in new space
-    /// appended at the end), flush, then the 1024-byte header, flush. A crash before the header
-    /// write leaves the old link (whose unique id still identifies the old parent).
+    /// Crash order: the new locator payloads go to fresh space appended at the end (the old
+    /// payloads stay intact), flush; then the 1024-byte header, flush. A crash before the
+    /// header write leaves the complete old link. The header spans two sectors, so a torn
+    /// header write can mix old and new halves (the checksum then fails, which we tolerate with
+    /// a warning): the unique id and the locators then name different parents, and opening the
+    /// chain fails with a parent mismatch instead of reading wrong data; `set_parent` again
+    /// repairs it. The old locator space is left unused (a few KiB per rebase).
     pub fn set_parent(&self, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -1066,14 +1070,8 @@ impl VhdDisk {
         ];
         let mut new_locs: [LocatorEntry; 8] = Default::default();
         for (slot, (code, data)) in payloads.iter().enumerate() {
-            let old = h.locators.iter().find(|l| l.code == *code).cloned();
-            let (off, space) = match old {
-                Some(o) if o.space_bytes() >= data.len() as u64 => (o.data_offset, o.space_bytes()),
-                _ => {
-                    let space = (data.len() as u64).div_ceil(4096).max(1) * 4096;
-                    (self.append_space(space)?, space)
-                }
-            };
+            let space = (data.len() as u64).div_ceil(4096).max(1) * 4096;
+            let off = self.append_space(space)?;
             write_all(&*self.storage, data, off, "VHD parent locator data")?;
             new_locs[slot] = LocatorEntry {
                 code: *code,

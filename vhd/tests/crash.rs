@@ -271,3 +271,81 @@ fn compact_crash_at_every_operation() {
         }
     }
 }
+
+/// set_parent: every crash image opens; unless the two-sector header write tore (reported as
+/// a header checksum warning), the parent id and the locators name the same parent.
+#[test]
+fn set_parent_crash_at_every_operation() {
+    let mk = || -> Arc<dyn BlockDevice> {
+        Arc::new(
+            VhdDisk::create_on(
+                Arc::new(MemStorage::new()),
+                &CreateOptions::new(CreateKind::Dynamic, SIZE),
+            )
+            .unwrap(),
+        )
+    };
+    let (a, b) = (mk(), mk());
+    let s = Arc::new(MemStorage::new());
+    let kind = CreateKind::Differencing {
+        parent_path: "/vm/a.vhd".into(),
+        parent: a.clone(),
+    };
+    let d = VhdDisk::create_on(s.clone(), &CreateOptions::new(kind, 0)).unwrap();
+    d.write_at(&[1u8; 4096], 0).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    let base = s.to_vec();
+    let total = {
+        let fs = Arc::new(FaultyStorage::new(base.clone(), FaultPlan::default()));
+        let d = VhdDisk::open(fs.clone(), &OpenOptions::default()).unwrap();
+        d.set_parent(std::path::Path::new("/vm/b.vhd"), &*b)
+            .unwrap();
+        let l = d.parent_link().unwrap();
+        assert_eq!(Some(l.expected_id), b.unique_id());
+        fs.ops()
+    };
+    let mut rng = SplitMix(5);
+    let (ia, ib) = (a.unique_id().unwrap(), b.unique_id().unwrap());
+    let mut seen = [false; 2];
+    for crash_at in 0..=total {
+        let fs = Arc::new(FaultyStorage::new(
+            base.clone(),
+            FaultPlan {
+                crash_at: Some(crash_at),
+                ..Default::default()
+            },
+        ));
+        let d = VhdDisk::open(fs.clone(), &OpenOptions::default()).unwrap();
+        let _ = d.set_parent(std::path::Path::new("/vm/b.vhd"), &*b);
+        drop(d);
+        for _ in 0..6 {
+            let img: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(fs.crash_image(&mut rng)));
+            let d = VhdDisk::open(img.clone(), &OpenOptions::default())
+                .unwrap_or_else(|e| panic!("set_parent crash at {crash_at}: {e}"));
+            let torn = d
+                .info()
+                .warnings
+                .iter()
+                .any(|w| w.contains("header checksum"));
+            let l = d.parent_link().unwrap();
+            let first = l.candidates[0].to_string_lossy().into_owned();
+            if !torn {
+                if l.expected_id == ia {
+                    assert_eq!(first, "a.vhd", "crash at {crash_at}");
+                    seen[0] = true;
+                } else {
+                    assert_eq!(l.expected_id, ib, "crash at {crash_at}");
+                    assert_eq!(first, "b.vhd", "crash at {crash_at}");
+                    seen[1] = true;
+                }
+                let r = vhd::check(img, Repair::None).unwrap();
+                assert_eq!(r.corruptions, 0, "crash at {crash_at}: {r:?}");
+            }
+            let mut buf = [0u8; 4096];
+            d.read_at(&mut buf, 0).unwrap();
+            assert_eq!(buf, [1u8; 4096]);
+        }
+    }
+    assert!(seen[0] && seen[1]);
+}

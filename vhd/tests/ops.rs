@@ -475,3 +475,47 @@ fn write_zeroes_and_discard() {
         ));
     }
 }
+
+/// Rough throughput numbers (not run by default):
+/// `cargo test -p vhd --test ops perf -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn perf_sequential_and_parallel_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("perf.vhd");
+    let size = 256 * MIB;
+    let d = Arc::new(VhdDisk::create(&p, &CreateOptions::new(CreateKind::Dynamic, size)).unwrap());
+    let chunk = common::pattern(MIB as usize, 3);
+    let t = std::time::Instant::now();
+    for i in 0..size / MIB {
+        d.write_at(&chunk, i * MIB).unwrap();
+    }
+    d.flush().unwrap();
+    let w = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..size / MIB {
+        d.read_at(&mut buf, i * MIB).unwrap();
+    }
+    let r = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for k in 0..4u64 {
+            let d = d.clone();
+            s.spawn(move || {
+                let mut b = vec![0u8; 4096];
+                let mut rng = disk::fault::SplitMix(k);
+                for _ in 0..20_000 {
+                    d.read_at(&mut b, rng.below(size / 4096) * 4096).unwrap();
+                }
+            });
+        }
+    });
+    let pr = t.elapsed().as_secs_f64();
+    println!(
+        "dynamic 256 MiB: sequential write {:.0} MiB/s (allocating, 2 fsyncs per 2 MiB block), sequential read {:.0} MiB/s, 4 threads x 20000 random 4 KiB reads: {:.0} IOPS",
+        256.0 / w,
+        256.0 / r,
+        80_000.0 / pr
+    );
+}
