@@ -42,14 +42,14 @@ fn real_main() -> Result<(), Box<dyn std::error::Error>> {
         disk::Access::ReadOnly
     };
     let disk = Arc::new(disk::RawDisk::open(&file, access)?);
-    let export = nbd::Export::new(name, disk)
+    let export = nbd::Export::new(name.clone(), disk)
         .description(format!("raw image {}", file.display()))
         .writable(writable);
     let listen =
         listen.unwrap_or_else(|| nbd::Listen::Tcp("127.0.0.1:10809".parse().expect("address")));
     let server = nbd::Server::new(vec![export], config)?;
     let bound = server.bind(&listen)?;
-    eprintln!("serve_raw: listening on {listen:?}");
+    eprintln!("serve_raw: serving {}", bound.uri(&name));
     bound.run()?;
     Ok(())
 }

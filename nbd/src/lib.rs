@@ -146,6 +146,9 @@ impl Default for ServerConfig {
     }
 }
 
+/// The IANA port for NBD.
+pub const DEFAULT_PORT: u16 = 10809;
+
 /// Where to listen.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Listen {
@@ -154,4 +157,61 @@ pub enum Listen {
     Unix(PathBuf),
     /// A TCP address; port 0 picks a free port ([`BoundServer::local_addr`] tells which).
     Tcp(SocketAddr),
+}
+
+impl Listen {
+    /// The NBD URI (as nbdinfo, nbdcopy and qemu-img take it) of `export` on this address:
+    /// `nbd://HOST:PORT/NAME` or `nbd+unix:///NAME?socket=PATH`. A wildcard TCP address is
+    /// written as loopback.
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            Listen::Tcp(a) => {
+                let ip = match a.ip() {
+                    std::net::IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_string(),
+                    std::net::IpAddr::V4(v) => v.to_string(),
+                    std::net::IpAddr::V6(v) if v.is_unspecified() => "[::1]".to_string(),
+                    std::net::IpAddr::V6(v) => format!("[{v}]"),
+                };
+                format!("nbd://{ip}:{}/{}", a.port(), uri_escape(export.as_bytes()))
+            }
+            Listen::Unix(p) => {
+                use std::os::unix::ffi::OsStrExt;
+                format!(
+                    "nbd+unix:///{}?socket={}",
+                    uri_escape(export.as_bytes()),
+                    uri_escape(p.as_os_str().as_bytes())
+                )
+            }
+        }
+    }
+}
+
+/// Percent-encodes everything but unreserved characters and '/'.
+fn uri_escape(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len());
+    for &c in b {
+        if c.is_ascii_alphanumeric() || b"-._~/".contains(&c) {
+            s.push(c as char);
+        } else {
+            s.push_str(&format!("%{c:02X}"));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        let t = Listen::Tcp("0.0.0.0:10809".parse().unwrap());
+        assert_eq!(t.uri("disk"), "nbd://127.0.0.1:10809/disk");
+        let u = Listen::Unix("/tmp/a b.sock".into());
+        assert_eq!(
+            u.uri("my disk"),
+            "nbd+unix:///my%20disk?socket=/tmp/a%20b.sock"
+        );
+        assert_eq!(u.uri(""), "nbd+unix:///?socket=/tmp/a%20b.sock");
+    }
 }

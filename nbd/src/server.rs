@@ -7,7 +7,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -113,20 +113,20 @@ impl Server {
 
     /// Starts listening. The returned server accepts nobody until [`BoundServer::run`].
     pub fn bind(&self, listen: &Listen) -> Result<BoundServer, Error> {
-        let (listener, unix_path, local_addr) = match listen {
+        let (listener, bound_to) = match listen {
             Listen::Tcp(addr) => {
                 let l = TcpListener::bind(addr)
                     .map_err(|e| Error::io(format!("cannot listen on {addr}"), e))?;
                 let a = l
                     .local_addr()
                     .map_err(|e| Error::io("cannot read the bound address", e))?;
-                (Listener::Tcp(l), None, Some(a))
+                (Listener::Tcp(l), Listen::Tcp(a))
             }
             Listen::Unix(path) => {
                 remove_stale_socket(path)?;
                 let l = UnixListener::bind(path)
                     .map_err(|e| Error::io(format!("cannot listen on {}", path.display()), e))?;
-                (Listener::Unix(l), Some(path.clone()), None)
+                (Listener::Unix(l), Listen::Unix(path.clone()))
             }
         };
         listener
@@ -158,8 +158,7 @@ impl Server {
         Ok(BoundServer {
             shared,
             listener,
-            unix_path,
-            local_addr,
+            listen: bound_to,
             wake_tx: Arc::new(wake_tx),
             wake_rx,
         })
@@ -253,8 +252,7 @@ impl ShutdownHandle {
 pub struct BoundServer {
     shared: Arc<Shared>,
     listener: Listener,
-    unix_path: Option<PathBuf>,
-    local_addr: Option<SocketAddr>,
+    listen: Listen,
     wake_tx: Arc<UnixStream>,
     wake_rx: UnixStream,
 }
@@ -271,7 +269,20 @@ impl BoundServer {
 
     /// The TCP address actually bound (useful with port 0); None for Unix sockets.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.local_addr
+        match self.listen {
+            Listen::Tcp(a) => Some(a),
+            Listen::Unix(_) => None,
+        }
+    }
+
+    /// Where this server listens (with the actual port when bound to port 0).
+    pub fn listen(&self) -> &Listen {
+        &self.listen
+    }
+
+    /// The NBD URI of `export` on this server, for messages ("serving on nbd://...").
+    pub fn uri(&self, export: &str) -> String {
+        self.listen().uri(export)
     }
 
     /// Number of client connections being served right now.
@@ -282,7 +293,7 @@ impl BoundServer {
     /// Runs [`BoundServer::run`] on a new thread.
     pub fn spawn(self) -> Result<RunningServer, Error> {
         let handle = self.shutdown_handle();
-        let local_addr = self.local_addr;
+        let local_addr = self.local_addr();
         let thread = std::thread::Builder::new()
             .name("nbd-accept".into())
             .spawn(move || self.run())
@@ -302,11 +313,11 @@ impl BoundServer {
         let BoundServer {
             shared,
             listener,
-            unix_path,
+            listen,
             ..
         } = self;
         drop(listener);
-        if let Some(p) = &unix_path {
+        if let Listen::Unix(p) = &listen {
             let _ = std::fs::remove_file(p);
         }
         drain_connections(&shared);

@@ -45,6 +45,10 @@ fn tcp_listener_serves_and_stops() {
         .unwrap();
     let addr = bound.local_addr().unwrap();
     assert_ne!(addr.port(), 0);
+    assert_eq!(
+        bound.uri("disk"),
+        format!("nbd://127.0.0.1:{}/disk", addr.port())
+    );
     let stop = bound.shutdown_handle();
     let t = std::thread::spawn(move || bound.run());
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -56,6 +60,10 @@ fn tcp_listener_serves_and_stops() {
         let out = run(std::process::Command::new("nbdinfo")
             .arg("--size")
             .arg(format!("nbd://{addr}/disk")));
+        assert_eq!(out.trim(), "1048576");
+        let out = run(std::process::Command::new("nbdinfo")
+            .arg("--size")
+            .arg(nbd::Listen::Tcp(addr).uri("disk")));
         assert_eq!(out.trim(), "1048576");
     }
     stop.shutdown();
