@@ -323,3 +323,39 @@ fn wait_for_mount_sees_the_mount_or_the_exit() {
     let e = mount::wait_for_mount(dir.path(), &mut child, Duration::from_secs(5)).unwrap_err();
     assert!(matches!(e, MountError::ServerExited { .. }), "{e}");
 }
+
+#[test]
+fn requests_are_at_least_1_mib() {
+    if !prerequisites("requests_are_at_least_1_mib", &[]) {
+        return;
+    }
+    let c = Counting::new(Arc::new(RawDisk::memory(16 * MIB).unwrap()));
+    let opts = MountOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let m = Mounted::new(c.clone(), &opts);
+    // O_DIRECT: each read(2)/write(2) of 4 MiB reaches us in requests of max_pages (1 MiB on
+    // current kernels). Buffers must be aligned for O_DIRECT in general; a Vec<u64> is enough
+    // for FUSE.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.path("disk"))
+        .unwrap();
+    let data = pattern(5, 4 * MIB as usize);
+    f.write_all_at(&data, 4 * MIB).unwrap();
+    let mut back = vec![0u8; 4 * MIB as usize];
+    f.read_exact_at(&mut back, 4 * MIB).unwrap();
+    assert!(back == data);
+    let r = c.max_read.load(std::sync::atomic::Ordering::SeqCst);
+    let w = c.max_write.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(r >= MIB as usize, "largest read request {r}");
+    assert!(w >= MIB as usize, "largest write request {w}");
+    // Buffered sequential reads are large too (readahead).
+    let mut fb = std::fs::File::open(m.path("disk")).unwrap();
+    let mut sink = Vec::new();
+    fb.read_to_end(&mut sink).unwrap();
+    assert_eq!(sink.len() as u64, 16 * MIB);
+}

@@ -281,6 +281,9 @@ pub struct Counting {
     pub inner: Arc<dyn BlockDevice>,
     pub flushes: std::sync::atomic::AtomicUsize,
     pub closes: std::sync::atomic::AtomicUsize,
+    /// Largest single read_at / write_at seen (request sizes that reached the disk).
+    pub max_read: std::sync::atomic::AtomicUsize,
+    pub max_write: std::sync::atomic::AtomicUsize,
 }
 
 impl Counting {
@@ -289,6 +292,8 @@ impl Counting {
             inner,
             flushes: Default::default(),
             closes: Default::default(),
+            max_read: Default::default(),
+            max_write: Default::default(),
         })
     }
     pub fn closes(&self) -> usize {
@@ -310,9 +315,13 @@ impl BlockDevice for Counting {
         self.inner.read_only()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> disk::Result<()> {
+        self.max_read
+            .fetch_max(buf.len(), std::sync::atomic::Ordering::SeqCst);
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> disk::Result<()> {
+        self.max_write
+            .fetch_max(buf.len(), std::sync::atomic::Ordering::SeqCst);
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> disk::Result<()> {
