@@ -53,9 +53,11 @@ impl StorvscDevice {
         }
     }
 
-    /// Sets max_transfer_bytes for QUERY_PROPERTIES (a non-zero multiple of 4096).
+    /// Sets max_transfer_bytes for QUERY_PROPERTIES (rounded to a non-zero multiple of 4096,
+    /// at most [`MAX_REQUEST_BYTES`]) and the matching VPD B0 limit of every LUN.
     pub fn with_max_transfer(mut self, bytes: u32) -> Self {
-        self.max_transfer = (bytes / 4096).max(1) * 4096;
+        self.max_transfer = (bytes.min(MAX_REQUEST_BYTES) / 4096).max(1) * 4096;
+        self.controller.set_max_transfer(self.max_transfer);
         self
     }
 

@@ -691,6 +691,13 @@ impl ScsiController {
         Ok(())
     }
 
+    /// Sets the maximum transfer size (VPD B0) of every LUN.
+    pub fn set_max_transfer(&mut self, bytes: u32) {
+        for d in self.luns.values_mut() {
+            d.max_transfer = bytes.max(d.block_size);
+        }
+    }
+
     pub fn lun(&self, lun: u8) -> Option<&ScsiDisk> {
         self.luns.get(&lun)
     }

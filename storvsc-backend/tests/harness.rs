@@ -90,3 +90,20 @@ fn many_luns_on_one_controller() {
         .collect();
     mixed_workload(disks, 1000, 32, (32, 32), 3);
 }
+
+#[test]
+fn max_transfer_is_reported_consistently() {
+    let d: Vec<Arc<dyn BlockDevice>> = vec![Arc::new(RawDisk::memory(8 << 20).unwrap())];
+    let mut g = Guest::new(server_with_max(&d, Some(1 << 20)), 32 << 20, 5);
+    assert_eq!(g.bring_up(8, 8), 1 << 20);
+    let (p, b) = g.scsi(0, &[0x12, 1, 0xB0, 0, 64, 0], 1, 64, None);
+    assert_good(&p);
+    assert_eq!(u32::from_be_bytes(b[8..12].try_into().unwrap()), 2048);
+    // A full 1 MiB transfer, its pages scattered over guest memory.
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i ^ (i >> 9)) as u8).collect();
+    let (p, _) = g.scsi(0, &cdb_rw16(0x8A, 100, 2048, true), 0, 1 << 20, Some(&data));
+    assert_good(&p);
+    let (p, back) = g.scsi(0, &cdb_rw16(0x88, 100, 2048, false), 1, 1 << 20, None);
+    assert_good(&p);
+    assert!(back == data);
+}

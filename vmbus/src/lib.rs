@@ -5,11 +5,13 @@
 //! events and carries out the [`Action`]s it returns:
 //!
 //! ```text
-//! vCPU exit: HvPostMessage(input GPA)  → read hv_input_post_message (256 B) from guest memory
-//!     status = server.post_message(&mem, connection_id, message_type, &payload[..payload_size])
-//!     put `status` in RAX, then for a in server.take_actions() { vmm.do(a) }
-//! vCPU exit / ioeventfd: HvSignalEvent(connection_id)
-//!     status = server.signal_event(&mem, connection_id)   // drains that channel's ring
+//! vCPU exit: hypercall 0x5C HvPostMessage, RDX = input GPA
+//!     status = server.hv_post_message(&mem, rdx)        // reads hv_input_post_message itself
+//!     (or server.post_message(&mem, connection_id, message_type, payload) if you parsed it)
+//!     RAX = status; then for a in server.take_actions() { vmm.do(a) }
+//! vCPU exit / ioeventfd: hypercall 0x1005D HvSignalEvent (fast), RDX = conn_id | flag << 32
+//!     status = server.hv_signal_event(&mem, rdx)        // = signal_event(&mem, conn_id):
+//!                                                       //   drains that channel's ring
 //!     for a in server.take_actions() { vmm.do(a) }
 //! device finished async work / timer:  server.poll(&mem); take_actions()
 //!

@@ -18,6 +18,7 @@ use crate::ring::{
 /// Hypervisor status codes returned to HvPostMessage / HvSignalEvent.
 pub mod hv_status {
     pub const SUCCESS: u16 = 0;
+    pub const INVALID_ALIGNMENT: u16 = 4;
     pub const INVALID_PARAMETER: u16 = 5;
     pub const INVALID_CONNECTION_ID: u16 = 0x12;
     pub const INSUFFICIENT_BUFFERS: u16 = 0x13;
@@ -330,6 +331,38 @@ impl VmbusServer {
         self.gpadls.clear();
         self.offers_requested = false;
         self.conn = None;
+    }
+
+    /// HvPostMessage (hypercall 0x5C) with its input at guest physical `input_gpa`: reads the
+    /// 256-byte `hv_input_post_message` {u32 connection_id, u32 reserved, u32 message_type,
+    /// u32 payload_size, u8 payload[240]} and calls [`Self::post_message`]. Returns the
+    /// hypercall status for RAX bits 0-15.
+    pub fn hv_post_message(&mut self, mem: &dyn GuestMemory, input_gpa: u64) -> u16 {
+        if input_gpa & 7 != 0 {
+            self.logf(format!(
+                "HvPostMessage input {input_gpa:#x} not 8-byte aligned"
+            ));
+            return hv_status::INVALID_ALIGNMENT;
+        }
+        let mut input = [0u8; 16 + protocol::MAX_MESSAGE_PAYLOAD];
+        if let Err(e) = mem.read(input_gpa, &mut input) {
+            self.logf(format!("HvPostMessage input: {e}"));
+            return hv_status::INVALID_PARAMETER;
+        }
+        let conn = protocol::rd32(&input, 0);
+        let ty = protocol::rd32(&input, 8);
+        let size = protocol::rd32(&input, 12) as usize;
+        if size > protocol::MAX_MESSAGE_PAYLOAD {
+            self.logf(format!("HvPostMessage payload size {size}"));
+            return hv_status::INVALID_PARAMETER;
+        }
+        self.post_message(mem, conn, ty, &input[16..16 + size])
+    }
+
+    /// HvSignalEvent (hypercall 0x5D, fast) with its input register RDX
+    /// (`connection_id | flag_number << 32`). See [`Self::signal_event`].
+    pub fn hv_signal_event(&mut self, mem: &dyn GuestMemory, rdx: u64) -> u16 {
+        self.signal_event(mem, rdx as u32)
     }
 
     /// HvPostMessage from the guest: `connection_id` (low 24 bits used), SynIC message type and

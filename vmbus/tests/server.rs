@@ -286,3 +286,49 @@ fn echo_channel_signalling_and_failure() {
         Message::OpenChannelResult { status, .. } if status != 0
     ));
 }
+
+#[test]
+fn hypercall_entry_points() {
+    let mem = VecMemory::new(1 << 20);
+    let mut s = VmbusServer::new();
+    s.add_device(Box::new(Echo { opened: 0 })).unwrap();
+    // hv_input_post_message at 0x3000: conn 4, type 1, INITIATE_CONTACT.
+    let m = Message::InitiateContact(InitiateContact {
+        version_requested: protocol::version::WIN10_V5_3,
+        target_vcpu: 0,
+        interrupt_page_or_sint: 2,
+        monitor_page1: 0,
+        monitor_page2: 0,
+    })
+    .encode();
+    let mut input = vec![0u8; 256];
+    input[0..4].copy_from_slice(&4u32.to_le_bytes());
+    input[8..12].copy_from_slice(&1u32.to_le_bytes());
+    input[12..16].copy_from_slice(&(m.len() as u32).to_le_bytes());
+    input[16..16 + m.len()].copy_from_slice(&m);
+    mem.write(0x3000, &input).unwrap();
+    assert_eq!(s.hv_post_message(&mem, 0x3000), 0);
+    assert!(matches!(
+        msg(&s.take_actions()[0]),
+        Message::VersionResponse {
+            supported: true,
+            ..
+        }
+    ));
+    assert_eq!(s.hv_post_message(&mem, 0x3004), 4, "alignment");
+    assert_eq!(s.hv_post_message(&mem, (1 << 20) - 8), 5, "outside memory");
+    input[12..16].copy_from_slice(&241u32.to_le_bytes());
+    mem.write(0x3000, &input).unwrap();
+    assert_eq!(s.hv_post_message(&mem, 0x3000), 5, "payload size");
+    // HvSignalEvent for a channel that is offered but not open: accepted, nothing happens.
+    assert_eq!(s.hv_signal_event(&mem, 0x2001), 0);
+    assert_eq!(s.hv_signal_event(&mem, 0x2005 | (1 << 32)), 0x12);
+    assert!(s.take_actions().is_empty());
+}
+
+#[test]
+fn server_can_move_between_threads() {
+    fn is_send<T: Send>() {}
+    is_send::<VmbusServer>();
+    is_send::<VecMemory>();
+}

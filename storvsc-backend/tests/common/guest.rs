@@ -179,6 +179,11 @@ pub fn instance_guid() -> Guid {
 
 /// A server with one storvsc controller whose LUN i is `disks[i]`.
 pub fn server_with(disks: &[Arc<dyn BlockDevice>]) -> VmbusServer {
+    server_with_max(disks, None)
+}
+
+/// Same, with a max transfer size other than the default.
+pub fn server_with_max(disks: &[Arc<dyn BlockDevice>], max: Option<u32>) -> VmbusServer {
     let mut ctl = ScsiController::new();
     for (i, d) in disks.iter().enumerate() {
         ctl.add_lun(
@@ -189,10 +194,12 @@ pub fn server_with(disks: &[Arc<dyn BlockDevice>]) -> VmbusServer {
         )
         .unwrap();
     }
+    let mut dev = StorvscDevice::new(instance_guid(), ctl);
+    if let Some(m) = max {
+        dev = dev.with_max_transfer(m);
+    }
     let mut server = VmbusServer::new();
-    server
-        .add_device(Box::new(StorvscDevice::new(instance_guid(), ctl)))
-        .unwrap();
+    server.add_device(Box::new(dev)).unwrap();
     server
 }
 
