@@ -1185,6 +1185,9 @@ impl VhdDisk {
                         lim = lim.min(l.data_offset);
                     }
                 }
+                if m.header_offset >= h.table_offset {
+                    lim = lim.min(m.header_offset);
+                }
                 lim
             };
             let new_off = if h.table_offset + table.len() as u64 <= limit {

@@ -299,3 +299,63 @@ fn compact_qemu_image_keeps_data_for_qemu() {
     .unwrap();
     assert_eq!((r.corruptions, r.leaks), (0, 0), "{r:?}");
 }
+
+/// Grow a qemu-made dynamic image past what its BAT sector holds (the BAT must move): qemu
+/// reads the new size (CHS rule kept) and the old data.
+#[test]
+fn resize_qemu_image_relocates_bat() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.vhd");
+    let raw = dir.path().join("r.raw");
+    common::run(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "vpc", "-o", "subformat=dynamic"])
+            .arg(&img)
+            .arg("10M"),
+    );
+    common::run(
+        Command::new("qemu-io")
+            .args(["-f", "vpc", "-c", "write -P 0x3c 1M 64k"])
+            .arg(&img),
+    );
+    common::run(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "vpc", "-O", "raw"])
+            .arg(&img)
+            .arg(&raw),
+    );
+    let d = VhdDisk::open_path(&img, &OpenOptions::default()).unwrap();
+    assert_eq!(d.info().size_rule, "chs");
+    d.resize(300 * MIB).unwrap();
+    let new = d.size();
+    assert!(new >= 300 * MIB, "{new}");
+    assert_ne!(d.info().bat_offset, Some(1536), "BAT should have moved");
+    d.write_at(&[0x7e; 4096], new - 4096).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    assert_eq!(qemu_size(&img), new);
+    let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    f.set_len(new).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x7e; 4096], new - 4096).unwrap();
+    drop(f);
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "vpc", "-F", "raw"])
+        .arg(&img)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let r = vhd::check(
+        Arc::new(FileStorage::open(&img, Access::ReadOnly, false).unwrap()),
+        disk::check::Repair::None,
+    )
+    .unwrap();
+    assert_eq!(r.corruptions, 0, "{r:?}");
+}
