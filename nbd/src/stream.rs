@@ -82,14 +82,21 @@ impl Read for Stream {
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
+            // std sends on TCP sockets with MSG_NOSIGNAL already.
             Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+            Stream::Unix(s) => send_nosignal(s.as_raw_fd(), buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => {
+                let first = bufs
+                    .iter()
+                    .find(|b| !b.is_empty())
+                    .map_or(&[][..], |b| &**b);
+                send_nosignal(s.as_raw_fd(), first)
+            }
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -118,6 +125,30 @@ pub(crate) fn enable_keepalive(s: &TcpStream) {
                 &v as *const libc::c_int as *const libc::c_void,
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             );
+        }
+    }
+}
+
+/// `send(2)` with MSG_NOSIGNAL: a peer that has gone away gives EPIPE instead of SIGPIPE,
+/// whatever the process's SIGPIPE disposition (std's UnixStream uses plain `write`).
+fn send_nosignal(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a live, initialised slice for the whole call and the length passed
+        // is its length; `fd` is an open socket owned by the caller's stream.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
