@@ -19,7 +19,7 @@ use vmbus::{Action, VmbusServer};
 fn guest_and_host_threads_qd32() {
     let disk: Arc<dyn BlockDevice> = Arc::new(RawDisk::memory(16 << 20).unwrap());
     let mut model = vec![0u8; 16 << 20];
-    let mut g = Guest::new(server_with(&[disk.clone()]), 64 << 20, 11);
+    let mut g = Guest::new(server_with(std::slice::from_ref(&disk)), 64 << 20, 11);
     g.bring_up(9, 9); // 32 KiB rings: they fill and wrap
     let server = Arc::new(Mutex::new(std::mem::take(&mut g.server)));
     let mem = g.mem.clone();
