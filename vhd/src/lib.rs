@@ -183,6 +183,8 @@ pub(crate) struct Meta {
     pub(crate) footer_checksum_ok: bool,
     pub(crate) copy_matches: bool,
     pub(crate) header_checksum_ok: bool,
+    /// Sector bitmaps are LSB-first (old blktap).
+    pub(crate) bitmap_lsb: bool,
 }
 
 impl Meta {
@@ -454,6 +456,7 @@ pub(crate) fn load(storage: &dyn Storage, rule: SizeRule, strict: bool) -> Resul
         footer_checksum_ok,
         copy_matches,
         header_checksum_ok: true,
+        bitmap_lsb: false,
     };
 
     if kind == DiskType::Fixed {
@@ -624,6 +627,13 @@ pub(crate) fn load(storage: &dyn Storage, rule: SizeRule, strict: bool) -> Resul
                 "parent name contains unpaired UTF-16 surrogates; shown lossily, kept raw".into(),
             );
         }
+    }
+    if &app == b"tap\0" && footer.creator_version == 1 {
+        meta.bitmap_lsb = true;
+        meta.warnings.push(
+            "creator blktap version 0x00000001: sector bitmaps read LSB-first like it wrote them"
+                .into(),
+        );
     }
     meta.errors = errors;
     meta.header = Some(header);
@@ -850,11 +860,11 @@ impl VhdDisk {
             return read_exact(&*self.storage, buf, data + inb, "VHD data block");
         }
         let end = inb + buf.len() as u64;
+        let lsb = m.bitmap_lsb;
         let (first, bm) = self.read_bitmap(entry, inb, end)?;
         let bit = |sector: u64| -> bool {
             let byte = (sector / 8 - first) as usize;
-            bm.get(byte)
-                .is_some_and(|b| b & (0x80 >> (sector % 8)) != 0)
+            bm.get(byte).is_some_and(|b| b & bit_mask(sector, lsb) != 0)
         };
         let mut p = inb;
         while p < end {
@@ -930,7 +940,14 @@ impl VhdDisk {
         }
         let mut bm = vec![0u8; bitmap as usize];
         if self.kind == DiskType::Differencing {
-            set_bits(&mut bm, 0, inb / SECTOR, (inb + data.len() as u64) / SECTOR);
+            let lsb = self.m().bitmap_lsb;
+            set_bits(
+                &mut bm,
+                0,
+                inb / SECTOR,
+                (inb + data.len() as u64) / SECTOR,
+                lsb,
+            );
         } else {
             bm.fill(0xFF);
         }
@@ -981,7 +998,8 @@ impl VhdDisk {
             let end = inb + data.len() as u64;
             let (first, mut bm) = self.read_bitmap(entry, inb, end)?;
             let before = bm.clone();
-            set_bits(&mut bm, first * 8, inb / SECTOR, end / SECTOR);
+            let lsb = self.m().bitmap_lsb;
+            set_bits(&mut bm, first * 8, inb / SECTOR, end / SECTOR, lsb);
             if bm != before {
                 // Data must be durable before the bit that exposes it, or a crash could show
                 // never-written sectors instead of the parent's data.
@@ -1497,12 +1515,22 @@ fn parent_timestamp(parent: &dyn BlockDevice) -> u32 {
 
 /// Sets bitmap bits (MSB-first) for sectors `from..to`; `base` is the sector of bit 7 of
 /// byte 0 of `bm`.
-fn set_bits(bm: &mut [u8], base: u64, from: u64, to: u64) {
+fn set_bits(bm: &mut [u8], base: u64, from: u64, to: u64, lsb: bool) {
     for s in from..to {
         let i = s - base;
         if let Some(b) = bm.get_mut((i / 8) as usize) {
-            *b |= 0x80 >> (i % 8);
+            *b |= bit_mask(i, lsb);
         }
+    }
+}
+
+/// The bit of `sector` within its bitmap byte: MSB-first per the spec; LSB-first for images
+/// from blktap `tap` version 0x00000001 (FORMATS 12.5).
+fn bit_mask(sector: u64, lsb: bool) -> u8 {
+    if lsb {
+        1 << (sector % 8)
+    } else {
+        0x80 >> (sector % 8)
     }
 }
 
@@ -1801,10 +1829,11 @@ impl BlockDevice for VhdDisk {
             });
         }
         let hi = blk_end - blk * bs;
+        let lsb = m.bitmap_lsb;
         let (first, bm) = self.read_bitmap(entry, inb, hi)?;
         let bit = |sector: u64| -> bool {
             bm.get((sector / 8 - first) as usize)
-                .is_some_and(|b| b & (0x80 >> (sector % 8)) != 0)
+                .is_some_and(|b| b & bit_mask(sector, lsb) != 0)
         };
         let present = bit(inb / SECTOR);
         let mut q = (inb / SECTOR + 1) * SECTOR;

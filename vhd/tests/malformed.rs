@@ -432,3 +432,45 @@ fn bat_entry_cap() {
     set_footer_field(&mut v, 48, &(1u64 << 40).to_be_bytes());
     assert!(matches!(open(v).unwrap_err(), Error::Unsupported(_)));
 }
+
+/// blktap `tap\0` version 1 wrote LSB-first bitmaps: read them that way.
+#[test]
+fn blktap_lsb_bitmaps() {
+    let mut v = differencing_image();
+    let d = open(v.clone()).unwrap();
+    let bat = d.info().bat_offset.unwrap() as usize;
+    let e = u32::from_be_bytes(v[bat..bat + 4].try_into().unwrap()) as usize * 512;
+    assert_eq!(v[e], 0x60, "sectors 1 and 2 set, MSB-first");
+    for b in &mut v[e..e + 512] {
+        *b = b.reverse_bits();
+    }
+    // Read as MSB-first, sector 5 now looks present: the quirk matters.
+    assert!(matches!(
+        open(v.clone())
+            .unwrap()
+            .block_status(5 * 512, 512)
+            .unwrap()
+            .allocation,
+        disk::Allocation::Data { .. }
+    ));
+    set_footer_field(&mut v, 28, b"tap\0");
+    set_footer_field(&mut v, 32, &1u32.to_be_bytes());
+    let d = open(v).unwrap();
+    assert!(d.info().warnings.iter().any(|w| w.contains("LSB")));
+    for sector in [0, 5] {
+        assert_eq!(
+            d.block_status(sector * 512, 512).unwrap().allocation,
+            disk::Allocation::Unallocated
+        );
+    }
+    assert!(matches!(
+        d.block_status(512, 1024).unwrap(),
+        disk::Extent {
+            len: 1024,
+            allocation: disk::Allocation::Data { .. }
+        }
+    ));
+    let mut b = [0u8; 1024];
+    d.read_at(&mut b, 512).unwrap();
+    assert_eq!(b, [9u8; 1024]);
+}
