@@ -24,6 +24,10 @@ fn client_hanging_up_mid_reply_does_not_raise_sigpipe() {
         }
         let mut b = [0u8; 1000];
         c.s.read_exact(&mut b).unwrap();
+        // Shutting down our reading side makes the server's next send fail with EPIPE (a
+        // plain close would give ECONNRESET, which raises no signal).
+        c.s.shutdown(std::net::Shutdown::Read).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
         drop(c);
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
