@@ -32,6 +32,25 @@
 //!   device (e.g. `storvsc-backend`) implements. A device sees packets through
 //!   [`ChannelIo`] (guest memory, completions, logging).
 //!
+//! Implementing [`GuestMemory`] in the VMM (vm-memory 0.18, `GuestMemoryMmap`):
+//!
+//! ```text
+//! impl vmbus::GuestMemory for GuestRam {
+//!     fn read(&self, gpa, buf)  -> self.mem.read_slice(buf, GuestAddress(gpa)) mapped to
+//!                                  MemoryError::OutOfRange { gpa, len } on any error
+//!     fn write(&self, gpa, data) -> self.mem.write_slice(data, GuestAddress(gpa)) likewise
+//!     fn check(&self, gpa, len)  -> Ok iff gpa+len does not overflow and
+//!                                  self.mem.check_range(GuestAddress(gpa), len)
+//!     fn read_u32 / write_u32    -> self.mem.load/store::<u32>(.., Ordering::Acquire/Release)
+//!                                  (ring indices must be single aligned accesses)
+//! }
+//! ```
+//!
+//! Threads: the server is `Send` and has no interior locking; put it in a `Mutex`. With one
+//! vCPU the simplest wiring calls everything from the vCPU thread. With an I/O thread, forward
+//! HvSignalEvent (ioeventfd per channel connection id) to it and call `signal_event` there;
+//! HvPostMessage is rare after boot and can lock the same mutex from the vCPU thread.
+//!
 //! Guest errors never panic: malformed messages are logged and dropped (or answered with a
 //! failure status), and a malformed ring stops its channel with [`Action::ChannelFailed`].
 //! Wrap the server in a `Mutex` to share it between vCPU threads and an I/O thread.

@@ -334,8 +334,8 @@ impl VmbusServer {
     }
 
     /// HvPostMessage (hypercall 0x5C) with its input at guest physical `input_gpa`: reads the
-    /// 256-byte `hv_input_post_message` {u32 connection_id, u32 reserved, u32 message_type,
-    /// u32 payload_size, u8 payload[240]} and calls [`Self::post_message`]. Returns the
+    /// 256-byte `hv_input_post_message` (`{u32 connection_id, u32 reserved, u32 message_type,
+    /// u32 payload_size, u8 payload[240]}`) and calls [`Self::post_message`]. Returns the
     /// hypercall status for RAX bits 0-15.
     pub fn hv_post_message(&mut self, mem: &dyn GuestMemory, input_gpa: u64) -> u16 {
         if input_gpa & 7 != 0 {
