@@ -100,7 +100,30 @@ fn exercise(bytes: Vec<u8>) {
         let _ = d.format_specific();
         let _ = d.parent_link();
     }
-    let _ = vhd::check(s, disk::check::Repair::None);
+    let _ = vhd::check(s.clone(), disk::check::Repair::None);
+    // Writable open of a private copy: writes, resize, compact and repair must not panic either.
+    let copy: Vec<u8> = {
+        let n = s.len().unwrap_or(0) as usize;
+        let mut v = vec![0u8; n];
+        let _ = s.read_at(&mut v, 0);
+        v
+    };
+    let w: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(copy));
+    if let Ok(d) = VhdDisk::open(w.clone(), &OpenOptions::default()) {
+        let size = d.size();
+        for off in [0, size / 2, size.saturating_sub(700)] {
+            if off < size {
+                let n = (size - off).min(700) as usize;
+                let _ = d.write_at(&vec![0x5a; n], off);
+            }
+        }
+        let _ = d.flush();
+        let _ = d.resize(size + (1 << 20));
+        let _ = d.compact();
+        drop(d);
+        let _ = VhdDisk::open(w.clone(), &OpenOptions::default());
+    }
+    let _ = vhd::check(w, disk::check::Repair::All);
 }
 
 #[test]
@@ -304,7 +327,12 @@ fn footer_quirks_511_bytes_and_copy_mismatch() {
 fn random_corruption_never_panics() {
     let imgs = [dynamic_image(), differencing_image()];
     let mut rng = SplitMix(0x5eed);
-    for round in 0..300 {
+    // VHD_FUZZ_ROUNDS=20000 for a longer local run.
+    let rounds: usize = std::env::var("VHD_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    for round in 0..rounds {
         let base = &imgs[round % 2];
         let mut v = base.clone();
         let flips = 1 + rng.below(8);
