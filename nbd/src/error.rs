@@ -19,6 +19,10 @@ pub enum Error {
     #[error("export {name:?}: {what} must be at most 4096 bytes without NUL characters")]
     BadString { name: String, what: &'static str },
 
+    /// `writable` was asked for an export whose disk was opened read-only.
+    #[error("export {0:?} is writable but its disk is read-only (open the image read-write)")]
+    ReadOnlyDisk(String),
+
     /// A configuration value out of range.
     #[error("invalid server configuration: {0}")]
     Config(String),

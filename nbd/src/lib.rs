@@ -20,8 +20,8 @@
 //! # Exports
 //!
 //! Each [`Export`] has a name; the empty name selects the export literally named `""` if there
-//! is one, else the first export. Exports are read-only unless [`Export::writable`] is set (and
-//! the disk itself is writable).
+//! is one, else the first export. Exports are read-only unless [`Export::writable`] is set (the
+//! disk must then be writable).
 //!
 //! # Multi-conn
 //!
@@ -79,7 +79,8 @@ pub struct Export {
     /// Free text shown by `nbdinfo` (`NBD_INFO_DESCRIPTION`); may be empty.
     pub description: String,
     pub disk: Arc<dyn disk::BlockDevice>,
-    /// Allow WRITE/TRIM/WRITE_ZEROES. Ignored (treated as false) when the disk is read-only.
+    /// Allow WRITE/TRIM/WRITE_ZEROES. `Server::new` refuses a writable export over a read-only
+    /// disk ([`Error::ReadOnlyDisk`]).
     pub writable: bool,
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::stream::Stream;
 use crate::{Error, Export, Listen, ServerConfig};
 
-/// An export as the connections see it: `writable` already accounts for a read-only disk.
+/// An export as the connections see it.
 #[derive(Debug)]
 pub(crate) struct ExportEntry {
     pub name: String,
@@ -85,6 +85,9 @@ impl Server {
                     });
                 }
             }
+            if e.writable && e.disk.read_only() {
+                return Err(Error::ReadOnlyDisk(e.name.clone()));
+            }
             if exports[..i].iter().any(|o| o.name == e.name) {
                 return Err(Error::DuplicateExport(e.name.clone()));
             }
@@ -145,7 +148,7 @@ impl Server {
                 name: e.name.clone(),
                 description: e.description.clone(),
                 disk: e.disk.clone(),
-                writable: e.writable && !e.disk.read_only(),
+                writable: e.writable,
             })
             .collect();
         let shared = Arc::new(Shared {

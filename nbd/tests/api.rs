@@ -27,6 +27,11 @@ fn configuration_errors_are_typed() {
         nbd::Server::new(vec![mem_export(&"x".repeat(5000))], cfg()),
         Err(nbd::Error::BadString { .. })
     ));
+    let ro = disk::RawDisk::new(Arc::new(disk::MemStorage::with_len(4096)), true).unwrap();
+    assert!(matches!(
+        nbd::Server::new(vec![nbd::Export::new("r", Arc::new(ro)).writable(true)], cfg()),
+        Err(nbd::Error::ReadOnlyDisk(n)) if n == "r"
+    ));
     let bad = nbd::ServerConfig {
         max_request: 100,
         ..cfg()
