@@ -177,6 +177,37 @@ fn dfvfs_bad_checksums_are_warnings() {
     child.attach_parent(parent).unwrap();
     let mut cb = vec![0u8; 104_448];
     child.read_at(&mut cb, 0).unwrap();
+    // Sectors the child's bitmap does not claim read the parent's bytes; claimed ones are
+    // read from the child's own block.
+    let (mut own, mut inherited) = (0, 0);
+    let mut off = 0u64;
+    while off < 104_448 {
+        let e = child.block_status(off, 104_448 - off).unwrap();
+        let r = off as usize..(off + e.len) as usize;
+        match e.allocation {
+            disk::Allocation::Unallocated => {
+                assert_eq!(cb[r.clone()], buf[r], "inherited range at {off}");
+                inherited += e.len;
+            }
+            disk::Allocation::Data {
+                host_offset: Some(h),
+            } => {
+                let mut raw = vec![0u8; e.len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(
+                    &std::fs::File::open(&c).unwrap(),
+                    &mut raw,
+                    h,
+                )
+                .unwrap();
+                assert_eq!(cb[r], raw[..], "own range at {off}");
+                own += e.len;
+            }
+            other => panic!("{other:?}"),
+        }
+        off += e.len;
+    }
+    assert_eq!(own + inherited, 104_448);
+    println!("image-differential.vhd: {own} bytes own, {inherited} inherited");
 
     let s: Arc<dyn Storage> = Arc::new(FileStorage::open(&c, Access::ReadOnly, false).unwrap());
     let r = vhd::check(s, disk::check::Repair::None).unwrap();
