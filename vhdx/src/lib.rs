@@ -737,11 +737,8 @@ impl VhdxDisk {
         if need_data {
             self.data_guid_changed.store(true, Ordering::Release);
         }
-        if !started {
-            let mut wal = lock(&self.wal);
-            wal.sequence = 0;
-            wal.prev = None;
-        }
+        // (Log sequence numbers were reset when the previous session closed; taking the WAL
+        // lock here would invert the WAL -> header lock order.)
         self.session.store(true, Ordering::Release);
         Ok(())
     }

@@ -235,6 +235,44 @@ fn bad_structures_fail_cleanly() {
     .unwrap();
     verify(&d, &[(0, 0xa5)]);
     drop(d);
+    // Disk2vhd style: two identical headers with equal sequence numbers open; differing ones
+    // with equal sequence numbers do not.
+    let mut b = base.bytes.clone();
+    let h2 = b[131072..131072 + 4096].to_vec();
+    b[65536..65536 + 4096].copy_from_slice(&h2);
+    VhdxDisk::open(
+        Arc::new(MemStorage::from_vec(b.clone())),
+        &OpenOptions { read_only: true },
+    )
+    .unwrap();
+    let mut h = Header::parse(&h2, 131072).unwrap();
+    h.log_offset = 2 * MIB;
+    b[65536..65536 + 4096].copy_from_slice(&h.serialize());
+    let e = VhdxDisk::open(
+        Arc::new(MemStorage::from_vec(b)),
+        &OpenOptions { read_only: true },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("differ"), "{e}");
+    // An unknown metadata item marked required is refused with a clear message.
+    let mut b = base.bytes.clone();
+    let meta = VhdxDisk::open(
+        Arc::new(MemStorage::from_vec(b.clone())),
+        &OpenOptions { read_only: true },
+    )
+    .unwrap()
+    .info()
+    .metadata_offset as usize;
+    // Entry 0 (file parameters) gets another GUID: now unknown and required (and the file
+    // parameters item is gone).
+    b[meta + 32] ^= 0x55;
+    let e = VhdxDisk::open(
+        Arc::new(MemStorage::from_vec(b)),
+        &OpenOptions { read_only: true },
+    )
+    .unwrap_err();
+    assert!(matches!(e, disk::Error::Unsupported(_)), "{e}");
+    assert!(e.to_string().contains("required"), "{e}");
     // Corrupt region table 1: table 2 is used.
     let mut b = base.bytes.clone();
     b[196608 + 40] ^= 0xff;
