@@ -37,7 +37,7 @@ fn main() {
             let t = Instant::now();
             for (i, &b) in order.iter().enumerate() {
                 d.write_at(&buf, b * step).unwrap();
-                if (i as u64 + 1) % every == 0 {
+                if (i as u64 + 1).is_multiple_of(every) {
                     d.flush().unwrap();
                 }
             }
