@@ -381,6 +381,11 @@ pub(crate) fn load(storage: &dyn Storage, rule: SizeRule, strict: bool) -> Resul
             footer.features
         ));
     }
+    if footer.saved_state != 0 {
+        warnings.push(
+            "saved-state flag is set: a virtual machine saved its state with this disk".into(),
+        );
+    }
     if footer.version != 0x0001_0000 {
         warnings.push(format!(
             "footer file format version {:#x} (expected 0x10000)",
