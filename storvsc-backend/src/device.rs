@@ -74,12 +74,19 @@ impl StorvscDevice {
         self.version
     }
 
+    /// Completes `pkt` with `resp`, echoing the request's size: 64 bytes (Linux 6.x always
+    /// sends 64), or 52..64 for an older guest's pre-Win8 packet.
     fn complete(io: &mut ChannelIo<'_>, pkt: &IncomingPacket, mut resp: VstorPacket, st: u32) {
         resp.set_u32(off::OPERATION, op::COMPLETE_IO);
         resp.set_u32(off::FLAGS, 0);
         resp.set_u32(off::STATUS, st);
+        let n = if pkt.payload.len() < vstor::VSTOR_PACKET_SIZE_PRE_WIN8 {
+            VSTOR_PACKET_SIZE
+        } else {
+            pkt.payload.len().min(VSTOR_PACKET_SIZE)
+        };
         if pkt.completion_requested() {
-            io.send_completion(pkt.trans_id, &resp.0);
+            io.send_completion(pkt.trans_id, &resp.0[..n]);
         }
     }
 
@@ -268,8 +275,9 @@ impl VmbusDevice for StorvscDevice {
         self.stats.requests += 1;
         let Some(req) = VstorPacket::from_bytes(&pkt.payload) else {
             io.log(format!(
-                "vstor packet of {} bytes (need {VSTOR_PACKET_SIZE})",
-                pkt.payload.len()
+                "vstor packet of {} bytes (need {})",
+                pkt.payload.len(),
+                vstor::VSTOR_PACKET_SIZE_PRE_WIN8
             ));
             self.stats.failed += 1;
             let mut resp = VstorPacket::default();

@@ -7,6 +7,9 @@ use vmbus::Guid;
 
 /// Size of a `vstor_packet` for protocol ≥ 5.1 (Linux always sends this many bytes).
 pub const VSTOR_PACKET_SIZE: usize = 64;
+/// Size of a pre-Win8 `vstor_packet` (its SCSI request lacks the 12-byte Win8 extension).
+/// Accepted and echoed for the init operations of older guests.
+pub const VSTOR_PACKET_SIZE_PRE_WIN8: usize = 52;
 /// Size of the `vmscsi_request` area for protocol ≥ 5.1.
 pub const SCSI_REQUEST_SIZE: u16 = 0x34;
 /// Sense bytes that fit in the request.
@@ -128,10 +131,15 @@ impl Default for VstorPacket {
 }
 
 impl VstorPacket {
-    /// The first 64 bytes of `b`, if there are that many.
+    /// The first 64 bytes of `b`; a pre-Win8 packet (52..64 bytes) is zero-padded. None when
+    /// shorter.
     pub fn from_bytes(b: &[u8]) -> Option<VstorPacket> {
+        if b.len() < VSTOR_PACKET_SIZE_PRE_WIN8 {
+            return None;
+        }
+        let n = b.len().min(VSTOR_PACKET_SIZE);
         let mut p = [0u8; VSTOR_PACKET_SIZE];
-        p.copy_from_slice(b.get(..VSTOR_PACKET_SIZE)?);
+        p[..n].copy_from_slice(&b[..n]);
         Some(VstorPacket(p))
     }
 

@@ -311,6 +311,14 @@ fn bad_vstor_packets_fail_the_request() {
     assert_eq!(d.packet_len, 80);
     assert_eq!(d.vstor.status(), status::INVALID_PARAMETER);
     assert!(logged(&g, "vstor packet of 8 bytes"));
+    // A pre-Win8 sized (52-byte) packet is accepted and its size echoed.
+    let p = VstorPacket::scsi_request((0, 0, 0), &[0, 0, 0, 0, 0, 0], direction::NONE, 0);
+    let pkt = Guest::packet(6, 1, 82, &[], &p.0[..52]);
+    assert!(g.write_raw(&pkt).unwrap());
+    g.signal_host();
+    let d = g.wait(82);
+    assert_eq!(d.packet_len, 16 + 56, "52 bytes padded to 8");
+    assert_good(&d.vstor);
     // Unknown operation and unsupported packet type.
     assert!(g.send_vstor(79, &VstorPacket::new(200, 1), None));
     assert_eq!(g.wait(79).vstor.status(), status::INVALID_DEVICE_REQUEST);
