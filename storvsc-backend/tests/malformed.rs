@@ -203,6 +203,17 @@ fn ring_index_out_of_range_stops_the_channel() {
 }
 
 #[test]
+fn bad_read_index_of_the_host_to_guest_ring_stops_the_channel() {
+    let mut g = ready_guest(33);
+    let ring = g.in_ring.as_ref().unwrap();
+    ring.set(&g.mem, 4, 12); // not 8-byte aligned
+    let p = VstorPacket::scsi_request((0, 0, 0), &[0, 0, 0, 0, 0, 0], direction::NONE, 0);
+    assert!(g.send_vstor(90, &p, None));
+    assert_eq!(g.failures.len(), 1);
+    assert!(g.failures[0].1.contains("read index"), "{:?}", g.failures);
+}
+
+#[test]
 fn packet_longer_than_the_ring_data_stops_the_channel() {
     let mut g = ready_guest(4);
     // A descriptor that claims 4000 bytes when only 24 were written.
