@@ -228,3 +228,67 @@ fn sparse_64g_dynamic_interop() {
         assert!(s.contains(&hex[..8].join(" ")), "at {o}: {s}");
     }
 }
+
+#[test]
+fn we_write_into_qemu_made_images() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (i, sub) in ["dynamic", "fixed"].iter().enumerate() {
+        let img = dir.path().join(format!("w{i}.vhdx"));
+        let raw = dir.path().join(format!("w{i}.raw"));
+        let imgs = img.to_str().unwrap();
+        // qemu's default block_state_zero=on: every dynamic block starts in the ZERO state.
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "vhdx",
+                "-o",
+                &format!("subformat={sub},block_size=2M"),
+                imgs,
+                "30M",
+            ],
+        );
+        run(
+            "qemu-io",
+            &["-f", "vhdx", "-c", "write -P 0x33 1M 3M", imgs],
+        );
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "vhdx",
+                "-O",
+                "raw",
+                imgs,
+                raw.to_str().unwrap(),
+            ],
+        );
+        {
+            let d = VhdxDisk::open_path(&img, &OpenOptions::default()).unwrap();
+            let rf = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+            write_ours(&d, &rf, 77 + i as u64);
+            d.close().unwrap();
+        }
+        let (rc, out) = qemu_check(&img);
+        assert_eq!(rc, 0, "{out}");
+        let out = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "vhdx",
+                "-F",
+                "raw",
+                imgs,
+                raw.to_str().unwrap(),
+            ],
+        );
+        assert!(out.contains("identical"), "{out}");
+    }
+}
