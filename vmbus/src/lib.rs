@@ -17,9 +17,10 @@
 //!
 //! Action::DeliverMessage { vp, sint, message_type, payload } → SIMP slot `sint` of `vp`
 //!     (FIFO per (vp, sint); msg_pending + EOM when the slot is busy), then inject the SINT vector
-//! Action::SignalGuest { vp, sint, relid } → set bit `relid` of the SIEFP page of `vp` at
-//!     sint*256 bytes, then inject the SINT vector
+//! Action::SignalGuest { vp, sint, relid } → set bit `relid` of the event-flags area at byte
+//!     offset sint*256 of `vp`'s SIEFP page (atomic OR), then inject the SINT vector
 //! Action::ChannelFailed { relid, reason } → log it (the guest broke the protocol)
+//! server.take_log() → lines to print (guest errors, protocol events)
 //! ```
 //!
 //! Pieces, usable on their own:
@@ -53,7 +54,6 @@
 //!
 //! Guest errors never panic: malformed messages are logged and dropped (or answered with a
 //! failure status), and a malformed ring stops its channel with [`Action::ChannelFailed`].
-//! Wrap the server in a `Mutex` to share it between vCPU threads and an I/O thread.
 
 pub mod gpadl;
 pub mod guid;
