@@ -240,6 +240,10 @@ impl VmbusDevice for StorvscDevice {
         4096
     }
 
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     fn open(&mut self) -> Result<(), DeviceError> {
         self.state = InitState::Initial;
         self.version = 0;

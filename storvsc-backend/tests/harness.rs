@@ -54,7 +54,17 @@ fn mixed_workload(
         assert!(&v == m);
     }
     assert!(g.failures.is_empty());
-    eprintln!("{st:?}");
+    let dev = g
+        .server
+        .device(g.relid)
+        .and_then(|d| d.as_any())
+        .and_then(|a| a.downcast_ref::<storvsc_backend::StorvscDevice>())
+        .expect("storvsc device");
+    let stats = dev.stats();
+    assert_eq!(stats.failed, 0);
+    assert!(stats.srbs > ops);
+    assert_eq!(dev.protocol_version(), 0x0600);
+    eprintln!("{st:?} {stats:?}");
     st
 }
 

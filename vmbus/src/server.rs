@@ -84,6 +84,10 @@ pub trait VmbusDevice: Send {
         io: &mut ChannelIo<'_>,
         packet: &IncomingPacket,
     ) -> Result<(), DeviceError>;
+    /// For downcasting from [`VmbusServer::device`] (statistics, configuration).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
     /// Called after each batch and from [`VmbusServer::poll`]: complete asynchronous work.
     fn poll(&mut self, io: &mut ChannelIo<'_>) -> Result<(), DeviceError> {
         let _ = io;
@@ -254,6 +258,11 @@ impl VmbusServer {
                 self.send(Message::RescindChannelOffer { child_relid: relid });
             }
         }
+    }
+
+    /// The device behind `relid` (downcast it with [`VmbusDevice::as_any`]).
+    pub fn device(&self, relid: u32) -> Option<&dyn VmbusDevice> {
+        self.channels.get(&relid).map(|c| c.device.as_ref())
     }
 
     /// The negotiated VMBus version, once connected.
