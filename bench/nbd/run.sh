@@ -5,8 +5,9 @@
 #   1. nbdcopy of the whole export to null: (extents on, so holes are skipped)
 #   2. fio 4 KiB random reads through fio's nbd ioengine (when fio has it)
 #
-# Each measurement runs ROUNDS times, alternating servers; the best round counts (the machine
-# is shared, so the best is the least disturbed). Prints a table and the viridian/qemu ratios.
+# Each measurement runs ROUNDS times, alternating servers; the best and the median round are
+# reported (on a shared machine the best is the least disturbed). Server CPU seconds per round
+# are printed too: they are far less noisy than wall time when other jobs compete for the CPUs.
 #
 # Usage: bench/nbd/run.sh [workdir]      env: ROUNDS=3 FIO_RUNTIME=8 SIZE_MIB=2048
 set -euo pipefail
@@ -87,6 +88,8 @@ for r in $(seq "$ROUNDS"); do
     echo "  round $r: viridian $vt s (server cpu $vcpu s), qemu-nbd $qt s (server cpu $qcpu s)"
 done
 VCB=$(printf '%s\n' "${VC[@]}" | best); QCB=$(printf '%s\n' "${QC[@]}" | best)
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+VCM=$(printf '%s\n' "${VC[@]}" | median); QCM=$(printf '%s\n' "${QC[@]}" | median)
 
 fio_once() { # uri -> IOPS
     fio --name=randread --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 \
@@ -105,17 +108,22 @@ if [ "$HAVE_FIO" = 1 ]; then
              "qemu-nbd ${QF[-1]} IOPS (server cpu $(cpu_s "$d0" "$d1") s)"
     done
     VFB=$(printf '%s\n' "${VF[@]}" | bestmax); QFB=$(printf '%s\n' "${QF[@]}" | bestmax)
+    VFM=$(printf '%s\n' "${VF[@]}" | median); QFM=$(printf '%s\n' "${QF[@]}" | median)
 else
     echo "== fio without the nbd engine: skipped"
 fi
 
 echo
 echo "== results (best round; $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg))"
-python3 - "$SIZE_MIB" "$VCB" "$QCB" "${VFB:-}" "${QFB:-}" <<'PY'
+python3 - "$SIZE_MIB" "$VCB" "$QCB" "${VFB:-}" "${QFB:-}" "$VCM" "$QCM" "${VFM:-}" "${QFM:-}" <<'PY'
 import sys
-mib, vc, qc = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
-print(f"nbdcopy  viridian {mib/vc:8.0f} MiB/s ({vc:.3f} s)   qemu-nbd {mib/qc:8.0f} MiB/s ({qc:.3f} s)   ratio {qc/vc:.2f}")
-if sys.argv[4]:
-    vf, qf = int(sys.argv[4]), int(sys.argv[5])
-    print(f"fio 4k   viridian {vf:8d} IOPS               qemu-nbd {qf:8d} IOPS               ratio {vf/qf:.2f}")
+a = sys.argv
+mib = int(a[1])
+for label, vc, qc in (("best  ", a[2], a[3]), ("median", a[6], a[7])):
+    vc, qc = float(vc), float(qc)
+    print(f"nbdcopy {label} viridian {mib/vc:6.0f} MiB/s ({vc:.3f} s)  qemu-nbd {mib/qc:6.0f} MiB/s ({qc:.3f} s)  ratio {qc/vc:.2f}")
+if a[4]:
+    for label, vf, qf in (("best  ", a[4], a[5]), ("median", a[8], a[9])):
+        vf, qf = int(vf), int(qf)
+        print(f"fio 4k  {label} viridian {vf:6d} IOPS              qemu-nbd {qf:6d} IOPS              ratio {vf/qf:.2f}")
 PY
