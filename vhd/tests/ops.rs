@@ -519,3 +519,26 @@ fn perf_sequential_and_parallel_reads() {
         80_000.0 / pr
     );
 }
+
+#[test]
+fn zero_size_images() {
+    for k in [CreateKind::Fixed, CreateKind::Dynamic] {
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        let d = VhdDisk::create_on(s.clone(), &CreateOptions::new(k, 0)).unwrap();
+        assert_eq!(d.size(), 0);
+        d.read_at(&mut [], 0).unwrap();
+        assert!(d.read_at(&mut [0u8; 1], 0).is_err());
+        drop(d);
+        let d = VhdDisk::open(s.clone(), &OpenOptions::default()).unwrap();
+        assert_eq!(d.size(), 0);
+        d.resize(MIB).unwrap();
+        d.write_at(&[1u8; 512], MIB - 512).unwrap();
+        drop(d);
+        let d = VhdDisk::open(s.clone(), &OpenOptions::default()).unwrap();
+        let all = read_all(&d);
+        assert_eq!(all.len() as u64, MIB);
+        assert!(all[MIB as usize - 512..].iter().all(|&b| b == 1));
+        let r = vhd::check(s, Repair::None).unwrap();
+        assert_eq!(r.corruptions, 0, "{r:?}");
+    }
+}
