@@ -33,6 +33,36 @@
 //! connection. That is exactly the condition the spec sets for the flag. Turn it off only for a
 //! `BlockDevice` that breaks the trait's contract (per-caller caches).
 //!
+//! # Errors and hostile clients
+//!
+//! | client does | server answers |
+//! |---|---|
+//! | bad option or request magic, unknown client flags | hard disconnect (that connection only) |
+//! | unknown option; STARTTLS | `NBD_REP_ERR_UNSUP`; `NBD_REP_ERR_POLICY` |
+//! | malformed option data | `NBD_REP_ERR_INVALID` |
+//! | option data over 64 KiB | `NBD_REP_ERR_TOO_BIG` (data skipped up to 1 MiB, else disconnect) |
+//! | unknown export | `NBD_REP_ERR_UNKNOWN` (GO/INFO/meta); disconnect (EXPORT_NAME) |
+//! | handshake not done within [`ServerConfig::handshake_timeout`] | disconnect |
+//! | READ over [`ServerConfig::max_request`] | `EOVERFLOW` (structured), `EINVAL` (simple) |
+//! | WRITE over `max_request` | payload drained, `EINVAL` |
+//! | range past the end | `EINVAL` (READ/TRIM/CACHE/BLOCK_STATUS), `ENOSPC` (WRITE/WRITE_ZEROES) |
+//! | WRITE/TRIM/WRITE_ZEROES on a read-only export | `EPERM` (payload drained) |
+//! | unknown command or command flag; BLOCK_STATUS without a context | `EINVAL` |
+//! | FAST_ZERO together with NO_HOLE | `ENOTSUP` at once (zeroing without holes writes zeros) |
+//! | connection beyond [`ServerConfig::max_connections`] | closed before the greeting |
+//! | disk implementation panics | `EIO` for that request; the connection goes on |
+//!
+//! `FAST_ZERO` without `NO_HOLE` is served with `write_zeroes(may_unmap)`, i.e. treated as fast
+//! because formats deallocate (punch holes, unmap blocks) for it.
+//!
+//! # Shutdown
+//!
+//! [`ShutdownHandle::shutdown`] stops the accept loop; every connection's reading side is then
+//! closed, so each finishes the requests already read and sends their replies. After
+//! [`ServerConfig::shutdown_grace`] stragglers (clients not reading their replies) are cut off.
+//! Finally every export's disk gets [`disk::BlockDevice::close`] (which flushes) and
+//! [`BoundServer::run`] returns, removing the Unix socket file.
+//!
 //! # Concurrency model
 //!
 //! Plain threads, no async runtime: every `BlockDevice` call is synchronous (pread/pwrite and
