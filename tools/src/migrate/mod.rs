@@ -98,6 +98,16 @@ pub fn run(a: Args) -> Result<i32> {
     if !a.apply {
         let r = report::build(&plan, &[], false);
         print_report(&r, a.json)?;
+        if let Ok(avail) = convert::free_space(&settings.to) {
+            if avail < plan.need_bytes {
+                eprintln!(
+                    "viridian: warning: {} has {} free, the migration needs about {}",
+                    settings.to.display(),
+                    human_size(avail),
+                    human_size(plan.need_bytes)
+                );
+            }
+        }
         if plan.undecided() {
             eprintln!(
                 "viridian: a pending undo disk was found: --apply needs --merge-undo or --discard-undo"

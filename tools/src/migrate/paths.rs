@@ -241,7 +241,7 @@ pub fn candidates(
     }
     if let Some(name) = file_name.filter(|n| n != "." && n != "..") {
         push(
-            resolve_components(vmc_dir, &[name.clone()]),
+            resolve_components(vmc_dir, std::slice::from_ref(&name)),
             format!("file name {name:?} in the .vmc's folder"),
         );
     }
