@@ -90,7 +90,7 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
             "log".into(),
         ));
     }
-    for e in &d.regions.entries {
+    for e in &crate::rlock(&d.regions).entries {
         used.push((
             e.offset,
             e.offset + e.length as u64,

@@ -197,7 +197,7 @@ pub struct VhdxDisk {
     read_only: bool,
     overlay: Overlay,
     header: Mutex<HeaderState>,
-    regions: RegionTable,
+    regions: RwLock<RegionTable>,
     meta: RwLock<Metadata>,
     bat: RwLock<Bat>,
     bitmaps: Mutex<Bitmaps>,
@@ -535,7 +535,7 @@ impl VhdxDisk {
             storage,
             read_only,
             overlay,
-            regions: rt,
+            regions: RwLock::new(rt),
             size_cache: AtomicU64::new(meta.virtual_size),
             bat: RwLock::new(Bat {
                 entries,
@@ -648,6 +648,10 @@ impl VhdxDisk {
         self.storage
             .write_at(buf, off)
             .map_err(io_err(format!("cannot write at {off:#x}")))
+    }
+
+    fn rt(&self) -> RwLockReadGuard<'_, RegionTable> {
+        rlock(&self.regions)
     }
 
     fn sflush(&self) -> Result<()> {
@@ -779,11 +783,11 @@ impl VhdxDisk {
                 if first + 512 > bat.entries.len() {
                     // Keep whatever follows the last entry on that page.
                     let mut cur = vec![0u8; PAGE as usize];
-                    self.read_file(&mut cur, self.regions.bat_offset + p * PAGE)?;
+                    self.read_file(&mut cur, self.rt().bat_offset + p * PAGE)?;
                     let keep = (bat.entries.len() - first) * 8;
                     img[keep..].copy_from_slice(&cur[keep..]);
                 }
-                pages.insert(self.regions.bat_offset + p * PAGE, img);
+                pages.insert(self.rt().bat_offset + p * PAGE, img);
             }
             let mut bm = lock(&self.bitmaps);
             let dirty = std::mem::take(&mut bm.dirty);
@@ -1242,8 +1246,8 @@ impl VhdxDisk {
         let item = loc.serialize();
         self.ensure_session(false)?;
         let mut wal = lock(&self.wal);
-        let mo = self.regions.meta_offset;
-        let mlen = self.regions.meta_length as usize;
+        let mo = self.rt().meta_offset;
+        let mlen = self.rt().meta_length as usize;
         let mut region = vec![0u8; mlen];
         self.read_meta_region(&wal, &mut region)?;
         let count = rd16(&region, 10) as usize;
@@ -1295,7 +1299,7 @@ impl VhdxDisk {
     }
 
     fn read_meta_region(&self, wal: &Wal, region: &mut [u8]) -> Result<()> {
-        let mo = self.regions.meta_offset;
+        let mo = self.rt().meta_offset;
         self.read_file(region, mo)?;
         for (o, p) in &wal.raw_dirty {
             if *o >= mo && *o + PAGE <= mo + region.len() as u64 {
@@ -1327,13 +1331,7 @@ impl VhdxDisk {
             )));
         }
         let ng = Geometry::new(new_size, bsz, ls as u32, has_parent);
-        if ng.bat_entries * 8 > self.regions.bat_length as u64 {
-            return Err(Error::Unsupported(format!(
-                "growing to {new_size} needs a BAT of {} bytes; the BAT region holds {} (relocating the BAT is not implemented)",
-                ng.bat_entries * 8,
-                self.regions.bat_length
-            )));
-        }
+        let relocate = ng.bat_entries * 8 > self.rt().bat_length as u64;
         {
             let bat = rlock(&self.bat);
             let og = bat.geo;
@@ -1392,17 +1390,60 @@ impl VhdxDisk {
                 bat.entries[i] = bat_entry(PB_FULLY_PRESENT, off);
             }
         }
-        let pages = (old_len.max(bat.entries.len()) as u64).div_ceil(512);
-        for p in 0..pages {
-            bat.dirty_pages.insert(p);
+        let mut old_bat = None;
+        if relocate {
+            // The BAT outgrows its region: write the whole new table to fresh space at the end
+            // of the file (unreachable until the region tables point at it), then switch both
+            // region tables through the log, in the same entry as the new virtual size.
+            let len = round_up(ng.bat_entries * 8, MIB);
+            if len > u32::MAX as u64 / MIB * MIB {
+                return Err(Error::InvalidArgument(format!(
+                    "a {new_size}-byte disk with {bsz}-byte blocks needs a BAT larger than 4 GiB"
+                )));
+            }
+            let off = self.allocate(&mut wal, len)?;
+            let mut img = vec![0u8; len as usize];
+            for (i, e) in bat.entries.iter().enumerate() {
+                wr64(&mut img, i * 8, *e);
+            }
+            self.write_file(&img, off)?;
+            let mut rt = self.rt().clone();
+            old_bat = Some((rt.bat_offset, rt.bat_length as u64));
+            rt.bat_offset = off;
+            rt.bat_length = len as u32;
+            for e in rt.entries.iter_mut() {
+                if e.guid == GUID_BAT {
+                    e.offset = off;
+                    e.length = len as u32;
+                }
+            }
+            let new_rt = rt.serialize();
+            for at in [RT1_OFFSET, RT2_OFFSET] {
+                let mut cur = vec![0u8; RT_SIZE];
+                self.read_file(&mut cur, at)?;
+                for p in 0..(RT_SIZE as u64 / PAGE) {
+                    let (a, b) = ((p * PAGE) as usize, ((p + 1) * PAGE) as usize);
+                    if cur[a..b] != new_rt[a..b] {
+                        wal.raw_dirty
+                            .insert(at + p * PAGE, new_rt[a..b].to_vec().into_boxed_slice());
+                    }
+                }
+            }
+            *wlock(&self.regions) = rt;
+            bat.dirty_pages.clear();
+        } else {
+            let pages = (old_len.max(bat.entries.len()) as u64).div_ceil(512);
+            for p in 0..pages {
+                bat.dirty_pages.insert(p);
+            }
         }
         // Entries past the new end must read back as zero: extend the table temporarily.
         let keep = bat.entries.len();
         if old_len > keep {
             bat.entries.resize(old_len, 0);
         }
-        let mo = self.regions.meta_offset;
-        let mut region = vec![0u8; self.regions.meta_length as usize];
+        let mo = self.rt().meta_offset;
+        let mut region = vec![0u8; self.rt().meta_length as usize];
         self.read_meta_region(&wal, &mut region)?;
         let count = rd16(&region, 10) as usize;
         for i in 0..count {
@@ -1428,6 +1469,14 @@ impl VhdxDisk {
         r?;
         wlock(&self.meta).virtual_size = new_size;
         self.size_cache.store(new_size, Ordering::Release);
+        if let Some((o, l)) = old_bat {
+            // Once the switch is durable the old table's space can go back to the file system.
+            self.sflush()?;
+            wal.applied_unflushed = false;
+            self.storage
+                .punch_hole(o, l)
+                .map_err(io_err("cannot release the old BAT"))?;
+        }
         Ok(())
     }
 
@@ -1480,7 +1529,7 @@ impl VhdxDisk {
         let data_start = {
             let hs = lock(&self.header);
             let mut s = round_up(hs.current.log_offset + hs.current.log_length as u64, MIB);
-            for e in &self.regions.entries {
+            for e in &self.rt().entries {
                 s = s.max(e.offset + e.length as u64);
             }
             s
@@ -1587,8 +1636,8 @@ impl VhdxDisk {
             log_guid: guid_fmt(&hs.current.log_guid),
             log_offset: hs.current.log_offset,
             log_length: hs.current.log_length,
-            bat_offset: self.regions.bat_offset,
-            metadata_offset: self.regions.meta_offset,
+            bat_offset: self.rt().bat_offset,
+            metadata_offset: self.rt().meta_offset,
             page83: guid_fmt(&meta.page83),
             parent_locator: meta
                 .parent_locator

@@ -427,3 +427,42 @@ fn unique_id_changes_on_first_write_and_close_leaves_log_empty() {
     assert_eq!(d.unique_id(), id1);
     assert_eq!(read(&d, 0, 4096), vec![1u8; 4096]);
 }
+
+#[test]
+fn growing_past_the_bat_region_relocates_the_bat() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.vhdx");
+    let d = VhdxDisk::create(&p, &CreateOptions::new(CreateKind::Dynamic, 16 * MIB)).unwrap();
+    d.write_at(&[4u8; 4096], 5 * MIB).unwrap();
+    let old_bat = d.info().bat_offset;
+    let big = 200u64 << 30;
+    d.resize(big).unwrap();
+    assert_ne!(d.info().bat_offset, old_bat);
+    d.write_at(&[6u8; 4096], big - 4096).unwrap();
+    d.close().unwrap();
+    drop(d);
+    let d = VhdxDisk::open_path(&p, &OpenOptions { read_only: true }).unwrap();
+    assert_eq!(d.size(), big);
+    assert_eq!(read(&d, 5 * MIB, 4096), vec![4u8; 4096]);
+    assert_eq!(read(&d, big - 4096, 4096), vec![6u8; 4096]);
+    assert_eq!(read(&d, 100 << 30, 4096), vec![0u8; 4096]);
+    let rep = vhdx::check(d.storage().clone(), disk::check::Repair::None).unwrap();
+    assert_eq!(rep.corruptions, 0, "{:?}", rep.findings);
+    drop(d);
+    if have_qemu() {
+        let (rc, out) = qemu_check(&p);
+        assert_eq!(rc, 0, "{out}");
+        let out = run(
+            "qemu-io",
+            &[
+                "-f",
+                "vhdx",
+                "-r",
+                "-c",
+                &format!("read -P 6 {} 4096", big - 4096),
+                p.to_str().unwrap(),
+            ],
+        );
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
+}
