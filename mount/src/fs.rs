@@ -55,13 +55,32 @@ impl Node {
 /// What the filesystem reports back to the mount handle when it goes away.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
-    /// Set once the disk has been flushed and closed; holds the first error.
-    pub(crate) closed: Mutex<Option<Result<(), disk::Error>>>,
+    /// Set by the first close (by the session as it ends, or forced by the handle).
+    done: AtomicBool,
+    /// The outcome of that close, until the handle takes it.
+    closed: Mutex<Option<Result<(), disk::Error>>>,
 }
 
 impl Shared {
     pub(crate) fn take_result(&self) -> Option<Result<(), disk::Error>> {
         self.closed.lock().ok().and_then(|mut g| g.take())
+    }
+
+    /// Flushes (when writable) and closes `disk`, once for the whole mount. Returns false when
+    /// it had already been done.
+    pub(crate) fn close_once(&self, disk: &dyn BlockDevice, writable: bool) -> bool {
+        if self.done.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        let mut result = if writable { disk.flush() } else { Ok(()) };
+        let closed = disk.close();
+        if result.is_ok() {
+            result = closed;
+        }
+        if let Ok(mut g) = self.closed.lock() {
+            *g = Some(result);
+        }
+        true
     }
 }
 
@@ -75,7 +94,6 @@ pub(crate) struct DiskFs {
     time: SystemTime,
     /// Writes since the last flush (close-time flush is skipped when clean).
     dirty: AtomicBool,
-    closed: AtomicBool,
     shared: Arc<Shared>,
 }
 
@@ -107,7 +125,6 @@ impl DiskFs {
             gid,
             time: SystemTime::now(),
             dirty: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
             shared,
         }
     }
@@ -201,21 +218,7 @@ impl DiskFs {
 
     /// Flushes and closes the disk once; records the outcome for the mount handle.
     pub(crate) fn shutdown(&self) {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let mut result = if self.writable {
-            self.disk.flush()
-        } else {
-            Ok(())
-        };
-        let closed = self.disk.close();
-        if result.is_ok() {
-            result = closed;
-        }
-        if let Ok(mut g) = self.shared.closed.lock() {
-            *g = Some(result);
-        }
+        self.shared.close_once(self.disk.as_ref(), self.writable);
     }
 }
 

@@ -113,6 +113,7 @@ pub struct MountHandle {
     mountpoint: PathBuf,
     shared: Arc<fs::Shared>,
     disk: Arc<dyn BlockDevice>,
+    writable: bool,
     partitions: Vec<Partition>,
 }
 
@@ -140,7 +141,11 @@ impl MountHandle {
     /// mount then stays up.
     pub fn unmount(&mut self) -> Result<(), MountError> {
         if !self.is_finished() {
-            sys_unmount(&self.mountpoint, false)?;
+            match sys_unmount(&self.mountpoint, false) {
+                // Someone else unmounted it first: the session is ending; wait for it.
+                Ok(()) | Err(MountError::NotMounted(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         self.wait()
     }
@@ -166,9 +171,12 @@ impl MountHandle {
 
     /// Last resort when the session cannot end (files held open after a lazy unmount): flush
     /// and close the disk now. Later requests to the mount fail.
-    fn force_close(&self) -> Result<(), MountError> {
-        let r = self.disk.flush().and_then(|()| self.disk.close());
-        r.map_err(MountError::Close)
+    fn force_close(&mut self) -> Result<(), MountError> {
+        self.shared.close_once(self.disk.as_ref(), self.writable);
+        match self.shared.take_result() {
+            Some(Err(e)) => Err(MountError::Close(e)),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -279,6 +287,7 @@ pub fn mount(
         mountpoint,
         shared,
         disk,
+        writable: opts.writable,
         partitions: parts,
     })
 }
@@ -331,13 +340,18 @@ fn serve_until(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    match handle.unmount() {
-        Err(MountError::Busy(_)) => {}
-        other => return other,
+    match sys_unmount(handle.mountpoint(), false) {
+        Ok(()) => return handle.join(),
+        // Files are still open, or someone detached the mount already (lazily, with files
+        // open): make sure it is detached so no new user can reach it, give the holders a few
+        // seconds, then close the disk ourselves so the image is left clean.
+        Err(MountError::Busy(_)) | Err(MountError::NotMounted(_)) => {}
+        Err(e) => return Err(e),
     }
-    // Files are still open: detach the mount so no new user can reach it, give the holders a
-    // few seconds, then close the disk ourselves so the image is left clean.
-    sys_unmount(handle.mountpoint(), true)?;
+    match sys_unmount(handle.mountpoint(), true) {
+        Ok(()) | Err(MountError::NotMounted(_)) => {}
+        Err(e) => return Err(e),
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
     while !handle.is_finished() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -442,6 +456,9 @@ fn sys_unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
         return Ok(());
     }
     let detail = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if detail.contains("not found") || detail.contains("not mounted") {
+        return Err(MountError::NotMounted(path.to_path_buf()));
+    }
     if detail.contains("busy") {
         return Err(MountError::Busy(path.to_path_buf()));
     }
