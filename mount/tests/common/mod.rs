@@ -29,6 +29,11 @@ pub fn prerequisites(test: &str, tools: &[&str]) -> bool {
             missing.push(format!("tool {t}"));
         }
     }
+    // Loop mounts need root.
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    if tools.contains(&"mount") && unsafe { libc::geteuid() } != 0 {
+        missing.push("root (for loop mounts)".to_string());
+    }
     if missing.is_empty() {
         return true;
     }
