@@ -334,3 +334,25 @@ fn migrate_broken_chain_is_a_clear_error() {
     assert!(e.contains("parent chain"), "{e}");
     assert!(!to.exists());
 }
+
+#[test]
+fn migrate_relative_vmc_and_target_paths_from_the_current_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let fx = fixtures::make(t.path(), &fixtures::Options::new("rel")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .current_dir(&fx.vm_dir)
+        .args([
+            "migrate",
+            "rel.vmc",
+            "--to",
+            "../out",
+            "--merge-undo",
+            "--apply",
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let d = open(&t.path().join("out").join("rel-disk0.vhdx"));
+    assert_eq!(read_all(d.as_ref()), fx.merged_view);
+}

@@ -371,6 +371,20 @@ mod tests {
     }
 
     #[test]
+    fn two_undo_disks_for_one_disk_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let fx = fixtures::make(t.path(), &fixtures::Options::new("twice")).unwrap();
+        std::fs::copy(fx.vud.as_ref().unwrap(), fx.vm_dir.join("copy.vud")).unwrap();
+        let e = plan::build(
+            &settings(&fx, &t.path().join("out"), UndoChoice::Merge, &[]),
+            vmc::load(&fx.vmc).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("2 undo disks"), "{e}");
+    }
+
+    #[test]
     fn apply_converts_keeps_sources_and_refuses_to_overwrite() {
         let t = tempfile::tempdir().unwrap();
         let mut o = fixtures::Options::new("winxp");
@@ -506,6 +520,67 @@ mod tests {
             common::one_line(&e).contains("not a readable .vmc"),
             "{e:#}"
         );
+    }
+
+    /// Reads fail after the first MiB: a disk that dies mid-conversion.
+    #[derive(Debug)]
+    struct DyingDisk(Arc<dyn BlockDevice>);
+
+    impl BlockDevice for DyingDisk {
+        fn format(&self) -> &'static str {
+            "raw"
+        }
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_only(&self) -> bool {
+            true
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> disk::Result<()> {
+            if offset >= 1 << 20 {
+                return Err(disk::Error::InvalidArgument("injected read failure".into()));
+            }
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> disk::Result<()> {
+            Err(disk::Error::ReadOnly)
+        }
+        fn flush(&self) -> disk::Result<()> {
+            Ok(())
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    #[test]
+    fn a_failure_mid_conversion_removes_every_output() {
+        let t = tempfile::tempdir().unwrap();
+        let fx = fixtures::make(t.path(), &fixtures::Options::new("dies")).unwrap();
+        let to = t.path().join("out");
+        let st = settings(&fx, &to, UndoChoice::Merge, &[]);
+        let mut p = plan::build(&st, vmc::load(&fx.vmc).unwrap()).unwrap();
+        let inner = p.disks[0].view.take().unwrap();
+        p.disks[0].view = Some(Arc::new(DyingDisk(inner)));
+        let a = args(&[fx.vmc.to_str().unwrap(), "--to", to.to_str().unwrap(), "-q"]);
+        let e = apply(&a, &st, &p).unwrap_err();
+        assert!(
+            common::one_line(&e).contains("injected read failure"),
+            "{e:#}"
+        );
+        assert!(
+            !to.exists(),
+            "the partial output and the directory made for it are gone"
+        );
+        // An existing target directory stays, emptied of what this run wrote.
+        std::fs::create_dir(&to).unwrap();
+        std::fs::write(to.join("unrelated.txt"), b"keep").unwrap();
+        assert!(apply(&a, &st, &p).is_err());
+        let left: Vec<_> = std::fs::read_dir(&to)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["unrelated.txt"]);
     }
 
     #[test]
