@@ -184,7 +184,7 @@ fn crash_at_every_operation() {
             MIB as u32
         };
         // Every other workload runs on a differencing child (sector bitmaps through the log).
-        let diff = seed % 2 == 0;
+        let diff = seed.is_multiple_of(2);
         let (img0, parent) = base_image(bs, diff);
         let base = open(Arc::new(MemStorage::from_vec(img0.clone())), true, &parent);
         // Count the operations of a clean run.
