@@ -134,13 +134,22 @@ pub fn parse(bytes: &[u8], name: &str) -> Result<Vmc> {
         (Bus::Ide, "ide_adapter", "ide_controller"),
         (Bus::Scsi, "scsi_adapter", "scsi_controller"),
     ] {
-        let adapters = [
-            pci.and_then(|p| p.child(adapter)),
-            hw.and_then(|h| h.child(adapter)),
-        ];
-        for ad in adapters.into_iter().flatten() {
-            for (ci, ctl) in ad.children_named(controller).enumerate() {
-                let channel = id_of(ctl, ci, &mut warnings);
+        let adapters = pci
+            .into_iter()
+            .chain(hw)
+            .flat_map(|parent| parent.children_named(adapter));
+        for (ai, ad) in adapters.enumerate() {
+            // Usually adapter/controller[id]/location[id]; some files put the locations
+            // directly under an adapter[id].
+            let mut controllers: Vec<(u32, &Element)> = ad
+                .children_named(controller)
+                .enumerate()
+                .map(|(ci, c)| (id_of(c, ci, &mut warnings), c))
+                .collect();
+            if controllers.is_empty() && ad.child("location").is_some() {
+                controllers.push((id_of(ad, ai, &mut warnings), ad));
+            }
+            for (channel, ctl) in controllers {
                 for (li, loc) in ctl.children_named("location").enumerate() {
                     let slot = id_of(loc, li, &mut warnings);
                     if let Some(d) = drive(bus, channel, slot, loc, &mut warnings) {
@@ -378,6 +387,19 @@ mod tests {
         assert_eq!(s.undo_absolute.as_deref(), Some("\\\\nas\\vms\\db.vud"));
         assert_eq!(v.nics[0].mac, None);
         assert_eq!(v.undo, UndoSettings::default());
+    }
+
+    #[test]
+    fn locations_directly_under_an_adapter() {
+        let doc = r#"<preferences><hardware><pci_bus>
+<scsi_adapter id="1"><location id="2"><pathname><absolute>E:\\d.vhd</absolute></pathname></location></scsi_adapter>
+</pci_bus></hardware></preferences>"#;
+        let v = parse(doc.as_bytes(), "x").unwrap();
+        assert_eq!(v.drives.len(), 1);
+        assert_eq!(
+            (v.drives[0].bus, v.drives[0].channel, v.drives[0].slot),
+            (Bus::Scsi, 1, 2)
+        );
     }
 
     #[test]
