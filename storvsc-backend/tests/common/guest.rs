@@ -171,6 +171,8 @@ pub struct Guest {
     pub done: HashMap<u64, Done>,
     pub unsolicited: Vec<Done>,
     pub mem_pages: u64,
+    /// Time spent inside the host's signal_event (the host side of the I/O path).
+    pub host_time: std::time::Duration,
 }
 
 pub fn instance_guid() -> Guid {
@@ -235,6 +237,7 @@ impl Guest {
             done: HashMap::new(),
             unsolicited: Vec::new(),
             mem_pages: pages,
+            host_time: std::time::Duration::ZERO,
         }
     }
 
@@ -431,7 +434,9 @@ impl Guest {
 
     pub fn signal_host(&mut self) {
         self.host_signals_sent += 1;
+        let t = std::time::Instant::now();
         let st = self.server.signal_event(&*self.mem, 0x2000 + self.relid);
+        self.host_time += t.elapsed();
         assert_eq!(st, 0);
         self.process_actions();
     }
