@@ -91,6 +91,8 @@ pub struct VhdxInfo {
     pub leave_blocks_allocated: bool,
     pub chunk_ratio: u64,
     pub header_sequence: u64,
+    /// Sequence numbers of header 1 and header 2 (None where that copy is invalid).
+    pub header_sequences: [Option<u64>; 2],
     pub file_write_guid: String,
     pub data_write_guid: String,
     pub log_guid: String,
@@ -1606,6 +1608,14 @@ impl VhdxDisk {
     }
 
     pub fn info(&self) -> VhdxInfo {
+        let both = read_headers(&*self.storage)
+            .map(|(_, b)| {
+                [
+                    b[0].as_ref().map(|h| h.sequence),
+                    b[1].as_ref().map(|h| h.sequence),
+                ]
+            })
+            .unwrap_or([None, None]);
         let hs = lock(&self.header);
         let meta = rlock(&self.meta);
         let bat = rlock(&self.bat);
@@ -1631,6 +1641,7 @@ impl VhdxDisk {
             leave_blocks_allocated: meta.leave_blocks_allocated,
             chunk_ratio: bat.geo.chunk_ratio,
             header_sequence: hs.current.sequence,
+            header_sequences: both,
             file_write_guid: guid_fmt(&hs.current.file_write_guid),
             data_write_guid: guid_fmt(&hs.current.data_write_guid),
             log_guid: guid_fmt(&hs.current.log_guid),
