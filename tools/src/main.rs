@@ -13,8 +13,10 @@ mod cmd_info;
 mod cmd_io;
 mod cmd_map;
 mod cmd_measure;
+mod cmd_mount;
 mod cmd_rebase;
 mod cmd_resize;
+mod cmd_serve;
 mod cmd_undo;
 mod common;
 mod progress;
@@ -63,6 +65,12 @@ enum Command {
     Io(cmd_io::Args),
     /// List, show, commit or discard undo disks (.vud).
     Undo(cmd_undo::Args),
+    /// Expose an image (and its partitions) as files through FUSE.
+    Mount(cmd_mount::Args),
+    /// Unmount a `viridian mount`.
+    Unmount(cmd_mount::UnmountArgs),
+    /// Serve images over NBD.
+    Serve(cmd_serve::Args),
 }
 
 fn main() {
@@ -83,6 +91,9 @@ fn main() {
         Command::Snapshot(a) => cmd_create::run_snapshot(a),
         Command::Io(a) => cmd_io::run(a),
         Command::Undo(a) => cmd_undo::run(a),
+        Command::Mount(a) => cmd_mount::run(a),
+        Command::Unmount(a) => cmd_mount::run_unmount(a),
+        Command::Serve(a) => cmd_serve::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

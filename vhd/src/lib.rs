@@ -1817,9 +1817,16 @@ impl BlockDevice for VhdDisk {
             while b * bs < end && m.bat.get(b as usize).copied() == Some(UNALLOCATED) {
                 b += 1;
             }
+            // A dynamic disk defines unallocated blocks as zeros (qemu-img map reports them
+            // present+zero); only a differencing disk defers them to its parent.
+            let allocation = if self.kind == DiskType::Dynamic {
+                Allocation::Zero
+            } else {
+                Allocation::Unallocated
+            };
             return Ok(Extent {
                 len: (b * bs).min(end) - offset,
-                allocation: Allocation::Unallocated,
+                allocation,
             });
         }
         let inb = offset % bs;

@@ -52,7 +52,7 @@ fn ext2_qemu_dynamic_uses_chs() {
     );
     assert_eq!(e.len, 2 << 20);
     let e = d.block_status(2 << 20, d.size() - (2 << 20)).unwrap();
-    assert_eq!(e.allocation, disk::Allocation::Unallocated);
+    assert_eq!(e.allocation, disk::Allocation::Zero);
     assert!(d.parent_link().is_none());
     let fs = d.format_specific().unwrap();
     assert_eq!(fs["size_rule"], "chs");

@@ -1,0 +1,197 @@
+//! `viridian mount` / `viridian unmount`: a FUSE view of an image (whole disk and partitions).
+//!
+//! Without `--foreground` the command starts itself again in the foreground as a detached
+//! process (its own process group, so a terminal's Ctrl-C does not reach it), waits until the
+//! mount is up, and returns; the server runs until `viridian unmount` (or `fusermount3 -u`).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use chain::OpenOptions;
+
+use crate::common::{self, SizeRuleArg};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UndoEnd {
+    Commit,
+    Discard,
+    /// Ask on the terminal at unmount (foreground only); otherwise discard.
+    Ask,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Allow writes (through to the image, or to the undo child with --undo).
+    #[arg(long)]
+    rw: bool,
+    /// Send writes to a throwaway child; commit or discard it at unmount (implies --rw).
+    #[arg(long)]
+    undo: bool,
+    /// What to do with the undo child at unmount.
+    #[arg(long = "undo-end", value_enum, default_value_t = UndoEnd::Ask)]
+    undo_end: UndoEnd,
+    /// Expose one file per partition (p1, p2, ...).
+    #[arg(long)]
+    partitions: bool,
+    /// Stay in the foreground until unmounted (or SIGTERM/SIGINT).
+    #[arg(long)]
+    foreground: bool,
+    /// Request-handling threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Let other users access the mount.
+    #[arg(long = "allow-other")]
+    allow_other: bool,
+    /// Use this file as the parent (moved chains).
+    #[arg(long)]
+    parent: Option<PathBuf>,
+    image: PathBuf,
+    mountpoint: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    mount::check_fuse().context("cannot mount")?;
+    mount::check_mountpoint(&a.mountpoint).context("cannot mount")?;
+    if !a.foreground {
+        return spawn_background(&a);
+    }
+    let writable = a.rw || a.undo;
+    let mut opts = if writable && !a.undo {
+        OpenOptions::read_write()
+    } else {
+        OpenOptions::read_only()
+    };
+    opts.parent_override = a.parent.clone();
+    if let Some(f) = &a.format {
+        opts.format = Some(common::parse_format(f)?);
+    }
+    let mopts = mount::MountOptions {
+        writable,
+        partitions: a.partitions,
+        allow_other: a.allow_other,
+        threads: a.threads,
+        fsname: Some(a.image.display().to_string()),
+    };
+    if a.undo {
+        let undo = chain::UndoDisk::open(&a.image, &opts, None)
+            .with_context(|| format!("cannot open {} in undo mode", a.image.display()))?;
+        let served = mount::run_foreground(undo.disk(), &a.mountpoint, &mopts);
+        let end = match a.undo_end {
+            UndoEnd::Ask if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() => {
+                eprint!("Commit the changes into {}? [y/N] ", a.image.display());
+                let mut line = String::new();
+                let _ = std::io::stdin().read_line(&mut line);
+                if line.trim().eq_ignore_ascii_case("y") || line.trim().eq_ignore_ascii_case("yes")
+                {
+                    UndoEnd::Commit
+                } else {
+                    UndoEnd::Discard
+                }
+            }
+            UndoEnd::Ask => UndoEnd::Discard,
+            other => other,
+        };
+        if served.is_err() && end == UndoEnd::Commit {
+            // Never merge changes from a session that ended in an error.
+            undo.discard()?;
+            served.context("mount failed; the undo changes were discarded")?;
+            return Ok(1);
+        }
+        served.context("mount failed")?;
+        match end {
+            UndoEnd::Commit => {
+                let n = undo
+                    .commit(&mut |_| {})
+                    .context("cannot commit the undo changes")?;
+                eprintln!("viridian: committed {n} bytes into {}", a.image.display());
+            }
+            _ => {
+                undo.discard()?;
+                eprintln!(
+                    "viridian: undo changes discarded; {} is unchanged",
+                    a.image.display()
+                );
+            }
+        }
+        return Ok(0);
+    }
+    let disk = common::open_with(&a.image, None, SizeRuleArg::Auto, opts)?;
+    mount::run_foreground(disk, &a.mountpoint, &mopts).context("mount failed")?;
+    Ok(0)
+}
+
+fn spawn_background(a: &Args) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("cannot find our own executable")?;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    if a.undo && a.undo_end == UndoEnd::Ask {
+        // Nobody is there to answer at unmount.
+        args.push("--undo-end".into());
+        args.push("discard".into());
+    }
+    // The server's messages go to a log file: holding our stderr open would keep anyone who
+    // reads our output (a script, a test) waiting until the mount ends.
+    let log_path = std::env::temp_dir().join(format!(
+        "viridian-mount-{}-{}.log",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    ));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the mount process")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if mount::mount_entry(&a.mountpoint).is_some() {
+            return Ok(0);
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let _ = std::fs::remove_file(&log_path);
+            let reason = log
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| l.trim_start_matches("viridian: ").to_string())
+                .unwrap_or_else(|| format!("the mount process exited ({status})"));
+            bail!("{reason}");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "timed out waiting for {} to be mounted",
+                a.mountpoint.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[derive(clap::Args)]
+pub struct UnmountArgs {
+    /// Detach now even if files are open (lazy unmount).
+    #[arg(short = 'z', long)]
+    lazy: bool,
+    mountpoint: PathBuf,
+}
+
+pub fn run_unmount(a: UnmountArgs) -> Result<i32> {
+    mount::unmount_with(&a.mountpoint, a.lazy)
+        .with_context(|| format!("cannot unmount {}", a.mountpoint.display()))?;
+    Ok(0)
+}
