@@ -366,3 +366,19 @@ fn requests_are_at_least_1_mib() {
         assert!(r >= MIB as usize, "largest buffered read request {r}");
     }
 }
+
+#[test]
+fn unmount_by_path_ends_the_session() {
+    if !prerequisites("unmount_by_path_ends_the_session", &[]) {
+        return;
+    }
+    let c = Counting::new(Arc::new(RawDisk::memory(MIB).unwrap()));
+    let mut m = Mounted::new(c.clone(), &MountOptions::default());
+    // What `viridian unmount MOUNTPOINT` does from another process.
+    mount::unmount(m.dir.path()).unwrap();
+    let h = m.handle.take().unwrap();
+    h.join().unwrap();
+    assert_eq!(c.closes(), 1);
+    let e = mount::unmount(m.dir.path()).unwrap_err();
+    assert!(matches!(e, MountError::NotMounted(_)), "{e}");
+}
