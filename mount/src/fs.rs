@@ -94,6 +94,8 @@ pub(crate) struct DiskFs {
     time: SystemTime,
     /// Writes since the last flush (close-time flush is skipped when clean).
     dirty: AtomicBool,
+    /// The kernel handshake happened (a failed mount must not close the caller's disk).
+    started: AtomicBool,
     shared: Arc<Shared>,
 }
 
@@ -125,6 +127,7 @@ impl DiskFs {
             gid,
             time: SystemTime::now(),
             dirty: AtomicBool::new(false),
+            started: AtomicBool::new(false),
             shared,
         }
     }
@@ -282,6 +285,7 @@ impl Filesystem for DiskFs {
         if let Err(max) = config.set_max_readahead(u32::MAX) {
             let _ = config.set_max_readahead(max);
         }
+        self.started.store(true, Ordering::SeqCst);
         // max_write stays at fuser's 16 MiB; the kernel clamps requests to max_pages (1 MiB on
         // current kernels), which fuser requests when the kernel offers FUSE_MAX_PAGES.
         Ok(())
@@ -617,6 +621,9 @@ impl Filesystem for DiskFs {
 
 impl Drop for DiskFs {
     fn drop(&mut self) {
-        self.shutdown();
+        // fuser calls destroy() when a session ends; this covers sessions that end otherwise.
+        if self.started.load(Ordering::SeqCst) {
+            self.shutdown();
+        }
     }
 }

@@ -204,7 +204,9 @@ impl Drop for MountHandle {
     }
 }
 
-/// Mounts `disk` on `mountpoint` and serves it from background threads.
+/// Mounts `disk` on `mountpoint` and serves it from background threads. When this fails the
+/// disk is left open (the caller still owns it); once mounted, the mount closes it when it goes
+/// away.
 pub fn mount(
     disk: Arc<dyn BlockDevice>,
     mountpoint: &Path,
