@@ -382,3 +382,51 @@ fn unmount_by_path_ends_the_session() {
     let e = mount::unmount(m.dir.path()).unwrap_err();
     assert!(matches!(e, MountError::NotMounted(_)), "{e}");
 }
+
+/// Not a test on its own: when VIRIDIAN_STALE_HELPER names a directory, mounts a RAM disk there
+/// and sleeps, so `stale_mount_is_reported` can SIGKILL this process and leave a stale mount.
+#[test]
+fn stale_helper() {
+    let Some(dir) = std::env::var_os("VIRIDIAN_STALE_HELPER") else {
+        return;
+    };
+    let d: Arc<dyn BlockDevice> = Arc::new(RawDisk::memory(MIB).unwrap());
+    let _h = mount::mount(d, std::path::Path::new(&dir), &MountOptions::default()).unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn stale_mount_is_reported() {
+    if !prerequisites("stale_mount_is_reported", &["umount"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let canon = dir.path().canonicalize().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "stale_helper", "--nocapture", "--test-threads=1"])
+        .env("VIRIDIAN_STALE_HELPER", &canon)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Cleanup<'a>(&'a std::path::Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            if mount::mount_entry(self.0).is_some() {
+                let _ = Command::new("umount").arg("-l").arg(self.0).status();
+            }
+        }
+    }
+    let _cleanup = Cleanup(&canon);
+    let r = mount::wait_for_mount(&canon, &mut child, Duration::from_secs(20));
+    let _ = child.kill(); // SIGKILL: the FUSE connection dies, the mount stays
+    let _ = child.wait();
+    r.unwrap();
+    let d: Arc<dyn BlockDevice> = Arc::new(RawDisk::memory(MIB).unwrap());
+    let e = mount::mount(d, &canon, &MountOptions::default()).unwrap_err();
+    assert!(matches!(e, MountError::StaleMount(_)), "{e}");
+    assert!(e.to_string().contains("fusermount3 -u"), "{e}");
+    // unmount() cleans it up.
+    mount::unmount(&canon).unwrap();
+    assert!(mount::mount_entry(&canon).is_none());
+}
