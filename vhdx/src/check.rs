@@ -68,6 +68,42 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
             return Ok(r);
         }
     };
+    // Both region tables should be valid and agree; open used the first good one.
+    let file_len0 = storage
+        .len()
+        .map_err(|e| Error::io("cannot get file length", e))?;
+    let mut rts: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+    for at in [RT1_OFFSET, RT2_OFFSET] {
+        let mut b = vec![0u8; RT_SIZE];
+        let ok = storage.read_at(&mut b, at).is_ok()
+            && RegionTable::parse(&b, at, file_len0.max(1 << 40)).is_ok();
+        rts.push((at, ok.then_some(b)));
+    }
+    let good = rts.iter().find_map(|(_, b)| b.clone());
+    for (i, (at, b)) in rts.iter().enumerate() {
+        let differs = matches!((b, &good), (Some(x), Some(g)) if x != g);
+        if b.is_none() || differs {
+            r.corruption(format!(
+                "region table {} at {at:#x} is {}",
+                i + 1,
+                if differs {
+                    "different from the other copy"
+                } else {
+                    "invalid"
+                }
+            ));
+            if repair == Repair::All {
+                if let Some(g) = &good {
+                    if storage.write_at(g, *at).is_ok() && storage.flush().is_ok() {
+                        r.corruptions_fixed += 1;
+                        if let Some(f) = r.findings.last_mut() {
+                            f.fixed = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
     if replay_rw {
         r.corruptions_fixed += 1;
         if let Some(f) = r.findings.iter_mut().find(|f| f.kind == "corruption") {
@@ -185,14 +221,9 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
         r.leak(format!(
             "{leaked} bytes of file space are allocated but referenced by nothing"
         ));
-        if repair != Repair::None && file_len > round_up_mib(end) && d.read_only {
+        if repair != Repair::None && file_len > round_up_mib(end) {
             drop(d);
             // Only the tail can be returned without moving blocks.
-            if storage.set_len(round_up_mib(end)).is_ok() && storage.flush().is_ok() {
-                r.leaks_fixed += 1;
-            }
-        } else if repair != Repair::None && file_len > round_up_mib(end) {
-            drop(d);
             if storage.set_len(round_up_mib(end)).is_ok() && storage.flush().is_ok() {
                 r.leaks_fixed += 1;
             }

@@ -281,6 +281,16 @@ fn bad_structures_fail_cleanly() {
         &OpenOptions { read_only: true },
     )
     .unwrap();
+    // check reports the bad copy and -r all rewrites it from the good one.
+    let mut b = base.bytes.clone();
+    b[196608 + 40] ^= 0xff;
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(b));
+    let rep = vhdx::check(s.clone(), disk::check::Repair::None).unwrap();
+    assert_eq!(rep.corruptions, 1, "{:?}", rep.findings);
+    let rep = vhdx::check(s.clone(), disk::check::Repair::All).unwrap();
+    assert_eq!(rep.corruptions_fixed, 1, "{:?}", rep.findings);
+    let rep = vhdx::check(s, disk::check::Repair::None).unwrap();
+    assert_eq!(rep.corruptions, 0, "{:?}", rep.findings);
     // Both headers bad: Corrupt error, no panic.
     let mut b = base.bytes.clone();
     b[65536 + 100] ^= 0xff;
