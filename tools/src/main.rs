@@ -19,6 +19,7 @@ mod cmd_resize;
 mod cmd_serve;
 mod cmd_undo;
 mod common;
+mod migrate;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -71,6 +72,8 @@ enum Command {
     Unmount(cmd_mount::UnmountArgs),
     /// Serve images over NBD.
     Serve(cmd_serve::Args),
+    /// Migrate a Virtual PC / Virtual Server VM (.vmc) to VHDX/VHD and a VM TOML.
+    Migrate(migrate::Args),
 }
 
 fn main() {
@@ -94,6 +97,7 @@ fn main() {
         Command::Mount(a) => cmd_mount::run(a),
         Command::Unmount(a) => cmd_mount::run_unmount(a),
         Command::Serve(a) => cmd_serve::run(a),
+        Command::Migrate(a) => migrate::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),
