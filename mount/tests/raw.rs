@@ -430,3 +430,84 @@ fn stale_mount_is_reported() {
     mount::unmount(&canon).unwrap();
     assert!(mount::mount_entry(&canon).is_none());
 }
+
+/// Not a test on its own: when VIRIDIAN_FG_HELPER names "IMAGE:MOUNTPOINT", serves the raw
+/// image writable with run_foreground, like `viridian mount IMAGE MOUNTPOINT --rw --foreground`.
+#[test]
+fn foreground_helper() {
+    let Some(spec) = std::env::var_os("VIRIDIAN_FG_HELPER") else {
+        return;
+    };
+    let spec = spec.to_string_lossy().into_owned();
+    let (img, mp) = spec.split_once(':').unwrap();
+    let d = raw(std::path::Path::new(img), Access::ReadWrite);
+    let opts = MountOptions {
+        writable: true,
+        ..Default::default()
+    };
+    if let Err(e) = mount::run_foreground(d, std::path::Path::new(mp), &opts) {
+        eprintln!("{e}");
+        std::process::exit(1);
+    }
+    std::process::exit(0);
+}
+
+fn foreground_child(img: &std::path::Path) -> ChildMount {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "foreground_helper",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(
+        "VIRIDIAN_FG_HELPER",
+        format!(
+            "{}:{}",
+            img.display(),
+            dir.path().canonicalize().unwrap().display()
+        ),
+    )
+    .stdout(std::process::Stdio::null());
+    ChildMount::spawn(cmd, dir)
+}
+
+#[test]
+fn server_process_exits_cleanly_on_unmount_and_sigterm() {
+    if !prerequisites("server_process_exits_cleanly_on_unmount_and_sigterm", &[]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fg.raw");
+    sparse_raw(&img, 4 * MIB, &[]);
+
+    // `viridian unmount` from another process: the server flushes, closes and exits 0.
+    let mut m = foreground_child(&img);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("disk"))
+        .unwrap()
+        .write_all_at(b"first", 0)
+        .unwrap();
+    let st = m.unmount().expect("server exits after unmount");
+    assert!(st.success(), "{st:?}");
+
+    // SIGTERM to the server: it unmounts, flushes, closes and exits 0.
+    let mut m = foreground_child(&img);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("disk"))
+        .unwrap()
+        .write_all_at(b"second", 100)
+        .unwrap();
+    // SAFETY: signals a child process we spawned and still own.
+    unsafe { libc::kill(m.child.id() as libc::pid_t, libc::SIGTERM) };
+    let st = m.wait().expect("server exits after SIGTERM");
+    assert!(st.success(), "{st:?}");
+    assert!(mount::mount_entry(&m.dir.path().canonicalize().unwrap()).is_none());
+
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(&bytes[0..5], b"first");
+    assert_eq!(&bytes[100..106], b"second");
+}

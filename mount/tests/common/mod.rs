@@ -352,3 +352,70 @@ impl BlockDevice for Counting {
         self
     }
 }
+
+/// A mount served by a child process (e.g. `viridian mount IMAGE MOUNTPOINT --foreground`, or a
+/// test helper): waits for the mount, and on drop unmounts and reaps the child (SIGKILL after
+/// 10 s, then a lazy umount, so nothing is left behind).
+pub struct ChildMount {
+    pub child: std::process::Child,
+    pub dir: tempfile::TempDir,
+    mountpoint: PathBuf,
+}
+
+impl ChildMount {
+    /// Spawns `cmd` (which must mount on `dir`) and waits until the mount is up.
+    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir) -> Self {
+        let child = cmd.spawn().expect("spawn mount server");
+        let mountpoint = dir.path().canonicalize().unwrap();
+        let mut m = ChildMount {
+            child,
+            dir,
+            mountpoint,
+        };
+        mount::wait_for_mount(&m.mountpoint, &mut m.child, Duration::from_secs(30))
+            .expect("mount server did not mount");
+        m
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.mountpoint.join(name)
+    }
+
+    /// Waits for the child to exit (after an unmount or a signal), up to 10 s.
+    pub fn wait(&mut self) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Unmounts the way `viridian unmount` does and returns the child's exit status.
+    pub fn unmount(&mut self) -> Option<std::process::ExitStatus> {
+        mount::unmount(&self.mountpoint).expect("unmount");
+        self.wait()
+    }
+}
+
+impl Drop for ChildMount {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = mount::unmount(&self.mountpoint);
+            if self.wait().is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        if mount::mount_entry(&self.mountpoint).is_some() {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
+        }
+    }
+}
