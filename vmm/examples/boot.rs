@@ -29,6 +29,7 @@ fn main() {
             "--append" => append = val(),
             "--stop-on" => cfg.stop_on.push(val()),
             "--verbose" => cfg.verbose = true,
+            "--dilation" => cfg.time_dilation = val().parse().unwrap(),
             other => panic!("unknown argument {other}"),
         }
     }

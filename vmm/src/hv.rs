@@ -149,12 +149,15 @@ pub struct Hv {
     ram: Arc<GuestRam>,
     irq: Arc<dyn InterruptSink>,
     tsc_hz: u64,
+    dilation: u64,
     start: std::time::Instant,
     partition: Mutex<Partition>,
     vps: Vec<Mutex<VpSynic>>,
     target: OnceLock<Arc<dyn HypercallTarget>>,
     stats: Mutex<HvStats>,
     events: Arc<EventLog>,
+    /// Log every hypercall and message (env VIRIDIAN_VMM_TRACE=1).
+    trace: bool,
 }
 
 impl std::fmt::Debug for Hv {
@@ -177,18 +180,22 @@ impl Hv {
         irq: Arc<dyn InterruptSink>,
         vps: u32,
         tsc_hz: u64,
+        dilation: u32,
         events: Arc<EventLog>,
     ) -> Self {
+        let dilation = u64::from(dilation.max(1));
         Hv {
             ram,
             irq,
-            tsc_hz,
+            tsc_hz: tsc_hz * dilation,
+            dilation,
             start: std::time::Instant::now(),
             partition: Mutex::new(Partition::default()),
             vps: (0..vps).map(|i| Mutex::new(VpSynic::new(i))).collect(),
             target: OnceLock::new(),
             stats: Mutex::new(HvStats::default()),
             events,
+            trace: std::env::var_os("VIRIDIAN_VMM_TRACE").is_some_and(|v| v == "1"),
         }
     }
 
@@ -225,9 +232,9 @@ impl Hv {
             msr::GUEST_OS_ID => p.guest_os_id,
             msr::HYPERCALL => p.hypercall,
             msr::VP_INDEX => u64::from(vp),
-            msr::TIME_REF_COUNT => (self.start.elapsed().as_nanos() / 100) as u64,
+            msr::TIME_REF_COUNT => (self.start.elapsed().as_nanos() / 100) as u64 / self.dilation,
             msr::TSC_FREQUENCY => self.tsc_hz,
-            msr::APIC_FREQUENCY => 1_000_000_000,
+            msr::APIC_FREQUENCY => 1_000_000_000 * self.dilation,
             msr::VP_ASSIST_PAGE => s.vp_assist,
             msr::SCONTROL => s.scontrol,
             msr::SVERSION => 1,
@@ -312,6 +319,12 @@ impl Hv {
     /// Handles the hypercall page's `out`: decodes RCX/RDX/R8 and returns the new RAX.
     pub fn hypercall(&self, _vp: u32, regs: &kvm_regs) -> u64 {
         let control = regs.rcx;
+        if self.trace {
+            self.events.note(format!(
+                "hv: hypercall control {control:#x} rdx {:#x} r8 {:#x}",
+                regs.rdx, regs.r8
+            ));
+        }
         let code = (control & 0xffff) as u16;
         let fast = control & (1 << 16) != 0;
         let rep_count = (control >> 32) & 0xfff;
@@ -474,6 +487,10 @@ impl Hv {
                     return;
                 };
                 flags.fetch_or(1, Ordering::SeqCst);
+                if self.trace {
+                    self.events
+                        .note(format!("hv: VP {vp} SINT {sint} slot busy, msg_pending"));
+                }
                 if type_word.load(Ordering::SeqCst) != 0 {
                     return;
                 }
@@ -490,6 +507,12 @@ impl Hv {
                 return;
             }
             type_word.store(m.message_type, Ordering::Release);
+            if self.trace {
+                let t = m.payload.get(..4).map(|b| b[0]).unwrap_or(0);
+                self.events.note(format!(
+                    "hv: delivered message (vmbus msgtype {t}) to VP {vp} SINT {sint}"
+                ));
+            }
             lock(&self.stats).messages_delivered += 1;
             let apic = s.apic_id;
             self.interrupt(apic, (sintv & 0xff) as u8);

@@ -110,7 +110,16 @@ pub struct VmConfig {
     pub stop_on: Vec<String>,
     /// Print VMM events (hypercalls of note, fix-ups, MSR faults) to stderr as they happen.
     pub verbose: bool,
+    /// Guest time runs this many times slower than real time: the TSC and APIC-timer
+    /// frequencies the guest reads from the Hyper-V frequency MSRs are multiplied by it. On
+    /// hosts where the guest kernel runs through KVM's instruction emulator, a periodic
+    /// 250 Hz tick costs more than its period and the guest livelocks in timer interrupts;
+    /// dilating time by [`NESTED_TIME_DILATION`] gives it room. 1 = real time.
+    pub time_dilation: u32,
 }
+
+/// The time dilation our nested test hosts need (see [`VmConfig::time_dilation`]).
+pub const NESTED_TIME_DILATION: u32 = 10;
 
 impl VmConfig {
     /// Defaults: 256 MiB, 1 vCPU, console on stdout, [`default_cmdline`] with no extras, no
@@ -128,6 +137,7 @@ impl VmConfig {
             stall_timeout: None,
             stop_on: Vec::new(),
             verbose: false,
+            time_dilation: 1,
         }
     }
 }

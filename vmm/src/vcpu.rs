@@ -33,6 +33,8 @@ pub struct Shared {
     pub snapshots: Mutex<Vec<VcpuSnapshot>>,
     pub exits: AtomicU64,
     pub fixups: AtomicU64,
+    /// Set by the main thread (trace mode) to have vCPUs log RIP at their next kick.
+    pub sample: std::sync::atomic::AtomicBool,
 }
 
 /// Registers and code bytes of a vCPU when it stopped.
@@ -201,7 +203,17 @@ pub fn run(vp: u32, mut vcpu: VcpuFd, sh: Arc<Shared>) {
                     other => Action::Fail(format!("unhandled exit {other:?}")),
                 }
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                if sh.sample.swap(false, Ordering::Relaxed) {
+                    if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) {
+                        sh.events.note(format!(
+                            "vcpu{vp}: sample RIP {:#x} RSP {:#x} RFLAGS {:#x} CR2 {:#x}",
+                            r.rip, r.rsp, r.rflags, s.cr2
+                        ));
+                    }
+                }
+                Action::None
+            }
             Err(e) => Action::Fail(format!("KVM_RUN failed: {e}")),
         };
         match action {

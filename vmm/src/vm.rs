@@ -186,6 +186,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
         Arc::new(MsiSink(vm.clone())),
         cfg.cpus,
         u64::from(tsc_khz) * 1000,
+        cfg.time_dilation,
         events.clone(),
     ));
     let counters: Vec<Arc<DiskCounters>> = Vec::new();
@@ -210,6 +211,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
         snapshots: Mutex::new(Vec::new()),
         exits: AtomicU64::new(0),
         fixups: AtomicU64::new(0),
+        sample: std::sync::atomic::AtomicBool::new(false),
     });
 
     register_signal_handler(SIGRTMIN(), kick_handler)
@@ -235,9 +237,27 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
     };
     let mut last_io = io_total(&counters);
     let mut last_io_at = Instant::now();
+    let trace = std::env::var_os("VIRIDIAN_VMM_TRACE").is_some_and(|v| v == "1");
+    let mut last_trace = Instant::now();
     let reason = loop {
         if let Some(r) = stop.wait(Duration::from_millis(200)) {
             break r;
+        }
+        if trace && last_trace.elapsed() >= Duration::from_secs(5) {
+            last_trace = Instant::now();
+            shared
+                .sample
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            for t in &threads {
+                let _ = t.kill(SIGRTMIN());
+            }
+            events.note(format!(
+                "progress: {} exits, {} fix-ups, console {} bytes, {:?}",
+                shared.exits.load(std::sync::atomic::Ordering::Relaxed),
+                shared.fixups.load(std::sync::atomic::Ordering::Relaxed),
+                log.bytes(),
+                hv.stats()
+            ));
         }
         if let Some(t) = cfg.timeout {
             if start.elapsed() >= t {

@@ -1,30 +1,212 @@
-//! Connects the VMBus server and the storvsc back end to the Hyper-V emulation.
-//! (Placeholder until the `vmbus` and `storvsc-backend` crates land: hypercalls are logged.)
+//! Connects the `vmbus` channel server and the `storvsc-backend` SCSI controller to the
+//! Hyper-V emulation: guest hypercalls go to the server, and the server's actions become
+//! SynIC messages and event flags.
+//!
+//! Everything runs on the vCPU thread that made the hypercall: HvSignalEvent drains the
+//! channel's ring and does the disk I/O synchronously before the guest continues. On our
+//! nested hosts the guest kernel is far slower than the disk, so this costs nothing there.
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+
+use storvsc_backend::{ScsiController, ScsiDisk, StorvscDevice};
+use vmbus::{Action, GuestMemory, MemoryError, VmbusServer};
 
 use crate::events::EventLog;
-use crate::hv::Hv;
+use crate::hv::{lock, status, Hv, HypercallTarget};
 use crate::memory::GuestRam;
 use crate::stats::CountingDisk;
 use crate::VmmError;
 
-/// Keeps the VMBus machinery alive for the VM's lifetime.
-pub struct VmbusHandle;
+/// Instance GUID of the one SCSI controller.
+pub const SCSI_INSTANCE: &str = "f8b3781b-1e82-4818-a1c3-63d806ec15bb";
 
-pub fn attach(
-    _hv: &Arc<Hv>,
-    _ram: &Arc<GuestRam>,
-    disks: &[Arc<CountingDisk>],
-    events: &EventLog,
-) -> Result<VmbusHandle, VmmError> {
-    if !disks.is_empty() {
-        events.note("no VMBus server yet: disks are not offered to the guest");
+/// Guest RAM as the vmbus crate sees it.
+pub struct VmbusMemory(pub Arc<GuestRam>);
+
+fn oor(gpa: u64, len: u64) -> MemoryError {
+    MemoryError::OutOfRange { gpa, len }
+}
+
+impl GuestMemory for VmbusMemory {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.0
+            .read(gpa, buf)
+            .map_err(|_| oor(gpa, buf.len() as u64))
     }
-    Ok(VmbusHandle)
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.0
+            .write(gpa, data)
+            .map_err(|_| oor(gpa, data.len() as u64))
+    }
+    fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        if len == 0 {
+            return self.0.host_range(gpa, 0).map(|_| ()).ok_or(oor(gpa, len));
+        }
+        // Ranges may span RAM regions only where both are RAM; check page by page.
+        let end = gpa.checked_add(len).ok_or(oor(gpa, len))?;
+        let mut a = gpa;
+        while a < end {
+            let n = ((a | 0xfff) + 1).min(end) - a;
+            self.0.host_range(a, n as usize).ok_or(oor(gpa, len))?;
+            a += n;
+        }
+        Ok(())
+    }
+    fn read_u32(&self, gpa: u64) -> Result<u32, MemoryError> {
+        match self.0.atomic_u32(gpa) {
+            Ok(a) => Ok(a.load(Ordering::Acquire)),
+            Err(_) => {
+                let mut b = [0u8; 4];
+                self.read(gpa, &mut b)?;
+                Ok(u32::from_le_bytes(b))
+            }
+        }
+    }
+    fn write_u32(&self, gpa: u64, v: u32) -> Result<(), MemoryError> {
+        match self.0.atomic_u32(gpa) {
+            Ok(a) => {
+                a.store(v, Ordering::Release);
+                Ok(())
+            }
+            Err(_) => self.write(gpa, &v.to_le_bytes()),
+        }
+    }
+}
+
+/// The VMBus server behind the hypercall page.
+pub struct VmbusTarget {
+    server: Mutex<VmbusServer>,
+    mem: VmbusMemory,
+    hv: Weak<Hv>,
+    events: Arc<EventLog>,
+    scsi_relid: Option<u32>,
+    announced_version: Mutex<Option<u32>>,
+}
+
+impl VmbusTarget {
+    fn run_actions(&self, server: &mut VmbusServer) {
+        for line in server.take_log() {
+            self.events.note(format!("vmbus: {line}"));
+        }
+        let v = server.version();
+        {
+            let mut a = lock(&self.announced_version);
+            if v.is_some() && *a != v {
+                *a = v;
+                if let Some(v) = v {
+                    self.events.note(format!(
+                        "vmbus: connected, version {}.{}",
+                        v >> 16,
+                        v & 0xffff
+                    ));
+                }
+            }
+        }
+        let Some(hv) = self.hv.upgrade() else {
+            return;
+        };
+        for a in server.take_actions() {
+            match a {
+                Action::DeliverMessage {
+                    vp,
+                    sint,
+                    message_type,
+                    payload,
+                } => {
+                    if let Err(e) = hv.post_message(vp, sint, message_type, &payload) {
+                        self.events
+                            .note(format!("vmbus: message to VP {vp} dropped: {e}"));
+                    }
+                }
+                Action::SignalGuest { vp, sint, relid } => {
+                    if let Err(e) = hv.signal_event(vp, sint, relid) {
+                        self.events
+                            .note(format!("vmbus: event for relid {relid} dropped: {e}"));
+                    }
+                }
+                Action::ChannelFailed { relid, reason } => {
+                    self.events
+                        .note(format!("vmbus: channel {relid} failed: {reason}"));
+                }
+            }
+        }
+    }
+
+    /// The storvsc device's counters, if it exists.
+    pub fn scsi_relid(&self) -> Option<u32> {
+        self.scsi_relid
+    }
+}
+
+impl HypercallTarget for VmbusTarget {
+    fn post_message(&self, connection_id: u32, message_type: u32, payload: &[u8]) -> u16 {
+        let mut s = lock(&self.server);
+        let st = s.post_message(&self.mem, connection_id, message_type, payload);
+        self.run_actions(&mut s);
+        st
+    }
+
+    fn signal_event(&self, connection_id: u32, _flag: u16) -> u16 {
+        let mut s = lock(&self.server);
+        let st = s.signal_event(&self.mem, connection_id);
+        self.run_actions(&mut s);
+        if st != status::SUCCESS {
+            self.events.note(format!(
+                "vmbus: HvSignalEvent({connection_id:#x}) -> {st:#x}"
+            ));
+        }
+        st
+    }
+}
+
+/// Keeps the VMBus machinery alive for the VM's lifetime.
+pub struct VmbusHandle {
+    target: Arc<VmbusTarget>,
 }
 
 impl VmbusHandle {
-    /// Stops the VMBus workers (after the vCPUs have stopped).
-    pub fn shutdown(self) {}
+    /// Stops the VMBus side (after the vCPUs have stopped).
+    pub fn shutdown(self) {
+        let _ = self.target.scsi_relid();
+    }
+}
+
+/// Builds the VMBus server with one SCSI controller holding `disks` as LUNs 0.. and connects it
+/// to the hypercall path.
+pub fn attach(
+    hv: &Arc<Hv>,
+    ram: &Arc<GuestRam>,
+    disks: &[Arc<CountingDisk>],
+    events: &Arc<EventLog>,
+) -> Result<VmbusHandle, VmmError> {
+    let mut server = VmbusServer::new();
+    let mut scsi_relid = None;
+    if !disks.is_empty() {
+        let mut ctl = ScsiController::new();
+        for (i, d) in disks.iter().enumerate() {
+            let dev: Arc<dyn disk::BlockDevice> = d.clone();
+            let sd = ScsiDisk::new(dev)
+                .map_err(|e| VmmError::Config(format!("disk {i}: {e}")))?
+                .with_serial(&format!("viridian-lun{i}"));
+            ctl.add_lun(i as u8, sd)
+                .map_err(|e| VmmError::Config(format!("disk {i}: {e}")))?;
+        }
+        let instance = vmbus::Guid::parse(SCSI_INSTANCE)
+            .ok_or_else(|| VmmError::Config("bad SCSI instance GUID".into()))?;
+        scsi_relid = server.add_device(Box::new(StorvscDevice::new(instance, ctl)));
+        if scsi_relid.is_none() {
+            return Err(VmmError::Config("VMBus has no free channel".into()));
+        }
+    }
+    let target = Arc::new(VmbusTarget {
+        server: Mutex::new(server),
+        mem: VmbusMemory(ram.clone()),
+        hv: Arc::downgrade(hv),
+        events: events.clone(),
+        scsi_relid,
+        announced_version: Mutex::new(None),
+    });
+    hv.set_target(target.clone());
+    Ok(VmbusHandle { target })
 }
