@@ -527,10 +527,12 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The filesystem type of the mount whose mount point is exactly `path` (topmost one), from
-/// /proc/self/mountinfo.
+/// The filesystem type of the mount whose mount point is `path` (topmost one), from
+/// /proc/self/mountinfo. `path` may be relative or contain symlinks; a stale mount point that
+/// cannot be resolved is matched as given.
 pub fn mount_entry(path: &Path) -> Option<String> {
-    mountinfo(path).map(|(_, fstype)| fstype)
+    let canon = path.canonicalize().ok();
+    mountinfo(canon.as_deref().unwrap_or(path)).map(|(_, fstype)| fstype)
 }
 
 /// (device "major:minor", fs type) of the topmost mount at exactly `path`.

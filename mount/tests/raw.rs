@@ -519,3 +519,22 @@ fn server_process_exits_cleanly_on_unmount_and_sigterm() {
     assert_eq!(&bytes[0..5], b"first");
     assert_eq!(&bytes[100..106], b"second");
 }
+
+#[test]
+fn mount_entry_resolves_relative_paths() {
+    if !prerequisites("mount_entry_resolves_relative_paths", &[]) {
+        return;
+    }
+    let d: Arc<dyn BlockDevice> = Arc::new(RawDisk::memory(MIB).unwrap());
+    let m = Mounted::new(d, &MountOptions::default());
+    let link_dir = tempfile::tempdir().unwrap();
+    let link = link_dir.path().join("link");
+    std::os::unix::fs::symlink(m.dir.path(), &link).unwrap();
+    assert_eq!(mount::mount_entry(&link).as_deref(), Some(mount::FSTYPE));
+    let dotted = m
+        .dir
+        .path()
+        .join("..")
+        .join(m.dir.path().file_name().unwrap());
+    assert_eq!(mount::mount_entry(&dotted).as_deref(), Some(mount::FSTYPE));
+}
