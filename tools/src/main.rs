@@ -16,6 +16,7 @@ mod cmd_measure;
 mod cmd_mount;
 mod cmd_rebase;
 mod cmd_resize;
+mod cmd_run;
 mod cmd_serve;
 mod cmd_undo;
 mod common;
@@ -74,6 +75,8 @@ enum Command {
     Serve(cmd_serve::Args),
     /// Migrate a Virtual PC / Virtual Server VM (.vmc) to VHDX/VHD and a VM TOML.
     Migrate(migrate::Args),
+    /// Boot a Linux kernel under KVM with the disks on a Hyper-V synthetic SCSI controller.
+    Run(cmd_run::Args),
 }
 
 fn main() {
@@ -98,6 +101,7 @@ fn main() {
         Command::Unmount(a) => cmd_mount::run_unmount(a),
         Command::Serve(a) => cmd_serve::run(a),
         Command::Migrate(a) => migrate::run(a),
+        Command::Run(a) => cmd_run::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

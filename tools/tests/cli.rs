@@ -436,3 +436,28 @@ fn dfvfs_differencing_reports_missing_parent() {
     assert!(err.contains("parent") && err.contains("tried"), "{err}");
     assert!(!std::path::Path::new("/tmp/viridian-never-written.raw").exists());
 }
+
+#[test]
+fn run_reports_bad_vm_descriptions_clearly() {
+    let d = tmp();
+    let toml = join(d.path(), "vm.toml");
+    std::fs::write(
+        &toml,
+        "name = \"x\"\nmemory_mib = 64\n[[disk]]\npath = \"a.vhdx\"\n",
+    )
+    .unwrap();
+    let o = viridian(&["run", p(&toml)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no kernel"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::write(&toml, "name = \"x\"\nbogus = 1\n").unwrap();
+    let o = viridian(&["run", "--kernel", "/nonexistent", p(&toml)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a valid VM description"));
+    let o = viridian(&["run", "--kernel", "/nonexistent", "--disk", "x.vhdx,bogus"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown option"));
+}

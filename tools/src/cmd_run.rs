@@ -1,0 +1,258 @@
+//! `viridian run`: boot a Linux kernel under KVM with our disks on a Hyper-V synthetic SCSI
+//! controller (VMBus + storvsc), from flags or from a VM description (the TOML `migrate`
+//! writes).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use chain::{OpenOptions, UndoDisk};
+use disk::BlockDevice;
+use serde::Deserialize;
+
+use crate::common::{self, SizeRuleArg};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UndoEnd {
+    Commit,
+    Discard,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A VM description (TOML, as `viridian migrate` writes); flags override it.
+    vm: Option<PathBuf>,
+    /// Kernel: uncompressed vmlinux or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command line (added to the console and host-quirk switches).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Use exactly this kernel command line, nothing added.
+    #[arg(long = "raw-cmdline")]
+    raw_cmdline: Option<String>,
+    /// Guest memory (qemu size suffixes).
+    #[arg(short = 'm', long)]
+    memory: Option<String>,
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// A disk: PATH[,ro][,undo] (repeatable; LUN 0, 1, ... in order).
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// What to do with undo disks when the guest ends.
+    #[arg(long = "undo-end", value_enum, default_value_t = UndoEnd::Discard)]
+    undo_end: UndoEnd,
+    /// Write the guest console to this file instead of stdout.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// End the run successfully when the console prints this (repeatable).
+    #[arg(long = "stop-on")]
+    stop_on: Vec<String>,
+    /// Slow guest time down by this factor (nested hosts need 10).
+    #[arg(long = "time-dilation")]
+    time_dilation: Option<u32>,
+    /// Print VMM events.
+    #[arg(short = 'v', long)]
+    verbose: bool,
+}
+
+/// The VM description file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmFile {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    memory_mib: Option<u64>,
+    #[serde(default)]
+    cpus: Option<u32>,
+    #[serde(default)]
+    kernel: Option<PathBuf>,
+    #[serde(default)]
+    initrd: Option<PathBuf>,
+    #[serde(default)]
+    cmdline: Option<String>,
+    #[serde(default)]
+    disk: Vec<VmDisk>,
+    #[serde(default)]
+    network: Vec<toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmDisk {
+    path: PathBuf,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    undo: bool,
+    // Where the disk sat in the original VM (migrate records it); here every disk is a LUN of
+    // the one synthetic SCSI controller, in file order.
+    #[serde(default)]
+    #[allow(dead_code)]
+    controller: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    channel: Option<u32>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    slot: Option<u32>,
+}
+
+struct DiskSpec {
+    path: PathBuf,
+    read_only: bool,
+    undo: bool,
+}
+
+fn parse_disk_flag(s: &str) -> Result<DiskSpec> {
+    let mut parts = s.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| anyhow!("--disk {s:?}: no path"))?;
+    let mut d = DiskSpec {
+        path: PathBuf::from(path),
+        read_only: false,
+        undo: false,
+    };
+    for opt in parts {
+        match opt {
+            "ro" => d.read_only = true,
+            "rw" => d.read_only = false,
+            "undo" => d.undo = true,
+            other => bail!("--disk {s:?}: unknown option {other:?} (ro, undo)"),
+        }
+    }
+    Ok(d)
+}
+
+fn relative_to(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    let (file, base_dir) = match &a.vm {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            let f: VmFile = toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid VM description", p.display()))?;
+            let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
+            (f, dir)
+        }
+        None => (VmFile::default(), PathBuf::new()),
+    };
+    if !file.network.is_empty() {
+        eprintln!("viridian: note: network adapters in the VM description are not emulated (no synthetic NIC yet)");
+    }
+    let kernel = a
+        .kernel
+        .clone()
+        .or_else(|| file.kernel.as_ref().map(|k| relative_to(&base_dir, k)))
+        .ok_or_else(|| {
+            anyhow!(
+                "no kernel: give --kernel (migrated Windows guests cannot be booted by this VMM)"
+            )
+        })?;
+    let mut cfg = vmm::VmConfig::new(&kernel);
+    cfg.initrd = a
+        .initrd
+        .clone()
+        .or_else(|| file.initrd.as_ref().map(|i| relative_to(&base_dir, i)));
+    cfg.cmdline = match (&a.raw_cmdline, &a.cmdline, &file.cmdline) {
+        (Some(raw), _, _) => raw.clone(),
+        (None, Some(extra), _) | (None, None, Some(extra)) => vmm::default_cmdline(extra),
+        (None, None, None) => vmm::default_cmdline(""),
+    };
+    if let Some(m) = &a.memory {
+        cfg.memory = common::parse_size(m)?;
+    } else if let Some(mib) = file.memory_mib {
+        cfg.memory = mib.checked_mul(1 << 20).context("memory_mib too large")?;
+    }
+    cfg.cpus = a.cpus.or(file.cpus).unwrap_or(1);
+    cfg.verbose = a.verbose;
+    cfg.stop_on = a.stop_on.clone();
+    cfg.timeout = a.timeout.map(Duration::from_secs);
+    if let Some(t) = a.time_dilation {
+        cfg.time_dilation = t.max(1);
+    }
+    if let Some(c) = &a.console {
+        cfg.console = vmm::Console::File(c.clone());
+    }
+    let mut specs: Vec<DiskSpec> = file
+        .disk
+        .iter()
+        .map(|d| DiskSpec {
+            path: relative_to(&base_dir, &d.path),
+            read_only: d.read_only,
+            undo: d.undo,
+        })
+        .collect();
+    for s in &a.disks {
+        specs.push(parse_disk_flag(s)?);
+    }
+    let mut undo_disks = Vec::new();
+    for s in &specs {
+        let disk: Arc<dyn BlockDevice> = if s.undo {
+            let u = UndoDisk::open(&s.path, &OpenOptions::read_only(), None)
+                .with_context(|| format!("cannot open {} in undo mode", s.path.display()))?;
+            let d = u.disk();
+            undo_disks.push(u);
+            d
+        } else {
+            let opts = if s.read_only {
+                OpenOptions::read_only()
+            } else {
+                OpenOptions::read_write()
+            };
+            common::open_with(&s.path, None, SizeRuleArg::Auto, opts)?
+        };
+        cfg.disks.push(disk);
+    }
+    let name = file.name.clone().unwrap_or_else(|| "guest".into());
+    let disks = cfg.disks.clone();
+    let result = vmm::run(cfg);
+    for d in &disks {
+        if let Err(e) = d.close() {
+            eprintln!("viridian: cannot close a disk: {e}");
+        }
+    }
+    drop(disks);
+    let ok = result.is_ok();
+    for u in undo_disks {
+        let parent = u.parent_path().to_path_buf();
+        if a.undo_end == UndoEnd::Commit && ok {
+            let n = u.commit(&mut |_| {}).with_context(|| {
+                format!("cannot commit the undo changes into {}", parent.display())
+            })?;
+            eprintln!("viridian: committed {n} bytes into {}", parent.display());
+        } else {
+            u.discard()?;
+        }
+    }
+    match result {
+        Ok(status) => {
+            eprintln!(
+                "viridian: {name} ended after {:.1}s: {:?}",
+                status.elapsed.as_secs_f64(),
+                status.reason
+            );
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(1)
+        }
+    }
+}
