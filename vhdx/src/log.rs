@@ -247,9 +247,31 @@ pub fn build_entry(
     last_file_offset: u64,
     pages: &[(u64, &[u8])],
 ) -> Vec<u8> {
-    let count = pages.len() as u64;
+    build_entry_with_zeros(
+        sequence,
+        tail,
+        guid,
+        flushed_file_offset,
+        last_file_offset,
+        pages,
+        &[],
+    )
+}
+
+/// As [`build_entry`], plus zero descriptors (file offset, length; 4 KiB multiples), which are
+/// applied after the pages.
+pub fn build_entry_with_zeros(
+    sequence: u64,
+    tail: u32,
+    guid: &Guid,
+    flushed_file_offset: u64,
+    last_file_offset: u64,
+    pages: &[(u64, &[u8])],
+    zeros: &[(u64, u64)],
+) -> Vec<u8> {
+    let count = pages.len() as u64 + zeros.len() as u64;
     let ds = desc_sectors(count);
-    let len = (ds + count) * PAGE;
+    let len = (ds + pages.len() as u64) * PAGE;
     let mut e = vec![0u8; len as usize];
     e[0..4].copy_from_slice(SIG_LOGE);
     wr32(&mut e, 8, len as u32);
@@ -271,6 +293,13 @@ pub fn build_entry(
         wr32(&mut e, s + 4, (sequence >> 32) as u32);
         e[s + 8..s + 4092].copy_from_slice(&page[8..4092]);
         wr32(&mut e, s + 4092, sequence as u32);
+    }
+    for (i, (off, len)) in zeros.iter().enumerate() {
+        let d = 64 + (pages.len() + i) * 32;
+        e[d..d + 4].copy_from_slice(SIG_ZERO);
+        wr64(&mut e, d + 8, *len);
+        wr64(&mut e, d + 16, *off);
+        wr64(&mut e, d + 24, sequence);
     }
     let c = crc32c_skip(&e, 4);
     wr32(&mut e, 4, c);

@@ -74,6 +74,8 @@ fn bat_page(b: &[u8], bat_offset: u64, blocks: &[(u64, u64)]) -> Vec<u8> {
 
 enum Variant {
     Single,
+    /// A page image plus a zero descriptor that wipes block 0's data.
+    Zero,
     Wrapped,
     TornLast,
 }
@@ -100,6 +102,24 @@ fn dirty_image(v: &Variant) -> (Vec<u8>, Vec<(u64, u8)>) {
             let e = vhdx::log::build_entry(1, 0, &guid, end, last, &[(base.bat_offset, &p1)]);
             put_ring(&mut b, base.log_offset, base.log_len, 0, &e);
             expected = vec![(0, 0xa5), (2, 0xb2), (3, 0)];
+        }
+        Variant::Zero => {
+            let blk0 = vhdx::format::bat_offset(u64::from_le_bytes(
+                b[base.bat_offset as usize..base.bat_offset as usize + 8]
+                    .try_into()
+                    .unwrap(),
+            ));
+            let e = vhdx::log::build_entry_with_zeros(
+                7,
+                8192,
+                &guid,
+                end,
+                last,
+                &[(base.bat_offset, &p1)],
+                &[(blk0, MIB)],
+            );
+            put_ring(&mut b, base.log_offset, base.log_len, 8192, &e);
+            expected = vec![(0, 0), (2, 0xb2), (3, 0)];
         }
         Variant::Wrapped | Variant::TornLast => {
             // Entry 1 starts one page before the end of the ring and wraps; entry 2 follows.
@@ -139,7 +159,12 @@ fn verify(d: &VhdxDisk, expected: &[(u64, u8)]) {
 
 #[test]
 fn dirty_logs_replay_read_only_and_read_write() {
-    for v in [Variant::Single, Variant::Wrapped, Variant::TornLast] {
+    for v in [
+        Variant::Single,
+        Variant::Zero,
+        Variant::Wrapped,
+        Variant::TornLast,
+    ] {
         let (img, expected) = dirty_image(&v);
         // Read-only: replayed data visible, file untouched.
         let s = Arc::new(MemStorage::from_vec(img.clone()));
@@ -181,9 +206,14 @@ fn qemu_replays_our_dirty_logs() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for (i, v) in [Variant::Single, Variant::Wrapped, Variant::TornLast]
-        .iter()
-        .enumerate()
+    for (i, v) in [
+        Variant::Single,
+        Variant::Zero,
+        Variant::Wrapped,
+        Variant::TornLast,
+    ]
+    .iter()
+    .enumerate()
     {
         let (img, expected) = dirty_image(v);
         let p = dir.path().join(format!("dirty{i}.vhdx"));
