@@ -466,3 +466,30 @@ fn growing_past_the_bat_region_relocates_the_bat() {
         assert!(!out.contains("Pattern verification failed"), "{out}");
     }
 }
+
+#[test]
+fn a_flush_larger_than_half_the_log_is_split_into_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("wide.vhdx");
+    let size = 1u64 << 40;
+    let d = VhdxDisk::create(&p, &CreateOptions::new(CreateKind::Dynamic, size)).unwrap();
+    // 300 blocks, each on its own BAT page: 300 dirty pages in one flush.
+    for i in 0..300u64 {
+        d.write_at(&pattern(i, 4096), i * 512 * MIB + 8192).unwrap();
+    }
+    d.flush().unwrap();
+    assert!(d.log_entries_written() >= 3, "{}", d.log_entries_written());
+    d.close().unwrap();
+    drop(d);
+    let d = VhdxDisk::open_path(&p, &OpenOptions { read_only: true }).unwrap();
+    for i in 0..300u64 {
+        assert_eq!(read(&d, i * 512 * MIB + 8192, 4096), pattern(i, 4096));
+    }
+    let rep = vhdx::check(d.storage().clone(), disk::check::Repair::None).unwrap();
+    assert_eq!(rep.corruptions, 0, "{:?}", rep.findings);
+    drop(d);
+    if have_qemu() {
+        let (rc, out) = qemu_check(&p);
+        assert_eq!(rc, 0, "{out}");
+    }
+}
