@@ -539,3 +539,191 @@ pub fn hypercall_page() -> Vec<u8> {
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Irqs(Mutex<Vec<(u32, u8)>>);
+    impl InterruptSink for Irqs {
+        fn fixed_interrupt(&self, apic_id: u32, vector: u8) -> Result<(), String> {
+            lock(&self.0).push((apic_id, vector));
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Target(Mutex<Vec<(u32, u32, Vec<u8>)>>);
+    impl HypercallTarget for Target {
+        fn post_message(&self, c: u32, t: u32, p: &[u8]) -> u16 {
+            lock(&self.0).push((c, t, p.to_vec()));
+            status::SUCCESS
+        }
+        fn signal_event(&self, c: u32, _flag: u16) -> u16 {
+            if c == 0x2001 {
+                status::SUCCESS
+            } else {
+                status::INVALID_CONNECTION_ID
+            }
+        }
+    }
+
+    const SIMP: u64 = 0x10000;
+    const SIEFP: u64 = 0x11000;
+
+    fn setup() -> (Arc<GuestRam>, Arc<Irqs>, Hv) {
+        let ram = Arc::new(GuestRam::new(32 << 20).unwrap());
+        let irqs = Arc::new(Irqs::default());
+        let hv = Hv::new(
+            ram.clone(),
+            irqs.clone(),
+            2,
+            2_000_000_000,
+            1,
+            Arc::new(EventLog::new(false)),
+        );
+        (ram, irqs, hv)
+    }
+
+    fn enable_synic(hv: &Hv, vp: u32) {
+        assert_eq!(hv.wrmsr(vp, msr::SIMP, SIMP | 1), MsrResult::Ok(0));
+        assert_eq!(hv.wrmsr(vp, msr::SIEFP, SIEFP | 1), MsrResult::Ok(0));
+        assert_eq!(hv.wrmsr(vp, msr::SINT0 + 2, 0xf3), MsrResult::Ok(0));
+        assert_eq!(hv.wrmsr(vp, msr::SCONTROL, 1), MsrResult::Ok(0));
+    }
+
+    #[test]
+    fn msrs_and_hypercall_page() {
+        let (ram, _, hv) = setup();
+        assert_eq!(hv.rdmsr(1, msr::VP_INDEX), MsrResult::Ok(1));
+        assert_eq!(
+            hv.rdmsr(0, msr::TSC_FREQUENCY),
+            MsrResult::Ok(2_000_000_000)
+        );
+        assert_eq!(hv.rdmsr(0, msr::SINT0), MsrResult::Ok(SINT_MASKED));
+        assert_eq!(hv.rdmsr(0, msr::SCONTROL), MsrResult::Ok(1));
+        assert_eq!(hv.rdmsr(5, msr::VP_INDEX), MsrResult::Fault);
+        assert_eq!(hv.rdmsr(0, 0x4000_0199), MsrResult::Fault);
+        assert_eq!(hv.wrmsr(0, msr::VP_INDEX, 3), MsrResult::Fault);
+        // Reserved bits in HYPERCALL fault; enabling writes the page.
+        assert_eq!(hv.wrmsr(0, msr::HYPERCALL, 0x5000 | 4), MsrResult::Fault);
+        assert!(!hv.hypercall_enabled());
+        assert_eq!(hv.wrmsr(0, msr::HYPERCALL, 0x5000 | 1), MsrResult::Ok(0));
+        assert!(hv.hypercall_enabled());
+        assert_eq!(hv.rdmsr(0, msr::HYPERCALL), MsrResult::Ok(0x5001));
+        let mut page = [0u8; 8];
+        ram.read(0x5000, &mut page).unwrap();
+        assert_eq!(&page[..7], &[0xf3, 0x0f, 0x1e, 0xfa, 0xe6, 0xe4, 0xc3]);
+        assert_eq!(page[7], 0xcc);
+        // An unmasked SINT needs a vector >= 16.
+        assert_eq!(hv.wrmsr(0, msr::SINT0, 5), MsrResult::Fault);
+    }
+
+    #[test]
+    fn messages_queue_until_eom() {
+        let (ram, irqs, hv) = setup();
+        // Posted before the SynIC is enabled: held.
+        hv.post_message(0, 2, 1, b"first").unwrap();
+        assert!(lock(&irqs.0).is_empty());
+        enable_synic(&hv, 0);
+        let slot = SIMP + 2 * 256;
+        assert_eq!(ram.read_u32(slot).unwrap(), 1);
+        let mut hdr = [0u8; 21];
+        ram.read(slot, &mut hdr).unwrap();
+        assert_eq!(hdr[4], 5);
+        assert_eq!(&hdr[16..21], b"first");
+        assert_eq!(lock(&irqs.0).as_slice(), &[(0, 0xf3)]);
+        // Slot busy: the second one sets msg_pending and waits.
+        hv.post_message(0, 2, 1, b"second").unwrap();
+        let mut flags = [0u8; 1];
+        ram.read(slot + 5, &mut flags).unwrap();
+        assert_eq!(flags[0] & 1, 1);
+        assert_eq!(lock(&irqs.0).len(), 1);
+        // EOM with the slot still busy changes nothing.
+        hv.wrmsr(0, msr::EOM, 0);
+        assert_eq!(lock(&irqs.0).len(), 1);
+        // Guest frees the slot, then EOM: delivered.
+        ram.write(slot, &[0, 0, 0, 0]).unwrap();
+        ram.write(slot + 5, &[0]).unwrap();
+        hv.wrmsr(0, msr::EOM, 0);
+        let mut body = [0u8; 6];
+        ram.read(slot + 16, &mut body).unwrap();
+        assert_eq!(&body, b"second");
+        assert_eq!(lock(&irqs.0).len(), 2);
+        assert_eq!(hv.stats().messages_delivered, 2);
+        // Errors.
+        assert_eq!(hv.post_message(9, 2, 1, b"x"), Err(SynicError::NoSuchVp(9)));
+        assert_eq!(
+            hv.post_message(0, 16, 1, b"x"),
+            Err(SynicError::BadSint(16))
+        );
+        assert_eq!(
+            hv.post_message(0, 2, 1, &[0; 241]),
+            Err(SynicError::TooLong(241))
+        );
+    }
+
+    #[test]
+    fn event_flags() {
+        let (ram, irqs, hv) = setup();
+        assert_eq!(hv.signal_event(1, 2, 5), Ok(false)); // SynIC off: nothing
+        enable_synic(&hv, 1);
+        hv.interrupt(1, 0); // mark the sink; VP 1's APIC id is 1
+        lock(&irqs.0).clear();
+        assert_eq!(hv.signal_event(1, 2, 9), Ok(true));
+        assert_eq!(hv.signal_event(1, 2, 9), Ok(false)); // already set
+        let mut b = [0u8; 2];
+        ram.read(SIEFP + 512, &mut b).unwrap();
+        assert_eq!(b, [0, 2]);
+        assert_eq!(lock(&irqs.0).as_slice(), &[(1, 0xf3)]);
+        assert!(hv.signal_event(1, 2, 4096).is_err());
+    }
+
+    #[test]
+    fn hypercalls_reach_the_target() {
+        let (ram, _, hv) = setup();
+        let t = Arc::new(Target::default());
+        hv.set_target(t.clone());
+        let mut input = [0u8; 256];
+        input[0..4].copy_from_slice(&4u32.to_le_bytes());
+        input[8..12].copy_from_slice(&1u32.to_le_bytes());
+        input[12..16].copy_from_slice(&3u32.to_le_bytes());
+        input[16..19].copy_from_slice(b"abc");
+        ram.write(0x8000, &input).unwrap();
+        let mut regs = kvm_regs {
+            rcx: u64::from(HVCALL_POST_MESSAGE),
+            rdx: 0x8000,
+            ..Default::default()
+        };
+        assert_eq!(hv.hypercall(0, &regs), 0);
+        assert_eq!(lock(&t.0).as_slice(), &[(4, 1, b"abc".to_vec())]);
+        regs.rdx = 0x8004; // misaligned
+        assert_eq!(hv.hypercall(0, &regs), u64::from(status::INVALID_ALIGNMENT));
+        regs.rdx = 0xffff_f000_0000; // not RAM
+        assert_eq!(hv.hypercall(0, &regs), u64::from(status::INVALID_PARAMETER));
+        input[12..16].copy_from_slice(&241u32.to_le_bytes());
+        ram.write(0x8000, &input).unwrap();
+        regs.rdx = 0x8000;
+        assert_eq!(hv.hypercall(0, &regs), u64::from(status::INVALID_PARAMETER));
+        // Fast HvSignalEvent.
+        regs.rcx = 0x1_005d;
+        regs.rdx = 0x2001;
+        assert_eq!(hv.hypercall(0, &regs), 0);
+        regs.rdx = 0x2002;
+        assert_eq!(
+            hv.hypercall(0, &regs),
+            u64::from(status::INVALID_CONNECTION_ID)
+        );
+        regs.rcx = 0x99;
+        assert_eq!(
+            hv.hypercall(0, &regs),
+            u64::from(status::INVALID_HYPERCALL_CODE)
+        );
+        regs.rcx = u64::from(HVCALL_POST_MESSAGE) | (1 << 32);
+        assert_eq!(
+            hv.hypercall(0, &regs),
+            u64::from(status::INVALID_HYPERCALL_INPUT)
+        );
+    }
+}
