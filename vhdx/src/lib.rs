@@ -796,7 +796,13 @@ impl VhdxDisk {
         self.sflush()?;
         wal.applied_unflushed = false;
         // Collect dirty pages.
-        let mut pages: BTreeMap<u64, Box<[u8]>> = std::mem::take(&mut wal.raw_dirty);
+        // When the dirty set needs several entries, the order matters: sector bitmaps first
+        // (bits may precede the BAT entry that uses them, never follow it), then BAT pages, then
+        // the metadata region and region tables (a new size or BAT location only after the
+        // entries it covers).
+        let raw: BTreeMap<u64, Box<[u8]>> = std::mem::take(&mut wal.raw_dirty);
+        let mut bat_pages: BTreeMap<u64, Box<[u8]>> = BTreeMap::new();
+        let mut bm_pages: BTreeMap<u64, Box<[u8]>> = BTreeMap::new();
         {
             let mut bat = wlock(&self.bat);
             let dirty = std::mem::take(&mut bat.dirty_pages);
@@ -813,20 +819,21 @@ impl VhdxDisk {
                     let keep = (bat.entries.len() - first) * 8;
                     img[keep..].copy_from_slice(&cur[keep..]);
                 }
-                pages.insert(self.rt().bat_offset + p * PAGE, img);
+                bat_pages.insert(self.rt().bat_offset + p * PAGE, img);
             }
             let mut bm = lock(&self.bitmaps);
             let dirty = std::mem::take(&mut bm.dirty);
             for po in dirty {
                 if let Some(img) = bm.pages.get(&po) {
-                    pages.insert(po, img.clone());
+                    bm_pages.insert(po, img.clone());
                 }
             }
         }
+        let pages: Vec<(u64, Box<[u8]>)> =
+            bm_pages.into_iter().chain(bat_pages).chain(raw).collect();
         if pages.is_empty() {
             return Ok(());
         }
-        let pages: Vec<(u64, Box<[u8]>)> = pages.into_iter().collect();
         // Each entry is at most half the log so it never overlaps the previous one.
         let max_pages = ((log_len / 2) / PAGE).saturating_sub(2).max(1) as usize;
         let mut first = true;
@@ -914,7 +921,17 @@ impl VhdxDisk {
     }
 
     /// Sets bitmap bits for sectors `s..s+n` of block `b` (caller holds the WAL lock and bat).
-    fn set_bits(&self, wal: &mut Wal, bat: &mut Bat, b: u64, s: u64, n: u64) -> Result<()> {
+    /// With `fresh` the block's other bits are cleared first: a block just allocated must not
+    /// inherit bits left by an earlier allocation that a crash undid.
+    fn set_bits(
+        &self,
+        wal: &mut Wal,
+        bat: &mut Bat,
+        b: u64,
+        s: u64,
+        n: u64,
+        fresh: bool,
+    ) -> Result<()> {
         let geo = bat.geo;
         let chunk = b / geo.chunk_ratio;
         let sbi = geo.bitmap_index(chunk);
@@ -925,6 +942,23 @@ impl VhdxDisk {
         let sb = bat_offset(bat.entries[sbi]);
         let spb = geo.sectors_per_block();
         let mut bm = lock(&self.bitmaps);
+        if fresh {
+            // Sectors per block is a multiple of 8 (block >= 1 MiB, sector <= 4 KiB).
+            let first = (b % geo.chunk_ratio) * spb / 8;
+            let last = first + spb / 8;
+            let mut byte = first;
+            while byte < last {
+                let po = sb + byte / PAGE * PAGE;
+                let page = self.bitmap_page(&mut bm, po)?;
+                let from = (byte % PAGE) as usize;
+                let to = (PAGE as usize).min(from + (last - byte) as usize);
+                if page[from..to].iter().any(|&x| x != 0) {
+                    page[from..to].fill(0);
+                    bm.dirty.insert(po);
+                }
+                byte += (to - from) as u64;
+            }
+        }
         let bit0 = (b % geo.chunk_ratio) * spb + s;
         let mut bit = bit0;
         while bit < bit0 + n {
@@ -1033,6 +1067,7 @@ impl VhdxDisk {
                     b,
                     s,
                     buf.len() as u64 / geo.logical_sector,
+                    false,
                 )
             }
             _ => {
@@ -1047,6 +1082,7 @@ impl VhdxDisk {
                         b,
                         s,
                         buf.len() as u64 / geo.logical_sector,
+                        true,
                     )?;
                     self.set_entry(&mut bat, idx, bat_entry(PB_PARTIALLY_PRESENT, blk));
                 } else {
@@ -1384,6 +1420,9 @@ impl VhdxDisk {
         }
         self.ensure_session(true)?;
         let mut wal = lock(&self.wal);
+        // Earlier changes go in their own entries; the resize's pages then share as few as
+        // possible.
+        self.flush_locked(&mut wal)?;
         let mut bat = wlock(&self.bat);
         let og = bat.geo;
         // Zero the part of a kept, allocated last block that falls past the new end.
@@ -1458,8 +1497,11 @@ impl VhdxDisk {
             *wlock(&self.regions) = rt;
             bat.dirty_pages.clear();
         } else {
-            let pages = (old_len.max(bat.entries.len()) as u64).div_ceil(512);
-            for p in 0..pages {
+            // Payload indexes keep their places, so only pages past the shorter table change
+            // (plus, for differencing disks, none: bitmap entries keep their places too).
+            let from = (old_len.min(bat.entries.len()) as u64) / 512;
+            let to = (old_len.max(bat.entries.len()) as u64).div_ceil(512);
+            for p in from..to {
                 bat.dirty_pages.insert(p);
             }
         }
