@@ -29,8 +29,13 @@
 //!   allocated. An entry is placed right after the previous one in the ring (wrapping around the
 //!   end) and is limited to half the log, so it never overwrites the previous entry, which is
 //!   still the replay target until the new one is durable. A dirty set larger than that is
-//!   written as several entries with a checkpoint (flush, apply, flush) between them; every
-//!   intermediate state is one a crash between two writes could have produced anyway.
+//!   written as several entries with a checkpoint (flush, apply, flush) between them, ordered so
+//!   that every prefix is consistent: sector-bitmap pages first, then BAT pages, then the
+//!   metadata region and region tables (a new virtual size or BAT location lands only after the
+//!   entries it covers). Bits may thus become durable before the BAT entry that uses them, so a
+//!   newly allocated PARTIALLY_PRESENT block always clears its bitmap range before setting bits.
+//!   Operations that must be atomic as a whole (resize, re-parenting) flush earlier changes
+//!   first so their own entry stays small.
 //! * **Crash at any instant**: replay finds the valid entry with the highest sequence number (a
 //!   torn entry fails its CRC and is ignored) and rewrites its page images, which are complete
 //!   and idempotent, so re-applying an entry whose pages had already reached the file is
