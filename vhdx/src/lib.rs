@@ -1308,6 +1308,8 @@ impl VhdxDisk {
         let item = loc.serialize();
         self.ensure_session(false)?;
         let mut wal = lock(&self.wal);
+        // Earlier changes first, so the locator's pages go in one entry of their own.
+        self.flush_locked(&mut wal)?;
         let mo = self.rt().meta_offset;
         let mlen = self.rt().meta_length as usize;
         let mut region = vec![0u8; mlen];
