@@ -121,9 +121,19 @@ pub struct VmConfig {
 /// The time dilation our nested test hosts need (see [`VmConfig::time_dilation`]).
 pub const NESTED_TIME_DILATION: u32 = 10;
 
+/// [`NESTED_TIME_DILATION`] on hosts whose KVM is the software-nested `kvm_pvm` module (guest
+/// kernel code emulated), 1 elsewhere. [`VmConfig::new`] uses it.
+pub fn recommended_time_dilation() -> u32 {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        NESTED_TIME_DILATION
+    } else {
+        1
+    }
+}
+
 impl VmConfig {
     /// Defaults: 256 MiB, 1 vCPU, console on stdout, [`default_cmdline`] with no extras, no
-    /// disks, no time limit.
+    /// disks, no time limit, [`recommended_time_dilation`].
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmConfig {
             kernel: kernel.into(),
@@ -137,7 +147,7 @@ impl VmConfig {
             stall_timeout: None,
             stop_on: Vec::new(),
             verbose: false,
-            time_dilation: 1,
+            time_dilation: recommended_time_dilation(),
         }
     }
 }

@@ -15,6 +15,10 @@ pub struct DiskCounters {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
+    /// Nanoseconds since `epoch` of the first and the latest data request (0 = none yet).
+    pub first_io_ns: AtomicU64,
+    pub last_io_ns: AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
 }
 
 /// A snapshot of [`DiskCounters`].
@@ -25,11 +29,46 @@ pub struct DiskStats {
     pub reads: u64,
     pub writes: u64,
     pub flushes: u64,
+    /// When the first and the last data request arrived, from the start of the VM.
+    pub first_io: Option<std::time::Duration>,
+    pub last_io: Option<std::time::Duration>,
+}
+
+impl DiskStats {
+    /// Bytes read and written per second between the first and the last request.
+    pub fn bytes_per_second(&self) -> Option<f64> {
+        let (a, b) = (self.first_io?, self.last_io?);
+        let secs = b.checked_sub(a)?.as_secs_f64();
+        (secs > 0.0).then(|| (self.read_bytes + self.write_bytes) as f64 / secs)
+    }
 }
 
 impl DiskCounters {
+    /// Counters whose times count from `epoch` (the VM start).
+    pub fn with_epoch(epoch: std::time::Instant) -> Self {
+        let c = DiskCounters::default();
+        let _ = c.epoch.set(epoch);
+        c
+    }
+
+    fn touch(&self) {
+        if let Some(e) = self.epoch.get() {
+            let ns = (e.elapsed().as_nanos() as u64).max(1);
+            let _ = self
+                .first_io_ns
+                .compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
+            self.last_io_ns.fetch_max(ns, Ordering::Relaxed);
+        }
+    }
+
     pub fn snapshot(&self) -> DiskStats {
+        let t = |a: &AtomicU64| match a.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(std::time::Duration::from_nanos(ns)),
+        };
         DiskStats {
+            first_io: t(&self.first_io_ns),
+            last_io: t(&self.last_io_ns),
             read_bytes: self.read_bytes.load(Ordering::Relaxed),
             write_bytes: self.write_bytes.load(Ordering::Relaxed),
             reads: self.reads.load(Ordering::Relaxed),
@@ -46,10 +85,10 @@ pub struct CountingDisk {
 }
 
 impl CountingDisk {
-    pub fn new(inner: Arc<dyn BlockDevice>) -> Self {
+    pub fn new(inner: Arc<dyn BlockDevice>, epoch: std::time::Instant) -> Self {
         CountingDisk {
             inner,
-            counters: Arc::new(DiskCounters::default()),
+            counters: Arc::new(DiskCounters::with_epoch(epoch)),
         }
     }
 }
@@ -71,6 +110,7 @@ impl BlockDevice for CountingDisk {
         self.inner.read_only()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> disk::Result<()> {
+        self.counters.touch();
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters
             .read_bytes
@@ -78,6 +118,7 @@ impl BlockDevice for CountingDisk {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> disk::Result<()> {
+        self.counters.touch();
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters
             .write_bytes
@@ -92,6 +133,7 @@ impl BlockDevice for CountingDisk {
         self.inner.discard(offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> disk::Result<()> {
+        self.counters.touch();
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
         self.inner.write_zeroes(offset, len, flags)

@@ -193,7 +193,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
     let disks: Vec<Arc<CountingDisk>> = cfg
         .disks
         .iter()
-        .map(|d| Arc::new(CountingDisk::new(d.clone())))
+        .map(|d| Arc::new(CountingDisk::new(d.clone(), start)))
         .collect();
     let counters: Vec<Arc<DiskCounters>> = counters
         .into_iter()

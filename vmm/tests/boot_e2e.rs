@@ -231,7 +231,6 @@ fn boots_linux_to_ext4_root_on_storvsc() {
     cfg.console = vmm::Console::File(console.clone());
     cfg.timeout = Some(Duration::from_secs(900));
     cfg.stall_timeout = Some(Duration::from_secs(300));
-    cfg.time_dilation = vmm::NESTED_TIME_DILATION;
     cfg.stop_on.push("Attempted to kill init".into());
     let status = match vmm::run(cfg) {
         Ok(s) => s,
