@@ -71,7 +71,11 @@ fn guest_kernel() -> Result<PathBuf, String> {
 /// nested hosts, so the kernel reports "Attempted to kill init"; elsewhere it exits, which
 /// ends the same way.
 fn init_elf() -> Vec<u8> {
-    let code: [u8; 11] = [0xb8, 60, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05, 0xeb, 0xfe];
+    elf_with_code(&[0xb8, 60, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05, 0xeb, 0xfe])
+}
+
+/// A static ELF whose code is `code`.
+fn elf_with_code(code: &[u8]) -> Vec<u8> {
     let base: u64 = 0x40_0000;
     let total = 64 + 56 + code.len() as u64;
     let mut e = Vec::new();
@@ -92,19 +96,29 @@ fn init_elf() -> Vec<u8> {
     for v in [0u64, base, base, total, total, 0x1000] {
         e.extend_from_slice(&v.to_le_bytes());
     }
-    e.extend_from_slice(&code);
+    e.extend_from_slice(code);
     e
 }
 
 /// Creates `disk` with a GPT holding one Linux partition with an ext4 file system; returns
 /// the partition's (start, length) in bytes.
 fn make_disk(dir: &Path, disk: &Path) -> (u64, u64) {
+    make_disk_with(dir, disk, DISK_SIZE, &init_elf(), &[])
+}
+
+fn make_disk_with(
+    dir: &Path,
+    disk: &Path,
+    disk_size: u64,
+    init: &[u8],
+    mkfs_args: &[&str],
+) -> (u64, u64) {
     let root = dir.join("root");
     fs::create_dir_all(root.join("sbin")).unwrap();
     fs::create_dir_all(root.join("dev")).unwrap();
     fs::create_dir_all(root.join("proc")).unwrap();
     for p in ["init", "sbin/init"] {
-        fs::write(root.join(p), init_elf()).unwrap();
+        fs::write(root.join(p), init).unwrap();
         Command::new("chmod")
             .arg("755")
             .arg(root.join(p))
@@ -112,7 +126,7 @@ fn make_disk(dir: &Path, disk: &Path) -> (u64, u64) {
             .unwrap();
     }
     fs::write(root.join("hello.txt"), b"written on the host\n").unwrap();
-    File::create(disk).unwrap().set_len(DISK_SIZE).unwrap();
+    File::create(disk).unwrap().set_len(disk_size).unwrap();
     let mut sf = Command::new("sfdisk")
         .arg("-q")
         .arg(disk)
@@ -145,7 +159,9 @@ fn make_disk(dir: &Path, disk: &Path) -> (u64, u64) {
     let part = dir.join("part.img");
     File::create(&part).unwrap().set_len(size).unwrap();
     let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "viridian", "-d"])
+        .args(["-q", "-F", "-L", "viridian"])
+        .args(mkfs_args)
+        .arg("-d")
         .arg(&root)
         .arg(&part)
         .status()
@@ -321,4 +337,90 @@ fn boots_linux_to_ext4_root_on_storvsc() {
         dd_rate / 1e6,
         status.hv_stats,
     );
+}
+
+/// Throughput of storvsc under a kernel-only write workload: ext4's lazy inode-table
+/// initialisation (mkfs with lazy_itable_init=1, mounted with init_itable=0) zeroes the inode
+/// tables of a 512 MiB file system from a kernel thread while /init spins in user mode. The
+/// run ends when the console and the disk have been quiet for 60 s. Prints guest-side bytes
+/// per second beside a host `dd` of the same image.
+#[test]
+#[ignore = "benchmark: several minutes; run with --ignored --nocapture"]
+fn storvsc_lazyinit_throughput() {
+    if !Path::new("/dev/kvm").exists() {
+        skip("/dev/kvm is absent");
+        return;
+    }
+    for tool in ["sfdisk", "mkfs.ext4", "dd"] {
+        if !have(tool) {
+            skip(&format!("{tool} is not installed"));
+            return;
+        }
+    }
+    let kernel = match guest_kernel() {
+        Ok(k) => k,
+        Err(e) => {
+            skip(&format!("cannot build the guest kernel: {e}"));
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let disk_path = dir.path().join("disk.raw");
+    let size = 512u64 << 20;
+    // /init: jmp . (no system calls, so the kernel keeps running its threads).
+    let spin = elf_with_code(&[0xeb, 0xfe]);
+    make_disk_with(
+        dir.path(),
+        &disk_path,
+        size,
+        &spin,
+        &["-E", "lazy_itable_init=1,lazy_journal_init=1"],
+    );
+    let disk = disk::RawDisk::open(&disk_path, disk::Access::ReadWrite).unwrap();
+    let mut cfg = vmm::VmConfig::new(&kernel);
+    cfg.cmdline = vmm::default_cmdline("root=/dev/sda1 rw rootfstype=ext4 rootflags=init_itable=0");
+    cfg.memory = 128 << 20;
+    cfg.disks.push(Arc::new(disk));
+    cfg.console = vmm::Console::File(dir.path().join("console.log"));
+    cfg.timeout = Some(Duration::from_secs(1200));
+    cfg.stall_timeout = Some(Duration::from_secs(60));
+    let (d, milestones) = match vmm::run(cfg) {
+        Err(vmm::VmmError::Guest(r)) if r.reason == vmm::StopReason::Stalled => {
+            (r.disk_stats[0], r.milestones)
+        }
+        Err(vmm::VmmError::Guest(r)) if r.reason == vmm::StopReason::Timeout => {
+            (r.disk_stats[0], r.milestones)
+        }
+        Err(e) => panic!("VM failed:\n{e}"),
+        Ok(s) => (s.disk_stats[0], s.milestones),
+    };
+    assert!(
+        milestones.iter().any(|m| m.name == "init-started"),
+        "{milestones:?}"
+    );
+    let rate = d.bytes_per_second().unwrap_or(0.0);
+    let dd = |args: &[&str]| -> String {
+        let out = Command::new("dd").args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string()
+    };
+    let img = format!("if={}", disk_path.display());
+    let host_read = dd(&[&img, "of=/dev/null", "bs=1M"]);
+    let host_read_direct = dd(&[&img, "of=/dev/null", "bs=1M", "iflag=direct"]);
+    eprintln!(
+        "storvsc lazyinit workload: {} bytes read in {} requests, {} bytes written in {} \
+         requests, {} flushes, between {:?} and {:?}: {:.1} KB/s through storvsc",
+        d.read_bytes,
+        d.reads,
+        d.write_bytes,
+        d.writes,
+        d.flushes,
+        d.first_io,
+        d.last_io,
+        rate / 1000.0
+    );
+    eprintln!("host dd of the same image: {host_read}; with O_DIRECT: {host_read_direct}");
 }
