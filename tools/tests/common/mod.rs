@@ -112,3 +112,153 @@ pub fn tmp() -> tempfile::TempDir {
 pub fn join(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// What one measured run of the binary did.
+pub struct Measured {
+    pub code: i32,
+    pub signal: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// Peak resident set of the child, KiB (getrusage of the reaped child).
+    pub max_rss_kib: u64,
+    pub wall: std::time::Duration,
+}
+
+impl Measured {
+    /// Panicked: Rust's panic exit code 101, a panic message, or death by a signal.
+    pub fn panicked(&self) -> bool {
+        self.code == 101 || self.signal != 0 || self.stderr.contains("panicked")
+    }
+}
+
+/// Runs viridian, reaping the child with wait4 to get its own peak RSS; output is read after it
+/// exits (runs that may print more than a pipe holds must not use this).
+pub fn viridian_measured(args: &[&str]) -> Measured {
+    use std::io::Read;
+    use std::process::Stdio;
+    let start = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run viridian");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let mut status = 0i32;
+    // SAFETY: plain struct filled by the kernel.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child; status and rusage point to owned memory.
+    let rc = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert_eq!(rc, child.id() as i32, "wait4 failed");
+    let wall = start.elapsed();
+    let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
+    std::mem::forget(child); // already reaped
+    let (code, signal) = if libc::WIFEXITED(status) {
+        (libc::WEXITSTATUS(status), 0)
+    } else {
+        (-1, libc::WTERMSIG(status))
+    };
+    Measured {
+        code,
+        signal,
+        stdout,
+        stderr,
+        max_rss_kib: ru.ru_maxrss as u64,
+        wall,
+    }
+}
+
+/// FUSE usable here: /dev/fuse and fusermount3; skip with a message, or fail under
+/// VIRIDIAN_REQUIRE_ALL=1.
+pub fn fuse_usable() -> bool {
+    let ok = Path::new("/dev/fuse").exists() && have("fusermount3");
+    if !ok {
+        if require_all() {
+            panic!(
+                "FUSE is required (VIRIDIAN_REQUIRE_ALL=1) but /dev/fuse or fusermount3 is missing"
+            );
+        }
+        eprintln!("SKIP: FUSE unavailable (/dev/fuse or fusermount3 missing)");
+    }
+    ok
+}
+
+/// Unmounts (ours, then lazily with fusermount3) on drop so no test leaves a mount behind.
+pub struct MountGuard(pub PathBuf);
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if mounted(&self.0) {
+            let _ = viridian(&["unmount", p(&self.0)]);
+            if mounted(&self.0) {
+                let _ = tool("fusermount3", &["-u", "-z", p(&self.0)]);
+            }
+        }
+    }
+}
+
+pub fn mounted(mp: &Path) -> bool {
+    let canon = std::fs::canonicalize(mp).unwrap_or_else(|_| mp.to_path_buf());
+    std::fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                l.split(' ').nth(1) == Some(p(&canon)) || l.split(' ').nth(1) == Some(p(mp))
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// A `viridian serve` child, killed and reaped on drop.
+pub struct ServeGuard(pub std::process::Child);
+impl Drop for ServeGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `viridian serve ARGS` and waits for `socket` to appear (None when the server exited
+/// first; its exit code and stderr are then in the error).
+pub fn serve_start(args: &[&str], socket: &Path) -> Result<ServeGuard, (i32, String)> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .arg("serve")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start viridian serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut e = String::new();
+            if let Some(mut s) = child.stderr.take() {
+                let _ = s.read_to_string(&mut e);
+            }
+            return Err((st.code().unwrap_or(-1), e));
+        }
+        if socket.exists() {
+            return Ok(ServeGuard(child));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("viridian serve neither started nor exited within 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
