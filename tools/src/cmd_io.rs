@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use chain::OpenOptions;
 use disk::{BlockDevice, ZeroFlags};
 
-use crate::common::{self, SizeRuleArg};
+use crate::common::{self, SizeRuleArg, UndoEnd};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,12 +28,6 @@ pub struct Args {
     #[arg(long = "undo-file")]
     undo_file: Option<PathBuf>,
     file: PathBuf,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum UndoEnd {
-    Commit,
-    Discard,
 }
 
 pub fn run(a: Args) -> Result<i32> {

@@ -54,12 +54,34 @@ pub struct Args {
     mountpoint: PathBuf,
 }
 
+/// Where the server of a mount point records its pid, so `unmount` can wait for it to close
+/// the image (scripts expect the image to be clean once `viridian unmount` returns).
+fn pid_file(mountpoint: &std::path::Path) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    canonical.hash(&mut h);
+    std::env::temp_dir().join(format!("viridian-mount-{:016x}.pid", h.finish()))
+}
+
+/// Removes the pid file when the server ends, however it ends.
+struct PidFile(PathBuf);
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 pub fn run(a: Args) -> Result<i32> {
     mount::check_fuse().context("cannot mount")?;
     mount::check_mountpoint(&a.mountpoint).context("cannot mount")?;
     if !a.foreground {
         return spawn_background(&a);
     }
+    let pid_path = pid_file(&a.mountpoint);
+    std::fs::write(&pid_path, std::process::id().to_string())
+        .with_context(|| format!("cannot write {}", pid_path.display()))?;
+    let _pid = PidFile(pid_path);
     let writable = a.rw || a.undo;
     let mut opts = if writable && !a.undo {
         OpenOptions::read_write()
@@ -96,28 +118,15 @@ pub fn run(a: Args) -> Result<i32> {
             UndoEnd::Ask => UndoEnd::Discard,
             other => other,
         };
-        if served.is_err() && end == UndoEnd::Commit {
-            // Never merge changes from a session that ended in an error.
-            undo.discard()?;
-            served.context("mount failed; the undo changes were discarded")?;
-            return Ok(1);
-        }
+        // Changes from a session that ended in an error are never merged.
+        let ok = served.is_ok();
+        let end = if end == UndoEnd::Commit {
+            common::UndoEnd::Commit
+        } else {
+            common::UndoEnd::Discard
+        };
+        common::finish_undo(undo, end, ok)?;
         served.context("mount failed")?;
-        match end {
-            UndoEnd::Commit => {
-                let n = undo
-                    .commit(&mut |_| {})
-                    .context("cannot commit the undo changes")?;
-                eprintln!("viridian: committed {n} bytes into {}", a.image.display());
-            }
-            _ => {
-                undo.discard()?;
-                eprintln!(
-                    "viridian: undo changes discarded; {} is unchanged",
-                    a.image.display()
-                );
-            }
-        }
         return Ok(0);
     }
     let disk = common::open_with(&a.image, None, SizeRuleArg::Auto, opts)?;
@@ -191,7 +200,31 @@ pub struct UnmountArgs {
 }
 
 pub fn run_unmount(a: UnmountArgs) -> Result<i32> {
+    let pid_path = pid_file(&a.mountpoint);
+    let server: Option<i32> = std::fs::read_to_string(&pid_path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
     mount::unmount_with(&a.mountpoint, a.lazy)
         .with_context(|| format!("cannot unmount {}", a.mountpoint.display()))?;
+    // Wait for the server to flush and close the image (it removes its pid file on exit).
+    if let Some(pid) = server {
+        let alive = || std::path::Path::new(&format!("/proc/{pid}")).exists();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pid_path.exists() && Instant::now() < deadline {
+            if !alive() {
+                // A server that died without cleaning up (SIGKILL): nothing to wait for.
+                let _ = std::fs::remove_file(&pid_path);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if pid_path.exists() && !a.lazy {
+            bail!(
+                "{} is unmounted but its server (pid {}) has not finished closing the image",
+                a.mountpoint.display(),
+                server.unwrap_or(0)
+            );
+        }
+    }
     Ok(0)
 }

@@ -11,13 +11,7 @@ use chain::{OpenOptions, UndoDisk};
 use disk::BlockDevice;
 use serde::Deserialize;
 
-use crate::common::{self, SizeRuleArg};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum UndoEnd {
-    Commit,
-    Discard,
-}
+use crate::common::{self, SizeRuleArg, UndoEnd};
 
 #[derive(clap::Args)]
 pub struct Args {

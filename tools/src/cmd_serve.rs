@@ -9,13 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use chain::{OpenOptions, UndoDisk};
 use disk::BlockDevice;
 
-use crate::common::{self, SizeRuleArg};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum UndoEnd {
-    Commit,
-    Discard,
-}
+use crate::common::{self, SizeRuleArg, UndoEnd};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -148,17 +142,7 @@ pub fn run(a: Args) -> Result<i32> {
                     failed = true;
                 }
             }
-            Opened::Undo(u) => {
-                let parent = u.parent_path().to_path_buf();
-                if undo_end == UndoEnd::Commit && !failed {
-                    let n = u.commit(&mut |_| {}).with_context(|| {
-                        format!("cannot commit the undo changes into {}", parent.display())
-                    })?;
-                    eprintln!("viridian: committed {n} bytes into {}", parent.display());
-                } else {
-                    u.discard()?;
-                }
-            }
+            Opened::Undo(u) => common::finish_undo(u, undo_end, !failed)?,
         }
     }
     Ok(if failed { 1 } else { 0 })

@@ -39,6 +39,31 @@ impl SizeRuleArg {
     }
 }
 
+/// What happens to an undo session's changes when it ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UndoEnd {
+    Commit,
+    Discard,
+}
+
+/// Ends an undo session: commits (only when the session went well) or discards, and says so.
+pub fn finish_undo(u: chain::UndoDisk, end: UndoEnd, session_ok: bool) -> Result<()> {
+    let parent = u.parent_path().to_path_buf();
+    if end == UndoEnd::Commit && session_ok {
+        let n = u
+            .commit(&mut |_| {})
+            .with_context(|| format!("cannot commit the undo changes into {}", parent.display()))?;
+        eprintln!("viridian: committed {n} bytes into {}", parent.display());
+    } else {
+        u.discard()?;
+        eprintln!(
+            "viridian: undo changes discarded; {} is unchanged",
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {

@@ -173,7 +173,7 @@ fn make(path: &Path, spec: &chain::CreateSpec, writes: &[(u64, u8)]) {
 }
 
 /// A dirty VHDX (log entries pending) made by crashing a writer on a fault-injecting store.
-fn dirty_vhdx(base: &[u8]) -> Option<Vec<u8>> {
+pub fn dirty_vhdx(base: &[u8]) -> Option<Vec<u8>> {
     use disk::fault::{FaultPlan, FaultyStorage};
     use std::sync::Arc;
     for crash_at in 1..64 {
