@@ -32,23 +32,43 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<i32> {
+    let format = common::parse_format(&a.out_format)?;
+    // The target's allocation unit: data anywhere in a block allocates the whole block.
+    let spec0 = crate::cmd_create::spec_from_options(format, 0, &a.options)?;
+    let unit = u64::from(spec0.block_size.unwrap_or(match format {
+        Format::Vhd => vhd::DEFAULT_BLOCK_SIZE,
+        Format::Vhdx => vhdx::DEFAULT_BLOCK_SIZE,
+        Format::Raw => 1 << 20,
+    }))
+    .max(512);
     let (size, allocated) = match (&a.size, &a.file) {
         (Some(s), None) => (common::parse_size(s)?, 0),
         (None, Some(f)) => {
             let d = common::open_ro(f, a.format.as_deref(), a.size_rule)?;
-            let mut allocated = 0;
+            let mut blocks = 0u64;
+            let mut last_block: Option<u64> = None;
             disk::map::for_each_extent(d.as_ref(), |e| {
                 if e.data {
-                    allocated += e.length;
+                    let first = e.start / unit;
+                    let last = (e.start + e.length - 1) / unit;
+                    let first = if last_block == Some(first) {
+                        first + 1
+                    } else {
+                        first
+                    };
+                    if last >= first {
+                        blocks += last - first + 1;
+                    }
+                    last_block = Some(last);
                 }
                 Ok(())
             })?;
-            (d.size(), allocated)
+            (d.size(), (blocks * unit).min(d.size()))
         }
         _ => bail!("measure needs either --size or FILE (not both)"),
     };
-    let format = common::parse_format(&a.out_format)?;
-    let spec = crate::cmd_create::spec_from_options(format, size, &a.options)?;
+    let mut spec = spec0;
+    spec.size = size;
     let (required, full) = match format {
         // A raw file needs its whole size (sparse files may use less, as qemu-img says too).
         Format::Raw => (size, size),

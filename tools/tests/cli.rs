@@ -461,3 +461,64 @@ fn run_reports_bad_vm_descriptions_clearly() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown option"));
 }
+
+#[test]
+fn measure_predicts_converted_sizes() {
+    let d = tmp();
+    let src = join(d.path(), "m.raw");
+    patterned_raw(&src, 48 << 20, 9);
+    for fmt in ["vhd", "vhdx"] {
+        let m = json(&["measure", "--output", "json", "-O", fmt, p(&src)]);
+        let required = m["required"].as_u64().unwrap();
+        let full = m["fully-allocated"].as_u64().unwrap();
+        assert!(full >= required && full >= 48 << 20, "{fmt}: {m}");
+        let out = join(d.path(), &format!("m.{fmt}"));
+        ok(&["convert", "-O", fmt, p(&src), p(&out)]);
+        let actual = std::fs::metadata(&out).unwrap().len();
+        assert!(
+            actual <= required,
+            "{fmt}: file {actual} > required {required}"
+        );
+        assert!(
+            required - actual < 16 << 20,
+            "{fmt}: estimate {required} far above {actual}"
+        );
+        let empty = json(&["measure", "--output", "json", "-O", fmt, "--size", "1G"]);
+        assert!(
+            empty["required"].as_u64().unwrap() < 8 << 20,
+            "{fmt}: empty image {empty}"
+        );
+        assert!(empty["fully-allocated"].as_u64().unwrap() >= 1 << 30);
+    }
+}
+
+#[test]
+fn info_backing_chain_lists_every_layer() {
+    let d = tmp();
+    let base = join(d.path(), "b.vhdx");
+    let mid = join(d.path(), "m.vhdx");
+    let top = join(d.path(), "t.vhdx");
+    ok(&["create", "-f", "vhdx", p(&base), "16M"]);
+    ok(&["create", "-f", "vhdx", "-b", p(&base), p(&mid)]);
+    ok(&["create", "-f", "vhdx", "-b", p(&mid), p(&top)]);
+    ok(&["io", "-c", "write -P 1 0 1M", p(&top)]);
+    let v = json(&["info", "--backing-chain", "--output", "json", p(&top)]);
+    let arr = v.as_array().unwrap();
+    assert_eq!(arr.len(), 3);
+    assert!(arr[0]["backing-filename"]
+        .as_str()
+        .unwrap()
+        .contains("m.vhdx"));
+    assert!(arr[1]["full-backing-filename"]
+        .as_str()
+        .unwrap()
+        .ends_with("b.vhdx"));
+    assert!(arr[2].get("backing-filename").is_none());
+    let data = &arr[0]["format-specific"]["data"];
+    assert_eq!(data["allocated-bytes"], 1 << 20);
+    let human = ok(&["info", p(&top)]);
+    assert!(
+        human.contains("virtual size: 16 MiB (16777216 bytes)") && human.contains("backing file:"),
+        "{human}"
+    );
+}
