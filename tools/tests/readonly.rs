@@ -120,8 +120,21 @@ fn read_only_commands_change_no_byte_and_no_mtime() {
         }
         ok(&["info", "--backing-chain", i]);
         assert_unchanged(&before, dir, &format!("info {name}"));
-        let c = code(&["check", i]);
-        assert!(matches!(c, 0 | 3), "check {name}: exit {c}");
+        let o = viridian(&["check", i]);
+        let c = o.status.code().unwrap_or(-1);
+        // A pending log is reported as an error needing replay (exit 2), as qemu-img does;
+        // check without -r must not replay it.
+        let allowed = if name == "vhdx-dirty" {
+            &[2, 3][..]
+        } else {
+            &[0, 3][..]
+        };
+        assert!(
+            allowed.contains(&c),
+            "check {name}: exit {c}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         let cj = code(&["check", "--output", "json", i]);
         assert_eq!(c, cj, "check {name}: human and json exit codes differ");
         assert_unchanged(&before, dir, &format!("check {name}"));
@@ -157,7 +170,13 @@ fn read_only_mount_and_serve_change_no_byte_and_no_mtime() {
                 ok(&["mount", p(img), p(&mp)]);
                 let got = std::fs::read(mp.join("disk")).expect("read the mounted disk");
                 assert!(got == want, "mount {name}: contents differ");
-                ok(&["unmount", p(&mp)]);
+                // The kernel may still be releasing the file just read: retry while busy.
+                let mut tries = 0;
+                while code(&["unmount", p(&mp)]) != 0 {
+                    tries += 1;
+                    assert!(tries < 100, "unmount {name}: still busy after 5 s");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
             }
             // The background server closes the image after the unmount.
             for _ in 0..200 {
