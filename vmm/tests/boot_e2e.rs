@@ -342,7 +342,7 @@ fn boots_linux_to_ext4_root_on_storvsc() {
 /// Throughput of storvsc under a kernel-only write workload: ext4's lazy inode-table
 /// initialisation (mkfs with lazy_itable_init=1, mounted with init_itable=0) zeroes the inode
 /// tables of a 512 MiB file system from a kernel thread while /init spins in user mode. The
-/// run ends when the console and the disk have been quiet for 60 s. Prints guest-side bytes
+/// run ends when the console and the disk have been quiet for 200 s. Prints guest-side bytes
 /// per second beside a host `dd` of the same image.
 #[test]
 #[ignore = "benchmark: several minutes; run with --ignored --nocapture"]
@@ -383,7 +383,7 @@ fn storvsc_lazyinit_throughput() {
     cfg.disks.push(Arc::new(disk));
     cfg.console = vmm::Console::File(dir.path().join("console.log"));
     cfg.timeout = Some(Duration::from_secs(1200));
-    cfg.stall_timeout = Some(Duration::from_secs(60));
+    cfg.stall_timeout = Some(Duration::from_secs(200));
     let (d, milestones) = match vmm::run(cfg) {
         Err(vmm::VmmError::Guest(r)) if r.reason == vmm::StopReason::Stalled => {
             (r.disk_stats[0], r.milestones)
