@@ -15,6 +15,8 @@
 #
 # Usage: bench/mount/run.sh [workdir]
 #   env: ROUNDS=3 FIO_RUNTIME=8 SIZE_MIB=2048 THREADS=4 (viridian request threads)
+#        FORMAT=vhdx: both serve a dynamic VHDX (1 MiB blocks) made from the raw image, ours
+#        through `viridian mount --foreground`, qemu's through its vhdx driver.
 # Needs root (FUSE mounts, drop of the FUSE page cache), qemu-storage-daemon (qemu-system-common
 # or qemu-utils from bookworm-backports), fio (optional), python3.
 set -euo pipefail
@@ -54,6 +56,14 @@ with open(path, "wb") as f:
         f.write(os.urandom(ext))
 PY
 fi
+FORMAT=${FORMAT:-raw}
+if [ "$FORMAT" = vhdx ]; then
+    (cd "$ROOT" && cargo build --release -q -p viridian)
+    VIRIDIAN=$CARGO_TARGET_DIR/release/viridian
+    rm -f "$WORK/bench.vhdx"
+    "$VIRIDIAN" convert -q -O vhdx "$IMG" "$WORK/bench.vhdx"
+    IMG=$WORK/bench.vhdx
+fi
 cat "$IMG" >/dev/null # warm the host page cache for both servers
 
 MP_V=$WORK/mnt-viridian
@@ -81,11 +91,15 @@ wait_mounted() { # path
 }
 
 echo "== mounting: viridian on $MP_V ($THREADS threads), qemu-storage-daemon on $MP_Q"
-"$MOUNT_RAW" "$IMG" "$MP_V" --threads "$THREADS" &
+if [ "$FORMAT" = vhdx ]; then
+    "$VIRIDIAN" mount --foreground --threads "$THREADS" "$IMG" "$MP_V" &
+else
+    "$MOUNT_RAW" "$IMG" "$MP_V" --threads "$THREADS" &
+fi
 VPID=$!
 qemu-storage-daemon \
     --blockdev driver=file,node-name=file0,filename="$IMG",read-only=on \
-    --blockdev driver=raw,node-name=raw0,file=file0,read-only=on \
+    --blockdev driver="$FORMAT",node-name=raw0,file=file0,read-only=on \
     --export type=fuse,id=exp0,node-name=raw0,mountpoint="$MP_Q",writable=off &
 QPID=$!
 wait_mounted "$MP_V"

@@ -9,7 +9,10 @@
 # reported (on a shared machine the best is the least disturbed). Server CPU seconds per round
 # are printed too: they are far less noisy than wall time when other jobs compete for the CPUs.
 #
-# Usage: bench/nbd/run.sh [workdir]      env: ROUNDS=3 FIO_RUNTIME=8 SIZE_MIB=2048
+# FORMAT=vhdx serves a dynamic VHDX (1 MiB blocks) made from that image instead: `viridian serve`
+# beside `qemu-nbd -f vhdx`.
+#
+# Usage: bench/nbd/run.sh [workdir]      env: ROUNDS=3 FIO_RUNTIME=8 SIZE_MIB=2048 FORMAT=raw|vhdx
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -44,17 +47,30 @@ with open(path, "wb") as f:
         f.write(os.urandom(ext))
 PY
 fi
+FORMAT=${FORMAT:-raw}
+if [ "$FORMAT" = vhdx ]; then
+    (cd "$ROOT" && cargo build --release -q -p viridian)
+    VIRIDIAN=$CARGO_TARGET_DIR/release/viridian
+    VIMG=$WORK/bench.vhdx
+    rm -f "$VIMG"
+    "$VIRIDIAN" convert -q -O vhdx "$IMG" "$VIMG"
+    IMG=$VIMG
+fi
 # Warm the page cache so both servers read from memory.
 cat "$IMG" >/dev/null
 
 VSOCK=$WORK/viridian.sock
 QSOCK=$WORK/qemu.sock
 rm -f "$VSOCK" "$QSOCK"
-"$SERVE_RAW" --unix "$VSOCK" "$IMG" 2>"$WORK/viridian.log" &
+if [ "$FORMAT" = vhdx ]; then
+    "$VIRIDIAN" serve --socket "$VSOCK" "$IMG" 2>"$WORK/viridian.log" &
+else
+    "$SERVE_RAW" --unix "$VSOCK" "$IMG" 2>"$WORK/viridian.log" &
+fi
 VPID=$!
 # qemu-nbd at its best for this job: persistent, read-only, 8 connections allowed (which also
 # makes it advertise multi-conn), page cache, thread pool AIO.
-qemu-nbd -r -t -f raw -e 8 --cache=writeback --aio=threads -k "$QSOCK" "$IMG" 2>"$WORK/qemu.log" &
+qemu-nbd -r -t -f "$FORMAT" -e 8 --cache=writeback --aio=threads -k "$QSOCK" "$IMG" 2>"$WORK/qemu.log" &
 QPID=$!
 trap 'kill $VPID $QPID 2>/dev/null || true' EXIT
 for s in "$VSOCK" "$QSOCK"; do
