@@ -3,6 +3,7 @@
 #
 # Source: a 2 GiB raw file, half random data (in 1 MiB pieces) and half holes.
 # Cases: raw->vhdx, vhdx->raw, vhd->vhdx. Reports wall time, ratio viridian/qemu-img, and peak RSS.
+# Both tools run with their default target cache mode (unsafe: no fsync at the end).
 # Usage: bench/convert/run.sh [WORKDIR]   (needs ~6 GiB free in WORKDIR; default a temp dir)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,11 +39,13 @@ run_case() { # name srcfile srcfmt dstfmt
     local best_v=999999 best_q=999999 rss_v=0 rss_q=0
     for i in 1 2 3; do
         rm -f "$W/out.v" "$W/out.q"
+        sync # let neither run pay for the other's writeback
         local t0 t1
         t0=$(date +%s%N)
         /usr/bin/time -f '%M' -o "$W/rss.v" "$V" convert -f "$sf" -O "$df" "$src" "$W/out.v"
         t1=$(date +%s%N)
         local tv=$(( (t1 - t0) / 1000000 ))
+        sync
         t0=$(date +%s%N)
         /usr/bin/time -f '%M' -o "$W/rss.q" qemu-img convert -f "$sq" -O "$qf" "$src" "$W/out.q"
         t1=$(date +%s%N)

@@ -17,7 +17,7 @@ mod storage;
 pub use check::CheckReport;
 pub use error::{Error, IoContext, Result};
 pub use raw::RawDisk;
-pub use storage::{write_zeros, Access, FileStorage, MemStorage, Storage};
+pub use storage::{set_skip_file_sync, write_zeros, Access, FileStorage, MemStorage, Storage};
 
 use std::any::Any;
 use std::path::Path;

@@ -8,7 +8,19 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
+
+/// When set, [`FileStorage::flush`] does not call fsync (qemu-img's `-t unsafe` cache mode).
+static SKIP_FILE_SYNC: AtomicBool = AtomicBool::new(false);
+
+/// Process-wide "cache=unsafe": file flushes stop at the page cache. For tools whose whole
+/// output is worthless until they finish (qemu-img convert defaults to it): a killed process
+/// loses nothing (the kernel keeps its writes), only a power loss can. Never set it for
+/// servers or anything that acknowledges flushes to a guest.
+pub fn set_skip_file_sync(skip: bool) {
+    SKIP_FILE_SYNC.store(skip, Ordering::SeqCst);
+}
 
 /// Byte-addressed backing store of an image file. All methods take `&self` and must be safe to
 /// call from many threads at once (positional I/O, no shared cursor).
@@ -148,6 +160,9 @@ impl Storage for FileStorage {
         self.file.write_all_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
+        if SKIP_FILE_SYNC.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         self.file.sync_data()
     }
     fn len(&self) -> io::Result<u64> {

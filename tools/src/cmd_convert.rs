@@ -56,9 +56,11 @@ pub struct Args {
     /// Accepted for qemu-img compatibility.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Accepted for qemu-img compatibility (cache modes).
-    #[arg(short = 't')]
-    cache: Option<String>,
+    /// Target cache mode. `unsafe` (the default, as in qemu-img convert) skips fsync: the
+    /// target is worthless until convert finishes anyway. `writeback`, `none`, `directsync`
+    /// or `writethrough` make it durable before convert returns.
+    #[arg(short = 't', default_value = "unsafe")]
+    cache: String,
     #[arg(short = 'T')]
     src_cache: Option<String>,
     /// VHD size rule for the sources.
@@ -103,6 +105,11 @@ pub fn run(a: Args) -> Result<i32> {
     }
     if a.target_is_zero && a.backing.is_some() {
         bail!("--target-is-zero cannot be used with a backing file");
+    }
+    match a.cache.as_str() {
+        "unsafe" => disk::set_skip_file_sync(true),
+        "writeback" | "none" | "directsync" | "writethrough" => {}
+        other => bail!("-t {other}: expected unsafe, writeback, none, directsync or writethrough"),
     }
     let granule = parse_size(&a.sparse_size)?;
     if granule != 0 && (granule % 512 != 0 || granule > CHUNK) {
@@ -168,7 +175,11 @@ pub fn run(a: Args) -> Result<i32> {
         granule,
     });
     let pb = progress::bar(total, a.progress, a.quiet);
-    copy_all(&plan, a.workers.clamp(1, 16), &pb)?;
+    // Threads beyond twice the cores only add contention for page-cache-bound copies.
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    copy_all(&plan, a.workers.clamp(1, 16).min(2 * cores), &pb)?;
     target
         .close()
         .with_context(|| format!("cannot finish writing {}", dst.display()))?;
