@@ -16,7 +16,10 @@ use disk::check::Repair;
 use disk::{BlockDevice, MemStorage, Storage};
 
 /// The targets by name, for the drivers.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A fuzz target: must return normally for every input.
+pub type Target = fn(&[u8]);
+
+pub const TARGETS: &[(&str, Target)] = &[
     ("vhd_open", vhd_open),
     ("vhdx_open", vhdx_open),
     ("chain_open", chain_open),
@@ -24,7 +27,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("nbd_server", nbd_server),
 ];
 
-pub fn target(name: &str) -> Option<fn(&[u8])> {
+pub fn target(name: &str) -> Option<Target> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
 
@@ -97,7 +100,7 @@ pub fn vhd_open(data: &[u8]) {
     if let Ok(d) = vhd::VhdDisk::open(mem(data), &opts) {
         let size = d.size();
         if size > 0 {
-            let _ = d.write_at(&[0xa5; 4096][..size.min(4096) as usize], size / 2 & !511);
+            let _ = d.write_at(&[0xa5; 4096][..size.min(4096) as usize], (size / 2) & !511);
             let _ = d.flush();
         }
         let _ = d.close();
