@@ -574,6 +574,29 @@ pub(crate) fn load(storage: &dyn Storage, rule: SizeRule, strict: bool) -> Resul
         if let Some((off, msg)) = errors.first() {
             return Err(Error::corrupt("VHD BAT", *off, msg.clone()));
         }
+        // Two entries sharing (part of) a block: reads are defined, but a write through one
+        // would change the other's data, so an open refuses it (check reports it as well).
+        let slot = bitmap + bs as u64;
+        let mut starts: Vec<(u32, usize)> = bat
+            .iter()
+            .enumerate()
+            .filter(|(_, &e)| e != UNALLOCATED)
+            .map(|(i, &e)| (e, i))
+            .collect();
+        starts.sort_unstable();
+        if let Some(w) = starts
+            .windows(2)
+            .find(|w| w[0].0 as u64 * SECTOR + slot > w[1].0 as u64 * SECTOR)
+        {
+            return Err(Error::corrupt(
+                "VHD BAT",
+                bat_off + 4 * w[1].1 as u64,
+                format!(
+                    "entries {} and {} put blocks at sectors {:#x} and {:#x}, which overlap",
+                    w[0].1, w[1].1, w[0].0, w[1].0
+                ),
+            ));
+        }
     }
 
     // Parent locators.
