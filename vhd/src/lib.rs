@@ -1311,12 +1311,17 @@ impl VhdDisk {
             }
             read_exact(s, &mut buf, e as u64 * SECTOR + bitmap, "VHD data block")?;
             if disk::is_zero(&buf) {
-                write_all(
+                if let Err(err) = write_all(
                     s,
                     &UNALLOCATED.to_be_bytes(),
                     bat_off + 4 * i as u64,
                     "VHD BAT entry",
-                )?;
+                ) {
+                    // A short write may have torn the entry: put the old value back (best
+                    // effort), as allocation does.
+                    let _ = s.write_at(&e.to_be_bytes(), bat_off + 4 * i as u64);
+                    return Err(err);
+                }
                 self.mw().bat[i] = UNALLOCATED;
                 freed.push(e as u64 * SECTOR);
                 st.blocks_freed += 1;
@@ -1345,12 +1350,18 @@ impl VhdDisk {
             flush_storage(s)?;
             {
                 let mut m = self.mw();
-                write_all(
+                if let Err(err) = write_all(
                     s,
                     &((h / SECTOR) as u32).to_be_bytes(),
                     bat_off + 4 * last_i as u64,
                     "VHD BAT entry",
-                )?;
+                ) {
+                    // A torn entry would point nowhere: restore the old one (best effort); the
+                    // old copy of the block is still intact.
+                    let old = (last_off / SECTOR) as u32;
+                    let _ = s.write_at(&old.to_be_bytes(), bat_off + 4 * last_i as u64);
+                    return Err(err);
+                }
                 m.bat[last_i] = (h / SECTOR) as u32;
             }
             flush_storage(s)?;
