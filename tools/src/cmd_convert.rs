@@ -216,6 +216,9 @@ fn copy_all(plan: &Arc<Plan>, workers: usize, pb: &indicatif::ProgressBar) -> Re
             }
         }));
     }
+    // Only the workers hold the receiver: when they all stop (error, interrupt), a blocked send
+    // in the producer returns instead of waiting forever.
+    drop(rx);
     let produced = produce(plan, &tx, &failed, pb);
     drop(tx);
     for h in handles {
@@ -289,8 +292,10 @@ fn produce(
 }
 
 fn send(tx: &std::sync::mpsc::SyncSender<Job>, job: Job) -> Result<()> {
-    // A closed channel means every worker died; their error is reported by the caller.
-    let _ = tx.send(job);
+    // A closed channel means every worker stopped; their error is reported by the caller.
+    if tx.send(job).is_err() {
+        bail!("the copy workers stopped");
+    }
     Ok(())
 }
 

@@ -522,3 +522,52 @@ fn info_backing_chain_lists_every_layer() {
         "{human}"
     );
 }
+
+#[test]
+fn interrupted_convert_removes_the_target_and_keeps_the_source() {
+    use std::time::{Duration, Instant};
+    let d = tmp();
+    let src = join(d.path(), "big.raw");
+    // A sparse 2 GiB source written out in full (-S 0): seconds of work, so SIGINT lands mid-copy.
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(2 << 30).unwrap();
+    drop(f);
+    ok(&["io", "-c", "write -P 0x33 0 1M", p(&src)]);
+    let before = std::fs::metadata(&src).unwrap().modified().unwrap();
+    let out = join(d.path(), "out.vhdx");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args([
+            "convert",
+            "-S",
+            "0",
+            "-m",
+            "1",
+            "-t",
+            "writeback",
+            "-O",
+            "vhdx",
+            p(&src),
+            p(&out),
+        ])
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::metadata(&out)
+        .map(|m| m.len() < 64 << 20)
+        .unwrap_or(true)
+        && start.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "convert should stop with an error when interrupted"
+    );
+    assert!(!out.exists(), "half-written target left behind");
+    assert_eq!(std::fs::metadata(&src).unwrap().modified().unwrap(), before);
+    ok(&["io", "-r", "-c", "read -P 0x33 0 1M", p(&src)]);
+}
