@@ -84,11 +84,11 @@ pub fn run(a: Args) -> Result<i32> {
             }
         }
     }
+    // The image's own facts are shown above; a chain that cannot be opened is still an error
+    // (as in qemu-img info), so scripts notice a missing or wrong parent.
     if let Some(e) = chain_error {
-        eprintln!("viridian: warning: {}", common::one_line(&e));
-        if a.backing_chain {
-            return Ok(1);
-        }
+        eprintln!("viridian: {}", common::one_line(&e));
+        return Ok(1);
     }
     Ok(0)
 }

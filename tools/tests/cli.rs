@@ -416,13 +416,14 @@ fn dfvfs_differencing_reports_missing_parent() {
         eprintln!("SKIP: {} not present", img.display());
         return;
     }
-    // info shows the metadata and warns about the parent.
+    // info shows the image's own metadata, then fails on the missing parent naming what it tried.
     let o = viridian(&["info", "--output", "json", p(&img)]);
-    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(o.status.code(), Some(1));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["format"], "vpc");
     assert!(v["backing-filename"].is_string());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not found"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not found") && err.contains("tried"), "{err}");
     // Reading it fails clearly, naming the paths tried.
     let o = viridian(&[
         "convert",

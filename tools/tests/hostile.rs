@@ -80,15 +80,9 @@ fn every_hostile_image_is_refused_by_every_entry_point() {
             gen::Expect::Refused | gen::Expect::ChainOnly => c != 0,
             gen::Expect::Tolerated => true,
         };
+        // info shows what the file itself says, but a broken chain still fails it.
         let m = viridian_measured(&["info", img]);
-        let info_ok = move |c: i32| nonzero(c) || (expect == gen::Expect::ChainOnly && c == 0);
-        st.judge(&format!("info {}", h.name), &m, &info_ok);
-        if expect == gen::Expect::ChainOnly && m.code == 0 && !m.stderr.contains("warning") {
-            st.failures.push(format!(
-                "info {}: no warning about the broken chain",
-                h.name
-            ));
-        }
+        st.judge(&format!("info {}", h.name), &m, &nonzero);
         let m = viridian_measured(&["info", "--backing-chain", img]);
         st.judge(&format!("info --backing-chain {}", h.name), &m, &nonzero);
 
