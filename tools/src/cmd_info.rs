@@ -159,11 +159,14 @@ pub fn image_info(d: &dyn BlockDevice, path: &Path) -> Result<Value> {
         }
         None => Map::new(),
     };
-    data.insert("logical-sector-size".into(), json!(d.logical_sector_size()));
-    data.insert(
-        "physical-sector-size".into(),
-        json!(d.physical_sector_size()),
-    );
+    // Formats that report sector sizes themselves keep their own keys.
+    if !data.contains_key("logical_sector_size") {
+        data.insert("logical-sector-size".into(), json!(d.logical_sector_size()));
+        data.insert(
+            "physical-sector-size".into(),
+            json!(d.physical_sector_size()),
+        );
+    }
     if d.format() != "raw" {
         let (allocated, clusters, fragmented) = allocation_stats(d)?;
         let pct = |a: u64, b: u64| {
