@@ -50,7 +50,8 @@ pub struct Args {
     /// Worker threads.
     #[arg(short = 'm', default_value_t = 8)]
     workers: usize,
-    /// Allow out-of-order writes (always true here: workers write whole chunks independently).
+    /// Allow out-of-order writes. Without it, workers read and scan in parallel but write in
+    /// target order, so dynamic targets get their blocks allocated in order (no fragmentation).
     #[arg(short = 'W')]
     out_of_order: bool,
     /// Accepted for qemu-img compatibility.
@@ -73,7 +74,13 @@ pub struct Args {
 
 const CHUNK: u64 = 2 << 20;
 
-enum Job {
+/// Work for one worker, numbered in target order.
+struct Job {
+    seq: u64,
+    kind: JobKind,
+}
+
+enum JobKind {
     /// Copy `len` bytes from source `src` at `src_off` to the target at `dst_off`.
     Copy {
         src: usize,
@@ -85,7 +92,39 @@ enum Job {
     Zero { dst_off: u64, len: u64 },
 }
 
+/// Lets writes happen in job order: a worker waits for its turn after reading.
+#[derive(Default)]
+struct Turnstile {
+    next: Mutex<u64>,
+    turn: std::sync::Condvar,
+}
+
+impl Turnstile {
+    fn wait_for(&self, seq: u64, failed: &AtomicBool) -> Result<()> {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        while *next != seq {
+            if failed.load(Ordering::SeqCst) || common::interrupted() {
+                bail!("stopped");
+            }
+            next = self
+                .turn
+                .wait_timeout(next, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+    fn done(&self, seq: u64) {
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = seq + 1;
+        self.turn.notify_all();
+    }
+}
+
 struct Plan {
+    /// Write in job order (no -W).
+    in_order: bool,
+    turnstile: Turnstile,
+    failed: AtomicBool,
     sources: Vec<Arc<dyn BlockDevice>>,
     target: Arc<dyn BlockDevice>,
     backing: Option<Arc<dyn BlockDevice>>,
@@ -168,6 +207,9 @@ pub fn run(a: Args) -> Result<i32> {
         (t, b)
     };
     let plan = Arc::new(Plan {
+        in_order: !a.out_of_order,
+        turnstile: Turnstile::default(),
+        failed: AtomicBool::new(false),
         sources,
         target: target.clone(),
         target_zero: (!a.no_create || a.target_is_zero) && backing.is_none(),
@@ -195,42 +237,38 @@ pub fn run(a: Args) -> Result<i32> {
 fn copy_all(plan: &Arc<Plan>, workers: usize, pb: &indicatif::ProgressBar) -> Result<()> {
     let (tx, rx) = sync_channel::<Job>(workers * 2);
     let rx = Arc::new(Mutex::new(rx));
-    let failed = Arc::new(AtomicBool::new(false));
     let first_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::new(Mutex::new(None));
     let mut handles = Vec::new();
     for _ in 0..workers {
-        let (plan, rx, failed, first_error, pb) = (
-            plan.clone(),
-            rx.clone(),
-            failed.clone(),
-            first_error.clone(),
-            pb.clone(),
-        );
+        let (plan, rx, first_error, pb) =
+            (plan.clone(), rx.clone(), first_error.clone(), pb.clone());
         handles.push(std::thread::spawn(move || {
             if let Err(e) = worker(&plan, &rx, &pb) {
-                failed.store(true, Ordering::SeqCst);
+                // Record the cause before others see the flag and stop with a lesser error.
                 first_error
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get_or_insert(e);
+                plan.failed.store(true, Ordering::SeqCst);
+                plan.turnstile.turn.notify_all();
             }
         }));
     }
     // Only the workers hold the receiver: when they all stop (error, interrupt), a blocked send
     // in the producer returns instead of waiting forever.
     drop(rx);
-    let produced = produce(plan, &tx, &failed, pb);
+    let produced = produce(plan, &tx, &plan.failed, pb);
     drop(tx);
     for h in handles {
         if h.join().is_err() {
-            failed.store(true, Ordering::SeqCst);
+            plan.failed.store(true, Ordering::SeqCst);
         }
     }
     if let Some(e) = first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e);
     }
     produced?;
-    if failed.load(Ordering::SeqCst) {
+    if plan.failed.load(Ordering::SeqCst) {
         bail!("a worker thread failed");
     }
     common::check_interrupted()
@@ -244,6 +282,11 @@ fn produce(
     pb: &indicatif::ProgressBar,
 ) -> Result<()> {
     let mut dst_base = 0u64;
+    let mut seq = 0u64;
+    let mut next_seq = || {
+        seq += 1;
+        seq - 1
+    };
     for (i, src) in plan.sources.iter().enumerate() {
         let size = src.size();
         let mut pos = 0u64;
@@ -262,25 +305,27 @@ fn produce(
                 while off < len {
                     let dst_off = dst_base + pos + off;
                     let n = (CHUNK - dst_off % CHUNK).min(len - off);
-                    send(
-                        tx,
-                        Job::Copy {
+                    let job = Job {
+                        seq: next_seq(),
+                        kind: JobKind::Copy {
                             src: i,
                             src_off: pos + off,
                             dst_off,
                             len: n,
                         },
-                    )?;
+                    };
+                    send(tx, job)?;
                     off += n;
                 }
             } else if !plan.target_zero {
-                send(
-                    tx,
-                    Job::Zero {
+                let job = Job {
+                    seq: next_seq(),
+                    kind: JobKind::Zero {
                         dst_off: dst_base + pos,
                         len,
                     },
-                )?;
+                };
+                send(tx, job)?;
             } else {
                 pb.inc(len);
             }
@@ -313,14 +358,23 @@ fn worker(plan: &Plan, rx: &Mutex<Receiver<Job>>, pb: &indicatif::ProgressBar) -
         };
         let Ok(job) = job else { return Ok(()) };
         common::check_interrupted()?;
-        match job {
-            Job::Zero { dst_off, len } => {
+        let seq = job.seq;
+        // Reads and scans run in parallel; without -W the writes then go in job order.
+        let my_turn = || -> Result<()> {
+            if plan.in_order {
+                plan.turnstile.wait_for(seq, &plan.failed)?;
+            }
+            Ok(())
+        };
+        match job.kind {
+            JobKind::Zero { dst_off, len } => {
+                my_turn()?;
                 plan.target
                     .write_zeroes(dst_off, len, ZeroFlags { may_unmap: true })
                     .context("cannot write zeros to the target")?;
                 pb.inc(len);
             }
-            Job::Copy {
+            JobKind::Copy {
                 src,
                 src_off,
                 dst_off,
@@ -340,9 +394,13 @@ fn worker(plan: &Plan, rx: &Mutex<Receiver<Job>>, pb: &indicatif::ProgressBar) -
                     }
                     None => None,
                 };
+                my_turn()?;
                 write_runs(plan, data, base, dst_off)?;
                 pb.inc(len);
             }
+        }
+        if plan.in_order {
+            plan.turnstile.done(seq);
         }
     }
 }

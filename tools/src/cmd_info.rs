@@ -93,8 +93,9 @@ pub fn run(a: Args) -> Result<i32> {
     Ok(0)
 }
 
-/// Share of the layer's virtual size that it stores itself, and the share of its allocated
-/// clusters that do not follow their predecessor in the file.
+/// Bytes the layer stores itself, its allocated clusters, and how many of those do not follow
+/// their predecessor in the file (stored before it, or after a gap larger than per-block
+/// metadata such as a VHD sector bitmap could explain).
 fn allocation_stats(d: &dyn BlockDevice) -> Result<(u64, u64, u64)> {
     let size = d.size();
     let cluster = d.cluster_size().unwrap_or(1 << 20).max(512);
@@ -102,7 +103,8 @@ fn allocation_stats(d: &dyn BlockDevice) -> Result<(u64, u64, u64)> {
     let mut allocated = 0u64;
     let mut clusters = 0u64;
     let mut fragmented = 0u64;
-    let mut expected_next: Option<u64> = None;
+    let mut prev_end: Option<u64> = None;
+    let slack = (cluster / 16).max(64 << 10);
     while pos < size {
         let len = (cluster - pos % cluster).min(size - pos);
         let e = d.block_status(pos, len)?;
@@ -112,10 +114,10 @@ fn allocation_stats(d: &dyn BlockDevice) -> Result<(u64, u64, u64)> {
             if pos % cluster == 0 {
                 clusters += 1;
                 if let Some(h) = host_offset {
-                    if expected_next.is_some_and(|x| x != h) {
+                    if prev_end.is_some_and(|end| h < end || h > end + slack) {
                         fragmented += 1;
                     }
-                    expected_next = Some(h + cluster);
+                    prev_end = Some(h + cluster);
                 }
             }
         }

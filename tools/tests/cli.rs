@@ -572,3 +572,22 @@ fn interrupted_convert_removes_the_target_and_keeps_the_source() {
     assert_eq!(std::fs::metadata(&src).unwrap().modified().unwrap(), before);
     ok(&["io", "-r", "-c", "read -P 0x33 0 1M", p(&src)]);
 }
+
+#[test]
+fn convert_allocates_target_blocks_in_order() {
+    let d = tmp();
+    let src = join(d.path(), "f.raw");
+    patterned_raw(&src, 64 << 20, 13);
+    for fmt in ["vhd", "vhdx"] {
+        let out = join(d.path(), &format!("f.{fmt}"));
+        ok(&["convert", "-m", "8", "-O", fmt, p(&src), p(&out)]);
+        let info = json(&["info", "--output", "json", p(&out)]);
+        let frag = &info["format-specific"]["data"]["fragmentation-percent"];
+        assert_eq!(
+            frag.as_f64(),
+            Some(0.0),
+            "{fmt}: blocks allocated out of order: {info}"
+        );
+        assert_eq!(code(&["compare", p(&out), p(&src)]), 0);
+    }
+}
