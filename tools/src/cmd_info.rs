@@ -99,25 +99,30 @@ pub fn run(a: Args) -> Result<i32> {
 fn allocation_stats(d: &dyn BlockDevice) -> Result<(u64, u64, u64)> {
     let size = d.size();
     let cluster = d.cluster_size().unwrap_or(1 << 20).max(512);
+    let slack = (cluster / 16).max(64 << 10);
     let mut pos = 0;
     let mut allocated = 0u64;
     let mut clusters = 0u64;
     let mut fragmented = 0u64;
     let mut prev_end: Option<u64> = None;
-    let slack = (cluster / 16).max(64 << 10);
     while pos < size {
-        let len = (cluster - pos % cluster).min(size - pos);
-        let e = d.block_status(pos, len)?;
-        let n = e.len.clamp(1, len);
+        // Ask for the rest of the disk: holes come back as one long run, so a huge sparse
+        // image costs a few calls, not one per cluster.
+        let e = d.block_status(pos, size - pos)?;
+        let n = e.len.clamp(1, size - pos);
         if let Allocation::Data { host_offset } = e.allocation {
             allocated += n;
-            if pos % cluster == 0 {
-                clusters += 1;
+            // Cluster starts inside this run; within one run the data is contiguous.
+            let first = pos.div_ceil(cluster) * cluster;
+            if first < pos + n {
+                clusters += (pos + n - first).div_ceil(cluster);
                 if let Some(h) = host_offset {
-                    if prev_end.is_some_and(|end| h < end || h > end + slack) {
+                    let h_first = h + (first - pos);
+                    if prev_end.is_some_and(|end| h_first < end || h_first > end + slack) {
                         fragmented += 1;
                     }
-                    prev_end = Some(h + cluster);
+                    let last = first + (pos + n - 1 - first) / cluster * cluster;
+                    prev_end = Some(h + (last - pos) + cluster);
                 }
             }
         }

@@ -69,6 +69,9 @@ pub fn run(a: Args) -> Result<i32> {
     Ok(code)
 }
 
+/// Largest buffer one command uses; longer ranges are done in pieces.
+const CHUNK: u64 = 16 << 20;
+
 fn run_one(d: &dyn BlockDevice, cmd: &str) -> Result<i32> {
     let words: Vec<&str> = cmd.split_whitespace().collect();
     let (verb, rest) = words
@@ -100,22 +103,33 @@ fn run_one(d: &dyn BlockDevice, cmd: &str) -> Result<i32> {
     match *verb {
         "write" => {
             let (off, len) = range()?;
-            let buf = vec![pattern.unwrap_or(0xcd); len.min(1 << 30) as usize];
-            d.write_at(&buf, off)?;
+            // In bounded pieces: a huge LEN must not become a huge allocation.
+            let buf = vec![pattern.unwrap_or(0xcd); len.min(CHUNK) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK) as usize;
+                d.write_at(&buf[..n], off + done)?;
+                done += n as u64;
+            }
         }
         "read" => {
             let (off, len) = range()?;
-            let mut buf = vec![0u8; len.min(1 << 30) as usize];
-            d.read_at(&mut buf, off)?;
-            if let Some(p) = pattern {
-                if let Some(i) = buf.iter().position(|&b| b != p) {
-                    println!(
-                        "Pattern verification failed at offset {}: {:#04x} != {p:#04x}",
-                        off + i as u64,
-                        buf[i]
-                    );
-                    return Ok(1);
+            let mut buf = vec![0u8; len.min(CHUNK) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK) as usize;
+                d.read_at(&mut buf[..n], off + done)?;
+                if let Some(p) = pattern {
+                    if let Some(i) = buf[..n].iter().position(|&b| b != p) {
+                        println!(
+                            "Pattern verification failed at offset {}: {:#04x} != {p:#04x}",
+                            off + done + i as u64,
+                            buf[i]
+                        );
+                        return Ok(1);
+                    }
                 }
+                done += n as u64;
             }
         }
         "zero" => {
