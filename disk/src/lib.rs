@@ -11,11 +11,13 @@ mod error;
 pub mod fault;
 pub mod map;
 pub mod overlay;
+mod paths;
 mod raw;
 mod storage;
 
 pub use check::CheckReport;
 pub use error::{Error, IoContext, Result};
+pub use paths::windows_relative_path;
 pub use raw::RawDisk;
 pub use storage::{set_skip_file_sync, write_zeros, Access, FileStorage, MemStorage, Storage};
 

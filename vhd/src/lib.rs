@@ -1590,29 +1590,7 @@ impl ParentPaths {
                 Error::InvalidArgument(format!("{} has no file name", parent.display()))
             })?;
         let relative = match child.and_then(|c| std::path::absolute(c).ok()) {
-            Some(c) => {
-                let cdir: Vec<_> = c
-                    .parent()
-                    .map(|p| p.components().collect())
-                    .unwrap_or_default();
-                let pdir: Vec<_> = abs
-                    .parent()
-                    .map(|p| p.components().collect())
-                    .unwrap_or_default();
-                let common = cdir.iter().zip(&pdir).take_while(|(a, b)| a == b).count();
-                let mut parts: Vec<String> = Vec::new();
-                if common == cdir.len() {
-                    parts.push(".".into());
-                }
-                for _ in common..cdir.len() {
-                    parts.push("..".into());
-                }
-                for c in &pdir[common..] {
-                    parts.push(c.as_os_str().to_string_lossy().into_owned());
-                }
-                parts.push(file.clone());
-                parts.join("\\")
-            }
+            Some(c) => disk::windows_relative_path(c.parent().unwrap_or(Path::new("/")), &abs),
             None => format!(".\\{file}"),
         };
         Ok(ParentPaths {

@@ -1951,24 +1951,6 @@ fn replay_in_place(s: &dyn Storage, seq: &log::LogSequence) -> Result<()> {
     s.flush().map_err(io_err("cannot flush after log replay"))
 }
 
-/// Relative path from `from_dir` to `to`, Windows style.
-fn relative_win(from_dir: &Path, to: &Path) -> String {
-    let a: Vec<_> = from_dir.components().collect();
-    let b: Vec<_> = to.components().collect();
-    let common = a.iter().zip(b.iter()).take_while(|(x, y)| x == y).count();
-    let mut parts: Vec<String> = Vec::new();
-    if common == a.len() {
-        parts.push(".".into());
-    }
-    for _ in common..a.len() {
-        parts.push("..".into());
-    }
-    for c in &b[common..] {
-        parts.push(c.as_os_str().to_string_lossy().into_owned());
-    }
-    parts.join("\\")
-}
-
 fn build_locator(
     child: &Path,
     parent_path: &Path,
@@ -1998,7 +1980,10 @@ fn build_locator(
             "parent_linkage".to_string(),
             format!("{{{}}}", guid_fmt(&id)),
         ),
-        ("relative_path".to_string(), relative_win(cdir, &pabs)),
+        (
+            "relative_path".to_string(),
+            disk::windows_relative_path(cdir, &pabs),
+        ),
         (
             "absolute_win32_path".to_string(),
             pabs.to_string_lossy().into_owned(),
