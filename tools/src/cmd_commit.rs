@@ -73,19 +73,9 @@ pub fn run(a: Args) -> Result<i32> {
         .path()
         .ok_or_else(|| anyhow!("the base image has no file"))?
         .to_path_buf();
-    let base = {
-        let mut rw = OpenOptions::read_write();
-        rw.no_parent = true;
-        chain::open(&base_path, &rw)
-            .with_context(|| format!("cannot open {} for writing", base_path.display()))?
-    };
-    if base.parent_link().is_some() {
-        // A differencing base must see its own parents for partial blocks; reopen with chain.
-        drop(base);
-        return commit_into(&a, &top, base_depth, &base_path, true);
-    }
-    drop(base);
-    commit_into(&a, &top, base_depth, &base_path, false)
+    // A differencing base keeps its own parents so partially present blocks stay readable.
+    let base_has_parent = layers[base_depth].parent_link().is_some();
+    commit_into(&a, &top, base_depth, &base_path, base_has_parent)
 }
 
 fn commit_into(

@@ -64,6 +64,19 @@ fn pid_file(mountpoint: &std::path::Path) -> PathBuf {
     std::env::temp_dir().join(format!("viridian-mount-{:016x}.pid", h.finish()))
 }
 
+/// Tells the background server where its log is, so it can remove it after a clean end.
+const LOG_ENV: &str = "VIRIDIAN_MOUNT_LOG";
+
+/// Removes the background server's log when the server ends without an error to keep.
+struct LogFile(Option<PathBuf>);
+impl Drop for LogFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Removes the pid file when the server ends, however it ends.
 struct PidFile(PathBuf);
 impl Drop for PidFile {
@@ -82,6 +95,16 @@ pub fn run(a: Args) -> Result<i32> {
     std::fs::write(&pid_path, std::process::id().to_string())
         .with_context(|| format!("cannot write {}", pid_path.display()))?;
     let _pid = PidFile(pid_path);
+    let mut log = LogFile(std::env::var_os(LOG_ENV).map(PathBuf::from));
+    let result = serve(&a);
+    if result.is_err() {
+        // Keep the log: it holds the error for whoever looks after a failed mount.
+        log.0 = None;
+    }
+    result
+}
+
+fn serve(a: &Args) -> Result<i32> {
     let writable = a.rw || a.undo;
     let mut opts = if writable && !a.undo {
         OpenOptions::read_write()
@@ -161,6 +184,7 @@ fn spawn_background(a: &Args) -> Result<i32> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
+        .env(LOG_ENV, &log_path)
         .process_group(0)
         .spawn()
         .context("cannot start the mount process")?;
