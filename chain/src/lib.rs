@@ -485,3 +485,51 @@ pub fn merge(
     base.flush()?;
     Ok(merged)
 }
+
+/// Points the differencing image `child` at `parent` (rewrites its parent locator and the
+/// identity it records), through the child's own format.
+pub fn set_parent(
+    child: &dyn BlockDevice,
+    parent_path: &Path,
+    parent: &dyn BlockDevice,
+) -> Result<()> {
+    let abs = std::path::absolute(parent_path).unwrap_or_else(|_| parent_path.to_path_buf());
+    let want = if child.as_any().is::<vhd::VhdDisk>() {
+        "vhd"
+    } else if child.as_any().is::<vhdx::VhdxDisk>() {
+        "vhdx"
+    } else {
+        return Err(Error::InvalidArgument(format!(
+            "{} images have no parent to change",
+            child.format()
+        )));
+    };
+    if parent.format() != want {
+        return Err(Error::InvalidArgument(format!(
+            "a differencing {} needs a {} parent; {} is {}",
+            want.to_uppercase(),
+            want.to_uppercase(),
+            parent_path.display(),
+            parent.format()
+        )));
+    }
+    if let Some(v) = child.as_any().downcast_ref::<vhd::VhdDisk>() {
+        v.set_parent(&abs, parent)
+    } else if let Some(v) = child.as_any().downcast_ref::<vhdx::VhdxDisk>() {
+        v.set_parent(&abs, parent)
+    } else {
+        Ok(())
+    }
+}
+
+/// Opens `child` alone for writing and points it at `parent` (as found now). Used after
+/// writing into a parent changed its identity (a VHDX DataWriteGuid) while the child's view
+/// stayed the same: commit and undo commit, also when they fail half-way.
+pub fn relink(child: &Path, parent: &Path) -> Result<()> {
+    let mut rw = OpenOptions::read_write();
+    rw.no_parent = true;
+    let c = open(child, &rw)?;
+    let p = open(parent, &OpenOptions::read_only())?;
+    set_parent(c.as_ref(), parent, p.as_ref())?;
+    c.close()
+}

@@ -188,9 +188,19 @@ impl UndoDisk {
             let mut alone = OpenOptions::read_only();
             alone.no_parent = true;
             let child = open(&child_path, &alone)?;
-            let n = crate::merge(child.as_ref(), 1, parent.as_ref(), progress)?;
-            parent.close()?;
-            n
+            let merged = crate::merge(child.as_ref(), 1, parent.as_ref(), progress)
+                .and_then(|n| parent.close().map(|()| n));
+            drop(child);
+            drop(parent);
+            match merged {
+                Ok(n) => n,
+                Err(e) => {
+                    // Keep the child usable: writing may have changed the parent's identity,
+                    // while the child's view is unchanged (only its own ranges were copied).
+                    let _ = crate::relink(&child_path, &parent_path);
+                    return Err(e);
+                }
+            }
         };
         std::fs::remove_file(&child_path)
             .map_err(|e| Error::io(format!("cannot remove {}", child_path.display()), e))?;

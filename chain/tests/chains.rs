@@ -186,3 +186,24 @@ fn undo_sessions_never_touch_the_parent_until_commit() {
         assert_eq!(read(&a, 0), 5);
     }
 }
+
+#[test]
+fn relink_restores_a_child_after_its_parent_was_written() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a.vhdx");
+    let b = d.path().join("b.vhdx");
+    mk(&a, Format::Vhdx, None);
+    write(&a, 1, 0);
+    mk(&b, Format::Vhdx, Some(&a));
+    write(&b, 2, 1 << 20);
+    // Writing the parent gives it a new DataWriteGuid: the child no longer matches.
+    write(&a, 1, 2 << 20);
+    assert!(matches!(
+        open(&b, &OpenOptions::read_only()),
+        Err(Error::ParentMismatch { .. })
+    ));
+    chain::relink(&b, &a).unwrap();
+    assert_eq!(read(&b, 0), 1);
+    assert_eq!(read(&b, 1 << 20), 2);
+    assert_eq!(read(&b, 2 << 20), 1);
+}

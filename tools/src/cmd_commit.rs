@@ -98,8 +98,27 @@ fn commit_into(
         );
     }
     let pb = progress::bar(size, a.progress, a.quiet);
-    let copied = chain::merge(top.as_ref(), base_depth, base.as_ref(), &mut |n| pb.inc(n))
-        .with_context(|| format!("cannot merge into {}", base_path.display()))?;
+    let merged = chain::merge(top.as_ref(), base_depth, base.as_ref(), &mut |n| pb.inc(n));
+    let copied = match merged {
+        Ok(n) => n,
+        Err(e) => {
+            // The base only received ranges the layers above define, so the chain still reads
+            // the same; but writing may have changed the base's identity (VHDX), so re-link
+            // the layer above it before reporting, or the chain would no longer open.
+            let _ = base.close();
+            drop(base);
+            let layers = chain::layers(top);
+            let above = layers[base_depth - 1].path().map(Path::to_path_buf);
+            drop(layers);
+            if let Some(above) = above {
+                if let Err(r) = chain::relink(&above, base_path) {
+                    eprintln!("viridian: could not re-link {}: {r}", above.display());
+                }
+            }
+            return Err(anyhow::Error::new(e))
+                .with_context(|| format!("cannot merge into {}", base_path.display()));
+        }
+    };
     base.close()
         .with_context(|| format!("cannot finish writing {}", base_path.display()))?;
     drop(base);

@@ -34,40 +34,13 @@ pub struct Args {
 
 /// Points `child` at `parent` (unsafe rebase), writing through the child's own format.
 pub fn relink(child: &Path, parent: &Path) -> Result<()> {
-    let mut rw = OpenOptions::read_write();
-    rw.no_parent = true;
-    let c = chain::open(child, &rw).with_context(|| format!("cannot open {}", child.display()))?;
-    let p = common::open_ro(parent, None, SizeRuleArg::Auto)?;
-    set_parent(c.as_ref(), parent, p.as_ref())?;
-    c.close()
-        .with_context(|| format!("cannot finish writing {}", child.display()))?;
-    Ok(())
+    chain::relink(child, parent)
+        .with_context(|| format!("cannot point {} at {}", child.display(), parent.display()))
 }
 
 fn set_parent(child: &dyn BlockDevice, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
-    let abs = std::path::absolute(parent_path).unwrap_or_else(|_| parent_path.to_path_buf());
-    if let Some(v) = child.as_any().downcast_ref::<vhd::VhdDisk>() {
-        if parent.format() != "vhd" {
-            bail!(
-                "a differencing VHD needs a VHD parent; {} is {}",
-                parent_path.display(),
-                parent.format()
-            );
-        }
-        v.set_parent(&abs, parent)?;
-    } else if let Some(v) = child.as_any().downcast_ref::<vhdx::VhdxDisk>() {
-        if parent.format() != "vhdx" {
-            bail!(
-                "a differencing VHDX needs a VHDX parent; {} is {}",
-                parent_path.display(),
-                parent.format()
-            );
-        }
-        v.set_parent(&abs, parent)?;
-    } else {
-        bail!("{} images have no parent to change", child.format());
-    }
-    Ok(())
+    chain::set_parent(child, parent_path, parent)
+        .with_context(|| format!("cannot point the image at {}", parent_path.display()))
 }
 
 pub fn run(a: Args) -> Result<i32> {
