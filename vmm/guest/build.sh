@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds Viridian's test-guest kernel from Debian packages only and prints the path of the
-# uncompressed ELF vmlinux on stdout (everything else goes to stderr).
+# uncompressed ELF vmlinux on stdout (everything else goes to stderr). The same kernel as an
+# LZ4 bzImage lies beside it as `bzImage`.
 #
 #   vmm/guest/build.sh            build (or reuse) the cached kernel, print its path
 #   vmm/guest/build.sh --path     print the path the kernel would have, build nothing
@@ -26,7 +27,7 @@ pkg_version() {
 
 install_deps() {
     local need=()
-    for p in "$pkg" bc flex bison libelf-dev libssl-dev xz-utils make gcc cpio; do
+    for p in "$pkg" bc flex bison libelf-dev libssl-dev xz-utils lz4 make gcc cpio; do
         dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
     done
     if ((${#need[@]})); then
@@ -56,7 +57,7 @@ install_deps
 ver="$(pkg_version)"
 key="$(key_for "$ver")"
 out="$cache_root/$key"
-if [[ -s "$out/vmlinux" ]]; then
+if [[ -s "$out/vmlinux" && -s "$out/bzImage" ]]; then
     log "cached: $out/vmlinux"
     echo "$out/vmlinux"
     exit 0
@@ -66,7 +67,7 @@ mkdir -p "$cache_root"
 # One build at a time per cache key (tests may call this concurrently).
 exec 9>"$cache_root/.$key.lock"
 flock 9
-if [[ -s "$out/vmlinux" ]]; then
+if [[ -s "$out/vmlinux" && -s "$out/bzImage" ]]; then
     echo "$out/vmlinux"
     exit 0
 fi
@@ -97,10 +98,11 @@ while IFS= read -r line; do
     fi
 done <"$fragment"
 
-log "building vmlinux with -j$jobs (about 6 minutes on 2 idle cores)"
-make -C "$src" -s -j"$jobs" vmlinux >&2
+log "building vmlinux and bzImage with -j$jobs (about 6 minutes on 2 idle cores)"
+make -C "$src" -s -j"$jobs" vmlinux bzImage >&2
 mkdir -p "$out.tmp"
 cp "$src/vmlinux" "$out.tmp/vmlinux"
+cp "$src/arch/x86/boot/bzImage" "$out.tmp/bzImage"
 cp "$src/.config" "$out.tmp/config"
 echo "$pkg $ver" >"$out.tmp/version"
 rm -rf "$out"

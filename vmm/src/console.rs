@@ -44,6 +44,9 @@ pub const MILESTONES: &[(&str, &[&str])] = &[
     ("root-mounted", &["VFS: Mounted root"]),
     ("init-started", &["Run ", " as init process"]),
     ("kernel-panic", &["Kernel panic"]),
+    // md RAID workloads
+    ("md-resync-started", &["md: resync of RAID array"]),
+    ("md-resync-done", &[": resync done."]),
 ];
 
 /// Why the VM stopped (set once, by whoever sees the reason first).
@@ -108,6 +111,8 @@ struct LogInner {
     milestones: Vec<Milestone>,
     last_output: Instant,
     bytes: u64,
+    /// For each of `ConsoleLog::watch`, whether a line has contained it.
+    seen: Vec<bool>,
 }
 
 /// What the console has shown so far.
@@ -116,11 +121,23 @@ pub struct ConsoleLog {
     start: Instant,
     stop_patterns: Vec<String>,
     stop: Arc<StopSignal>,
+    /// Substrings whose first appearance is recorded (console script triggers).
+    watch: Vec<String>,
     inner: Mutex<LogInner>,
 }
 
 impl ConsoleLog {
     pub fn new(start: Instant, stop_patterns: Vec<String>, stop: Arc<StopSignal>) -> Self {
+        Self::with_watch(start, stop_patterns, stop, Vec::new())
+    }
+
+    /// Like [`ConsoleLog::new`], also recording whether each of `watch` has appeared.
+    pub fn with_watch(
+        start: Instant,
+        stop_patterns: Vec<String>,
+        stop: Arc<StopSignal>,
+        watch: Vec<String>,
+    ) -> Self {
         ConsoleLog {
             start,
             stop_patterns,
@@ -131,8 +148,19 @@ impl ConsoleLog {
                 milestones: Vec::new(),
                 last_output: start,
                 bytes: 0,
+                seen: vec![false; watch.len()],
             }),
+            watch,
         }
+    }
+
+    /// Whether a console line has contained `pattern` (one of the `watch` patterns).
+    pub fn seen(&self, pattern: &str) -> bool {
+        let g = lock(&self.inner);
+        self.watch
+            .iter()
+            .zip(&g.seen)
+            .any(|(w, &seen)| seen && w == pattern)
     }
 
     /// Feeds guest output bytes.
@@ -165,6 +193,11 @@ impl ConsoleLog {
                     at: self.start.elapsed(),
                     line: line.clone(),
                 });
+            }
+        }
+        for (i, w) in self.watch.iter().enumerate() {
+            if line.contains(w.as_str()) {
+                g.seen[i] = true;
             }
         }
         for p in &self.stop_patterns {
@@ -241,30 +274,201 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Input for the guest's serial console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialInput {
+    /// Bytes the guest receives as typed characters.
+    Text(Vec<u8>),
+    /// A line break condition: the guest reads a NUL with the Break Interrupt bit in the line
+    /// status. With Magic SysRq on a serial console, BREAK followed by a key runs that SysRq
+    /// command (`s` sync, `u` remount read-only, `o` power off, `b` reboot).
+    Break,
+    /// Wait this long before the next item.
+    Pause(Duration),
+}
+
+/// Host-to-guest input waiting for room in the UART's receive FIFO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Byte(u8),
+    Break,
+}
+
+/// Line Status Register offset and its Break Interrupt bit (not modelled by vm-superio).
+const LSR_OFFSET: u8 = 5;
+const LSR_BREAK_INTERRUPT: u8 = 0x10;
+const DATA_OFFSET: u8 = 0;
+
+struct SerialInner {
+    uart: Serial<IrqTrigger, NoEvents, ConsoleSink>,
+    /// Input not yet in the FIFO (the 64-byte FIFO fills up on long input).
+    pending: VecDeque<Pending>,
+    /// A BREAK's NUL is in the FIFO and the next LSR read must show BI (cleared by that read,
+    /// as on a real 16550).
+    break_latched: bool,
+}
+
+impl SerialInner {
+    /// Moves pending input into the FIFO while there is room.
+    fn pump(&mut self) {
+        while let Some(&next) = self.pending.front() {
+            match next {
+                Pending::Break => {
+                    // BI belongs to the character at the head of the FIFO, so a break waits
+                    // until everything before it has been read.
+                    if self.uart.fifo_capacity() < 64 || self.break_latched {
+                        return;
+                    }
+                    if !matches!(self.uart.enqueue_raw_bytes(&[0]), Ok(1)) {
+                        return;
+                    }
+                    self.break_latched = true;
+                    self.pending.pop_front();
+                }
+                Pending::Byte(_) => {
+                    let room = self.uart.fifo_capacity();
+                    let mut chunk = Vec::new();
+                    for p in self.pending.iter().take(room) {
+                        match p {
+                            Pending::Byte(b) => chunk.push(*b),
+                            Pending::Break => break,
+                        }
+                    }
+                    if chunk.is_empty() {
+                        return;
+                    }
+                    match self.uart.enqueue_raw_bytes(&chunk) {
+                        Ok(n) if n > 0 => {
+                            self.pending.drain(..n);
+                        }
+                        // Full, or the UART is in loopback mode: try again later.
+                        _ => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The COM1 device.
 pub struct SerialPort {
-    inner: Mutex<Serial<IrqTrigger, NoEvents, ConsoleSink>>,
+    inner: Mutex<SerialInner>,
 }
 
 impl SerialPort {
     pub fn new(trigger: IrqTrigger, sink: ConsoleSink) -> Self {
         SerialPort {
-            inner: Mutex::new(Serial::new(trigger, sink)),
+            inner: Mutex::new(SerialInner {
+                uart: Serial::new(trigger, sink),
+                pending: VecDeque::new(),
+                break_latched: false,
+            }),
         }
     }
 
     pub fn read(&self, offset: u8) -> u8 {
-        lock(&self.inner).read(offset)
+        let mut s = lock(&self.inner);
+        let mut v = s.uart.read(offset);
+        if offset == LSR_OFFSET && s.break_latched {
+            v |= LSR_BREAK_INTERRUPT;
+            s.break_latched = false;
+        }
+        if offset == DATA_OFFSET && !s.pending.is_empty() {
+            s.pump();
+        }
+        v
     }
 
     pub fn write(&self, offset: u8, value: u8) {
         let mut s = lock(&self.inner);
         // Errors here are from the interrupt trigger; the guest then just polls.
-        let _ = s.write(offset, value);
+        let _ = s.uart.write(offset, value);
+    }
+
+    /// Queues input for the guest (a `Pause` is the caller's business and ignored here).
+    pub fn send(&self, input: &SerialInput) {
+        let mut s = lock(&self.inner);
+        match input {
+            SerialInput::Text(t) => s.pending.extend(t.iter().map(|&b| Pending::Byte(b))),
+            SerialInput::Break => s.pending.push_back(Pending::Break),
+            SerialInput::Pause(_) => {}
+        }
+        s.pump();
+    }
+
+    /// Retries queued input (called periodically: the guest may not read the FIFO dry).
+    pub fn pump(&self) {
+        lock(&self.inner).pump();
+    }
+
+    /// Input still waiting for FIFO room.
+    pub fn pending(&self) -> usize {
+        lock(&self.inner).pending.len()
     }
 
     pub fn flush(&self) {
-        let _ = lock(&self.inner).writer_mut().flush();
+        let _ = lock(&self.inner).uart.writer_mut().flush();
+    }
+}
+
+/// One step of a console script: once `after` has appeared on the console (at once when
+/// None), send `input` in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleStep {
+    pub after: Option<String>,
+    pub input: Vec<SerialInput>,
+}
+
+/// Plays `steps` against the guest until they are done or the VM stops. Runs on its own
+/// thread; also keeps long input flowing into the 64-byte FIFO.
+pub fn play_script(
+    steps: Vec<ConsoleStep>,
+    serial: Arc<SerialPort>,
+    log: Arc<ConsoleLog>,
+    stop: Arc<StopSignal>,
+) {
+    let tick = Duration::from_millis(50);
+    for step in steps {
+        if let Some(after) = &step.after {
+            while !log.seen(after) {
+                if stop.wait(tick).is_some() {
+                    return;
+                }
+                serial.pump();
+            }
+        }
+        for input in &step.input {
+            match input {
+                SerialInput::Pause(d) => {
+                    if stop.wait(*d).is_some() {
+                        return;
+                    }
+                }
+                other => serial.send(other),
+            }
+        }
+    }
+    while serial.pending() > 0 && stop.wait(tick).is_none() {
+        serial.pump();
+    }
+}
+
+/// Forwards the VMM's stdin to the guest console until EOF or the VM stops (the terminal
+/// stays in its normal line mode: input reaches the guest a line at a time).
+pub fn forward_stdin(serial: Arc<SerialPort>, stop: Arc<StopSignal>) {
+    use std::io::Read;
+    let mut buf = [0u8; 256];
+    let mut stdin = std::io::stdin();
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if stop.stopped() {
+                    return;
+                }
+                serial.send(&SerialInput::Text(buf[..n].to_vec()));
+            }
+        }
     }
 }
 
@@ -297,5 +501,52 @@ mod tests {
             Some(StopReason::Marker("Attempted to kill init".into()))
         );
         assert!(!stop.stop(StopReason::Timeout));
+    }
+
+    fn port() -> SerialPort {
+        let stop = Arc::new(StopSignal::default());
+        let log = Arc::new(ConsoleLog::new(Instant::now(), vec![], stop));
+        let irq = IrqTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        SerialPort::new(irq, ConsoleSink::new(None, log))
+    }
+
+    /// Reads everything the guest would see: (LSR at the time, byte) pairs.
+    fn drain(p: &SerialPort) -> Vec<(u8, u8)> {
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            let lsr = p.read(LSR_OFFSET);
+            if lsr & 1 == 0 {
+                break;
+            }
+            got.push((lsr, p.read(DATA_OFFSET)));
+        }
+        got
+    }
+
+    #[test]
+    fn break_shows_bi_once_with_its_nul() {
+        let p = port();
+        p.write(1, 0x05); // IER: receive data + line status interrupts
+        p.send(&SerialInput::Text(b"ab".to_vec()));
+        p.send(&SerialInput::Break);
+        p.send(&SerialInput::Text(b"o".to_vec()));
+        // The break waits behind "ab": BI must come with the NUL, not with 'a'.
+        let got = drain(&p);
+        let chars: Vec<u8> = got.iter().map(|g| g.1).collect();
+        assert_eq!(chars, b"ab\0o");
+        let bi: Vec<bool> = got.iter().map(|g| g.0 & LSR_BREAK_INTERRUPT != 0).collect();
+        assert_eq!(bi, vec![false, false, true, false]);
+        assert_eq!(p.read(LSR_OFFSET) & (LSR_BREAK_INTERRUPT | 1), 0);
+    }
+
+    #[test]
+    fn long_input_flows_through_the_fifo() {
+        let p = port();
+        let text: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        p.send(&SerialInput::Text(text.clone()));
+        assert!(p.pending() > 0, "more than a FIFO's worth waits");
+        let got: Vec<u8> = drain(&p).into_iter().map(|g| g.1).collect();
+        assert_eq!(got, text);
+        assert_eq!(p.pending(), 0);
     }
 }

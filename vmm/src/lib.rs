@@ -48,7 +48,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use console::{Milestone, StopReason, MILESTONES};
+pub use console::{ConsoleStep, Milestone, SerialInput, StopReason, MILESTONES};
 pub use stats::DiskStats;
 pub use vcpu::VcpuSnapshot;
 pub use vm::run;
@@ -108,6 +108,11 @@ pub struct VmConfig {
     pub stall_timeout: Option<Duration>,
     /// Console substrings that end the run successfully, e.g. "Attempted to kill init".
     pub stop_on: Vec<String>,
+    /// Input typed into the serial console when given lines appear (an expect-style script;
+    /// e.g. BREAK + `o` powers off a guest with Magic SysRq).
+    pub console_script: Vec<ConsoleStep>,
+    /// Forward the VMM's stdin to the serial console (interactive use).
+    pub stdin_console: bool,
     /// Print VMM events (hypercalls of note, fix-ups, MSR faults) to stderr as they happen.
     pub verbose: bool,
     /// Guest time runs this many times slower than real time: the TSC and APIC-timer
@@ -146,6 +151,8 @@ impl VmConfig {
             timeout: None,
             stall_timeout: None,
             stop_on: Vec::new(),
+            console_script: Vec::new(),
+            stdin_console: false,
             verbose: false,
             time_dilation: recommended_time_dilation(),
         }

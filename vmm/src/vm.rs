@@ -121,7 +121,17 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
         cfg.cmdline
     ));
     let stop = Arc::new(StopSignal::default());
-    let log = Arc::new(ConsoleLog::new(start, cfg.stop_on.clone(), stop.clone()));
+    let watch = cfg
+        .console_script
+        .iter()
+        .filter_map(|s| s.after.clone())
+        .collect();
+    let log = Arc::new(ConsoleLog::with_watch(
+        start,
+        cfg.stop_on.clone(),
+        stop.clone(),
+        watch,
+    ));
     let out: Option<Box<dyn Write + Send>> = match &cfg.console {
         Console::Stdout => Some(Box::new(std::io::stdout())),
         Console::File(p) => {
@@ -224,6 +234,28 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
             .spawn(move || crate::vcpu::run(i as u32, vcpu, sh))
             .map_err(|e| VmmError::Io("spawning a vCPU thread".into(), e))?;
         threads.push(t);
+    }
+
+    // Console input: a scripted conversation and/or the user's stdin. Neither thread is
+    // joined: both end when the VM stops (stdin's may sit in read() until the process exits).
+    if !cfg.console_script.is_empty() {
+        let (steps, serial, log, stop) = (
+            cfg.console_script.clone(),
+            serial.clone(),
+            log.clone(),
+            stop.clone(),
+        );
+        std::thread::Builder::new()
+            .name("console-script".into())
+            .spawn(move || crate::console::play_script(steps, serial, log, stop))
+            .map_err(|e| VmmError::Io("spawning the console script thread".into(), e))?;
+    }
+    if cfg.stdin_console {
+        let (serial, stop) = (serial.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("console-stdin".into())
+            .spawn(move || crate::console::forward_stdin(serial, stop))
+            .map_err(|e| VmmError::Io("spawning the console input thread".into(), e))?;
     }
 
     // Watch for the end.
