@@ -38,6 +38,7 @@ mod events;
 pub mod hv;
 mod layout;
 mod memory;
+pub mod probe;
 mod stats;
 mod vcpu;
 mod vm;
@@ -49,6 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use console::{ConsoleStep, Milestone, SerialInput, StopReason, MILESTONES};
+pub use probe::{probe_guest_user_space, UserSpaceProbe};
 pub use stats::DiskStats;
 pub use vcpu::VcpuSnapshot;
 pub use vm::run;
