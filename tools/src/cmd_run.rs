@@ -48,6 +48,18 @@ pub struct Args {
     /// End the run successfully when the console prints this (repeatable).
     #[arg(long = "stop-on")]
     stop_on: Vec<String>,
+    /// When the console prints PATTERN, type TEXT into it: `PATTERN::TEXT` (repeatable, in
+    /// order). TEXT escapes: \n \r \t \\ \xHH, \B = serial BREAK (BREAK + a key is Magic
+    /// SysRq), \P = pause one second. Example: `--type-on 'login:::root\n'`.
+    #[arg(long = "type-on")]
+    type_on: Vec<String>,
+    /// Forward stdin to the guest console (default: when stdin is a terminal and the console
+    /// goes to stdout).
+    #[arg(long, conflicts_with = "no_stdin")]
+    stdin: bool,
+    /// Never read stdin.
+    #[arg(long = "no-stdin")]
+    no_stdin: bool,
     /// Slow guest time down by this factor (nested hosts need 10).
     #[arg(long = "time-dilation")]
     time_dilation: Option<u32>,
@@ -127,6 +139,57 @@ fn parse_disk_flag(s: &str) -> Result<DiskSpec> {
     Ok(d)
 }
 
+/// Parses `--type-on PATTERN::TEXT` into a console script step.
+fn parse_type_on(s: &str) -> Result<vmm::ConsoleStep> {
+    let (pattern, text) = s
+        .split_once("::")
+        .ok_or_else(|| anyhow!("--type-on {s:?}: expected PATTERN::TEXT"))?;
+    if pattern.is_empty() {
+        bail!("--type-on {s:?}: empty pattern");
+    }
+    let mut input = Vec::new();
+    let mut bytes = Vec::new();
+    let mut chars = text.chars();
+    let flush = |bytes: &mut Vec<u8>, input: &mut Vec<vmm::SerialInput>| {
+        if !bytes.is_empty() {
+            input.push(vmm::SerialInput::Text(std::mem::take(bytes)));
+        }
+    };
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            let mut b = [0u8; 4];
+            bytes.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+            continue;
+        }
+        match chars.next() {
+            Some('n') => bytes.push(b'\n'),
+            Some('r') => bytes.push(b'\r'),
+            Some('t') => bytes.push(b'\t'),
+            Some('\\') => bytes.push(b'\\'),
+            Some('x') => {
+                let hex: String = chars.by_ref().take(2).collect();
+                let v = u8::from_str_radix(&hex, 16)
+                    .map_err(|_| anyhow!("--type-on {s:?}: bad \\x escape {hex:?}"))?;
+                bytes.push(v);
+            }
+            Some('B') => {
+                flush(&mut bytes, &mut input);
+                input.push(vmm::SerialInput::Break);
+            }
+            Some('P') => {
+                flush(&mut bytes, &mut input);
+                input.push(vmm::SerialInput::Pause(Duration::from_secs(1)));
+            }
+            other => bail!("--type-on {s:?}: unknown escape \\{}", other.unwrap_or(' ')),
+        }
+    }
+    flush(&mut bytes, &mut input);
+    Ok(vmm::ConsoleStep {
+        after: Some(pattern.to_string()),
+        input,
+    })
+}
+
 fn relative_to(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -184,6 +247,13 @@ pub fn run(a: Args) -> Result<i32> {
     if let Some(c) = &a.console {
         cfg.console = vmm::Console::File(c.clone());
     }
+    for t in &a.type_on {
+        cfg.console_script.push(parse_type_on(t)?);
+    }
+    cfg.stdin_console = a.stdin
+        || (!a.no_stdin
+            && a.console.is_none()
+            && std::io::IsTerminal::is_terminal(&std::io::stdin()));
     let mut specs: Vec<DiskSpec> = file
         .disk
         .iter()
@@ -248,5 +318,34 @@ pub fn run(a: Args) -> Result<i32> {
             eprintln!("{e}");
             Ok(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::SerialInput::{Break, Pause, Text};
+
+    #[test]
+    fn type_on_escapes() {
+        let s = parse_type_on("resync done::\\Bs\\P\\Bo").unwrap();
+        assert_eq!(s.after.as_deref(), Some("resync done"));
+        assert_eq!(
+            s.input,
+            vec![
+                Break,
+                Text(b"s".to_vec()),
+                Pause(Duration::from_secs(1)),
+                Break,
+                Text(b"o".to_vec())
+            ]
+        );
+        let s = parse_type_on("login: ::root\\n\\x41\\\\").unwrap();
+        assert_eq!(s.after.as_deref(), Some("login: "));
+        assert_eq!(s.input, vec![Text(b"root\nA\\".to_vec())]);
+        assert!(parse_type_on("no separator").is_err());
+        assert!(parse_type_on("::x").is_err());
+        assert!(parse_type_on("p::\\q").is_err());
+        assert!(parse_type_on("p::\\xZZ").is_err());
     }
 }

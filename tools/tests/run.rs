@@ -161,6 +161,10 @@ fn run_boots_vhdx_root_in_undo_mode_discard_and_commit() {
         return;
     }
     if !have("sfdisk") || !have("mkfs.ext4") {
+        if require_all() {
+            panic!("sfdisk and mkfs.ext4 are required (VIRIDIAN_REQUIRE_ALL=1)");
+        }
+        eprintln!("SKIP: sfdisk or mkfs.ext4 missing");
         return;
     }
     let Some(kernel) = guest_kernel() else { return };
