@@ -1,4 +1,5 @@
-//! Kernel-only write-heavy workload: an md RAID1 over two storvsc LUNs resyncs in the guest.
+//! Kernel-only write-heavy workload: an md RAID1 over two storvsc LUNs resyncs in a 2-vCPU
+//! guest.
 //!
 //! LUN 0 is a dynamic VHDX holding 32 MiB of pseudo-random data, LUN 1 an empty dynamic VHD;
 //! the host writes an md 0.90 superblock marked "not clean" to both, and the guest kernel
@@ -146,7 +147,11 @@ fn md_raid1_resync_over_two_luns_then_sysrq_poweroff() {
     );
     cfg.memory = 128 << 20;
     cfg.disks = vec![a.clone(), b.clone()];
-    cfg.console = vmm::Console::File(dir.path().join("console.log"));
+    // Two vCPUs: the application processor starts through the real-mode trampoline and VMBus
+    // channel interrupts may target either CPU.
+    cfg.cpus = 2;
+    let console = dir.path().join("console.log");
+    cfg.console = vmm::Console::File(console.clone());
     cfg.timeout = Some(Duration::from_secs(900));
     cfg.stall_timeout = Some(Duration::from_secs(240));
     cfg.console_script = vec![ConsoleStep {
@@ -177,6 +182,11 @@ fn md_raid1_resync_over_two_luns_then_sysrq_poweroff() {
             "milestone {m} missing; console tail:\n{tail}"
         );
     }
+    let log = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        log.contains("smp: Brought up 1 node, 2 CPUs"),
+        "the second vCPU did not come up; console tail:\n{tail}"
+    );
     assert!(
         tail.contains("sysrq: Emergency Sync") || tail.contains("sysrq: Power Off"),
         "SysRq over the serial console did nothing; console tail:\n{tail}"
