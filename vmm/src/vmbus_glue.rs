@@ -2,12 +2,17 @@
 //! Hyper-V emulation: guest hypercalls go to the server, and the server's actions become
 //! SynIC messages and event flags.
 //!
-//! Everything runs on the vCPU thread that made the hypercall: HvSignalEvent drains the
-//! channel's ring and does the disk I/O synchronously before the guest continues. On our
-//! nested hosts the guest kernel is far slower than the disk, so this costs nothing there.
+//! Channel-management messages (HvPostMessage) are handled on the vCPU thread that made the
+//! hypercall. HvSignalEvent on a channel only queues a kick and returns: an I/O thread drains
+//! the channel's ring and does the disk I/O, so the vCPU keeps running the guest while the
+//! host reads and writes (completions arrive as SynIC events, injected as MSIs from that
+//! thread). `VIRIDIAN_VMM_SYNC_IO=1` serves channel signals on the vCPU thread instead (for
+//! comparisons).
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, Weak};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
 
 use storvsc_backend::{ScsiController, ScsiDisk, StorvscDevice};
 use vmbus::{Action, GuestMemory, MemoryError, VmbusServer};
@@ -74,14 +79,24 @@ impl GuestMemory for VmbusMemory {
     }
 }
 
+/// Channel signals waiting for the I/O thread.
+#[derive(Default)]
+struct Kicks {
+    /// Connection ids signalled since the I/O thread last looked.
+    pending: Mutex<BTreeSet<u32>>,
+    cv: Condvar,
+    stopping: AtomicBool,
+}
+
 /// The VMBus server behind the hypercall page.
 pub struct VmbusTarget {
     server: Mutex<VmbusServer>,
     mem: VmbusMemory,
     hv: Weak<Hv>,
     events: Arc<EventLog>,
-    scsi_relid: Option<u32>,
     announced_version: Mutex<Option<u32>>,
+    /// None: channel signals are served synchronously on the vCPU thread.
+    kicks: Option<Arc<Kicks>>,
 }
 
 impl VmbusTarget {
@@ -132,11 +147,6 @@ impl VmbusTarget {
             }
         }
     }
-
-    /// The storvsc device's counters, if it exists.
-    pub fn scsi_relid(&self) -> Option<u32> {
-        self.scsi_relid
-    }
 }
 
 impl HypercallTarget for VmbusTarget {
@@ -148,6 +158,20 @@ impl HypercallTarget for VmbusTarget {
     }
 
     fn signal_event(&self, connection_id: u32, _flag: u16) -> u16 {
+        let channel = (connection_id & 0xff_ffff) >= vmbus::protocol::CHANNEL_CONNECTION_BASE;
+        if let (true, Some(k)) = (channel, &self.kicks) {
+            // An unknown channel id is reported (logged) by the I/O thread; the guest does not
+            // look at HvSignalEvent's status.
+            lock(&k.pending).insert(connection_id);
+            k.cv.notify_one();
+            return status::SUCCESS;
+        }
+        self.serve_signal(connection_id)
+    }
+}
+
+impl VmbusTarget {
+    fn serve_signal(&self, connection_id: u32) -> u16 {
         let mut s = lock(&self.server);
         let st = s.signal_event(&self.mem, connection_id);
         self.run_actions(&mut s);
@@ -160,15 +184,43 @@ impl HypercallTarget for VmbusTarget {
     }
 }
 
+/// The I/O thread: serves queued channel signals until told to stop.
+fn io_thread(target: Arc<VmbusTarget>, kicks: Arc<Kicks>) {
+    loop {
+        let batch = {
+            let mut g = lock(&kicks.pending);
+            while g.is_empty() && !kicks.stopping.load(Ordering::Acquire) {
+                g = kicks.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            if g.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *g)
+        };
+        for id in batch {
+            target.serve_signal(id);
+        }
+    }
+}
+
 /// Keeps the VMBus machinery alive for the VM's lifetime.
 pub struct VmbusHandle {
     target: Arc<VmbusTarget>,
+    io: Option<JoinHandle<()>>,
 }
 
 impl VmbusHandle {
-    /// Stops the VMBus side (after the vCPUs have stopped).
-    pub fn shutdown(self) {
-        let _ = self.target.scsi_relid();
+    /// Stops the VMBus side (after the vCPUs have stopped): the I/O thread finishes what the
+    /// guest had already signalled, then ends, so every acknowledged write is in the disk
+    /// layer before the caller flushes the disks.
+    pub fn shutdown(mut self) {
+        if let Some(k) = &self.target.kicks {
+            k.stopping.store(true, Ordering::Release);
+            k.cv.notify_all();
+        }
+        if let Some(t) = self.io.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -181,7 +233,6 @@ pub fn attach(
     events: &Arc<EventLog>,
 ) -> Result<VmbusHandle, VmmError> {
     let mut server = VmbusServer::new();
-    let mut scsi_relid = None;
     if !disks.is_empty() {
         let mut ctl = ScsiController::new();
         for (i, d) in disks.iter().enumerate() {
@@ -194,19 +245,35 @@ pub fn attach(
         }
         let instance = vmbus::Guid::parse(SCSI_INSTANCE)
             .ok_or_else(|| VmmError::Config("bad SCSI instance GUID".into()))?;
-        scsi_relid = server.add_device(Box::new(StorvscDevice::new(instance, ctl)));
-        if scsi_relid.is_none() {
+        if server
+            .add_device(Box::new(StorvscDevice::new(instance, ctl)))
+            .is_none()
+        {
             return Err(VmmError::Config("VMBus has no free channel".into()));
         }
     }
+    let sync_io = std::env::var_os("VIRIDIAN_VMM_SYNC_IO").is_some_and(|v| v == "1");
+    let kicks = (!sync_io).then(|| Arc::new(Kicks::default()));
     let target = Arc::new(VmbusTarget {
         server: Mutex::new(server),
         mem: VmbusMemory(ram.clone()),
         hv: Arc::downgrade(hv),
         events: events.clone(),
-        scsi_relid,
         announced_version: Mutex::new(None),
+        kicks: kicks.clone(),
     });
+    let io = match kicks {
+        Some(k) => {
+            let t = target.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("vmbus-io".into())
+                    .spawn(move || io_thread(t, k))
+                    .map_err(|e| VmmError::Io("spawning the VMBus I/O thread".into(), e))?,
+            )
+        }
+        None => None,
+    };
     hv.set_target(target.clone());
-    Ok(VmbusHandle { target })
+    Ok(VmbusHandle { target, io })
 }
