@@ -115,26 +115,50 @@ fn mount_count(img: &Path, dir: &Path) -> u16 {
     u16::from_le_bytes([b[sb + 0x34], b[sb + 0x35]])
 }
 
-fn boot(kernel: &Path, disk_arg: &str, end: &str, console: &Path) {
-    let o = viridian(&[
-        "run",
-        "--kernel",
-        p(kernel),
-        "--memory",
-        "128M",
-        "--disk",
-        disk_arg,
+/// Boots `disk` in undo mode, ending with `end`: from flags, or (`vm_file`) from a VM
+/// description in the TOML form `viridian migrate` writes.
+fn boot(kernel: &Path, disk: &Path, end: &str, console: &Path, vm_file: Option<&Path>) {
+    let common_args = [
         "--undo-end",
         end,
-        "--cmdline",
-        "root=/dev/sda1 rw rootfstype=ext4",
         "--stop-on",
         "Attempted to kill init",
         "--timeout",
         "900",
         "--console",
         p(console),
-    ]);
+    ];
+    let o = match vm_file {
+        Some(f) => {
+            let toml = format!(
+                "name = \"e2e\"\nmemory_mib = 128\ncpus = 1\nkernel = {:?}\n\
+                 cmdline = \"root=/dev/sda1 rw rootfstype=ext4\"\n\n\
+                 [[disk]]\npath = {:?}\nundo = true\ncontroller = \"ide\"\nchannel = 0\nslot = 0\n",
+                p(kernel),
+                p(disk)
+            );
+            std::fs::write(f, toml).unwrap();
+            let mut args = vec!["run", p(f)];
+            args.extend_from_slice(&common_args);
+            viridian(&args)
+        }
+        None => {
+            let disk_arg = format!("{},undo", p(disk));
+            let mut args = vec![
+                "run",
+                "--kernel",
+                p(kernel),
+                "--memory",
+                "128M",
+                "--disk",
+                &disk_arg,
+                "--cmdline",
+                "root=/dev/sda1 rw rootfstype=ext4",
+            ];
+            args.extend_from_slice(&common_args);
+            viridian(&args)
+        }
+    };
     let log = std::fs::read_to_string(console).unwrap_or_default();
     let tail: Vec<&str> = log.lines().rev().take(30).collect();
     assert!(
@@ -176,10 +200,11 @@ fn run_boots_vhdx_root_in_undo_mode_discard_and_commit() {
     let before = read_all(&img);
     let console = join(d.path(), "console.log");
 
-    boot(&kernel, &format!("{},undo", p(&img)), "discard", &console);
+    let vm_file = join(d.path(), "guest.toml");
+    boot(&kernel, &img, "discard", &console, Some(&vm_file));
     assert!(read_all(&img) == before, "undo + discard changed the image");
 
-    boot(&kernel, &format!("{},undo", p(&img)), "commit", &console);
+    boot(&kernel, &img, "commit", &console, None);
     assert_eq!(
         mount_count(&img, d.path()),
         count0 + 1,
