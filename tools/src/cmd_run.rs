@@ -66,6 +66,39 @@ pub struct Args {
     /// Print VMM events.
     #[arg(short = 'v', long)]
     verbose: bool,
+    /// Only report what this host's KVM can do (guest user space, time dilation) and exit.
+    #[arg(long = "probe-host")]
+    probe_host: bool,
+}
+
+/// `viridian run --probe-host`.
+fn probe_host() -> Result<i32> {
+    match vmm::probe_guest_user_space() {
+        Ok(p) => {
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            println!("KVM: available");
+            println!("guest user mode runs: {}", yes(p.reached_user_mode));
+            println!("guest system calls (syscall): {}", yes(p.syscall_works));
+            println!("guest system calls (int $0x80): {}", yes(p.int80_works));
+            println!("detail: {}", p.detail);
+            println!(
+                "time dilation used by default: {}",
+                vmm::recommended_time_dilation()
+            );
+            if !p.syscall_works {
+                println!(
+                    "note: init programs cannot run in guests here; only kernel-side work \
+                     (boot, SCSI scan, mounts, md) does"
+                );
+            }
+            Ok(0)
+        }
+        Err(vmm::VmmError::KvmUnavailable(why)) => {
+            println!("KVM: not available ({why})");
+            Ok(2)
+        }
+        Err(e) => Err(anyhow!("probing KVM: {e}")),
+    }
 }
 
 /// The VM description file.
@@ -199,6 +232,9 @@ fn relative_to(base: &Path, p: &Path) -> PathBuf {
 }
 
 pub fn run(a: Args) -> Result<i32> {
+    if a.probe_host {
+        return probe_host();
+    }
     let (file, base_dir) = match &a.vm {
         Some(p) => {
             let text = std::fs::read_to_string(p)

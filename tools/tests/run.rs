@@ -215,3 +215,28 @@ fn run_boots_vhdx_root_in_undo_mode_discard_and_commit() {
         tool_ok("qemu-img", &["check", "-f", "vhdx", p(&img)]);
     }
 }
+
+#[test]
+fn run_probe_host_reports_what_kvm_can_run() {
+    if !Path::new("/dev/kvm").exists() {
+        if require_all() {
+            panic!("/dev/kvm is required (VIRIDIAN_REQUIRE_ALL=1)");
+        }
+        eprintln!("SKIP: /dev/kvm absent");
+        return;
+    }
+    let o = viridian(&["run", "--probe-host"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("guest user mode runs: yes"), "{out}");
+    let nested = Path::new("/sys/module/kvm_pvm").exists();
+    let want = if nested { "no" } else { "yes" };
+    assert!(
+        out.contains(&format!("guest system calls (syscall): {want}")),
+        "{out}"
+    );
+}
