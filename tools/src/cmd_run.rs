@@ -275,6 +275,7 @@ pub fn run(a: Args) -> Result<i32> {
     }
     cfg.cpus = a.cpus.or(file.cpus).unwrap_or(1);
     cfg.verbose = a.verbose;
+    cfg.interrupted = Some(common::interrupted);
     cfg.stop_on = a.stop_on.clone();
     cfg.timeout = a.timeout.map(Duration::from_secs);
     if let Some(t) = a.time_dilation {
@@ -339,9 +340,22 @@ pub fn run(a: Args) -> Result<i32> {
             eprintln!("viridian: committed {n} bytes into {}", parent.display());
         } else {
             u.discard()?;
+            if a.undo_end == UndoEnd::Commit {
+                eprintln!(
+                    "viridian: the guest did not end cleanly: undo changes discarded, {} is unchanged",
+                    parent.display()
+                );
+            }
         }
     }
     match result {
+        Err(vmm::VmmError::Guest(r)) if r.reason == vmm::StopReason::Interrupted => {
+            eprintln!(
+                "viridian: {name} stopped after {:.1}s: interrupted",
+                r.elapsed.as_secs_f64()
+            );
+            Ok(130)
+        }
         Ok(status) => {
             eprintln!(
                 "viridian: {name} ended after {:.1}s: {:?}",

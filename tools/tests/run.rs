@@ -240,3 +240,77 @@ fn run_probe_host_reports_what_kvm_can_run() {
         "{out}"
     );
 }
+
+/// Ctrl-C (SIGINT) while the guest boots: the VM stops within seconds, the run exits 130,
+/// and the undo changes are discarded even with `--undo-end commit` (the guest did not end
+/// cleanly), leaving the image byte-identical and no throwaway child behind.
+#[test]
+fn run_stops_on_sigint_and_discards_undo() {
+    if !Path::new("/dev/kvm").exists() {
+        if require_all() {
+            panic!("/dev/kvm is required (VIRIDIAN_REQUIRE_ALL=1)");
+        }
+        eprintln!("SKIP: /dev/kvm absent");
+        return;
+    }
+    if !have("sfdisk") || !have("mkfs.ext4") {
+        if require_all() {
+            panic!("sfdisk and mkfs.ext4 are required (VIRIDIAN_REQUIRE_ALL=1)");
+        }
+        eprintln!("SKIP: sfdisk or mkfs.ext4 missing");
+        return;
+    }
+    let Some(kernel) = guest_kernel() else { return };
+    let d = tmp();
+    let raw = make_disk(d.path());
+    let img = join(d.path(), "root.vhdx");
+    ok(&["convert", "-O", "vhdx", p(&raw), p(&img)]);
+    std::fs::remove_file(&raw).unwrap();
+    let before = read_all(&img);
+    let files_before: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let console = join(d.path(), "console.log");
+    let disk_arg = format!("{},undo", p(&img));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["run", "--kernel", p(&kernel), "--memory", "128M"])
+        .args(["--disk", &disk_arg, "--undo-end", "commit"])
+        .args(["--cmdline", "root=/dev/sda1 rw rootfstype=ext4"])
+        .args(["--timeout", "600", "--console", p(&console)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("Hypervisor detected")
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "the guest never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let interrupted = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        interrupted.elapsed() < std::time::Duration::from_secs(20),
+        "took {:?} to stop",
+        interrupted.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(stderr.contains("undo changes discarded"), "{stderr}");
+    assert!(read_all(&img) == before, "the image changed");
+    let files_after: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "console.log")
+        .collect();
+    assert_eq!(files_after, files_before, "something was left behind");
+}

@@ -64,6 +64,8 @@ pub enum StopReason {
     Timeout,
     /// No console output and no I/O for the configured stall time.
     Stalled,
+    /// The caller asked the run to stop (`VmConfig::interrupted`, e.g. Ctrl-C).
+    Interrupted,
 }
 
 /// Shared stop flag with a condition variable for the main thread.

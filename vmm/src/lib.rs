@@ -115,6 +115,10 @@ pub struct VmConfig {
     pub console_script: Vec<ConsoleStep>,
     /// Forward the VMM's stdin to the serial console (interactive use).
     pub stdin_console: bool,
+    /// Polled every 200 ms: when it returns true the VM stops, as a failure with
+    /// [`StopReason::Interrupted`] (the CLI passes its Ctrl-C/SIGTERM flag). Disks are still
+    /// flushed.
+    pub interrupted: Option<fn() -> bool>,
     /// Print VMM events (hypercalls of note, fix-ups, MSR faults) to stderr as they happen.
     pub verbose: bool,
     /// Guest time runs this many times slower than real time: the TSC and APIC-timer
@@ -155,6 +159,7 @@ impl VmConfig {
             stop_on: Vec::new(),
             console_script: Vec::new(),
             stdin_console: false,
+            interrupted: None,
             verbose: false,
             time_dilation: recommended_time_dilation(),
         }
@@ -220,6 +225,7 @@ impl fmt::Display for FailureReport {
             StopReason::Failure(s) => s.clone(),
             StopReason::Timeout => "time limit reached".into(),
             StopReason::Stalled => "no guest progress (console silent, no disk I/O)".into(),
+            StopReason::Interrupted => "interrupted (the VMM was asked to stop)".into(),
             other => format!("{other:?}"),
         };
         writeln!(

@@ -291,6 +291,10 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
                 hv.stats()
             ));
         }
+        if cfg.interrupted.is_some_and(|f| f()) {
+            stop.stop(StopReason::Interrupted);
+            continue;
+        }
         if let Some(t) = cfg.timeout {
             if start.elapsed() >= t {
                 stop.stop(StopReason::Timeout);
