@@ -273,7 +273,7 @@ fn run_stops_on_sigint_and_discards_undo() {
         .collect();
     let console = join(d.path(), "console.log");
     let disk_arg = format!("{},undo", p(&img));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
+    let child = Command::new(env!("CARGO_BIN_EXE_viridian"))
         .args(["run", "--kernel", p(&kernel), "--memory", "128M"])
         .args(["--disk", &disk_arg, "--undo-end", "commit"])
         .args(["--cmdline", "root=/dev/sda1 rw rootfstype=ext4"])
