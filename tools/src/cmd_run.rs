@@ -54,7 +54,8 @@ pub struct Args {
     #[arg(long = "type-on")]
     type_on: Vec<String>,
     /// Forward stdin to the guest console (default: when stdin is a terminal and the console
-    /// goes to stdout).
+    /// goes to stdout; the terminal is then raw). Escapes: Ctrl-A x quit, Ctrl-A b BREAK,
+    /// Ctrl-A Ctrl-A a literal Ctrl-A, Ctrl-A h help.
     #[arg(long, conflicts_with = "no_stdin")]
     stdin: bool,
     /// Never read stdin.

@@ -314,3 +314,57 @@ fn run_stops_on_sigint_and_discards_undo() {
         .collect();
     assert_eq!(files_after, files_before, "something was left behind");
 }
+
+/// Console input through `viridian run --stdin`: once the guest kernel waits for its root
+/// device, Ctrl-A b + `s` (serial BREAK, then SysRq s) makes it sync, and Ctrl-A b + `o`
+/// powers it off through ACPI, which ends the run successfully.
+#[test]
+fn run_forwards_stdin_with_break_escape_to_sysrq_poweroff() {
+    use std::io::Write;
+    if !Path::new("/dev/kvm").exists() {
+        if require_all() {
+            panic!("/dev/kvm is required (VIRIDIAN_REQUIRE_ALL=1)");
+        }
+        eprintln!("SKIP: /dev/kvm absent");
+        return;
+    }
+    let Some(kernel) = guest_kernel() else { return };
+    let d = tmp();
+    let console = join(d.path(), "console.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["run", "--kernel", p(&kernel), "--memory", "64M", "--stdin"])
+        .args(["--cmdline", "root=/dev/viridian-none rootwait"])
+        .args(["--timeout", "600", "--console", p(&console)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wait_for = |what: &str| {
+        let started = std::time::Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&console).unwrap_or_default();
+            if log.contains(what) {
+                return;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(300),
+                "no {what:?} on the console:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    wait_for("Waiting for root device");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"\x01bs").unwrap();
+    stdin.flush().unwrap();
+    wait_for("sysrq: Emergency Sync");
+    stdin.write_all(b"\x01bo").unwrap();
+    stdin.flush().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(out.status.success(), "{stderr}\n{log}");
+    assert!(stderr.contains("Poweroff"), "{stderr}");
+    assert!(log.contains("sysrq: Power Off"), "{log}");
+}

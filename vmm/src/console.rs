@@ -455,12 +455,118 @@ pub fn play_script(
     }
 }
 
-/// Forwards the VMM's stdin to the guest console until EOF or the VM stops (the terminal
-/// stays in its normal line mode: input reaches the guest a line at a time).
+/// The console escape key: Ctrl-A, as in QEMU's `-nographic`.
+pub const ESCAPE: u8 = 0x01;
+
+/// What one chunk of keyboard input means once console escapes are applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyAction {
+    /// Send to the guest.
+    Input(SerialInput),
+    /// Ctrl-A x: stop the VM.
+    Quit,
+    /// Ctrl-A h (or an unknown Ctrl-A key): show the escape keys.
+    Help,
+}
+
+/// The help text for [`ESCAPE`] sequences.
+pub const ESCAPE_HELP: &str = "\r\nviridian console: Ctrl-A x quit, Ctrl-A b send BREAK (then a \
+key = Magic SysRq), Ctrl-A Ctrl-A send Ctrl-A, Ctrl-A h this help\r\n";
+
+/// Applies console escapes to keyboard input (`pending_escape` carries a Ctrl-A across reads).
+pub fn decode_keys(bytes: &[u8], pending_escape: &mut bool) -> Vec<KeyAction> {
+    let mut out = Vec::new();
+    let mut text = Vec::new();
+    let flush = |text: &mut Vec<u8>, out: &mut Vec<KeyAction>| {
+        if !text.is_empty() {
+            out.push(KeyAction::Input(SerialInput::Text(std::mem::take(text))));
+        }
+    };
+    for &b in bytes {
+        if *pending_escape {
+            *pending_escape = false;
+            match b {
+                b'x' | b'X' => {
+                    flush(&mut text, &mut out);
+                    out.push(KeyAction::Quit);
+                }
+                b'b' | b'B' => {
+                    flush(&mut text, &mut out);
+                    out.push(KeyAction::Input(SerialInput::Break));
+                }
+                ESCAPE => text.push(ESCAPE),
+                _ => {
+                    flush(&mut text, &mut out);
+                    out.push(KeyAction::Help);
+                }
+            }
+        } else if b == ESCAPE {
+            *pending_escape = true;
+        } else {
+            text.push(b);
+        }
+    }
+    flush(&mut text, &mut out);
+    out
+}
+
+/// Puts a terminal on stdin into raw input mode (no line editing, echo or signals: every key,
+/// Ctrl-C included, goes to the guest; output processing stays on) and restores it on drop.
+pub struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// None when stdin is not a terminal (nothing to change).
+    pub fn enter() -> Option<RawTerminal> {
+        // SAFETY: isatty/tcgetattr/tcsetattr on fd 0 with a properly sized, initialised
+        // termios; failures are reported through their return values.
+        unsafe {
+            if libc::isatty(0) != 1 {
+                return None;
+            }
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut saved) != 0 {
+                return None;
+            }
+            let mut raw = saved;
+            raw.c_iflag &= !(libc::IGNBRK
+                | libc::BRKINT
+                | libc::PARMRK
+                | libc::ISTRIP
+                | libc::INLCR
+                | libc::IGNCR
+                | libc::ICRNL
+                | libc::IXON);
+            raw.c_lflag &= !(libc::ECHO | libc::ECHONL | libc::ICANON | libc::ISIG | libc::IEXTEN);
+            raw.c_cflag = (raw.c_cflag & !(libc::CSIZE | libc::PARENB)) | libc::CS8;
+            raw.c_cc[libc::VMIN] = 1;
+            raw.c_cc[libc::VTIME] = 0;
+            if libc::tcsetattr(0, libc::TCSANOW, &raw) != 0 {
+                return None;
+            }
+            Some(RawTerminal { saved })
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes read from the same fd in `enter`.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.saved);
+        }
+    }
+}
+
+/// Forwards the VMM's stdin to the guest console until EOF or the VM stops, applying the
+/// Ctrl-A escapes ([`decode_keys`]). The caller puts a terminal into raw mode first
+/// ([`RawTerminal`]) so keys arrive one by one.
 pub fn forward_stdin(serial: Arc<SerialPort>, stop: Arc<StopSignal>) {
     use std::io::Read;
     let mut buf = [0u8; 256];
     let mut stdin = std::io::stdin();
+    let mut escape = false;
     loop {
         match stdin.read(&mut buf) {
             Ok(0) | Err(_) => return,
@@ -468,7 +574,16 @@ pub fn forward_stdin(serial: Arc<SerialPort>, stop: Arc<StopSignal>) {
                 if stop.stopped() {
                     return;
                 }
-                serial.send(&SerialInput::Text(buf[..n].to_vec()));
+                for action in decode_keys(&buf[..n], &mut escape) {
+                    match action {
+                        KeyAction::Input(i) => serial.send(&i),
+                        KeyAction::Quit => {
+                            stop.stop(StopReason::Interrupted);
+                            return;
+                        }
+                        KeyAction::Help => eprint!("{ESCAPE_HELP}"),
+                    }
+                }
             }
         }
     }
@@ -539,6 +654,27 @@ mod tests {
         let bi: Vec<bool> = got.iter().map(|g| g.0 & LSR_BREAK_INTERRUPT != 0).collect();
         assert_eq!(bi, vec![false, false, true, false]);
         assert_eq!(p.read(LSR_OFFSET) & (LSR_BREAK_INTERRUPT | 1), 0);
+    }
+
+    #[test]
+    fn console_escapes() {
+        let mut esc = false;
+        let t = |b: &[u8]| KeyAction::Input(SerialInput::Text(b.to_vec()));
+        assert_eq!(decode_keys(b"ls\r", &mut esc), vec![t(b"ls\r")]);
+        assert_eq!(
+            decode_keys(b"a\x01bo\x01\x01z\x01?", &mut esc),
+            vec![
+                t(b"a"),
+                KeyAction::Input(SerialInput::Break),
+                t(b"o\x01z"),
+                KeyAction::Help
+            ]
+        );
+        // A Ctrl-A at the end of one read applies to the first byte of the next.
+        assert_eq!(decode_keys(b"q\x01", &mut esc), vec![t(b"q")]);
+        assert!(esc);
+        assert_eq!(decode_keys(b"x", &mut esc), vec![KeyAction::Quit]);
+        assert!(!esc);
     }
 
     #[test]

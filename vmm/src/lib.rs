@@ -113,7 +113,8 @@ pub struct VmConfig {
     /// Input typed into the serial console when given lines appear (an expect-style script;
     /// e.g. BREAK + `o` powers off a guest with Magic SysRq).
     pub console_script: Vec<ConsoleStep>,
-    /// Forward the VMM's stdin to the serial console (interactive use).
+    /// Forward the VMM's stdin to the serial console (interactive use). A terminal is put in
+    /// raw mode for the run; Ctrl-A x quits, Ctrl-A b sends BREAK, Ctrl-A h lists the keys.
     pub stdin_console: bool,
     /// Polled every 200 ms: when it returns true the VM stops, as a failure with
     /// [`StopReason::Interrupted`] (the CLI passes its Ctrl-C/SIGTERM flag). Disks are still

@@ -250,7 +250,16 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
             .spawn(move || crate::console::play_script(steps, serial, log, stop))
             .map_err(|e| VmmError::Io("spawning the console script thread".into(), e))?;
     }
+    // Raw keyboard input while the VM runs; restored when `run` returns (also on errors).
+    let _raw_terminal = if cfg.stdin_console {
+        crate::console::RawTerminal::enter()
+    } else {
+        None
+    };
     if cfg.stdin_console {
+        if _raw_terminal.is_some() {
+            eprint!("{}", crate::console::ESCAPE_HELP);
+        }
         let (serial, stop) = (serial.clone(), stop.clone());
         std::thread::Builder::new()
             .name("console-stdin".into())
