@@ -120,6 +120,9 @@ pub struct VmConfig {
     /// [`StopReason::Interrupted`] (the CLI passes its Ctrl-C/SIGTERM flag). Disks are still
     /// flushed.
     pub interrupted: Option<fn() -> bool>,
+    /// Serve storvsc channel signals on a separate I/O thread instead of the signalling vCPU
+    /// (see the `vmbus_glue` module notes; default off, `VIRIDIAN_VMM_IO_THREAD=1` turns it on).
+    pub io_thread: bool,
     /// Print VMM events (hypercalls of note, fix-ups, MSR faults) to stderr as they happen.
     pub verbose: bool,
     /// Guest time runs this many times slower than real time: the TSC and APIC-timer
@@ -161,6 +164,7 @@ impl VmConfig {
             console_script: Vec::new(),
             stdin_console: false,
             interrupted: None,
+            io_thread: std::env::var_os("VIRIDIAN_VMM_IO_THREAD").is_some_and(|v| v == "1"),
             verbose: false,
             time_dilation: recommended_time_dilation(),
         }

@@ -209,7 +209,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
         .into_iter()
         .chain(disks.iter().map(|d| d.counters.clone()))
         .collect();
-    let vmbus = crate::vmbus_glue::attach(&hv, &ram, &disks, &events)?;
+    let vmbus = crate::vmbus_glue::attach(&hv, &ram, &disks, &events, cfg.io_thread)?;
 
     let shared = Arc::new(Shared {
         ram: ram.clone(),
