@@ -120,8 +120,9 @@ pub struct VmConfig {
     /// [`StopReason::Interrupted`] (the CLI passes its Ctrl-C/SIGTERM flag). Disks are still
     /// flushed.
     pub interrupted: Option<fn() -> bool>,
-    /// Serve storvsc channel signals on a separate I/O thread instead of the signalling vCPU
-    /// (see the `vmbus_glue` module notes; default off, `VIRIDIAN_VMM_IO_THREAD=1` turns it on).
+    /// Serve storvsc channel signals on a separate I/O thread; the signalling vCPU waits at
+    /// most 1 ms for its request (default on; `VIRIDIAN_VMM_IO_THREAD=0` serves them inline
+    /// on the vCPU thread).
     pub io_thread: bool,
     /// Print VMM events (hypercalls of note, fix-ups, MSR faults) to stderr as they happen.
     pub verbose: bool,
@@ -164,7 +165,7 @@ impl VmConfig {
             console_script: Vec::new(),
             stdin_console: false,
             interrupted: None,
-            io_thread: std::env::var_os("VIRIDIAN_VMM_IO_THREAD").is_some_and(|v| v == "1"),
+            io_thread: std::env::var_os("VIRIDIAN_VMM_IO_THREAD").is_none_or(|v| v != "0"),
             verbose: false,
             time_dilation: recommended_time_dilation(),
         }
