@@ -67,9 +67,19 @@ pub struct Args {
     /// Print VMM events.
     #[arg(short = 'v', long)]
     verbose: bool,
+    /// What a guest reboot does: end the run (like qemu -no-reboot) or boot it again with the
+    /// same disks (undo changes carry over; --timeout counts over all boots).
+    #[arg(long = "on-reboot", value_enum, default_value_t = OnReboot::Exit)]
+    on_reboot: OnReboot,
     /// Only report what this host's KVM can do (guest user space, time dilation) and exit.
     #[arg(long = "probe-host")]
     probe_host: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnReboot {
+    Exit,
+    Restart,
 }
 
 /// `viridian run --probe-host`.
@@ -324,7 +334,36 @@ pub fn run(a: Args) -> Result<i32> {
     }
     let name = file.name.clone().unwrap_or_else(|| "guest".into());
     let disks = cfg.disks.clone();
-    let result = vmm::run(cfg);
+    let deadline = cfg.timeout.map(|t| std::time::Instant::now() + t);
+    let mut boots = 0u32;
+    let result = loop {
+        boots += 1;
+        let mut this = cfg.clone();
+        if boots > 1 {
+            if let vmm::Console::File(p) = &this.console {
+                this.console = vmm::Console::AppendFile(p.clone());
+            }
+        }
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(std::time::Instant::now());
+            this.timeout = Some(left.max(Duration::from_millis(1)));
+        }
+        let r = vmm::run(this);
+        match &r {
+            Ok(s)
+                if s.reason == vmm::ExitReason::Reboot
+                    && a.on_reboot == OnReboot::Restart
+                    && !common::interrupted() =>
+            {
+                eprintln!(
+                    "viridian: {name} rebooted after {:.1}s; starting boot {}",
+                    s.elapsed.as_secs_f64(),
+                    boots + 1
+                );
+            }
+            _ => break r,
+        }
+    };
     for d in &disks {
         if let Err(e) = d.close() {
             eprintln!("viridian: cannot close a disk: {e}");

@@ -368,3 +368,45 @@ fn run_forwards_stdin_with_break_escape_to_sysrq_poweroff() {
     assert!(stderr.contains("Poweroff"), "{stderr}");
     assert!(log.contains("sysrq: Power Off"), "{log}");
 }
+
+/// `--on-reboot restart`: a guest that panics (no root device) reboots through the i8042 and
+/// is booted again with the console appended to, until the overall `--timeout` ends the run.
+#[test]
+fn run_on_reboot_restart_boots_again() {
+    if !Path::new("/dev/kvm").exists() {
+        if require_all() {
+            panic!("/dev/kvm is required (VIRIDIAN_REQUIRE_ALL=1)");
+        }
+        eprintln!("SKIP: /dev/kvm absent");
+        return;
+    }
+    let Some(kernel) = guest_kernel() else { return };
+    let d = tmp();
+    let console = join(d.path(), "console.log");
+    let o = viridian(&[
+        "run",
+        "--kernel",
+        p(&kernel),
+        "--memory",
+        "64M",
+        "--cmdline",
+        "root=/dev/viridian-none",
+        "--on-reboot",
+        "restart",
+        "--timeout",
+        "50",
+        "--console",
+        p(&console),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(stderr.contains("starting boot 2"), "{stderr}");
+    assert!(
+        log.matches("Linux version").count() >= 2,
+        "one boot only in the console:\n{log}"
+    );
+    assert!(log.contains("VFS: Unable to mount root fs"), "{log}");
+    // The overall time limit ends it (a failure, reported as such).
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("time limit reached"), "{stderr}");
+}

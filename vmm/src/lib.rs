@@ -84,6 +84,8 @@ pub enum Console {
     Stdout,
     /// A log file (created or truncated).
     File(PathBuf),
+    /// A log file appended to (created if missing), e.g. for the next boot after a reboot.
+    AppendFile(PathBuf),
     /// Nowhere (the VMM still keeps the last lines for reports).
     Null,
 }

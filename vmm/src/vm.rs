@@ -139,6 +139,13 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
                 VmmError::Io(format!("creating {}", p.display()), e)
             })?))
         }
+        Console::AppendFile(p) => Some(Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| VmmError::Io(format!("opening {}", p.display()), e))?,
+        )),
         Console::Null => None,
     };
     let irq = EventFd::new(libc::EFD_NONBLOCK)
