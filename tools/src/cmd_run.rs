@@ -364,6 +364,8 @@ pub fn run(a: Args) -> Result<i32> {
             _ => break r,
         }
     };
+    // The configuration holds references to the disks; undo commit needs them gone.
+    drop(cfg);
     for d in &disks {
         if let Err(e) = d.close() {
             eprintln!("viridian: cannot close a disk: {e}");
