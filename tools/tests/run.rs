@@ -394,7 +394,7 @@ fn run_on_reboot_restart_boots_again() {
         "--on-reboot",
         "restart",
         "--timeout",
-        "50",
+        "75",
         "--console",
         p(&console),
     ]);
