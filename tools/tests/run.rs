@@ -8,6 +8,31 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+/// Whether /dev/kvm is there; without it the test is skipped, or fails under
+/// VIRIDIAN_REQUIRE_ALL=1.
+fn kvm_or_skip() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if require_all() {
+        panic!("/dev/kvm is required (VIRIDIAN_REQUIRE_ALL=1)");
+    }
+    eprintln!("SKIP: /dev/kvm absent");
+    false
+}
+
+/// Whether sfdisk and mkfs.ext4 (for the test disk) are there, with the same skip rule.
+fn disk_tools_or_skip() -> bool {
+    if have("sfdisk") && have("mkfs.ext4") {
+        return true;
+    }
+    if require_all() {
+        panic!("sfdisk and mkfs.ext4 are required (VIRIDIAN_REQUIRE_ALL=1)");
+    }
+    eprintln!("SKIP: sfdisk or mkfs.ext4 missing");
+    false
+}
+
 fn guest_kernel() -> Option<PathBuf> {
     if let Some(k) = std::env::var_os("VIRIDIAN_GUEST_KERNEL") {
         return Some(PathBuf::from(k));
@@ -177,18 +202,7 @@ fn boot(kernel: &Path, disk: &Path, end: &str, console: &Path, vm_file: Option<&
 
 #[test]
 fn run_boots_vhdx_root_in_undo_mode_discard_and_commit() {
-    if !Path::new("/dev/kvm").exists() {
-        if require_all() {
-            panic!("/dev/kvm is required (VIRIDIAN_REQUIRE_ALL=1)");
-        }
-        eprintln!("SKIP: /dev/kvm absent");
-        return;
-    }
-    if !have("sfdisk") || !have("mkfs.ext4") {
-        if require_all() {
-            panic!("sfdisk and mkfs.ext4 are required (VIRIDIAN_REQUIRE_ALL=1)");
-        }
-        eprintln!("SKIP: sfdisk or mkfs.ext4 missing");
+    if !kvm_or_skip() || !disk_tools_or_skip() {
         return;
     }
     let Some(kernel) = guest_kernel() else { return };
@@ -218,11 +232,7 @@ fn run_boots_vhdx_root_in_undo_mode_discard_and_commit() {
 
 #[test]
 fn run_probe_host_reports_what_kvm_can_run() {
-    if !Path::new("/dev/kvm").exists() {
-        if require_all() {
-            panic!("/dev/kvm is required (VIRIDIAN_REQUIRE_ALL=1)");
-        }
-        eprintln!("SKIP: /dev/kvm absent");
+    if !kvm_or_skip() {
         return;
     }
     let o = viridian(&["run", "--probe-host"]);
@@ -246,18 +256,7 @@ fn run_probe_host_reports_what_kvm_can_run() {
 /// cleanly), leaving the image byte-identical and no throwaway child behind.
 #[test]
 fn run_stops_on_sigint_and_discards_undo() {
-    if !Path::new("/dev/kvm").exists() {
-        if require_all() {
-            panic!("/dev/kvm is required (VIRIDIAN_REQUIRE_ALL=1)");
-        }
-        eprintln!("SKIP: /dev/kvm absent");
-        return;
-    }
-    if !have("sfdisk") || !have("mkfs.ext4") {
-        if require_all() {
-            panic!("sfdisk and mkfs.ext4 are required (VIRIDIAN_REQUIRE_ALL=1)");
-        }
-        eprintln!("SKIP: sfdisk or mkfs.ext4 missing");
+    if !kvm_or_skip() || !disk_tools_or_skip() {
         return;
     }
     let Some(kernel) = guest_kernel() else { return };
@@ -316,16 +315,14 @@ fn run_stops_on_sigint_and_discards_undo() {
 }
 
 /// Console input through `viridian run --stdin`: once the guest kernel waits for its root
-/// device, Ctrl-A b + `s` (serial BREAK, then SysRq s) makes it sync, and Ctrl-A b + `o`
-/// powers it off through ACPI, which ends the run successfully.
+/// device, Ctrl-A b + `s` (serial BREAK, then SysRq s) makes it sync and Ctrl-A b + `b`
+/// reboots it; with `--on-reboot restart` it boots again, and input typed then must reach the
+/// new boot (the first boot's stdin reader must not swallow it): Ctrl-A b + `o` powers it off
+/// through ACPI, which ends the run successfully.
 #[test]
-fn run_forwards_stdin_with_break_escape_to_sysrq_poweroff() {
+fn run_forwards_stdin_with_break_escape_to_sysrq_across_a_restart() {
     use std::io::Write;
-    if !Path::new("/dev/kvm").exists() {
-        if require_all() {
-            panic!("/dev/kvm is required (VIRIDIAN_REQUIRE_ALL=1)");
-        }
-        eprintln!("SKIP: /dev/kvm absent");
+    if !kvm_or_skip() {
         return;
     }
     let Some(kernel) = guest_kernel() else { return };
@@ -334,38 +331,45 @@ fn run_forwards_stdin_with_break_escape_to_sysrq_poweroff() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
         .args(["run", "--kernel", p(&kernel), "--memory", "64M", "--stdin"])
         .args(["--cmdline", "root=/dev/viridian-none rootwait"])
+        .args(["--on-reboot", "restart"])
         .args(["--timeout", "600", "--console", p(&console)])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let wait_for = |what: &str| {
+    let wait_for = |what: &str, times: usize| {
         let started = std::time::Instant::now();
         loop {
             let log = std::fs::read_to_string(&console).unwrap_or_default();
-            if log.contains(what) {
+            if log.matches(what).count() >= times {
                 return;
             }
             assert!(
                 started.elapsed() < std::time::Duration::from_secs(300),
-                "no {what:?} on the console:\n{log}"
+                "no {what:?} (x{times}) on the console:\n{log}"
             );
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     };
-    wait_for("Waiting for root device");
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"\x01bs").unwrap();
-    stdin.flush().unwrap();
-    wait_for("sysrq: Emergency Sync");
-    stdin.write_all(b"\x01bo").unwrap();
-    stdin.flush().unwrap();
+    let mut type_keys = |keys: &[u8]| {
+        stdin.write_all(keys).unwrap();
+        stdin.flush().unwrap();
+    };
+    wait_for("Waiting for root device", 1);
+    type_keys(b"\x01bs");
+    wait_for("sysrq: Emergency Sync", 1);
+    type_keys(b"\x01bb");
+    wait_for("Waiting for root device", 2);
+    type_keys(b"\x01bo");
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     assert!(out.status.success(), "{stderr}\n{log}");
+    assert!(stderr.contains("starting boot 2"), "{stderr}");
     assert!(stderr.contains("Poweroff"), "{stderr}");
+    assert!(log.contains("sysrq: Resetting"), "{log}");
     assert!(log.contains("sysrq: Power Off"), "{log}");
 }
 
@@ -373,11 +377,7 @@ fn run_forwards_stdin_with_break_escape_to_sysrq_poweroff() {
 /// is booted again with the console appended to, until the overall `--timeout` ends the run.
 #[test]
 fn run_on_reboot_restart_boots_again() {
-    if !Path::new("/dev/kvm").exists() {
-        if require_all() {
-            panic!("/dev/kvm is required (VIRIDIAN_REQUIRE_ALL=1)");
-        }
-        eprintln!("SKIP: /dev/kvm absent");
+    if !kvm_or_skip() {
         return;
     }
     let Some(kernel) = guest_kernel() else { return };

@@ -561,33 +561,50 @@ impl Drop for RawTerminal {
 
 /// Forwards the VMM's stdin to the guest console until EOF or the VM stops, applying the
 /// Ctrl-A escapes ([`decode_keys`]). The caller puts a terminal into raw mode first
-/// ([`RawTerminal`]) so keys arrive one by one.
+/// ([`RawTerminal`]) so keys arrive one by one. Stdin is read only when poll(2) says it is
+/// readable, so the thread notices a stop within [`STDIN_POLL`] without reading (and losing)
+/// input meant for whatever runs next, e.g. the next boot after a reboot.
 pub fn forward_stdin(serial: Arc<SerialPort>, stop: Arc<StopSignal>) {
-    use std::io::Read;
     let mut buf = [0u8; 256];
-    let mut stdin = std::io::stdin();
     let mut escape = false;
-    loop {
-        match stdin.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if stop.stopped() {
+    while !stop.stopped() {
+        let mut pfd = libc::pollfd {
+            fd: 0,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let timeout = STDIN_POLL.as_millis() as libc::c_int;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, timeout) };
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if ready == 0 || stop.stopped() {
+            continue;
+        }
+        // SAFETY: reads into a live buffer of the given length.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return; // EOF or a read error: no more input.
+        }
+        for action in decode_keys(&buf[..n as usize], &mut escape) {
+            match action {
+                KeyAction::Input(i) => serial.send(&i),
+                KeyAction::Quit => {
+                    stop.stop(StopReason::Interrupted);
                     return;
                 }
-                for action in decode_keys(&buf[..n], &mut escape) {
-                    match action {
-                        KeyAction::Input(i) => serial.send(&i),
-                        KeyAction::Quit => {
-                            stop.stop(StopReason::Interrupted);
-                            return;
-                        }
-                        KeyAction::Help => eprint!("{ESCAPE_HELP}"),
-                    }
-                }
+                KeyAction::Help => eprint!("{ESCAPE_HELP}"),
             }
         }
     }
 }
+
+/// How often [`forward_stdin`] looks at the stop flag while stdin is idle.
+pub const STDIN_POLL: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {

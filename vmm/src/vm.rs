@@ -243,8 +243,9 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
         threads.push(t);
     }
 
-    // Console input: a scripted conversation and/or the user's stdin. Neither thread is
-    // joined: both end when the VM stops (stdin's may sit in read() until the process exits).
+    // Console input: a scripted conversation and/or the user's stdin. Both end within a poll
+    // interval of the stop; the stdin thread is joined below so that it never reads input
+    // meant for whatever the caller runs next (another boot, its own prompt).
     if !cfg.console_script.is_empty() {
         let (steps, serial, log, stop) = (
             cfg.console_script.clone(),
@@ -263,15 +264,18 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
     } else {
         None
     };
+    let mut stdin_thread = None;
     if cfg.stdin_console {
         if _raw_terminal.is_some() {
             eprint!("{}", crate::console::ESCAPE_HELP);
         }
         let (serial, stop) = (serial.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("console-stdin".into())
-            .spawn(move || crate::console::forward_stdin(serial, stop))
-            .map_err(|e| VmmError::Io("spawning the console input thread".into(), e))?;
+        stdin_thread = Some(
+            std::thread::Builder::new()
+                .name("console-stdin".into())
+                .spawn(move || crate::console::forward_stdin(serial, stop))
+                .map_err(|e| VmmError::Io("spawning the console input thread".into(), e))?,
+        );
     }
 
     // Watch for the end.
@@ -340,6 +344,9 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
         let _ = t.join();
     }
     vmbus.shutdown();
+    if let Some(t) = stdin_thread {
+        let _ = t.join();
+    }
     serial.flush();
     for d in &disks {
         if let Err(e) = d.flush() {

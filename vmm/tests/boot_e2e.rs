@@ -23,33 +23,10 @@ const DISK_SIZE: u64 = 64 << 20;
 /// nested hosts, so the kernel reports "Attempted to kill init"; elsewhere it exits, which
 /// ends the same way.
 fn init_elf() -> Vec<u8> {
-    elf_with_code(&[0xb8, 60, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05, 0xeb, 0xfe])
-}
-
-/// A static ELF whose code is `code`.
-fn elf_with_code(code: &[u8]) -> Vec<u8> {
-    let base: u64 = 0x40_0000;
-    let total = 64 + 56 + code.len() as u64;
-    let mut e = Vec::new();
-    e.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
-    e.extend_from_slice(&[0; 8]);
-    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    e.extend_from_slice(&1u32.to_le_bytes());
-    e.extend_from_slice(&(base + 120).to_le_bytes()); // entry
-    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
-    e.extend_from_slice(&0u64.to_le_bytes()); // shoff
-    e.extend_from_slice(&0u32.to_le_bytes()); // flags
-    for v in [64u16, 56, 1, 0, 0, 0] {
-        e.extend_from_slice(&v.to_le_bytes());
-    }
-    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    for v in [0u64, base, base, total, total, 0x1000] {
-        e.extend_from_slice(&v.to_le_bytes());
-    }
-    e.extend_from_slice(code);
-    e
+    common::elf_executable(
+        0x40_0000,
+        &[0xb8, 60, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05, 0xeb, 0xfe],
+    )
 }
 
 /// Creates `disk` with a GPT holding one Linux partition with an ext4 file system; returns

@@ -10,34 +10,6 @@ use std::time::Duration;
 
 use common::{kernel_or_skip, prerequisites};
 
-/// An ELF64 executable that loads `code` at 1 MiB and enters it there.
-fn elf_kernel(code: &[u8]) -> Vec<u8> {
-    let base: u64 = 0x10_0000;
-    let off: u64 = 0x1000;
-    let mut e = Vec::new();
-    e.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
-    e.extend_from_slice(&[0; 8]);
-    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    e.extend_from_slice(&1u32.to_le_bytes());
-    e.extend_from_slice(&base.to_le_bytes()); // entry
-    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
-    e.extend_from_slice(&0u64.to_le_bytes()); // shoff
-    e.extend_from_slice(&0u32.to_le_bytes()); // flags
-    for v in [64u16, 56, 1, 0, 0, 0] {
-        e.extend_from_slice(&v.to_le_bytes());
-    }
-    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    let len = code.len() as u64;
-    for v in [off, base, base, len, len, 0x1000] {
-        e.extend_from_slice(&v.to_le_bytes());
-    }
-    e.resize(off as usize, 0);
-    e.extend_from_slice(code);
-    e
-}
-
 #[test]
 fn a_guest_that_dies_reports_rip_code_bytes_and_reason() {
     if prerequisites(&[]).is_none() {
@@ -46,7 +18,11 @@ fn a_guest_that_dies_reports_rip_code_bytes_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("ud2.elf");
     // ud2; then bytes that must show up after it in the report.
-    std::fs::write(&kernel, elf_kernel(&[0x0f, 0x0b, 0xf4, 0x90, 0x90])).unwrap();
+    std::fs::write(
+        &kernel,
+        common::elf_executable(0x10_0000, &[0x0f, 0x0b, 0xf4, 0x90, 0x90]),
+    )
+    .unwrap();
     let mut cfg = vmm::VmConfig::new(&kernel);
     cfg.memory = 64 << 20;
     cfg.console = vmm::Console::Null;

@@ -99,3 +99,34 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// A static x86-64 ELF executable (ET_EXEC) with one read+execute PT_LOAD segment: `code`,
+/// stored at file offset 0x1000, loaded at `load_addr` (page aligned) and entered there. Serves
+/// as a tiny guest "kernel" (load at 1 MiB) or as a user-space `/init` (0x400000).
+pub fn elf_executable(load_addr: u64, code: &[u8]) -> Vec<u8> {
+    const CODE_OFFSET: u64 = 0x1000;
+    let mut e = Vec::new();
+    e.extend_from_slice(b"\x7fELF\x02\x01\x01\x00"); // 64-bit, little-endian, version 1
+    e.extend_from_slice(&[0; 8]);
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&load_addr.to_le_bytes()); // entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // program headers right after this header
+    e.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    e.extend_from_slice(&0u32.to_le_bytes()); // flags
+                                              // header size, phdr size, phdr count, shdr size, shdr count, shstrndx
+    for v in [64u16, 56, 1, 0, 0, 0] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    let len = code.len() as u64;
+    // offset, vaddr, paddr, file size, memory size, alignment
+    for v in [CODE_OFFSET, load_addr, load_addr, len, len, 0x1000] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.resize(CODE_OFFSET as usize, 0);
+    e.extend_from_slice(code);
+    e
+}
