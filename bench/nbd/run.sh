@@ -16,6 +16,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=../common.sh
+. "$ROOT/bench/common.sh"
 WORK=${1:-$(mktemp -d /tmp/nbd-bench.XXXXXX)}
 mkdir -p "$WORK"
 ROUNDS=${ROUNDS:-3}
@@ -34,19 +36,7 @@ echo "== building serve_raw (release)"
 SERVE_RAW=$CARGO_TARGET_DIR/release/examples/serve_raw
 
 IMG=$WORK/bench.raw
-if [ ! -f "$IMG" ]; then
-    echo "== creating $IMG: ${SIZE_MIB} MiB, every other 4 MiB extent random data"
-    python3 - "$IMG" "$SIZE_MIB" <<'PY'
-import os, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-ext = 4 << 20
-with open(path, "wb") as f:
-    f.truncate(mib << 20)
-    for off in range(0, mib << 20, 2 * ext):
-        f.seek(off)
-        f.write(os.urandom(ext))
-PY
-fi
+bench_image "$IMG" "$SIZE_MIB"
 FORMAT=${FORMAT:-raw}
 if [ "$FORMAT" = vhdx ]; then
     (cd "$ROOT" && cargo build --release -q -p viridian)
