@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 pub mod undo;
 
-use disk::{Access, BlockDevice, Error, FileStorage, RawDisk, Result, Storage};
+use disk::{Access, BlockDevice, Disk, Error, FileStorage, RawDisk, Result, Storage};
 pub use undo::UndoDisk;
 
 /// Parents deeper than this are refused (a crafted chain must not recurse forever).
@@ -108,8 +108,9 @@ pub fn probe_path(path: &Path) -> Result<Format> {
     probe(&s)
 }
 
-/// Opens `path` and, unless told not to, its whole parent chain.
-pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn BlockDevice>> {
+/// Opens `path` and, unless told not to, its whole parent chain, behind the request layer
+/// ([`Disk`]) that every consumer does its I/O through.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Disk> {
     let mut seen = HashSet::new();
     open_layer(
         path,
@@ -119,6 +120,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn BlockDevice>> {
         &mut seen,
         opts.parent_override.as_deref(),
     )
+    .map(Disk::new)
 }
 
 fn canonical(path: &Path) -> PathBuf {
@@ -289,9 +291,9 @@ pub fn hex_id(id: &[u8; 16]) -> String {
     )
 }
 
-/// Every layer of a chain, top first.
-pub fn layers(top: &Arc<dyn BlockDevice>) -> Vec<Arc<dyn BlockDevice>> {
-    let mut out = vec![top.clone()];
+/// Every layer of a chain, top first (the images themselves, for facts).
+pub fn layers(top: &Disk) -> Vec<Arc<dyn BlockDevice>> {
+    let mut out = vec![top.image().clone()];
     while let Some(p) = out.last().and_then(|l| l.backing().cloned()) {
         out.push(p);
     }
@@ -336,7 +338,11 @@ impl CreateSpec {
 }
 
 /// Creates a new image (never overwrites) and returns it opened read-write.
-pub fn create(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> {
+pub fn create(path: &Path, spec: &CreateSpec) -> Result<Disk> {
+    create_image(path, spec).map(Disk::new)
+}
+
+fn create_image(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> {
     if path.exists() {
         return Err(Error::InvalidArgument(format!(
             "{} already exists; refusing to overwrite it",
@@ -368,7 +374,7 @@ pub fn create(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> {
                     }
                     vhd::CreateKind::Differencing {
                         parent_path: std::path::absolute(&parent_path).unwrap_or(parent_path),
-                        parent,
+                        parent: parent.image().clone(),
                     }
                 }
                 None if spec.fixed || spec.azure => vhd::CreateKind::Fixed,
@@ -391,7 +397,7 @@ pub fn create(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> {
                     }
                     vhdx::CreateKind::Differencing {
                         parent_path: std::path::absolute(&parent_path).unwrap_or(parent_path),
-                        parent,
+                        parent: parent.image().clone(),
                     }
                 }
                 None if spec.fixed => vhdx::CreateKind::Fixed,
@@ -530,6 +536,6 @@ pub fn relink(child: &Path, parent: &Path) -> Result<()> {
     rw.no_parent = true;
     let c = open(child, &rw)?;
     let p = open(parent, &OpenOptions::read_only())?;
-    set_parent(c.as_ref(), parent, p.as_ref())?;
+    set_parent(c.image().as_ref(), parent, p.image().as_ref())?;
     c.close()
 }

@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use disk::overlay::CowOverlay;
-use disk::{BlockDevice, Error, FileStorage, Result};
+use disk::{BlockDevice, Disk, Error, FileStorage, Result};
 
 use crate::{create, open, CreateSpec, Format, OpenOptions};
 
 /// A disk in undo mode.
 #[derive(Debug)]
 pub struct UndoDisk {
-    disk: Arc<dyn BlockDevice>,
+    disk: Disk,
     parent_path: PathBuf,
     /// The differencing child (VHD/VHDX) or the overlay's scratch file (raw).
     child_path: PathBuf,
@@ -77,9 +77,9 @@ impl UndoDisk {
                     .map(Path::to_path_buf)
                     .unwrap_or_else(|| temp_child_path(path, "undo"));
                 let scratch = Arc::new(FileStorage::create(&scratch_path)?);
-                let ov = CowOverlay::new(base, scratch);
+                let ov = CowOverlay::new(base.image().clone(), scratch);
                 Ok(UndoDisk {
-                    disk: Arc::new(ov),
+                    disk: Disk::new(Arc::new(ov)),
                     parent_path: path.to_path_buf(),
                     child_path: scratch_path,
                     overlay: true,
@@ -117,7 +117,7 @@ impl UndoDisk {
     }
 
     /// The disk to use: reads see parent + changes, writes go to the child.
-    pub fn disk(&self) -> Arc<dyn BlockDevice> {
+    pub fn disk(&self) -> Disk {
         self.disk.clone()
     }
 
@@ -149,7 +149,7 @@ impl UndoDisk {
             overlay,
         } = self;
         disk.flush()?;
-        if Arc::strong_count(&disk) > 1 {
+        if disk.handle_count() > 1 {
             return Err(Error::InvalidArgument(
                 "the undo disk is still in use; close every user before committing".into(),
             ));
@@ -188,8 +188,8 @@ impl UndoDisk {
             let mut alone = OpenOptions::read_only();
             alone.no_parent = true;
             let child = open(&child_path, &alone)?;
-            let merged = crate::merge(child.as_ref(), 1, parent.as_ref(), progress)
-                .and_then(|n| parent.close().map(|()| n));
+            let merged =
+                crate::merge(&child, 1, &parent, progress).and_then(|n| parent.close().map(|()| n));
             drop(child);
             drop(parent);
             match merged {

@@ -13,12 +13,14 @@ pub mod map;
 pub mod overlay;
 mod paths;
 mod raw;
+mod request;
 mod storage;
 
 pub use check::CheckReport;
 pub use error::{Error, IoContext, Result};
 pub use paths::windows_relative_path;
 pub use raw::RawDisk;
+pub use request::Disk;
 pub use storage::{set_skip_file_sync, write_zeros, Access, FileStorage, MemStorage, Storage};
 
 use std::any::Any;
@@ -52,12 +54,17 @@ pub struct ZeroFlags {
     pub may_unmap: bool,
 }
 
-/// A virtual disk: random access to `size()` bytes.
+/// A virtual disk format (raw, VHD, VHDX, undo overlay): random access to `size()` bytes.
 ///
 /// All methods take `&self`; implementations are internally synchronised and must let
 /// concurrent readers proceed in parallel for data I/O (metadata may use locks).
-/// Offsets and lengths are bytes; callers need not align them, but implementations may be
-/// faster when they are sector aligned.
+///
+/// Consumers never call a format directly: they go through [`Disk`], the request layer, which
+/// checks the range and read-only once and hands the format only requests whose offset is a
+/// multiple of [`BlockDevice::logical_sector_size`] and whose end is too (or is the end of the
+/// disk). Formats therefore never read-modify-write a sector: their writes, write-zeroes and
+/// discards refuse anything unaligned with [`check_aligned`]. Reads of any range stay allowed
+/// (a read has nothing to merge, so it cannot lose data), which keeps parsers and tests simple.
 pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Short format name as qemu-img prints it: "raw", "vpc" is qemu's name for VHD but we say
     /// "vhd"; "vhdx".
@@ -100,6 +107,13 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         let _ = flags;
         check_range(offset, len, self.size())?;
         write_zero_buffers(self, offset, len)
+    }
+
+    /// Whether a range deallocated by [`BlockDevice::discard`] or by `write_zeroes` with
+    /// `may_unmap` then reads as zeros (SCSI LBPRZ). False unless the format guarantees it: a
+    /// differencing layer that deallocates shows its parent again.
+    fn unmap_reads_zero(&self) -> bool {
+        false
     }
 
     /// Allocation of this layer only, for the run starting at `offset` (at most `len` bytes,
@@ -185,6 +199,21 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     }
 }
 
+/// Fails unless `offset..offset+len` is inside the disk and aligned to `sector` at both ends
+/// (the end may also be the disk's end): the contract between [`Disk`] and every format.
+pub fn check_aligned(offset: u64, len: u64, size: u64, sector: u32) -> Result<()> {
+    check_range(offset, len, size)?;
+    let s = u64::from(sector.max(1));
+    let end = offset + len;
+    if !offset.is_multiple_of(s) || (!end.is_multiple_of(s) && end != size) {
+        return Err(Error::InvalidArgument(format!(
+            "request at offset {offset} length {len} is not aligned to the {s}-byte sector \
+             (formats take aligned requests only; go through disk::Disk)"
+        )));
+    }
+    Ok(())
+}
+
 /// Writes zeros through `write_at` in bounded chunks (fallback for `write_zeroes`).
 pub fn write_zero_buffers<D: BlockDevice + ?Sized>(
     d: &D,
@@ -253,6 +282,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         (**self).write_zeroes(offset, len, flags)
+    }
+    fn unmap_reads_zero(&self) -> bool {
+        (**self).unmap_reads_zero()
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         (**self).block_status(offset, len)

@@ -8,7 +8,7 @@
 use std::any::Any;
 use std::sync::{Arc, RwLock};
 
-use crate::{check_range, Allocation, BlockDevice, Error, Extent, Result, Storage};
+use crate::{check_aligned, check_range, Allocation, BlockDevice, Error, Extent, Result, Storage};
 
 const GRANULE: u64 = 64 * 1024;
 
@@ -110,7 +110,12 @@ impl BlockDevice for CowOverlay {
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
+        check_aligned(
+            offset,
+            buf.len() as u64,
+            self.size,
+            self.logical_sector_size(),
+        )?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -181,7 +186,10 @@ mod tests {
     fn writes_stay_in_overlay_and_reads_merge() {
         let base = Arc::new(RawDisk::memory(1 << 20).unwrap());
         base.write_at(&[1u8; 1 << 20], 0).unwrap();
-        let ov = CowOverlay::new(base.clone(), Arc::new(MemStorage::new()));
+        let ov = crate::Disk::new(Arc::new(CowOverlay::new(
+            base.clone(),
+            Arc::new(MemStorage::new()),
+        )));
         ov.write_at(&[9u8; 100], 70_000).unwrap();
         let mut b = vec![0u8; 200];
         ov.read_at(&mut b, 69_950).unwrap();
@@ -191,6 +199,7 @@ mod tests {
         let mut c = vec![0u8; 1 << 20];
         base.read_at(&mut c, 0).unwrap();
         assert!(c.iter().all(|&x| x == 1), "base untouched");
-        assert_eq!(ov.written_ranges(), vec![(65536, 65536)]);
+        let inner = ov.image().as_any().downcast_ref::<CowOverlay>().unwrap();
+        assert_eq!(inner.written_ranges(), vec![(65536, 65536)]);
     }
 }

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::{
-    check_range, Access, Allocation, BlockDevice, Error, Extent, FileStorage, Result, Storage,
-    ZeroFlags,
+    check_aligned, check_range, Access, Allocation, BlockDevice, Error, Extent, FileStorage,
+    Result, Storage, ZeroFlags,
 };
 
 /// A raw image over any [`Storage`]. Holes in a sparse file are reported as zero extents, and
@@ -96,7 +96,7 @@ impl BlockDevice for RawDisk {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        check_range(offset, buf.len() as u64, self.size)?;
+        check_aligned(offset, buf.len() as u64, self.size, self.logical_sector)?;
         self.storage
             .write_at(buf, offset)
             .map_err(|e| Error::io(self.ctx("cannot write", offset), e))
@@ -116,7 +116,7 @@ impl BlockDevice for RawDisk {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        check_range(offset, len, self.size)?;
+        check_aligned(offset, len, self.size, self.logical_sector)?;
         let r = if flags.may_unmap {
             self.storage.punch_hole(offset, len)
         } else {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use disk::map::status_through_chain;
-use disk::{BlockDevice, ZeroFlags};
+use disk::{BlockDevice, Disk, ZeroFlags};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
@@ -86,7 +86,7 @@ impl Shared {
 
 #[derive(Debug)]
 pub(crate) struct DiskFs {
-    disk: Arc<dyn BlockDevice>,
+    disk: Disk,
     writable: bool,
     nodes: Vec<Node>,
     uid: u32,
@@ -111,12 +111,7 @@ fn errno(e: &disk::Error) -> Errno {
 }
 
 impl DiskFs {
-    pub(crate) fn new(
-        disk: Arc<dyn BlockDevice>,
-        writable: bool,
-        nodes: Vec<Node>,
-        shared: Arc<Shared>,
-    ) -> Self {
+    pub(crate) fn new(disk: Disk, writable: bool, nodes: Vec<Node>, shared: Arc<Shared>) -> Self {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         DiskFs {

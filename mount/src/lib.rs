@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use disk::BlockDevice;
+use disk::{BlockDevice, Disk};
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 
 pub use partition::{
@@ -112,7 +112,7 @@ pub struct MountHandle {
     session: Option<BackgroundSession>,
     mountpoint: PathBuf,
     shared: Arc<fs::Shared>,
-    disk: Arc<dyn BlockDevice>,
+    disk: Disk,
     writable: bool,
     partitions: Vec<Partition>,
 }
@@ -208,10 +208,11 @@ impl Drop for MountHandle {
 /// disk is left open (the caller still owns it); once mounted, the mount closes it when it goes
 /// away.
 pub fn mount(
-    disk: Arc<dyn BlockDevice>,
+    disk: impl Into<Disk>,
     mountpoint: &Path,
     opts: &MountOptions,
 ) -> Result<MountHandle, MountError> {
+    let disk: Disk = disk.into();
     check_mountpoint(mountpoint)?;
     check_fuse()?;
     if opts.writable && disk.read_only() {
@@ -299,7 +300,7 @@ pub fn mount(
 /// the process gets SIGTERM, SIGINT or SIGHUP; then unmounts (lazily if files are still open),
 /// flushes and closes the disk.
 pub fn run_foreground(
-    disk: Arc<dyn BlockDevice>,
+    disk: impl Into<Disk>,
     mountpoint: &Path,
     opts: &MountOptions,
 ) -> Result<(), MountError> {
@@ -320,7 +321,7 @@ pub fn run_foreground(
             }
         }
     }
-    let result = serve_until(disk, mountpoint, opts, &stop);
+    let result = serve_until(disk.into(), mountpoint, opts, &stop);
     for id in ids {
         signal_hook::low_level::unregister(id);
     }
@@ -328,7 +329,7 @@ pub fn run_foreground(
 }
 
 fn serve_until(
-    disk: Arc<dyn BlockDevice>,
+    disk: Disk,
     mountpoint: &Path,
     opts: &MountOptions,
     stop: &AtomicBool,

@@ -569,8 +569,8 @@ mod tests {
     use super::*;
     use disk::RawDisk;
 
-    fn mem(size: u64) -> RawDisk {
-        RawDisk::memory(size).unwrap()
+    fn mem(size: u64) -> disk::Disk {
+        disk::Disk::new(std::sync::Arc::new(RawDisk::memory(size).unwrap()))
     }
 
     fn mbr_entry(sector: &mut [u8], slot: usize, status: u8, type_id: u8, lba: u32, count: u32) {
@@ -722,7 +722,7 @@ mod tests {
     }
 
     /// Writes a GPT (primary and backup) with the given (first, last, name) entries.
-    fn write_gpt(d: &RawDisk, parts: &[(u64, u64, &str)]) {
+    fn write_gpt(d: &disk::Disk, parts: &[(u64, u64, &str)]) {
         let sectors = d.size() / 512;
         let mut s = [0u8; 512];
         sig(&mut s);

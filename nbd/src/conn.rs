@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use disk::map::status_through_chain;
-use disk::{BlockDevice, ZeroFlags};
+use disk::ZeroFlags;
 
 use crate::error::{ConnError, ConnResult};
 use crate::handshake::{negotiate, skip, Session};
@@ -176,8 +176,8 @@ fn reject(errno: u32, msg: impl Into<String>) -> Reject {
 }
 
 impl Conn<'_> {
-    fn disk(&self) -> &dyn BlockDevice {
-        &*self.export.disk
+    fn disk(&self) -> &disk::Disk {
+        &self.export.disk
     }
 
     fn transmission(&self, mut reader: BufReader<Stream>) -> ConnResult<()> {

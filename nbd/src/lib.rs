@@ -95,7 +95,6 @@ mod stream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::Error;
@@ -108,7 +107,7 @@ pub struct Export {
     pub name: String,
     /// Free text shown by `nbdinfo` (`NBD_INFO_DESCRIPTION`); may be empty.
     pub description: String,
-    pub disk: Arc<dyn disk::BlockDevice>,
+    pub disk: disk::Disk,
     /// Allow WRITE/TRIM/WRITE_ZEROES. `Server::new` refuses a writable export over a read-only
     /// disk ([`Error::ReadOnlyDisk`]).
     pub writable: bool,
@@ -116,11 +115,11 @@ pub struct Export {
 
 impl Export {
     /// A read-only export without description.
-    pub fn new(name: impl Into<String>, disk: Arc<dyn disk::BlockDevice>) -> Self {
+    pub fn new(name: impl Into<String>, disk: impl Into<disk::Disk>) -> Self {
         Export {
             name: name.into(),
             description: String::new(),
-            disk,
+            disk: disk.into(),
             writable: false,
         }
     }

@@ -21,7 +21,7 @@ use crate::{Error, Export, Listen, ServerConfig};
 pub(crate) struct ExportEntry {
     pub name: String,
     pub description: String,
-    pub disk: Arc<dyn disk::BlockDevice>,
+    pub disk: disk::Disk,
     pub writable: bool,
 }
 
@@ -473,13 +473,12 @@ fn drain_connections(shared: &Shared) {
 
 fn close_disks(shared: &Shared) -> Result<(), Error> {
     let mut first_err = None;
-    let mut seen: Vec<*const ()> = Vec::new();
+    let mut seen: Vec<&disk::Disk> = Vec::new();
     for e in &shared.exports {
-        let p = Arc::as_ptr(&e.disk) as *const ();
-        if seen.contains(&p) {
+        if seen.iter().any(|d| d.same_disk(&e.disk)) {
             continue;
         }
-        seen.push(p);
+        seen.push(&e.disk);
         if let Err(err) = e.disk.close() {
             if first_err.is_none() {
                 first_err = Some(Error::Close {

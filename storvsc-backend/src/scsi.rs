@@ -6,9 +6,8 @@
 //! host-side failure of the data buffer (guest memory).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use disk::{BlockDevice, ZeroFlags};
+use disk::{Disk, ZeroFlags};
 
 /// Largest chunk moved between the disk and the data buffer at once.
 const CHUNK: usize = 1 << 20;
@@ -195,7 +194,7 @@ fn respond(buf: &mut dyn DataBuffer, data: &[u8], alloc: usize) -> Completion {
 /// One logical unit backed by a block device.
 #[derive(Debug)]
 pub struct ScsiDisk {
-    disk: Arc<dyn BlockDevice>,
+    disk: Disk,
     block_size: u32,
     blocks: u64,
     phys_exp: u8,
@@ -209,7 +208,8 @@ pub struct ScsiDisk {
 
 impl ScsiDisk {
     /// Wraps a disk; the logical/physical sector sizes come from the disk.
-    pub fn new(disk: Arc<dyn BlockDevice>) -> Result<Self, ScsiError> {
+    pub fn new(disk: impl Into<Disk>) -> Result<Self, ScsiError> {
+        let disk: Disk = disk.into();
         let bs = disk.logical_sector_size();
         if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
             return Err(ScsiError::SectorSize(bs));
@@ -268,7 +268,7 @@ impl ScsiDisk {
         self
     }
 
-    pub fn disk(&self) -> &Arc<dyn BlockDevice> {
+    pub fn disk(&self) -> &Disk {
         &self.disk
     }
     pub fn block_size(&self) -> u32 {

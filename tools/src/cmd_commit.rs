@@ -7,11 +7,10 @@
 //! deleted with `--remove` (what Merge-VHD does).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use chain::OpenOptions;
-use disk::BlockDevice;
+use disk::{BlockDevice, Disk};
 
 use crate::common::{self, SizeRuleArg};
 use crate::progress;
@@ -80,7 +79,7 @@ pub fn run(a: Args) -> Result<i32> {
 
 fn commit_into(
     a: &Args,
-    top: &Arc<dyn BlockDevice>,
+    top: &Disk,
     base_depth: usize,
     base_path: &Path,
     base_has_parent: bool,

@@ -11,7 +11,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
-use disk::{BlockDevice, ZeroFlags};
+use disk::{BlockDevice, Disk, ZeroFlags};
 
 use crate::common::{self, parse_size, RemoveOnFailure, SizeRuleArg};
 use crate::progress;
@@ -125,9 +125,9 @@ struct Plan {
     in_order: bool,
     turnstile: Turnstile,
     failed: AtomicBool,
-    sources: Vec<Arc<dyn BlockDevice>>,
-    target: Arc<dyn BlockDevice>,
-    backing: Option<Arc<dyn BlockDevice>>,
+    sources: Vec<Disk>,
+    target: Disk,
+    backing: Option<Disk>,
     /// Granule for zero detection (0 = write everything).
     granule: u64,
     /// The target reads zeros everywhere before we start.
@@ -178,7 +178,7 @@ pub fn run(a: Args) -> Result<i32> {
                 t.size()
             );
         }
-        let b = t.backing().cloned();
+        let b = t.backing().cloned().map(Disk::new);
         (t, b)
     } else {
         let format = common::parse_format(&a.out_format)?;
@@ -203,7 +203,7 @@ pub fn run(a: Args) -> Result<i32> {
                 t.size()
             );
         }
-        let b = t.backing().cloned();
+        let b = t.backing().cloned().map(Disk::new);
         (t, b)
     };
     let plan = Arc::new(Plan {

@@ -2,7 +2,6 @@
 //! under `format-specific`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Result;
 use chain::OpenOptions;
@@ -52,7 +51,7 @@ pub fn run(a: Args) -> Result<i32> {
         }
     };
     let layers = chain::layers(&top);
-    let shown: Vec<&Arc<dyn BlockDevice>> = if a.backing_chain {
+    let shown: Vec<&std::sync::Arc<dyn BlockDevice>> = if a.backing_chain {
         layers.iter().collect()
     } else {
         layers.iter().take(1).collect()

@@ -1,5 +1,6 @@
 //! `viridian resize` and `viridian compact`.
 
+use disk::BlockDevice;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 

@@ -3,12 +3,11 @@
 //! writes).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use chain::{OpenOptions, UndoDisk};
-use disk::BlockDevice;
+use disk::Disk;
 use serde::Deserialize;
 
 use crate::common::{self, SizeRuleArg, UndoEnd};
@@ -316,7 +315,7 @@ pub fn run(a: Args) -> Result<i32> {
     }
     let mut undo_disks = Vec::new();
     for s in &specs {
-        let disk: Arc<dyn BlockDevice> = if s.undo {
+        let disk: Disk = if s.undo {
             let u = UndoDisk::open(&s.path, &OpenOptions::read_only(), None)
                 .with_context(|| format!("cannot open {} in undo mode", s.path.display()))?;
             let d = u.disk();

@@ -2,12 +2,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use chain::{OpenOptions, UndoDisk};
-use disk::BlockDevice;
+use disk::{BlockDevice, Disk};
 
 use crate::common::{self, SizeRuleArg, UndoEnd};
 
@@ -50,7 +49,7 @@ pub struct Args {
 }
 
 enum Opened {
-    Plain(Arc<dyn BlockDevice>),
+    Plain(Disk),
     Undo(UndoDisk),
 }
 

@@ -1,6 +1,7 @@
 //! `viridian undo`: inspect, commit or discard undo disks (Virtual PC `.vud` files, or any
 //! differencing image used as a throwaway layer).
 
+use disk::BlockDevice;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};

@@ -3,11 +3,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use chain::{Format, OpenOptions};
-use disk::BlockDevice;
+use disk::Disk;
 
 /// `--output human|json`, as qemu-img.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -179,11 +178,7 @@ pub fn parse_format(s: &str) -> Result<Format> {
 }
 
 /// Opens an image read-only with its chain.
-pub fn open_ro(
-    path: &Path,
-    format: Option<&str>,
-    rule: SizeRuleArg,
-) -> Result<Arc<dyn BlockDevice>> {
+pub fn open_ro(path: &Path, format: Option<&str>, rule: SizeRuleArg) -> Result<Disk> {
     open_with(path, format, rule, OpenOptions::read_only())
 }
 
@@ -192,7 +187,7 @@ pub fn open_with(
     format: Option<&str>,
     rule: SizeRuleArg,
     mut opts: OpenOptions,
-) -> Result<Arc<dyn BlockDevice>> {
+) -> Result<Disk> {
     if let Some(f) = format {
         opts.format = Some(parse_format(f)?);
     }

@@ -7,7 +7,6 @@ mod common;
 mod fixtures;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use common::{ok, viridian};
@@ -17,7 +16,7 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
 
-fn open(p: &Path) -> Arc<dyn BlockDevice> {
+fn open(p: &Path) -> disk::Disk {
     chain::open(p, &chain::OpenOptions::read_only()).expect("open output")
 }
 

@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use disk::{
-    check_range, Access, Allocation, BlockDevice, Error, Extent, FileStorage, ParentLink, Result,
-    Storage, ZeroFlags,
+    check_aligned, check_range, Access, Allocation, BlockDevice, Error, Extent, FileStorage,
+    ParentLink, Result, Storage, ZeroFlags,
 };
 use serde::Serialize;
 
@@ -1004,18 +1004,7 @@ impl VhdDisk {
         let m = self.m();
         let (entry, bitmap) = (m.bat[blk as usize], m.bitmap);
         let diff = self.kind == DiskType::Differencing;
-        let mut owned;
-        let (inb, data) = if diff && ((inb | data.len() as u64) & (SECTOR - 1)) != 0 {
-            // Partial sectors: merge with the current contents (which may come from the parent).
-            let lo = inb / SECTOR * SECTOR;
-            let hi = (inb + data.len() as u64).div_ceil(SECTOR) * SECTOR;
-            owned = vec![0u8; (hi - lo) as usize];
-            self.read_in_block(&m, blk, entry, lo, &mut owned)?;
-            owned[(inb - lo) as usize..(inb - lo) as usize + data.len()].copy_from_slice(data);
-            (lo, &owned[..])
-        } else {
-            (inb, data)
-        };
+        // Whole sectors only: the request layer (disk::Disk) merged any partial sector.
         drop(m);
         if entry == UNALLOCATED {
             return self.allocate(blk, inb, data);
@@ -1760,7 +1749,7 @@ impl BlockDevice for VhdDisk {
             let m = self.m();
             (m.size, m.block_size as u64)
         };
-        check_range(offset, buf.len() as u64, size)?;
+        check_aligned(offset, buf.len() as u64, size, SECTOR as u32)?;
         if self.kind == DiskType::Fixed {
             return write_all(&*self.storage, buf, offset, "VHD fixed disk data");
         }
@@ -1795,7 +1784,7 @@ impl BlockDevice for VhdDisk {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        check_range(offset, len, self.size())?;
+        check_aligned(offset, len, self.size(), SECTOR as u32)?;
         if self.kind == DiskType::Fixed && flags.may_unmap {
             // The data area is the file itself: a hole reads as zeros.
             return self

@@ -25,7 +25,7 @@ fn dynamic_image() -> Vec<u8> {
     let s = Arc::new(MemStorage::new());
     let mut o = CreateOptions::new(CreateKind::Dynamic, MIB);
     o.block_size = 64 << 10;
-    let d = VhdDisk::create_on(s.clone(), &o).unwrap();
+    let d = disk::Disk::new(Arc::new(VhdDisk::create_on(s.clone(), &o).unwrap()));
     d.write_at(&common::pattern(70_000, 1), 1000).unwrap();
     d.flush().unwrap();
     drop(d);

@@ -73,7 +73,8 @@ fn differencing_chain_reads_merged_and_leaves_base_alone() {
             parent_path: base_p.clone(),
             parent: base.clone(),
         };
-        let c = VhdDisk::create(&child_p, &CreateOptions::new(kind, 0)).unwrap();
+        let c = Arc::new(VhdDisk::create(&child_p, &CreateOptions::new(kind, 0)).unwrap());
+        let io = disk::Disk::new(c.clone());
         assert_eq!(c.size(), size);
         for (off, len, seed) in [
             (MIB + 100, 5000usize, 1u8),
@@ -81,7 +82,7 @@ fn differencing_chain_reads_merged_and_leaves_base_alone() {
             (3 * MIB - 10, 20, 3),
         ] {
             let p = common::pattern(len, seed);
-            c.write_at(&p, off).unwrap();
+            io.write_at(&p, off).unwrap();
             expect[off as usize..off as usize + len].copy_from_slice(&p);
         }
         c.flush().unwrap();

@@ -142,7 +142,7 @@ fn us_to_qemu(kind: CreateKind, size: u64, rule: SizeRule) {
     let fixed = matches!(kind, CreateKind::Fixed);
     let mut o = CreateOptions::new(kind, size);
     o.size_rule = rule;
-    let d = VhdDisk::create(&img, &o).unwrap();
+    let d = disk::Disk::new(Arc::new(VhdDisk::create(&img, &o).unwrap()));
     let vsize = d.size();
     let rf = std::fs::File::create(&raw).unwrap();
     rf.set_len(vsize).unwrap();

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use disk::{
-    check_range, Access, Allocation, BlockDevice, Error, Extent, FileStorage, ParentLink, Result,
-    Storage, ZeroFlags,
+    check_aligned, check_range, Access, Allocation, BlockDevice, Error, Extent, FileStorage,
+    ParentLink, Result, Storage, ZeroFlags,
 };
 use format::*;
 
@@ -2033,27 +2033,18 @@ impl BlockDevice for VhdxDisk {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        check_range(offset, buf.len() as u64, self.size())?;
+        // Whole sectors only: the request layer (disk::Disk) merged any partial sector.
+        check_aligned(
+            offset,
+            buf.len() as u64,
+            self.size(),
+            self.logical_sector_size(),
+        )?;
         if buf.is_empty() {
             return Ok(());
         }
         self.ensure_session(true)?;
-        let ls = self.logical_sector_size() as u64;
-        let end = offset + buf.len() as u64;
-        if offset.is_multiple_of(ls) && end.is_multiple_of(ls) {
-            return self.write_aligned(buf, offset);
-        }
-        // Read-modify-write of the enclosing sectors.
-        let a = offset / ls * ls;
-        let b = round_up(end, ls);
-        let mut tmp = vec![0u8; (b - a) as usize];
-        self.read_at(&mut tmp[..ls as usize], a)?;
-        let tl = tmp.len();
-        if b - ls > a {
-            self.read_at(&mut tmp[tl - ls as usize..], b - ls)?;
-        }
-        tmp[(offset - a) as usize..(end - a) as usize].copy_from_slice(buf);
-        self.write_aligned(&tmp, a)
+        self.write_aligned(buf, offset)
     }
 
     fn flush(&self) -> Result<()> {
@@ -2065,7 +2056,7 @@ impl BlockDevice for VhdxDisk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(offset, len, self.size())?;
+        check_aligned(offset, len, self.size(), self.logical_sector_size())?;
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -2077,7 +2068,7 @@ impl BlockDevice for VhdxDisk {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        check_range(offset, len, self.size())?;
+        check_aligned(offset, len, self.size(), self.logical_sector_size())?;
         if self.read_only {
             return Err(Error::ReadOnly);
         }

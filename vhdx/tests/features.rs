@@ -55,6 +55,8 @@ fn differencing_chain_of_three() {
             ),
         )
         .unwrap();
+        let c = Arc::new(c);
+        let io = disk::Disk::new(c.clone());
         assert_eq!(c.size(), size);
         let w: &[(u64, usize, u64)] = &[
             (MIB + 4096, 512, 2),
@@ -64,7 +66,7 @@ fn differencing_chain_of_three() {
         ];
         for &(o, l, s) in w {
             let p = pattern(s, l);
-            c.write_at(&p, o).unwrap();
+            io.write_at(&p, o).unwrap();
             model[o as usize..o as usize + l].copy_from_slice(&p);
         }
         assert_eq!(bat_state(c.bat_entry(1).unwrap()), PB_PARTIALLY_PRESENT);
@@ -224,7 +226,7 @@ fn four_k_logical_sectors() {
         o.physical_sector_size = 4096;
         let mut model = vec![0u8; 40 * MIB as usize];
         {
-            let d = VhdxDisk::create(&p, &o).unwrap();
+            let d = disk::Disk::new(Arc::new(VhdxDisk::create(&p, &o).unwrap()));
             assert_eq!(d.logical_sector_size(), 4096);
             for (i, &(off, len)) in [
                 (0u64, 4096usize),
@@ -265,6 +267,7 @@ fn four_k_logical_sectors() {
     )
     .unwrap();
     assert_eq!(c.logical_sector_size(), 4096);
+    let c = disk::Disk::new(Arc::new(c));
     c.write_at(&[3u8; 100], 4096 * 3 + 7).unwrap();
     let mut want = read(&*ro(&p), 4096 * 3, 4096);
     want[7..107].fill(3);

@@ -117,7 +117,7 @@ fn qemu_made_images_read_identically() {
     }
 }
 
-fn write_ours(d: &VhdxDisk, raw: &std::fs::File, seed: u64) {
+fn write_ours(d: &disk::Disk, raw: &std::fs::File, seed: u64) {
     use std::os::unix::fs::FileExt;
     let size = d.size();
     let mut rng = disk::fault::SplitMix(seed);
@@ -171,7 +171,7 @@ fn our_images_pass_qemu_compare_and_check() {
         let mut o = CreateOptions::new(kind, size);
         o.block_size = bs;
         o.physical_sector_size = 512;
-        let d = VhdxDisk::create(&img, &o).unwrap();
+        let d = disk::Disk::new(Arc::new(VhdxDisk::create(&img, &o).unwrap()));
         let rf = std::fs::File::create(&raw).unwrap();
         rf.set_len(size).unwrap();
         write_ours(&d, &rf, i as u64 + 1);
@@ -203,7 +203,9 @@ fn sparse_64g_dynamic_interop() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("big.vhdx");
     let size = 64u64 << 30;
-    let d = VhdxDisk::create(&img, &CreateOptions::new(CreateKind::Dynamic, size)).unwrap();
+    let d = disk::Disk::new(Arc::new(
+        VhdxDisk::create(&img, &CreateOptions::new(CreateKind::Dynamic, size)).unwrap(),
+    ));
     let spots = [0u64, 1 << 30, 33 << 30, size - 4096, (17 << 30) + 12345];
     for (i, &o) in spots.iter().enumerate() {
         let o = o.min(size - 4096);
@@ -270,7 +272,9 @@ fn we_write_into_qemu_made_images() {
             ],
         );
         {
-            let d = VhdxDisk::open_path(&img, &OpenOptions::default()).unwrap();
+            let d = disk::Disk::new(Arc::new(
+                VhdxDisk::open_path(&img, &OpenOptions::default()).unwrap(),
+            ));
             let rf = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
             write_ours(&d, &rf, 77 + i as u64);
             d.close().unwrap();

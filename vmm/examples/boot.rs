@@ -21,7 +21,7 @@ fn main() {
                 let p = val();
                 let d = disk::RawDisk::open(std::path::Path::new(&p), disk::Access::ReadWrite)
                     .unwrap_or_else(|e| panic!("{p}: {e}"));
-                cfg.disks.push(Arc::new(d));
+                cfg.disks.push(Arc::new(d).into());
             }
             "--timeout" => cfg.timeout = Some(Duration::from_secs(val().parse().unwrap())),
             "--memory" => cfg.memory = val().parse::<u64>().unwrap() << 20,

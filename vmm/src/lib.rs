@@ -46,7 +46,6 @@ mod vmbus_glue;
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use console::{ConsoleStep, Milestone, SerialInput, StopReason, MILESTONES};
@@ -103,7 +102,7 @@ pub struct VmConfig {
     /// vCPUs (1..=8; 1 is the tested configuration on nested hosts).
     pub cpus: u32,
     /// SCSI LUNs 0, 1, ... of the one synthetic SCSI controller.
-    pub disks: Vec<Arc<dyn disk::BlockDevice>>,
+    pub disks: Vec<disk::Disk>,
     pub console: Console,
     /// Stop (as a failure) after this long.
     pub timeout: Option<Duration>,

@@ -80,14 +80,14 @@ impl DiskCounters {
 
 #[derive(Debug)]
 pub struct CountingDisk {
-    inner: Arc<dyn BlockDevice>,
+    inner: disk::Disk,
     pub counters: Arc<DiskCounters>,
 }
 
 impl CountingDisk {
-    pub fn new(inner: Arc<dyn BlockDevice>, epoch: std::time::Instant) -> Self {
+    pub fn new(inner: impl Into<disk::Disk>, epoch: std::time::Instant) -> Self {
         CountingDisk {
-            inner,
+            inner: inner.into(),
             counters: Arc::new(DiskCounters::with_epoch(epoch)),
         }
     }

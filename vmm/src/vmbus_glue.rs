@@ -274,7 +274,7 @@ pub fn attach(
     if !disks.is_empty() {
         let mut ctl = ScsiController::new();
         for (i, d) in disks.iter().enumerate() {
-            let dev: Arc<dyn disk::BlockDevice> = d.clone();
+            let dev = disk::Disk::new(d.clone());
             let sd = ScsiDisk::new(dev)
                 .map_err(|e| VmmError::Config(format!("disk {i}: {e}")))?
                 .with_serial(&format!("viridian-lun{i}"));

@@ -254,7 +254,7 @@ fn boots_bzimage_with_initrd_to_ext4_root_then_reboots() {
     cfg.initrd = Some(initrd);
     cfg.cmdline = vmm::default_cmdline("root=/dev/sda1 rw rootfstype=ext4");
     cfg.memory = 128 << 20;
-    cfg.disks.push(Arc::new(disk));
+    cfg.disks.push(Arc::new(disk).into());
     cfg.console = vmm::Console::File(dir.path().join("console.log"));
     cfg.timeout = Some(Duration::from_secs(900));
     cfg.stall_timeout = Some(Duration::from_secs(300));
@@ -416,7 +416,7 @@ fn boots_linux_from_vhdx() {
     let mut cfg = vmm::VmConfig::new(&kernel);
     cfg.cmdline = vmm::default_cmdline("root=/dev/sda1 rw rootfstype=ext4");
     cfg.memory = 128 << 20;
-    cfg.disks = vec![disk.clone(), scratch.clone()];
+    cfg.disks = vec![disk.clone(), scratch.clone().into()];
     cfg.console = vmm::Console::File(dir.path().join("console.log"));
     cfg.timeout = Some(Duration::from_secs(900));
     cfg.stall_timeout = Some(Duration::from_secs(300));

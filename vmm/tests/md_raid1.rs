@@ -200,14 +200,14 @@ fn md_raid1_resync_over_two_luns_then_sysrq_poweroff() {
     // Both halves of the mirror now hold LUN 0's data, read back through our stack.
     let a = chain::open(&src_path, &chain::OpenOptions::read_only()).unwrap();
     let b = chain::open(&dst_path, &chain::OpenOptions::read_only()).unwrap();
-    assert!(read_all(&*a, 0, DATA) == data, "LUN 0's data changed");
-    let mirrored = read_all(&*b, 0, DATA);
+    assert!(read_all(&a, 0, DATA) == data, "LUN 0's data changed");
+    let mirrored = read_all(&b, 0, DATA);
     if let Some(i) = mirrored.iter().zip(&data).position(|(x, y)| x != y) {
         panic!("LUN 1 differs from LUN 0 at byte {i} after the resync");
     }
     // md wrote its superblocks back (event count up) through storvsc.
     for d in [&a, &b] {
-        let sb = read_all(&**d, sb_offset(d.size()), MD_SB_BYTES as u64);
+        let sb = read_all(d, sb_offset(d.size()), MD_SB_BYTES as u64);
         assert_eq!(word(&sb, 0), MD_MAGIC);
         assert!(word(&sb, 39) > events, "md superblock not updated");
     }
@@ -231,7 +231,7 @@ fn md_raid1_resync_over_two_luns_then_sysrq_poweroff() {
     let window = done.saturating_sub(started).as_secs_f64().max(1e-3);
     let moved = s0.read_bytes + s1.write_bytes;
     let t = Instant::now();
-    let host = read_all(&*a, 0, DATA);
+    let host = read_all(&a, 0, DATA);
     let host_rate = host.len() as f64 / t.elapsed().as_secs_f64().max(1e-6);
     let dd = Command::new("dd")
         .arg(format!("if={}", src_path.display()))

@@ -9,8 +9,6 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use disk::BlockDevice;
-
 pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub sock: PathBuf,
@@ -113,15 +111,16 @@ pub fn sparse_raw(
     ranges: &[(u64, usize)],
 ) -> (PathBuf, Arc<disk::RawDisk>, Vec<u8>) {
     let path = dir.join(name);
-    let d = disk::RawDisk::create(&path, size).unwrap();
+    let d = Arc::new(disk::RawDisk::create(&path, size).unwrap());
+    let io = disk::Disk::new(d.clone());
     let mut expected = vec![0u8; size as usize];
     for (i, &(off, len)) in ranges.iter().enumerate() {
         let data = pattern(len, i as u64 + 1);
-        d.write_at(&data, off).unwrap();
+        io.write_at(&data, off).unwrap();
         expected[off as usize..off as usize + len].copy_from_slice(&data);
     }
-    d.flush().unwrap();
-    (path, Arc::new(d), expected)
+    io.flush().unwrap();
+    (path, d, expected)
 }
 
 // ---- a raw protocol client -------------------------------------------------------------------

@@ -2,10 +2,9 @@
 //! removal of partial outputs.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use disk::BlockDevice;
+use disk::{BlockDevice, Disk};
 
 use super::plan::{DiskPlan, OutFormat};
 use crate::common::{self, human_size};
@@ -131,7 +130,7 @@ fn create_target(
     out: &Path,
     size: u64,
     physical_sector_size: u32,
-) -> Result<(Arc<dyn BlockDevice>, Option<String>)> {
+) -> Result<(Disk, Option<String>)> {
     let mk = |spec: &chain::CreateSpec| {
         chain::create(out, spec).with_context(|| format!("cannot create {}", out.display()))
     };

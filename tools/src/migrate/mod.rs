@@ -266,7 +266,7 @@ mod tests {
         v
     }
 
-    fn open(p: &Path) -> Arc<dyn BlockDevice> {
+    fn open(p: &Path) -> disk::Disk {
         chain::open(p, &chain::OpenOptions::read_only()).unwrap()
     }
 
@@ -524,7 +524,7 @@ mod tests {
 
     /// Reads fail after the first MiB: a disk that dies mid-conversion.
     #[derive(Debug)]
-    struct DyingDisk(Arc<dyn BlockDevice>);
+    struct DyingDisk(disk::Disk);
 
     impl BlockDevice for DyingDisk {
         fn format(&self) -> &'static str {
@@ -561,7 +561,7 @@ mod tests {
         let st = settings(&fx, &to, UndoChoice::Merge, &[]);
         let mut p = plan::build(&st, vmc::load(&fx.vmc).unwrap()).unwrap();
         let inner = p.disks[0].view.take().unwrap();
-        p.disks[0].view = Some(Arc::new(DyingDisk(inner)));
+        p.disks[0].view = Some(disk::Disk::new(Arc::new(DyingDisk(inner))));
         let a = args(&[fx.vmc.to_str().unwrap(), "--to", to.to_str().unwrap(), "-q"]);
         let e = apply(&a, &st, &p).unwrap_err();
         assert!(

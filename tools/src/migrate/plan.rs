@@ -4,10 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use disk::BlockDevice;
+use disk::{BlockDevice, Disk};
 use serde::Serialize;
 
 use super::paths::{self, PathMap};
@@ -109,7 +108,7 @@ pub struct DiskPlan {
     pub output: String,
     pub output_format: OutFormat,
     #[serde(skip)]
-    pub view: Option<Arc<dyn BlockDevice>>,
+    pub view: Option<Disk>,
 }
 
 /// A drive that is not converted (CD/DVD, empty slot).
@@ -283,7 +282,7 @@ pub fn build(s: &Settings, vm: Vmc) -> Result<Plan> {
     let mut warnings = vm.warnings.clone();
     let mut disks = Vec::new();
     let mut skipped = Vec::new();
-    let mut bases: Vec<(Arc<dyn BlockDevice>, PathBuf)> = Vec::new();
+    let mut bases: Vec<(Disk, PathBuf)> = Vec::new();
 
     for d in &vm.drives {
         let where_ = format!("{} {}:{}", d.bus.name(), d.channel, d.slot);
