@@ -112,6 +112,10 @@ impl BlockDevice for RawDisk {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes(offset, len, ZeroFlags { may_unmap: true })
     }
+    /// Holes punched by discard read as zeros.
+    fn unmap_reads_zero(&self) -> bool {
+        true
+    }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);

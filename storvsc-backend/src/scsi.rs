@@ -328,7 +328,10 @@ impl ScsiDisk {
                 d[8..12].copy_from_slice(&self.block_size.to_be_bytes());
                 d[13] = self.phys_exp & 0x0F;
                 if self.unmap_supported() {
-                    d[14] = 0x80 | 0x40; // LBPME, LBPRZ (unmapped blocks read as zeros)
+                    // LBPME, LBPRZ: UNMAP is done as write-zeroes with may_unmap, whose
+                    // contract is that the range reads as zeros afterwards, whatever the
+                    // format (a differencing layer hides its parent there).
+                    d[14] = 0x80 | 0x40;
                 }
                 respond(buf, &d, be32(cdb, 10) as usize)
             }
