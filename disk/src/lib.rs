@@ -14,11 +14,13 @@ pub mod overlay;
 mod paths;
 mod raw;
 mod storage;
+pub mod sticky;
 
 pub use check::CheckReport;
 pub use error::{Error, IoContext, Result};
 pub use paths::windows_relative_path;
 pub use raw::RawDisk;
+pub use sticky::{FailLatch, StickyFlush};
 pub use storage::{set_skip_file_sync, write_zeros, Access, FileStorage, MemStorage, Storage};
 
 use std::any::Any;

@@ -19,6 +19,8 @@ pub struct CowOverlay {
     /// One bit per granule: set when the granule's bytes live in `scratch`.
     present: RwLock<Vec<u64>>,
     size: u64,
+    /// A failed scratch flush may have lost overlay writes: later flushes fail too.
+    flush_failed: crate::FailLatch,
 }
 
 impl CowOverlay {
@@ -30,6 +32,7 @@ impl CowOverlay {
             scratch,
             present: RwLock::new(vec![0; granules.div_ceil(64) as usize]),
             size,
+            flush_failed: Default::default(),
         }
     }
 
@@ -143,7 +146,10 @@ impl BlockDevice for CowOverlay {
     }
     fn flush(&self) -> Result<()> {
         // Durable scratch data matters when the caller named the undo file and keeps it.
-        self.scratch.flush().map_err(Self::scratch_err)
+        crate::sticky::latched_flush(&self.flush_failed, self.scratch.path(), || {
+            self.scratch.flush()
+        })
+        .map_err(Self::scratch_err)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(offset, len, self.size)?;

@@ -17,6 +17,8 @@ pub struct RawDisk {
     size: u64,
     read_only: bool,
     logical_sector: u32,
+    /// A failed flush may have lost writes (whatever the store): later flushes fail too.
+    flush_failed: crate::FailLatch,
 }
 
 impl RawDisk {
@@ -44,6 +46,7 @@ impl RawDisk {
             size,
             read_only,
             logical_sector: 512,
+            flush_failed: Default::default(),
         })
     }
 
@@ -105,9 +108,10 @@ impl BlockDevice for RawDisk {
         if self.read_only {
             return Ok(());
         }
-        self.storage
-            .flush()
-            .map_err(|e| Error::io(self.ctx("cannot flush", 0), e))
+        crate::sticky::latched_flush(&self.flush_failed, self.storage.path(), || {
+            self.storage.flush()
+        })
+        .map_err(|e| Error::io(self.ctx("cannot flush", 0), e))
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes(offset, len, ZeroFlags { may_unmap: true })
