@@ -13,8 +13,8 @@ pub mod map;
 pub mod overlay;
 mod paths;
 mod raw;
-mod storage;
 pub mod sticky;
+mod storage;
 
 pub use check::CheckReport;
 pub use error::{Error, IoContext, Result};

@@ -392,3 +392,79 @@ fn crash_during_compact_and_resize() {
         }
     }
 }
+
+/// A failed resize or closing header update never turns into a later success that lies: for
+/// a fault at every storage operation of `resize` and of `close`, the handle either refuses
+/// every later write and flush, or a later flush that returns Ok has made exactly the state it
+/// reports durable (an unacknowledged resize is not committed behind the caller's back, and a
+/// write after a failed close reads back after reopening).
+#[test]
+fn failed_resize_and_close_are_sticky_or_honest() {
+    let (img0, _) = base_image(MIB as u32, false);
+    let big = 64 * MIB;
+    for op in ["resize", "close"] {
+        let total = {
+            let fs = Arc::new(FaultyStorage::new(img0.clone(), FaultPlan::default()));
+            let d = VhdxDisk::open(fs.clone(), &OpenOptions::default()).unwrap();
+            d.write_at(&pattern(21, MIB as usize), 0).unwrap();
+            d.flush().unwrap();
+            let before = fs.ops();
+            match op {
+                "resize" => d.resize(big).unwrap(),
+                _ => d.close().unwrap(),
+            }
+            fs.ops() - before
+        };
+        let mut sticky = 0;
+        for k in 0..total {
+            for fail_write in [false, true] {
+                let fs = Arc::new(FaultyStorage::new(img0.clone(), FaultPlan::default()));
+                let d = VhdxDisk::open(fs.clone(), &OpenOptions::default()).unwrap();
+                d.write_at(&pattern(21, MIB as usize), 0).unwrap();
+                d.flush().unwrap();
+                let n = fs.ops() + k;
+                fs.set_plan(FaultPlan {
+                    fail_write: fail_write.then_some(n),
+                    fail_flush: (!fail_write).then_some(n),
+                    ..Default::default()
+                });
+                let ctx = format!("{op}: fault (write={fail_write}) at op {k}/{total}");
+                let r = match op {
+                    "resize" => d.resize(big),
+                    _ => d.close(),
+                };
+                if r.is_ok() {
+                    continue;
+                }
+                // After the failure: a new write and a flush.
+                let w = d.write_at(&pattern(22, MIB as usize), 2 * MIB);
+                let f = d.flush();
+                if w.is_err() || f.is_err() {
+                    // Refused: it must stay refused and name why.
+                    let e = d.flush().unwrap_err().to_string();
+                    assert!(!e.is_empty(), "{ctx}");
+                    sticky += 1;
+                    continue;
+                }
+                drop(d);
+                let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(fs.durable()));
+                let d = VhdxDisk::open(s.clone(), &OpenOptions::default())
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                if op == "resize" {
+                    assert_eq!(d.size(), SIZE, "{ctx}: failed resize committed later");
+                }
+                let mut got = vec![0u8; MIB as usize];
+                d.read_at(&mut got, 2 * MIB).unwrap();
+                assert!(got == pattern(22, MIB as usize), "{ctx}: flushed write lost");
+                d.read_at(&mut got, 0).unwrap();
+                assert!(got == pattern(21, MIB as usize), "{ctx}: flushed write lost");
+                d.close().unwrap();
+                drop(d);
+                let rep = vhdx::check(s, disk::check::Repair::None).unwrap();
+                assert_eq!(rep.corruptions, 0, "{ctx}: {:?}", rep.findings);
+            }
+        }
+        eprintln!("{op}: {total} operations, {sticky} faults left the handle refusing");
+        assert!(sticky > 0, "{op}: no fault made the handle sticky");
+    }
+}
