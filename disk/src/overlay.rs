@@ -199,4 +199,19 @@ mod tests {
         assert!(c.iter().all(|&x| x == 1), "base untouched");
         assert_eq!(ov.written_ranges(), vec![(65536, 65536)]);
     }
+
+    #[test]
+    fn a_failed_scratch_flush_fails_every_later_flush() {
+        use crate::fault::{FaultPlan, FaultyStorage};
+        let base = Arc::new(RawDisk::memory(1 << 20).unwrap());
+        let plan = FaultPlan {
+            fail_flush: Some(1),
+            ..Default::default()
+        };
+        let ov = CowOverlay::new(base, Arc::new(FaultyStorage::new(Vec::new(), plan)));
+        ov.write_at(&[9u8; 65536], 0).unwrap();
+        assert!(ov.flush().is_err());
+        let e = ov.flush().unwrap_err().to_string();
+        assert!(e.contains("earlier flush failed"), "{e}");
+    }
 }

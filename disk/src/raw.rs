@@ -196,6 +196,24 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_flush_fails_every_later_flush() {
+        use crate::fault::{FaultPlan, FaultyStorage};
+        let plan = FaultPlan {
+            fail_flush: Some(1),
+            ..Default::default()
+        };
+        let fs = Arc::new(FaultyStorage::new(vec![0; 4096], plan));
+        let d = RawDisk::new(fs.clone(), false).unwrap();
+        d.write_at(&[1u8; 512], 0).unwrap();
+        assert!(d.flush().is_err());
+        // The store would now succeed; the disk must not, the write may be gone.
+        let e = d.flush().unwrap_err().to_string();
+        assert!(e.contains("earlier flush failed"), "{e}");
+        d.write_at(&[2u8; 512], 512).unwrap();
+        assert!(d.flush().is_err());
+    }
+
+    #[test]
     fn second_writer_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.raw");

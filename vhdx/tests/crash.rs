@@ -455,9 +455,15 @@ fn failed_resize_and_close_are_sticky_or_honest() {
                 }
                 let mut got = vec![0u8; MIB as usize];
                 d.read_at(&mut got, 2 * MIB).unwrap();
-                assert!(got == pattern(22, MIB as usize), "{ctx}: flushed write lost");
+                assert!(
+                    got == pattern(22, MIB as usize),
+                    "{ctx}: flushed write lost"
+                );
                 d.read_at(&mut got, 0).unwrap();
-                assert!(got == pattern(21, MIB as usize), "{ctx}: flushed write lost");
+                assert!(
+                    got == pattern(21, MIB as usize),
+                    "{ctx}: flushed write lost"
+                );
                 d.close().unwrap();
                 drop(d);
                 let rep = vhdx::check(s, disk::check::Repair::None).unwrap();
