@@ -1,5 +1,5 @@
-//! A real file system that fills up: a 16 MiB tmpfs holds a sparse image (VHDX, dynamic VHD)
-//! and a filler file. 1 MiB writes go on until the file system refuses one (ENOSPC), the disk
+//! A real file system that fills up: a 16 MiB tmpfs, and a 24 MiB ext4 on a loop device, hold
+//! a sparse image (VHDX, dynamic VHD) and a filler file. 1 MiB writes go on until the file system refuses one (ENOSPC), the disk
 //! is flushed (may fail), the filler is deleted, the disk is flushed again. After reopening:
 //! every write acknowledged before a flush that returned Ok reads back, and when the last flush
 //! returned Ok, every acknowledged write does (no block lost, no BAT entry dropped); the image
@@ -16,33 +16,73 @@ use disk::BlockDevice;
 
 const MIB: u64 = 1 << 20;
 
-/// A tmpfs mounted on a temporary directory, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
+#[derive(Clone, Copy, Debug)]
+enum Fs {
+    Tmpfs,
+    Ext4,
 }
 
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
+/// A small file system mounted on a temporary directory, unmounted on drop.
+struct Mounted {
+    dir: tempfile::TempDir,
+    _backing: Option<tempfile::TempDir>,
+}
+
+fn skip(why: &str) -> Option<Mounted> {
+    if std::env::var("VIRIDIAN_REQUIRE_ALL").as_deref() == Ok("1") {
+        panic!("{why} (VIRIDIAN_REQUIRE_ALL=1 requires it)");
+    }
+    eprintln!("SKIP: {why}");
+    None
+}
+
+impl Mounted {
+    fn new(fs: Fs) -> Option<Mounted> {
         let dir = tempfile::tempdir().unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status();
-        if st.map(|s| s.success()).unwrap_or(false) {
-            return Some(Tmpfs { dir });
+        let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
+        match fs {
+            Fs::Tmpfs => {
+                if !ok(Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+                    .arg(dir.path()))
+                {
+                    return skip("cannot mount a tmpfs (needs root)");
+                }
+                Some(Mounted {
+                    dir,
+                    _backing: None,
+                })
+            }
+            Fs::Ext4 => {
+                let backing = tempfile::tempdir().unwrap();
+                let img = backing.path().join("fs.img");
+                std::fs::File::create(&img)
+                    .unwrap()
+                    .set_len(24 * MIB)
+                    .unwrap();
+                if !ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img)) {
+                    return skip("cannot make an ext4 file system (mkfs.ext4)");
+                }
+                if !ok(Command::new("mount")
+                    .args(["-t", "ext4", "-o", "loop"])
+                    .arg(&img)
+                    .arg(dir.path()))
+                {
+                    return skip("cannot mount a loop ext4 (needs root and loop devices)");
+                }
+                Some(Mounted {
+                    dir,
+                    _backing: Some(backing),
+                })
+            }
         }
-        if std::env::var("VIRIDIAN_REQUIRE_ALL").as_deref() == Ok("1") {
-            panic!("cannot mount a tmpfs (VIRIDIAN_REQUIRE_ALL=1 requires it)");
-        }
-        eprintln!("SKIP: cannot mount a tmpfs (needs root)");
-        None
     }
     fn path(&self) -> &Path {
         self.dir.path()
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(self.dir.path()).status();
     }
@@ -155,12 +195,29 @@ fn verify(img: &Path, format: chain::Format, o: &Outcome) {
     );
 }
 
-fn run(format: chain::Format, name: &str) {
-    let Some(fs) = Tmpfs::mount("16m") else {
+fn run(fs: Fs, format: chain::Format, name: &str) {
+    let Some(fs) = Mounted::new(fs) else {
         return;
     };
     let filler: PathBuf = fs.path().join("filler");
     std::fs::write(&filler, vec![0x5a; 4 * MIB as usize]).unwrap();
+    // Take the rest of the space but 12 MiB, so the image fills up after about 10 writes.
+    let avail = {
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(fs.path())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    if avail > 12 * MIB {
+        let f = fs.path().join("ballast");
+        std::fs::write(&f, vec![0xa5; (avail - 12 * MIB) as usize]).unwrap();
+    }
     let img = fs.path().join(name);
     let o = fill(&img, &filler, format);
     // Space came back, so the last flush must be able to make everything durable.
@@ -172,11 +229,21 @@ fn run(format: chain::Format, name: &str) {
 }
 
 #[test]
-fn vhdx_on_a_full_file_system_keeps_every_flushed_write() {
-    run(chain::Format::Vhdx, "disk.vhdx");
+fn vhdx_on_a_full_tmpfs_keeps_every_flushed_write() {
+    run(Fs::Tmpfs, chain::Format::Vhdx, "disk.vhdx");
 }
 
 #[test]
-fn vhd_on_a_full_file_system_keeps_every_flushed_write() {
-    run(chain::Format::Vhd, "disk.vhd");
+fn vhd_on_a_full_tmpfs_keeps_every_flushed_write() {
+    run(Fs::Tmpfs, chain::Format::Vhd, "disk.vhd");
+}
+
+#[test]
+fn vhdx_on_a_full_ext4_keeps_every_flushed_write() {
+    run(Fs::Ext4, chain::Format::Vhdx, "disk.vhdx");
+}
+
+#[test]
+fn vhd_on_a_full_ext4_keeps_every_flushed_write() {
+    run(Fs::Ext4, chain::Format::Vhd, "disk.vhd");
 }
