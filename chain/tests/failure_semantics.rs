@@ -291,7 +291,7 @@ fn examine(kind: Kind, img: Vec<u8>, parent: &Option<Arc<dyn BlockDevice>>, what
         report.findings
     );
     // qemu-img opens no VHDX with 4096-byte logical sectors.
-    if kind.is_vhdx() && !kind.is_diff() && kind.sector() == 512 && n % QEMU_EVERY == 0 {
+    if kind.is_vhdx() && !kind.is_diff() && kind.sector() == 512 && n.is_multiple_of(QEMU_EVERY) {
         qemu_check(&s.to_vec(), what);
     }
     content

@@ -1523,7 +1523,6 @@ impl VhdxDisk {
     }
 
     /// The part of [`Self::resize`] that changes the tables; returns a BAT region left behind.
-
     fn resize_locked(
         &self,
         wal: &mut Wal,
