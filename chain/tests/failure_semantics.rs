@@ -1,12 +1,13 @@
 //! Failure semantics at every storage operation: raw, VHD (dynamic, differencing) and VHDX
 //! (fixed, dynamic, differencing; 512 and 4096-byte logical sectors) run a write/flush/trim
 //! workload on `disk::fault::FaultyStorage` with one fault planned at storage operation N, for
-//! every N, in four modes:
+//! every N, in five modes:
 //!
 //! * `flush-retry`: flush N fails once (transient); the workload goes on and flushes again;
-//! * `write-retry`: write N fails once; the workload goes on and flushes;
+//! * `write-retry`: write N fails once (changing nothing); the workload goes on and flushes;
+//! * `short-write-retry`: write N stores half its bytes and fails; the same;
 //! * `crash-after-failed-flush`: flush N fails, the machine dies right after the call that saw
-//!   it, and random crash images (unflushed writes dropped or torn) are examined;
+//!   it, and random crash images (2 per point, 1 in the other modes; unflushed writes dropped or torn) are examined;
 //! * `lossy-flush`: flush N fails the Linux way (each pending write kept or dropped for good)
 //!   under `disk::StickyFlush`, the workload goes on.
 //!
@@ -68,6 +69,7 @@ impl Kind {
 enum Mode {
     FlushRetry,
     WriteRetry,
+    ShortWriteRetry,
     CrashAfterFailedFlush,
     LossyFlush,
 }
@@ -192,6 +194,10 @@ fn initial_image(kind: Kind, parent: &Option<Arc<dyn BlockDevice>>) -> Vec<u8> {
     s.to_vec()
 }
 
+/// Any content: a failed write leaves its range undefined (a short write can even stop in the
+/// middle of a sector) until the range is written again.
+const ANY: u64 = 0;
+
 /// What each 512-byte unit may read: `now` (the live disk) and `after_crash`.
 struct Model {
     now: Vec<Vec<u64>>,
@@ -209,7 +215,7 @@ impl Model {
     fn write(&mut self, off: u64, data: &[u8], ok: bool) {
         for (i, c) in data.chunks(UNIT).enumerate() {
             let u = off as usize / UNIT + i;
-            let h = hash(c);
+            let h = if ok { hash(c) } else { ANY };
             if ok {
                 self.now[u] = vec![h];
             } else if !self.now[u].contains(&h) {
@@ -229,7 +235,7 @@ impl Model {
         content
             .chunks(UNIT)
             .enumerate()
-            .filter(|(u, c)| !allowed[*u].contains(&hash(c)))
+            .filter(|(u, c)| !allowed[*u].contains(&ANY) && !allowed[*u].contains(&hash(c)))
             .map(|(u, _)| u)
             .collect()
     }
@@ -401,6 +407,7 @@ fn one_point(st: &Setup, seed: u64, mode: Mode, n: u64, sticky: bool, count_only
     let mut plan = FaultPlan::default();
     match mode {
         Mode::WriteRetry => plan.fail_write = Some(n),
+        Mode::ShortWriteRetry => plan.short_write = Some(n),
         Mode::FlushRetry | Mode::CrashAfterFailedFlush => plan.fail_flush = Some(n),
         Mode::LossyFlush => {
             plan.fail_flush = Some(n);
@@ -443,7 +450,8 @@ fn one_point(st: &Setup, seed: u64, mode: Mode, n: u64, sticky: bool, count_only
     }
     // Crash now: what the platter may hold.
     let mut rng = SplitMix(seed ^ (n << 20));
-    for i in 0..CRASH_SAMPLES {
+    let samples = if crash_now { CRASH_SAMPLES } else { 1 };
+    for i in 0..samples {
         let img = fs.crash_image(&mut rng);
         let got = examine(kind, img, &st.parent, &format!("{what}, crash image {i}"));
         let v = m.violations(&got, true);
@@ -478,6 +486,7 @@ fn sweep(kind: Kind) {
         for mode in [
             Mode::FlushRetry,
             Mode::WriteRetry,
+            Mode::ShortWriteRetry,
             Mode::CrashAfterFailedFlush,
             Mode::LossyFlush,
         ] {

@@ -1136,11 +1136,19 @@ impl VhdxDisk {
             _ => {
                 // A new block at the end of the file reads as zeros apart from what we write.
                 let before = wal.next_free;
+                let len_before = self
+                    .storage
+                    .len()
+                    .map_err(io_err("cannot get file length"))?;
                 let blk = self.allocate(&mut wal, geo.block_size)?;
                 if let Err(e) = self.write_file(buf, blk + in_block) {
-                    // Nothing refers to the block yet: the next allocation reuses its place
-                    // instead of leaking it (a disk filling up would leak a block per retry).
-                    wal.next_free = before;
+                    // Nothing refers to the block yet. If cutting the file back removes every
+                    // byte the failed write may have left (the next user of the place must see
+                    // zeros), the next allocation reuses the place instead of leaking it (a
+                    // disk filling up would leak a block per retry).
+                    if len_before <= blk && self.storage.set_len(len_before).is_ok() {
+                        wal.next_free = before;
+                    }
                     return Err(e);
                 }
                 if has_parent && st == PB_NOT_PRESENT {

@@ -474,3 +474,41 @@ fn failed_resize_and_close_are_sticky_or_honest() {
         assert!(sticky > 0, "{op}: no fault made the handle sticky");
     }
 }
+
+/// A fresh block whose data write fails (a short write leaves part of it behind) is not
+/// referenced by anything. Its place may be reused, but the next block put there must still
+/// read zeros wherever it was not written: never the failed write's leftovers.
+#[test]
+fn failed_fresh_block_write_leaves_nothing_visible() {
+    let (img0, _) = base_image(MIB as u32, false);
+    let mut hit = 0;
+    for k in 0..10 {
+        for short in [false, true] {
+            let fs = Arc::new(FaultyStorage::new(img0.clone(), FaultPlan::default()));
+            let d = VhdxDisk::open(fs.clone(), &OpenOptions::default()).unwrap();
+            let n = fs.ops() + k;
+            fs.set_plan(FaultPlan {
+                short_write: short.then_some(n),
+                fail_write: (!short).then_some(n),
+                ..Default::default()
+            });
+            let ctx = format!("fault (short={short}) at op {k}");
+            // Block 2 (fresh), written from its start.
+            if d.write_at(&pattern(31, 256 << 10), 2 * MIB).is_ok() {
+                continue;
+            }
+            hit += 1;
+            // Block 3 (fresh), written only in its second half.
+            d.write_at(&pattern(32, 4096), 3 * MIB + MIB / 2).unwrap();
+            d.flush().unwrap();
+            for img in [fs.volatile(), fs.durable()] {
+                let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
+                let d = VhdxDisk::open(s, &OpenOptions { read_only: true }).unwrap();
+                let mut got = vec![0u8; (MIB / 2) as usize];
+                d.read_at(&mut got, 3 * MIB).unwrap();
+                assert!(got.iter().all(|&b| b == 0), "{ctx}: leftovers visible");
+            }
+        }
+    }
+    assert!(hit > 0);
+}
