@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use common::*;
@@ -511,4 +512,124 @@ fn failed_fresh_block_write_leaves_nothing_visible() {
         }
     }
     assert!(hit > 0);
+}
+
+/// Fails the `n`th write or flush (counted together from the last `arm`) once: a transient
+/// fault over a real file.
+#[derive(Debug)]
+struct FailOnce {
+    inner: disk::FileStorage,
+    ops: AtomicU64,
+    fail_at: AtomicU64,
+    fail_flush: bool,
+    /// Which operations since `arm` were flushes.
+    kinds: std::sync::Mutex<Vec<bool>>,
+}
+
+impl FailOnce {
+    fn arm(&self, at: u64) {
+        self.ops.store(0, SeqCst);
+        self.kinds.lock().unwrap().clear();
+        self.fail_at.store(at, SeqCst);
+    }
+    fn tick(&self, is_flush: bool) -> std::io::Result<()> {
+        let n = self.ops.fetch_add(1, SeqCst);
+        self.kinds.lock().unwrap().push(is_flush);
+        if n == self.fail_at.load(SeqCst) && is_flush == self.fail_flush {
+            return Err(std::io::Error::other("injected transient fault"));
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FailOnce {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.tick(false)?;
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.tick(true)?;
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// A flush too large for one log entry is split into several; a transient failure at any of
+/// its writes or flushes (in a group, between groups, while applying) leaves every page
+/// pending, so the retried flush makes all of them durable.
+#[test]
+fn split_flush_failure_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = 200u64; // one BAT page each: two log entries of at most 126 pages
+                         // Returns the flush's operation kinds, whether the first flush succeeded, and entries.
+    let run = |name: &str, fail_at: u64, fail_flush: bool| -> (Vec<bool>, bool, u64) {
+        let p = dir.path().join(name);
+        let _ = std::fs::remove_file(&p);
+        drop(VhdxDisk::create(&p, &CreateOptions::new(CreateKind::Dynamic, 1 << 38)).unwrap());
+        let s = Arc::new(FailOnce {
+            inner: disk::FileStorage::open(&p, disk::Access::ReadWrite, true).unwrap(),
+            ops: AtomicU64::new(0),
+            fail_at: AtomicU64::new(u64::MAX),
+            fail_flush,
+            kinds: Default::default(),
+        });
+        let d = VhdxDisk::open(s.clone(), &OpenOptions::default()).unwrap();
+        for i in 0..blocks {
+            d.write_at(&pattern(i + 10, 4096), i * 512 * MIB + 8192)
+                .unwrap();
+        }
+        s.arm(fail_at);
+        let first = d.flush().is_ok();
+        let ops = s.kinds.lock().unwrap().clone();
+        let ctx = format!("fault (flush={fail_flush}) at op {fail_at}");
+        d.flush()
+            .unwrap_or_else(|e| panic!("{ctx}: retried flush: {e}"));
+        let entries = d.log_entries_written();
+        d.close().unwrap();
+        drop(d);
+        drop(s);
+        let d = VhdxDisk::open_path(&p, &OpenOptions { read_only: true }).unwrap();
+        for i in 0..blocks {
+            let mut got = vec![0u8; 4096];
+            d.read_at(&mut got, i * 512 * MIB + 8192).unwrap();
+            assert!(got == pattern(i + 10, 4096), "{ctx}: block {i} lost");
+        }
+        let rep = vhdx::check(d.storage().clone(), disk::check::Repair::None).unwrap();
+        assert_eq!(rep.corruptions, 0, "{ctx}: {:?}", rep.findings);
+        (ops, first, entries)
+    };
+    let (kinds, ok, entries) = run("clean.vhdx", u64::MAX, false);
+    assert!(
+        ok && entries >= 2,
+        "the flush was not split ({entries} entries)"
+    );
+    let total = kinds.len();
+    // Every flush of the sequence; writes next to each flush (log entry writes, the first and
+    // last page applied) and spread over the rest.
+    let mut points: Vec<(u64, bool)> = Vec::new();
+    for (k, &is_flush) in kinds.iter().enumerate() {
+        let near_flush = kinds[k.saturating_sub(1)..(k + 2).min(total)].contains(&true);
+        if is_flush || near_flush || k % 25 == 0 {
+            points.push((k as u64, is_flush));
+        }
+    }
+    let mut failed = 0;
+    for &(k, is_flush) in &points {
+        let (_, ok, _) = run("t.vhdx", k, is_flush);
+        failed += !ok as usize;
+    }
+    eprintln!(
+        "split flush: {total} operations, {} faults, {failed} first flushes failed and were \
+         retried",
+        points.len()
+    );
+    assert_eq!(failed, points.len(), "a fault did not fail the flush");
 }
