@@ -737,7 +737,7 @@ impl VhdDisk {
         }
     }
 
-    /// Writes BAT entry `idx` (4 bytes at `at`); if that fails, puts `old` back. Should the
+    /// Writes the 4-byte BAT entry at file offset `at`; if that fails, puts `old` back. Should the
     /// repair fail as well, the entry on disk is unknown (maybe torn, maybe new) and the handle
     /// stops: a later allocation reusing the place would give two entries one block.
     fn write_bat_entry(&self, at: u64, new: u32, old: u32) -> Result<()> {
