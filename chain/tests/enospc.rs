@@ -95,6 +95,15 @@ fn pattern(i: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Writes a file until the file system is full.
+fn top_up(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = [0x33u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+}
+
 struct Outcome {
     acked: Vec<u64>,
     /// Writes acknowledged before the last flush that returned Ok.
@@ -122,17 +131,22 @@ fn fill(img: &Path, filler: &Path, format: chain::Format) -> Outcome {
                 break;
             }
         }
-        // Every few writes a flush, as a guest would.
-        if i % 4 == 3 && d.flush().is_ok() {
+        // One early flush (its log entry takes the first pages of the log); none after, so the
+        // flush on the full file system needs fresh log pages, as in the reported failure.
+        if i == 1 && d.flush().is_ok() {
             durable = acked.len();
         }
     }
     assert!(hit_enospc, "{format:?}: the file system never filled up");
+    // Someone else takes whatever space is left (a failed write may have given some back), so
+    // the flush meets a full file system.
+    top_up(&filler.with_extension("more"));
     let first = d.flush();
     if first.is_ok() {
         durable = acked.len();
     }
     std::fs::remove_file(filler).unwrap();
+    std::fs::remove_file(filler.with_extension("more")).unwrap();
     let second = d.flush();
     if second.is_ok() {
         durable = acked.len();
@@ -195,8 +209,8 @@ fn verify(img: &Path, format: chain::Format, o: &Outcome) {
     );
 }
 
-fn run(fs: Fs, format: chain::Format, name: &str) {
-    let Some(fs) = Mounted::new(fs) else {
+fn run(fs_kind: Fs, format: chain::Format, name: &str) {
+    let Some(fs) = Mounted::new(fs_kind) else {
         return;
     };
     let filler: PathBuf = fs.path().join("filler");
@@ -220,6 +234,11 @@ fn run(fs: Fs, format: chain::Format, name: &str) {
     }
     let img = fs.path().join(name);
     let o = fill(&img, &filler, format);
+    if matches!((fs_kind, format), (Fs::Tmpfs, chain::Format::Vhdx)) {
+        // tmpfs allocates on write, so the log entry of the flush on the full file system
+        // cannot be written: the case where pending BAT pages used to be dropped.
+        assert!(o.first_flush != "ok", "the flush while full did not fail");
+    }
     // Space came back, so the last flush must be able to make everything durable.
     assert!(
         o.final_flush_ok,
@@ -228,22 +247,13 @@ fn run(fs: Fs, format: chain::Format, name: &str) {
     verify(&img, format, &o);
 }
 
+/// One test, the cases in turn: a child process forked by a parallel test (mount, mkfs)
+/// shares our open files until it execs, and with them their flock, which could make the
+/// reopen of an image fail as "locked".
 #[test]
-fn vhdx_on_a_full_tmpfs_keeps_every_flushed_write() {
-    run(Fs::Tmpfs, chain::Format::Vhdx, "disk.vhdx");
-}
-
-#[test]
-fn vhd_on_a_full_tmpfs_keeps_every_flushed_write() {
-    run(Fs::Tmpfs, chain::Format::Vhd, "disk.vhd");
-}
-
-#[test]
-fn vhdx_on_a_full_ext4_keeps_every_flushed_write() {
-    run(Fs::Ext4, chain::Format::Vhdx, "disk.vhdx");
-}
-
-#[test]
-fn vhd_on_a_full_ext4_keeps_every_flushed_write() {
-    run(Fs::Ext4, chain::Format::Vhd, "disk.vhd");
+fn a_full_file_system_keeps_every_flushed_write() {
+    for fs in [Fs::Tmpfs, Fs::Ext4] {
+        run(fs, chain::Format::Vhdx, "disk.vhdx");
+        run(fs, chain::Format::Vhd, "disk.vhd");
+    }
 }
