@@ -8,6 +8,11 @@
 //!
 //! Faults are planned by operation count ([`FaultPlan`]): fail the Nth write, fail the Nth flush,
 //! make the Nth write short, or "crash" at the Nth operation, after which every call fails.
+//! Planned faults fire once: the operations after them succeed (a transient fault), so callers
+//! can be tested on retrying. A crash after a failed flush is [`FaultyStorage::crash_image`]
+//! taken after it. With [`FaultPlan::lossy_failed_flush`] a failed flush behaves like Linux
+//! fsync: each write pending at that moment independently either reached the disk or was
+//! dropped (its pages marked clean, so no later flush writes it), while reads still see it.
 
 use std::io;
 use std::sync::Mutex;
@@ -27,6 +32,9 @@ pub struct FaultPlan {
     pub crash_at: Option<u64>,
     /// Fail with ENOSPC when the store would grow past this length.
     pub max_len: Option<u64>,
+    /// When the planned flush fails, each pending write is kept or dropped at random (this
+    /// seed): Linux's fsync-failure semantics. Without it a failed flush changes nothing.
+    pub lossy_failed_flush: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -44,6 +52,17 @@ struct State {
     plan: FaultPlan,
     crashed: bool,
     faults_hit: u64,
+    dropped: u64,
+}
+
+/// Applies one pending operation to a disk image.
+fn apply(img: &mut Vec<u8>, op: &Pending) {
+    match op {
+        Pending::SetLen(len) => img.resize(*len as usize, 0),
+        Pending::Write { offset, data } => {
+            let _ = mem_write(img, data, *offset);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -84,6 +103,7 @@ impl FaultyStorage {
                 plan,
                 crashed: false,
                 faults_hit: 0,
+                dropped: 0,
             }),
         }
     }
@@ -147,6 +167,11 @@ impl FaultyStorage {
         img
     }
 
+    /// Pending operations the last lossy failed flush dropped (for test diagnostics).
+    pub fn dropped_writes(&self) -> u64 {
+        self.lock().dropped
+    }
+
     fn begin_op(st: &mut State) -> io::Result<u64> {
         if st.crashed {
             return Err(eio("machine crashed"));
@@ -207,10 +232,25 @@ impl Storage for FaultyStorage {
         let n = Self::begin_op(&mut st)?;
         if st.plan.fail_flush == Some(n) {
             st.faults_hit += 1;
+            if let Some(seed) = st.plan.lossy_failed_flush {
+                // Each pending write either made it or is gone for good; reads still see it.
+                let mut rng = SplitMix(seed ^ n);
+                let pending = std::mem::take(&mut st.pending);
+                for op in &pending {
+                    if rng.below(2) == 0 {
+                        st.dropped += 1;
+                    } else {
+                        apply(&mut st.durable, op);
+                    }
+                }
+            }
             return Err(eio("flush failed"));
         }
-        st.durable = st.volatile.clone();
-        st.pending.clear();
+        // Only what is pending reaches the disk: writes a lossy failed flush dropped stay lost.
+        let pending = std::mem::take(&mut st.pending);
+        for op in &pending {
+            apply(&mut st.durable, op);
+        }
         Ok(())
     }
 
@@ -279,6 +319,32 @@ mod tests {
         s.flush().unwrap();
         assert_eq!(s.durable(), b"abc");
         assert_eq!(s.faults_hit(), 2);
+    }
+
+    #[test]
+    fn lossy_failed_flush_drops_some_writes_for_good() {
+        let mut lost_somewhere = false;
+        for seed in 0..16 {
+            let plan = FaultPlan {
+                fail_flush: Some(4),
+                lossy_failed_flush: Some(seed),
+                ..Default::default()
+            };
+            let s = FaultyStorage::new(vec![0; 2048], plan);
+            for i in 0..4u8 {
+                s.write_at(&[i + 1; 512], i as u64 * 512).unwrap();
+            }
+            assert!(s.flush().is_err());
+            // Reads still see every write; the next flush succeeds but cannot bring back the
+            // dropped ones.
+            assert_eq!(s.volatile()[1536], 4);
+            s.flush().unwrap();
+            let d = s.durable();
+            let kept = (0..4).filter(|&i| d[i * 512] == i as u8 + 1).count() as u64;
+            assert_eq!(kept + s.dropped_writes(), 4);
+            lost_somewhere |= s.dropped_writes() > 0;
+        }
+        assert!(lost_somewhere);
     }
 
     #[test]

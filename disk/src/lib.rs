@@ -14,6 +14,7 @@ pub mod overlay;
 mod paths;
 mod raw;
 mod request;
+pub mod sticky;
 mod storage;
 
 pub use check::CheckReport;
@@ -21,6 +22,7 @@ pub use error::{Error, IoContext, Result};
 pub use paths::windows_relative_path;
 pub use raw::RawDisk;
 pub use request::Disk;
+pub use sticky::{FailLatch, StickyFlush};
 pub use storage::{set_skip_file_sync, write_zeros, Access, FileStorage, MemStorage, Storage};
 
 use std::any::Any;

@@ -19,6 +19,8 @@ pub struct CowOverlay {
     /// One bit per granule: set when the granule's bytes live in `scratch`.
     present: RwLock<Vec<u64>>,
     size: u64,
+    /// A failed scratch flush may have lost overlay writes: later flushes fail too.
+    flush_failed: crate::FailLatch,
 }
 
 impl CowOverlay {
@@ -30,6 +32,7 @@ impl CowOverlay {
             scratch,
             present: RwLock::new(vec![0; granules.div_ceil(64) as usize]),
             size,
+            flush_failed: Default::default(),
         }
     }
 
@@ -148,7 +151,10 @@ impl BlockDevice for CowOverlay {
     }
     fn flush(&self) -> Result<()> {
         // Durable scratch data matters when the caller named the undo file and keeps it.
-        self.scratch.flush().map_err(Self::scratch_err)
+        crate::sticky::latched_flush(&self.flush_failed, self.scratch.path(), || {
+            self.scratch.flush()
+        })
+        .map_err(Self::scratch_err)
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(offset, len, self.size)?;
@@ -201,5 +207,20 @@ mod tests {
         assert!(c.iter().all(|&x| x == 1), "base untouched");
         let inner = ov.image().as_any().downcast_ref::<CowOverlay>().unwrap();
         assert_eq!(inner.written_ranges(), vec![(65536, 65536)]);
+    }
+
+    #[test]
+    fn a_failed_scratch_flush_fails_every_later_flush() {
+        use crate::fault::{FaultPlan, FaultyStorage};
+        let base = Arc::new(RawDisk::memory(1 << 20).unwrap());
+        let plan = FaultPlan {
+            fail_flush: Some(1),
+            ..Default::default()
+        };
+        let ov = CowOverlay::new(base, Arc::new(FaultyStorage::new(Vec::new(), plan)));
+        ov.write_at(&[9u8; 65536], 0).unwrap();
+        assert!(ov.flush().is_err());
+        let e = ov.flush().unwrap_err().to_string();
+        assert!(e.contains("earlier flush failed"), "{e}");
     }
 }

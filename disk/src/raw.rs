@@ -17,6 +17,8 @@ pub struct RawDisk {
     size: u64,
     read_only: bool,
     logical_sector: u32,
+    /// A failed flush may have lost writes (whatever the store): later flushes fail too.
+    flush_failed: crate::FailLatch,
 }
 
 impl RawDisk {
@@ -44,6 +46,7 @@ impl RawDisk {
             size,
             read_only,
             logical_sector: 512,
+            flush_failed: Default::default(),
         })
     }
 
@@ -105,9 +108,10 @@ impl BlockDevice for RawDisk {
         if self.read_only {
             return Ok(());
         }
-        self.storage
-            .flush()
-            .map_err(|e| Error::io(self.ctx("cannot flush", 0), e))
+        crate::sticky::latched_flush(&self.flush_failed, self.storage.path(), || {
+            self.storage.flush()
+        })
+        .map_err(|e| Error::io(self.ctx("cannot flush", 0), e))
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes(offset, len, ZeroFlags { may_unmap: true })
@@ -193,6 +197,24 @@ mod tests {
         ));
         let ro = RawDisk::new(d.storage().clone(), true).unwrap();
         assert!(matches!(ro.write_at(&b, 0), Err(Error::ReadOnly)));
+    }
+
+    #[test]
+    fn a_failed_flush_fails_every_later_flush() {
+        use crate::fault::{FaultPlan, FaultyStorage};
+        let plan = FaultPlan {
+            fail_flush: Some(1),
+            ..Default::default()
+        };
+        let fs = Arc::new(FaultyStorage::new(vec![0; 4096], plan));
+        let d = RawDisk::new(fs.clone(), false).unwrap();
+        d.write_at(&[1u8; 512], 0).unwrap();
+        assert!(d.flush().is_err());
+        // The store would now succeed; the disk must not, the write may be gone.
+        let e = d.flush().unwrap_err().to_string();
+        assert!(e.contains("earlier flush failed"), "{e}");
+        d.write_at(&[2u8; 512], 512).unwrap();
+        assert!(d.flush().is_err());
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub enum Access {
 pub struct FileStorage {
     file: File,
     path: PathBuf,
+    /// The first failed fsync: the kernel may have dropped those writes, so every later flush
+    /// of this handle fails (see [`crate::sticky`]).
+    sync_failed: crate::sticky::FailLatch,
 }
 
 impl FileStorage {
@@ -103,6 +106,7 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            sync_failed: Default::default(),
         })
     }
 
@@ -118,6 +122,7 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            sync_failed: Default::default(),
         })
     }
 
@@ -163,7 +168,9 @@ impl Storage for FileStorage {
         if SKIP_FILE_SYNC.load(Ordering::Relaxed) {
             return Ok(());
         }
-        self.file.sync_data()
+        crate::sticky::latched_flush(&self.sync_failed, Some(&self.path), || {
+            self.file.sync_data()
+        })
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())

@@ -202,6 +202,9 @@ pub struct VhdDisk {
     /// Serialises writers (allocation, bitmap updates, metadata changes).
     wlock: Mutex<()>,
     parent: Option<Arc<dyn BlockDevice>>,
+    /// Set when a failed write left a BAT entry in an unknown state (its repair failed too):
+    /// every later write and flush fails, since a later allocation could reuse the block.
+    failed: disk::FailLatch,
 }
 
 impl std::fmt::Debug for VhdDisk {
@@ -712,7 +715,42 @@ impl VhdDisk {
             meta: RwLock::new(meta),
             wlock: Mutex::new(()),
             parent: None,
+            failed: disk::FailLatch::new(),
         })
+    }
+
+    /// Fails once a failure left this handle in a state no retry can repair.
+    fn usable(&self) -> Result<()> {
+        match self.failed.get() {
+            None => Ok(()),
+            Some(first) => Err(Error::io(
+                format!(
+                    "cannot write or flush {}",
+                    self.path
+                        .as_ref()
+                        .map_or_else(|| "VHD image".to_string(), |p| p.display().to_string())
+                ),
+                std::io::Error::other(format!(
+                    "an earlier failure left it in an unknown state ({first}); reopen the image"
+                )),
+            )),
+        }
+    }
+
+    /// Writes the 4-byte BAT entry at file offset `at`; if that fails, puts `old` back. Should the
+    /// repair fail as well, the entry on disk is unknown (maybe torn, maybe new) and the handle
+    /// stops: a later allocation reusing the place would give two entries one block.
+    fn write_bat_entry(&self, at: u64, new: u32, old: u32) -> Result<()> {
+        let s = &*self.storage;
+        if let Err(e) = write_all(s, &new.to_be_bytes(), at, "VHD BAT entry") {
+            if let Err(e2) = s.write_at(&old.to_be_bytes(), at) {
+                self.failed.set(format!(
+                    "BAT entry at offset {at} could not be written ({e}) nor restored ({e2})"
+                ));
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<VhdDisk> {
@@ -982,17 +1020,9 @@ impl VhdDisk {
         write_all(s, &bm, pos, "VHD sector bitmap")?;
         write_all(s, data, pos + bitmap + inb, "VHD data block")?;
         flush_storage(s)?;
-        if let Err(e) = write_all(
-            s,
-            &(sector as u32).to_be_bytes(),
-            bat_off + 4 * blk,
-            "VHD BAT entry",
-        ) {
-            // A short write may have torn the entry: put the old value back (best effort), so
-            // the block is merely leaked.
-            let _ = s.write_at(&UNALLOCATED.to_be_bytes(), bat_off + 4 * blk);
-            return Err(e);
-        }
+        // A short write may have torn the entry: the old value goes back, so the block is
+        // merely leaked (and reused by the next allocation). Memory changes only on success.
+        self.write_bat_entry(bat_off + 4 * blk, sector as u32, UNALLOCATED)?;
         let mut m = self.mw();
         m.bat[blk as usize] = sector as u32;
         m.footer_pos = end;
@@ -1090,6 +1120,7 @@ impl VhdDisk {
             ))
         })?;
         let _g = self.wl();
+        self.usable()?;
         let link = ParentPaths::new(parent_path, self.path.as_deref())?;
         let (mut h, hoff) = {
             let m = self.m();
@@ -1137,6 +1168,7 @@ impl VhdDisk {
             return Err(Error::ReadOnly);
         }
         let _g = self.wl();
+        self.usable()?;
         let cur = self.size();
         let rule_chs = self.m().rule == "chs";
         let mut new_size = new_size.div_ceil(SECTOR) * SECTOR;
@@ -1163,15 +1195,18 @@ impl VhdDisk {
             }
             let mut m = self.mw();
             let old_pos = m.footer_pos;
-            m.footer.current_size = new_size;
-            m.footer.geometry = geometry;
+            // Memory changes only once the file has the new footer.
+            let mut footer = m.footer.clone();
+            footer.current_size = new_size;
+            footer.geometry = geometry;
             // New footer first (the file then ends in a valid footer), then zero the old one,
             // which is now inside the data area.
-            write_all(s, &m.footer.to_bytes(), new_size, "VHD footer")?;
+            write_all(s, &footer.to_bytes(), new_size, "VHD footer")?;
             flush_storage(s)?;
             disk::write_zeros(s, old_pos, FOOTER_SIZE as u64)
                 .map_err(|e| io_err("zeroing old footer", e))?;
             flush_storage(s)?;
+            m.footer = footer;
             m.footer_pos = new_size;
             m.file_len = new_size + FOOTER_SIZE as u64;
             m.size = new_size;
@@ -1248,13 +1283,17 @@ impl VhdDisk {
         } else {
             self.mw().bat.resize(needed as usize, UNALLOCATED);
         }
+        // The size lives in the footers: memory takes it only once they are written (until
+        // then writes past the old size are refused and allocations write the old footer).
+        let mut snapshot = self.m().clone();
+        snapshot.footer.current_size = new_size;
+        snapshot.footer.geometry = geometry;
+        self.write_footers(&snapshot)?;
         let mut m = self.mw();
         m.footer.current_size = new_size;
         m.footer.geometry = geometry;
         m.size = new_size;
-        let snapshot = m.clone();
-        drop(m);
-        self.write_footers(&snapshot)
+        Ok(())
     }
 
     /// Frees all-zero blocks of a dynamic disk and shrinks the file by moving the last blocks
@@ -1265,6 +1304,7 @@ impl VhdDisk {
             return Err(Error::ReadOnly);
         }
         let _g = self.wl();
+        self.usable()?;
         let s = &*self.storage;
         let before = s.len().map_err(|e| io_err("reading file length", e))?;
         let mut st = CompactStats {
@@ -1300,17 +1340,9 @@ impl VhdDisk {
             }
             read_exact(s, &mut buf, e as u64 * SECTOR + bitmap, "VHD data block")?;
             if disk::is_zero(&buf) {
-                if let Err(err) = write_all(
-                    s,
-                    &UNALLOCATED.to_be_bytes(),
-                    bat_off + 4 * i as u64,
-                    "VHD BAT entry",
-                ) {
-                    // A short write may have torn the entry: put the old value back (best
-                    // effort), as allocation does.
-                    let _ = s.write_at(&e.to_be_bytes(), bat_off + 4 * i as u64);
-                    return Err(err);
-                }
+                // A short write may have torn the entry: the old value goes back, as
+                // allocation does.
+                self.write_bat_entry(bat_off + 4 * i as u64, UNALLOCATED, e)?;
                 self.mw().bat[i] = UNALLOCATED;
                 freed.push(e as u64 * SECTOR);
                 st.blocks_freed += 1;
@@ -1339,18 +1371,13 @@ impl VhdDisk {
             flush_storage(s)?;
             {
                 let mut m = self.mw();
-                if let Err(err) = write_all(
-                    s,
-                    &((h / SECTOR) as u32).to_be_bytes(),
+                // A torn entry would point nowhere: the old one goes back; the old copy of the
+                // block is still intact.
+                self.write_bat_entry(
                     bat_off + 4 * last_i as u64,
-                    "VHD BAT entry",
-                ) {
-                    // A torn entry would point nowhere: restore the old one (best effort); the
-                    // old copy of the block is still intact.
-                    let old = (last_off / SECTOR) as u32;
-                    let _ = s.write_at(&old.to_be_bytes(), bat_off + 4 * last_i as u64);
-                    return Err(err);
-                }
+                    (h / SECTOR) as u32,
+                    (last_off / SECTOR) as u32,
+                )?;
                 m.bat[last_i] = (h / SECTOR) as u32;
             }
             flush_storage(s)?;
@@ -1750,6 +1777,7 @@ impl BlockDevice for VhdDisk {
             (m.size, m.block_size as u64)
         };
         check_aligned(offset, buf.len() as u64, size, SECTOR as u32)?;
+        self.usable()?;
         if self.kind == DiskType::Fixed {
             return write_all(&*self.storage, buf, offset, "VHD fixed disk data");
         }
@@ -1777,6 +1805,7 @@ impl BlockDevice for VhdDisk {
         if self.read_only {
             return Ok(());
         }
+        self.usable()?;
         flush_storage(&*self.storage)
     }
 
@@ -1785,6 +1814,7 @@ impl BlockDevice for VhdDisk {
             return Err(Error::ReadOnly);
         }
         check_aligned(offset, len, self.size(), SECTOR as u32)?;
+        self.usable()?;
         if self.kind == DiskType::Fixed && flags.may_unmap {
             // The data area is the file itself: a hole reads as zeros.
             return self

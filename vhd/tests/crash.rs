@@ -215,6 +215,66 @@ fn failed_and_short_writes_leave_a_usable_image() {
     }
 }
 
+/// A BAT entry write that tears (short write) and whose repair fails too leaves the entry
+/// unknown on disk. The handle must then refuse further writes and flushes; if anything keeps
+/// succeeding, a flush that returns Ok must have made every acknowledged write durable in a
+/// clean image (a later allocation reusing the block would break both).
+#[test]
+fn unrepairable_bat_entry_write_is_sticky() {
+    let base = dynamic_base();
+    let mut sticky = 0;
+    for n in 0..60u64 {
+        let plan = FaultPlan {
+            short_write: Some(n),
+            fail_write: Some(n + 1),
+            ..Default::default()
+        };
+        let fs = Arc::new(FaultyStorage::new(base.clone(), plan));
+        let d = VhdDisk::open(fs.clone(), &OpenOptions::default()).unwrap();
+        // Per sector: what it must read, None once a failed write made it unknown.
+        let mut expect: Vec<Option<Vec<u8>>> =
+            vec![Some(vec![0u8; SECTOR]); SIZE as usize / SECTOR];
+        let mut refused = false;
+        for op in script() {
+            if let Op::Write(o, b) = op {
+                let r = d.write_at(&b, o);
+                for (i, c) in b.chunks(SECTOR).enumerate() {
+                    expect[o as usize / SECTOR + i] = r.is_ok().then(|| c.to_vec());
+                }
+                if let Err(e) = r {
+                    refused |= e.to_string().contains("earlier failure");
+                }
+            }
+        }
+        if refused {
+            sticky += 1;
+            let e = d.flush().expect_err("refusing writes but flushing");
+            assert!(
+                e.to_string().contains("earlier failure"),
+                "fault at {n}: {e}"
+            );
+            continue;
+        }
+        if d.flush().is_err() {
+            continue;
+        }
+        drop(d);
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(fs.durable()));
+        let d = VhdDisk::open(s.clone(), &OpenOptions::default())
+            .unwrap_or_else(|e| panic!("fault at {n}: {e}"));
+        let mut got = vec![0u8; SIZE as usize];
+        d.read_at(&mut got, 0).unwrap();
+        for (i, c) in got.chunks(SECTOR).enumerate() {
+            if let Some(want) = &expect[i] {
+                assert!(c == &want[..], "fault at {n}: acknowledged sector {i} lost");
+            }
+        }
+        let r = vhd::check(s, Repair::None).unwrap();
+        assert_eq!(r.corruptions, 0, "fault at {n}: {r:?}");
+    }
+    assert!(sticky > 0, "no double fault hit a BAT entry");
+}
+
 /// Compact never changes what the disk reads, so every crash image taken during it must read
 /// exactly the pre-compact content and check without corruption.
 #[test]

@@ -178,6 +178,14 @@ struct Bitmaps {
     dirty: BTreeSet<u64>,
 }
 
+/// Where a page of a flush came from, to clear its dirty mark once it is durable.
+#[derive(Clone, Copy, Debug)]
+enum DirtyPage {
+    Bitmap(u64),
+    Bat(u64),
+    Raw(u64),
+}
+
 #[derive(Debug)]
 struct Wal {
     /// Other dirty metadata pages (metadata region, region tables), by file offset.
@@ -212,6 +220,9 @@ pub struct VhdxDisk {
     dirty_at_open: bool,
     replayed: usize,
     size_cache: AtomicU64,
+    /// Set when a failure left state that no retry can make safe (a half-done resize or
+    /// re-parenting, a half-written closing header): every later write, flush and close fails.
+    failed: disk::FailLatch,
 }
 
 impl std::fmt::Debug for VhdxDisk {
@@ -586,6 +597,7 @@ impl VhdxDisk {
             closed: AtomicBool::new(false),
             dirty_at_open,
             replayed,
+            failed: disk::FailLatch::new(),
         })
     }
 
@@ -678,6 +690,31 @@ impl VhdxDisk {
 
     fn rt(&self) -> RwLockReadGuard<'_, RegionTable> {
         rlock(&self.regions)
+    }
+
+    /// Fails once a failure left this handle in a state no retry can repair.
+    fn usable(&self) -> Result<()> {
+        match self.failed.get() {
+            None => Ok(()),
+            Some(first) => Err(Error::io(
+                format!("cannot write or flush {}", self.name()),
+                std::io::Error::other(format!(
+                    "an earlier failure left it in an unknown state ({first}); reopen the image"
+                )),
+            )),
+        }
+    }
+
+    /// Records a failure no retry can repair (see [`Self::usable`]) and returns it.
+    fn poison(&self, what: &str, e: Error) -> Error {
+        self.failed.set(format!("{what}: {e}"));
+        e
+    }
+
+    fn name(&self) -> String {
+        self.path
+            .as_ref()
+            .map_or_else(|| "VHDX image".to_string(), |p| p.display().to_string())
     }
 
     fn sflush(&self) -> Result<()> {
@@ -776,10 +813,15 @@ impl VhdxDisk {
     // ---- the write-ahead log (see log.rs) ----
 
     /// Makes everything durable: data, then one log entry with every dirty page, then applies.
+    ///
+    /// A dirty page stays dirty until the log entry carrying it is durable and the page has
+    /// been applied: a failure anywhere leaves every outstanding change pending, and the next
+    /// flush logs it again (in a new, self-contained entry).
     fn flush_locked(&self, wal: &mut Wal) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
+        self.usable()?;
         if !self.session.load(Ordering::Acquire) {
             return self.sflush();
         }
@@ -795,18 +837,24 @@ impl VhdxDisk {
         // Step 1: data and previously applied pages become durable.
         self.sflush()?;
         wal.applied_unflushed = false;
-        // Collect dirty pages.
+        // Collect dirty pages (copies: the dirty sets are only cleared below, page by page,
+        // once a durable entry carries them). The WAL lock keeps them from changing meanwhile.
         // When the dirty set needs several entries, the order matters: sector bitmaps first
         // (bits may precede the BAT entry that uses them, never follow it), then BAT pages, then
         // the metadata region and region tables (a new size or BAT location only after the
         // entries it covers).
-        let raw: BTreeMap<u64, Box<[u8]>> = std::mem::take(&mut wal.raw_dirty);
-        let mut bat_pages: BTreeMap<u64, Box<[u8]>> = BTreeMap::new();
-        let mut bm_pages: BTreeMap<u64, Box<[u8]>> = BTreeMap::new();
+        let mut pages: Vec<(u64, Box<[u8]>, DirtyPage)> = Vec::new();
         {
-            let mut bat = wlock(&self.bat);
-            let dirty = std::mem::take(&mut bat.dirty_pages);
-            for p in dirty {
+            let bat = rlock(&self.bat);
+            let bm = lock(&self.bitmaps);
+            for &po in &bm.dirty {
+                if let Some(img) = bm.pages.get(&po) {
+                    pages.push((po, img.clone(), DirtyPage::Bitmap(po)));
+                }
+            }
+            drop(bm);
+            let bat_offset = self.rt().bat_offset;
+            for &p in &bat.dirty_pages {
                 let mut img = vec![0u8; PAGE as usize].into_boxed_slice();
                 let first = (p * 512) as usize;
                 for (k, e) in bat.entries.iter().skip(first).take(512).enumerate() {
@@ -815,22 +863,16 @@ impl VhdxDisk {
                 if first + 512 > bat.entries.len() {
                     // Keep whatever follows the last entry on that page.
                     let mut cur = vec![0u8; PAGE as usize];
-                    self.read_file(&mut cur, self.rt().bat_offset + p * PAGE)?;
+                    self.read_file(&mut cur, bat_offset + p * PAGE)?;
                     let keep = (bat.entries.len() - first) * 8;
                     img[keep..].copy_from_slice(&cur[keep..]);
                 }
-                bat_pages.insert(self.rt().bat_offset + p * PAGE, img);
-            }
-            let mut bm = lock(&self.bitmaps);
-            let dirty = std::mem::take(&mut bm.dirty);
-            for po in dirty {
-                if let Some(img) = bm.pages.get(&po) {
-                    bm_pages.insert(po, img.clone());
-                }
+                pages.push((bat_offset + p * PAGE, img, DirtyPage::Bat(p)));
             }
         }
-        let pages: Vec<(u64, Box<[u8]>)> =
-            bm_pages.into_iter().chain(bat_pages).chain(raw).collect();
+        for (o, img) in &wal.raw_dirty {
+            pages.push((*o, img.clone(), DirtyPage::Raw(*o)));
+        }
         if pages.is_empty() {
             return Ok(());
         }
@@ -849,7 +891,7 @@ impl VhdxDisk {
                 .map_err(io_err("cannot get file length"))?;
             let start = wal.prev.map_or(0, |(s, l)| (s + l) % log_len);
             wal.sequence += 1;
-            let refs: Vec<(u64, &[u8])> = group.iter().map(|(o, p)| (*o, &p[..])).collect();
+            let refs: Vec<(u64, &[u8])> = group.iter().map(|(o, p, _)| (*o, &p[..])).collect();
             let entry = log::build_entry(
                 wal.sequence,
                 start as u32,
@@ -859,7 +901,8 @@ impl VhdxDisk {
                 &refs,
             );
             let len = entry.len() as u64;
-            // Write, wrapping around the end of the ring.
+            // Write, wrapping around the end of the ring. A failed attempt is simply
+            // overwritten by the next one at the same place (with a higher sequence number).
             let first_part = (log_len - start).min(len) as usize;
             self.write_file(&entry[..first_part], log_off + start)?;
             if first_part < entry.len() {
@@ -868,11 +911,28 @@ impl VhdxDisk {
             self.sflush()?;
             wal.prev = Some((start, len));
             wal.entries_written += 1;
-            // Apply lazily: durable at the next flush.
-            for (o, p) in group {
+            // Apply lazily: durable at the next flush. Until every page is in place the entry
+            // is the only copy, so the pages stay dirty (the next entry carries them again
+            // before this one can be overwritten).
+            wal.applied_unflushed = true;
+            for (o, p, _) in group {
                 self.write_file(p, *o)?;
             }
-            wal.applied_unflushed = true;
+            let mut bat = wlock(&self.bat);
+            let mut bm = lock(&self.bitmaps);
+            for (_, _, which) in group {
+                match which {
+                    DirtyPage::Bitmap(po) => {
+                        bm.dirty.remove(po);
+                    }
+                    DirtyPage::Bat(p) => {
+                        bat.dirty_pages.remove(p);
+                    }
+                    DirtyPage::Raw(o) => {
+                        wal.raw_dirty.remove(o);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -888,7 +948,10 @@ impl VhdxDisk {
         let mut hs = lock(&self.header);
         let mut nh = hs.current.clone();
         nh.log_guid = [0; 16];
-        write_header_pair(&*self.storage, &mut hs, nh)?;
+        // Half written, the current header may already say "no log": later entries would be
+        // written under an empty LogGuid and never replayed. So no write may follow.
+        write_header_pair(&*self.storage, &mut hs, nh)
+            .map_err(|e| self.poison("closing header update failed", e))?;
         self.session.store(false, Ordering::Release);
         wal.prev = None;
         wal.sequence = 0;
@@ -1072,8 +1135,22 @@ impl VhdxDisk {
             }
             _ => {
                 // A new block at the end of the file reads as zeros apart from what we write.
+                let before = wal.next_free;
+                let len_before = self
+                    .storage
+                    .len()
+                    .map_err(io_err("cannot get file length"))?;
                 let blk = self.allocate(&mut wal, geo.block_size)?;
-                self.write_file(buf, blk + in_block)?;
+                if let Err(e) = self.write_file(buf, blk + in_block) {
+                    // Nothing refers to the block yet. If cutting the file back removes every
+                    // byte the failed write may have left (the next user of the place must see
+                    // zeros), the next allocation reuses the place instead of leaking it (a
+                    // disk filling up would leak a block per retry).
+                    if len_before <= blk && self.storage.set_len(len_before).is_ok() {
+                        wal.next_free = before;
+                    }
+                    return Err(e);
+                }
                 if has_parent && st == PB_NOT_PRESENT {
                     let s = in_block / geo.logical_sector;
                     self.set_bits(
@@ -1109,6 +1186,7 @@ impl VhdxDisk {
 
     /// Releases whole blocks in `offset..offset+len`; returns the unaligned head/tail ranges.
     fn release_blocks(&self, offset: u64, len: u64, may_unmap: bool) -> Result<Vec<(u64, u64)>> {
+        self.usable()?;
         self.ensure_session(true)?;
         let mut wal = lock(&self.wal);
         let mut bat = wlock(&self.bat);
@@ -1306,6 +1384,7 @@ impl VhdxDisk {
             .unwrap_or_else(|| PathBuf::from("child.vhdx"));
         let loc = build_locator(&child, parent_path, parent)?;
         let item = loc.serialize();
+        self.usable()?;
         self.ensure_session(false)?;
         let mut wal = lock(&self.wal);
         // Earlier changes first, so the locator's pages go in one entry of their own.
@@ -1359,7 +1438,11 @@ impl VhdxDisk {
         }
         let parsed = parse_metadata(&new_region, mo)?;
         *wlock(&self.meta) = parsed;
+        // Failed, the new locator may or may not be in a durable log entry: neither keeping it
+        // pending (a later flush would re-parent after we reported failure) nor dropping it is
+        // honest, so the handle stops.
         self.flush_locked(&mut wal)
+            .map_err(|e| self.poison("re-parenting failed", e))
     }
 
     fn read_meta_region(&self, wal: &Wal, region: &mut [u8]) -> Result<()> {
@@ -1396,6 +1479,11 @@ impl VhdxDisk {
         }
         let ng = Geometry::new(new_size, bsz, ls as u32, has_parent);
         let relocate = ng.bat_entries * 8 > self.rt().bat_length as u64;
+        if relocate && round_up(ng.bat_entries * 8, MIB) > u32::MAX as u64 / MIB * MIB {
+            return Err(Error::InvalidArgument(format!(
+                "a {new_size}-byte disk with {bsz}-byte blocks needs a BAT larger than 4 GiB"
+            )));
+        }
         {
             let bat = rlock(&self.bat);
             let og = bat.geo;
@@ -1420,11 +1508,40 @@ impl VhdxDisk {
                 }
             }
         }
+        self.usable()?;
         self.ensure_session(true)?;
         let mut wal = lock(&self.wal);
         // Earlier changes go in their own entries; the resize's pages then share as few as
         // possible.
         self.flush_locked(&mut wal)?;
+        // From here on the in-memory tables change before the log makes the change durable: a
+        // failure leaves the handle between two sizes, which no retry can sort out.
+        let old_bat = self
+            .resize_locked(&mut wal, new_size, ng, relocate)
+            .map_err(|e| self.poison(&format!("resize to {new_size} failed"), e))?;
+        if let Some((o, l)) = old_bat {
+            // Once the switch is durable the old table's space can go back to the file system.
+            self.sflush()?;
+            wal.applied_unflushed = false;
+            self.storage
+                .punch_hole(o, l)
+                .map_err(io_err("cannot release the old BAT"))?;
+        }
+        Ok(())
+    }
+
+    /// The part of [`Self::resize`] that changes the tables; returns a BAT region left behind.
+    fn resize_locked(
+        &self,
+        wal: &mut Wal,
+        new_size: u64,
+        ng: Geometry,
+        relocate: bool,
+    ) -> Result<Option<(u64, u64)>> {
+        let (has_parent, fixed) = {
+            let m = rlock(&self.meta);
+            (m.has_parent, m.leave_blocks_allocated)
+        };
         let mut bat = wlock(&self.bat);
         let og = bat.geo;
         // Zero the part of a kept, allocated last block that falls past the new end.
@@ -1452,7 +1569,7 @@ impl VhdxDisk {
         bat.size = new_size;
         if fixed {
             for b in og.data_blocks..ng.data_blocks {
-                let off = self.allocate(&mut wal, ng.block_size)?;
+                let off = self.allocate(wal, ng.block_size)?;
                 let i = ng.payload_index(b);
                 bat.entries[i] = bat_entry(PB_FULLY_PRESENT, off);
             }
@@ -1463,12 +1580,7 @@ impl VhdxDisk {
             // of the file (unreachable until the region tables point at it), then switch both
             // region tables through the log, in the same entry as the new virtual size.
             let len = round_up(ng.bat_entries * 8, MIB);
-            if len > u32::MAX as u64 / MIB * MIB {
-                return Err(Error::InvalidArgument(format!(
-                    "a {new_size}-byte disk with {bsz}-byte blocks needs a BAT larger than 4 GiB"
-                )));
-            }
-            let off = self.allocate(&mut wal, len)?;
+            let off = self.allocate(wal, len)?;
             let mut img = vec![0u8; len as usize];
             for (i, e) in bat.entries.iter().enumerate() {
                 wr64(&mut img, i * 8, *e);
@@ -1514,7 +1626,7 @@ impl VhdxDisk {
         }
         let mo = self.rt().meta_offset;
         let mut region = vec![0u8; self.rt().meta_length as usize];
-        self.read_meta_region(&wal, &mut region)?;
+        self.read_meta_region(wal, &mut region)?;
         let count = rd16(&region, 10) as usize;
         for i in 0..count {
             let o = 32 + i * 32;
@@ -1532,22 +1644,14 @@ impl VhdxDisk {
             }
         }
         drop(bat);
-        let r = self.flush_locked(&mut wal);
+        let r = self.flush_locked(wal);
         let mut bat = wlock(&self.bat);
         bat.entries.truncate(keep);
         drop(bat);
         r?;
         wlock(&self.meta).virtual_size = new_size;
         self.size_cache.store(new_size, Ordering::Release);
-        if let Some((o, l)) = old_bat {
-            // Once the switch is durable the old table's space can go back to the file system.
-            self.sflush()?;
-            wal.applied_unflushed = false;
-            self.storage
-                .punch_hole(o, l)
-                .map_err(io_err("cannot release the old BAT"))?;
-        }
-        Ok(())
+        Ok(old_bat)
     }
 
     /// Releases blocks that read as zeros, moves tail blocks down into the gaps and truncates.
@@ -1566,6 +1670,7 @@ impl VhdxDisk {
             let m = rlock(&self.meta);
             (m.has_parent, m.leave_blocks_allocated)
         };
+        self.usable()?;
         self.ensure_session(true)?;
         let mut wal = lock(&self.wal);
         // 1. Release zero blocks.
@@ -2043,6 +2148,7 @@ impl BlockDevice for VhdxDisk {
         if buf.is_empty() {
             return Ok(());
         }
+        self.usable()?;
         self.ensure_session(true)?;
         self.write_aligned(buf, offset)
     }
@@ -2172,6 +2278,7 @@ impl BlockDevice for VhdxDisk {
         if self.read_only {
             return Ok(());
         }
+        self.usable()?;
         let mut wal = lock(&self.wal);
         self.close_locked(&mut wal)?;
         self.closed.store(true, Ordering::Release);

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use common::*;
@@ -391,4 +392,244 @@ fn crash_during_compact_and_resize() {
             }
         }
     }
+}
+
+/// A failed resize or closing header update never turns into a later success that lies: for
+/// a fault at every storage operation of `resize` and of `close`, the handle either refuses
+/// every later write and flush, or a later flush that returns Ok has made exactly the state it
+/// reports durable (an unacknowledged resize is not committed behind the caller's back, and a
+/// write after a failed close reads back after reopening).
+#[test]
+fn failed_resize_and_close_are_sticky_or_honest() {
+    let (img0, _) = base_image(MIB as u32, false);
+    let big = 64 * MIB;
+    for op in ["resize", "close"] {
+        let total = {
+            let fs = Arc::new(FaultyStorage::new(img0.clone(), FaultPlan::default()));
+            let d = VhdxDisk::open(fs.clone(), &OpenOptions::default()).unwrap();
+            d.write_at(&pattern(21, MIB as usize), 0).unwrap();
+            d.flush().unwrap();
+            let before = fs.ops();
+            match op {
+                "resize" => d.resize(big).unwrap(),
+                _ => d.close().unwrap(),
+            }
+            fs.ops() - before
+        };
+        let mut sticky = 0;
+        for k in 0..total {
+            for fail_write in [false, true] {
+                let fs = Arc::new(FaultyStorage::new(img0.clone(), FaultPlan::default()));
+                let d = VhdxDisk::open(fs.clone(), &OpenOptions::default()).unwrap();
+                d.write_at(&pattern(21, MIB as usize), 0).unwrap();
+                d.flush().unwrap();
+                let n = fs.ops() + k;
+                fs.set_plan(FaultPlan {
+                    fail_write: fail_write.then_some(n),
+                    fail_flush: (!fail_write).then_some(n),
+                    ..Default::default()
+                });
+                let ctx = format!("{op}: fault (write={fail_write}) at op {k}/{total}");
+                let r = match op {
+                    "resize" => d.resize(big),
+                    _ => d.close(),
+                };
+                if r.is_ok() {
+                    continue;
+                }
+                // After the failure: a new write and a flush.
+                let w = d.write_at(&pattern(22, MIB as usize), 2 * MIB);
+                let f = d.flush();
+                if w.is_err() || f.is_err() {
+                    // Refused: it must stay refused and name why.
+                    let e = d.flush().unwrap_err().to_string();
+                    assert!(!e.is_empty(), "{ctx}");
+                    sticky += 1;
+                    continue;
+                }
+                drop(d);
+                let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(fs.durable()));
+                let d = VhdxDisk::open(s.clone(), &OpenOptions::default())
+                    .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                if op == "resize" {
+                    assert_eq!(d.size(), SIZE, "{ctx}: failed resize committed later");
+                }
+                let mut got = vec![0u8; MIB as usize];
+                d.read_at(&mut got, 2 * MIB).unwrap();
+                assert!(
+                    got == pattern(22, MIB as usize),
+                    "{ctx}: flushed write lost"
+                );
+                d.read_at(&mut got, 0).unwrap();
+                assert!(
+                    got == pattern(21, MIB as usize),
+                    "{ctx}: flushed write lost"
+                );
+                d.close().unwrap();
+                drop(d);
+                let rep = vhdx::check(s, disk::check::Repair::None).unwrap();
+                assert_eq!(rep.corruptions, 0, "{ctx}: {:?}", rep.findings);
+            }
+        }
+        eprintln!("{op}: {total} operations, {sticky} faults left the handle refusing");
+        assert!(sticky > 0, "{op}: no fault made the handle sticky");
+    }
+}
+
+/// A fresh block whose data write fails (a short write leaves part of it behind) is not
+/// referenced by anything. Its place may be reused, but the next block put there must still
+/// read zeros wherever it was not written: never the failed write's leftovers.
+#[test]
+fn failed_fresh_block_write_leaves_nothing_visible() {
+    let (img0, _) = base_image(MIB as u32, false);
+    let mut hit = 0;
+    for k in 0..10 {
+        for short in [false, true] {
+            let fs = Arc::new(FaultyStorage::new(img0.clone(), FaultPlan::default()));
+            let d = VhdxDisk::open(fs.clone(), &OpenOptions::default()).unwrap();
+            let n = fs.ops() + k;
+            fs.set_plan(FaultPlan {
+                short_write: short.then_some(n),
+                fail_write: (!short).then_some(n),
+                ..Default::default()
+            });
+            let ctx = format!("fault (short={short}) at op {k}");
+            // Block 2 (fresh), written from its start.
+            if d.write_at(&pattern(31, 256 << 10), 2 * MIB).is_ok() {
+                continue;
+            }
+            hit += 1;
+            // Block 3 (fresh), written only in its second half.
+            d.write_at(&pattern(32, 4096), 3 * MIB + MIB / 2).unwrap();
+            d.flush().unwrap();
+            for img in [fs.volatile(), fs.durable()] {
+                let s: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(img));
+                let d = VhdxDisk::open(s, &OpenOptions { read_only: true }).unwrap();
+                let mut got = vec![0u8; (MIB / 2) as usize];
+                d.read_at(&mut got, 3 * MIB).unwrap();
+                assert!(got.iter().all(|&b| b == 0), "{ctx}: leftovers visible");
+            }
+        }
+    }
+    assert!(hit > 0);
+}
+
+/// Fails the `n`th write or flush (counted together from the last `arm`) once: a transient
+/// fault over a real file.
+#[derive(Debug)]
+struct FailOnce {
+    inner: disk::FileStorage,
+    ops: AtomicU64,
+    fail_at: AtomicU64,
+    fail_flush: bool,
+    /// Which operations since `arm` were flushes.
+    kinds: std::sync::Mutex<Vec<bool>>,
+}
+
+impl FailOnce {
+    fn arm(&self, at: u64) {
+        self.ops.store(0, SeqCst);
+        self.kinds.lock().unwrap().clear();
+        self.fail_at.store(at, SeqCst);
+    }
+    fn tick(&self, is_flush: bool) -> std::io::Result<()> {
+        let n = self.ops.fetch_add(1, SeqCst);
+        self.kinds.lock().unwrap().push(is_flush);
+        if n == self.fail_at.load(SeqCst) && is_flush == self.fail_flush {
+            return Err(std::io::Error::other("injected transient fault"));
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FailOnce {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.tick(false)?;
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.tick(true)?;
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// A flush too large for one log entry is split into several; a transient failure at any of
+/// its writes or flushes (in a group, between groups, while applying) leaves every page
+/// pending, so the retried flush makes all of them durable.
+#[test]
+fn split_flush_failure_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = 200u64; // one BAT page each: two log entries of at most 126 pages
+                         // Returns the flush's operation kinds, whether the first flush succeeded, and entries.
+    let run = |name: &str, fail_at: u64, fail_flush: bool| -> (Vec<bool>, bool, u64) {
+        let p = dir.path().join(name);
+        let _ = std::fs::remove_file(&p);
+        drop(VhdxDisk::create(&p, &CreateOptions::new(CreateKind::Dynamic, 1 << 38)).unwrap());
+        let s = Arc::new(FailOnce {
+            inner: disk::FileStorage::open(&p, disk::Access::ReadWrite, true).unwrap(),
+            ops: AtomicU64::new(0),
+            fail_at: AtomicU64::new(u64::MAX),
+            fail_flush,
+            kinds: Default::default(),
+        });
+        let d = VhdxDisk::open(s.clone(), &OpenOptions::default()).unwrap();
+        for i in 0..blocks {
+            d.write_at(&pattern(i + 10, 4096), i * 512 * MIB + 8192)
+                .unwrap();
+        }
+        s.arm(fail_at);
+        let first = d.flush().is_ok();
+        let ops = s.kinds.lock().unwrap().clone();
+        let ctx = format!("fault (flush={fail_flush}) at op {fail_at}");
+        d.flush()
+            .unwrap_or_else(|e| panic!("{ctx}: retried flush: {e}"));
+        let entries = d.log_entries_written();
+        d.close().unwrap();
+        drop(d);
+        drop(s);
+        let d = VhdxDisk::open_path(&p, &OpenOptions { read_only: true }).unwrap();
+        for i in 0..blocks {
+            let mut got = vec![0u8; 4096];
+            d.read_at(&mut got, i * 512 * MIB + 8192).unwrap();
+            assert!(got == pattern(i + 10, 4096), "{ctx}: block {i} lost");
+        }
+        let rep = vhdx::check(d.storage().clone(), disk::check::Repair::None).unwrap();
+        assert_eq!(rep.corruptions, 0, "{ctx}: {:?}", rep.findings);
+        (ops, first, entries)
+    };
+    let (kinds, ok, entries) = run("clean.vhdx", u64::MAX, false);
+    assert!(
+        ok && entries >= 2,
+        "the flush was not split ({entries} entries)"
+    );
+    let total = kinds.len();
+    // Every flush of the sequence; writes next to each flush (log entry writes, the first and
+    // last page applied) and spread over the rest.
+    let mut points: Vec<(u64, bool)> = Vec::new();
+    for (k, &is_flush) in kinds.iter().enumerate() {
+        let near_flush = kinds[k.saturating_sub(1)..(k + 2).min(total)].contains(&true);
+        if is_flush || near_flush || k % 25 == 0 {
+            points.push((k as u64, is_flush));
+        }
+    }
+    let mut failed = 0;
+    for &(k, is_flush) in &points {
+        let (_, ok, _) = run("t.vhdx", k, is_flush);
+        failed += !ok as usize;
+    }
+    eprintln!(
+        "split flush: {total} operations, {} faults, {failed} first flushes failed and were \
+         retried",
+        points.len()
+    );
+    assert_eq!(failed, points.len(), "a fault did not fail the flush");
 }
