@@ -48,6 +48,7 @@ fn threads(kind: Kind) {
         discard: true,
         zeroes: true,
         max_window: 2 * MIB,
+        first_id: 2,
     };
     let plan = Arc::new(mix.plan(seed, kind));
     let dev = chain::open(&img, &chain::OpenOptions::read_write()).unwrap();
@@ -132,6 +133,181 @@ fn threads(kind: Kind) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Out-of-process front ends: NBD connections and FUSE writers run a written plan.
+
+const CONNECTIONS: usize = 4;
+const PROCESSES: usize = 4;
+
+fn driver(name: &str) -> String {
+    format!("{}/tests/common/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Python 3 that has libnbd's bindings (`import nbd`); None (skipped, or a failure under
+/// VIRIDIAN_REQUIRE_ALL=1) when there is none.
+fn python_with_nbd() -> Option<&'static str> {
+    let found = ["/usr/bin/python3", "python3"].into_iter().find(|py| {
+        std::process::Command::new(py)
+            .args(["-c", "import nbd; nbd.NBD"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if found.is_none() {
+        assert!(
+            !require_all(),
+            "python3 with libnbd bindings (python3-libnbd) is required (VIRIDIAN_REQUIRE_ALL=1)"
+        );
+        eprintln!("SKIP: no python3 with libnbd bindings (python3-libnbd)");
+    }
+    found
+}
+
+/// FUSE as root needs only /dev/fuse (`viridian mount` mounts itself); others need fusermount3.
+fn fuse_here() -> bool {
+    let root = unsafe { libc::geteuid() } == 0; // SAFETY: geteuid has no preconditions.
+    let ok = Path::new("/dev/fuse").exists() && (root || have("fusermount3"));
+    if !ok {
+        assert!(!require_all(), "FUSE is required (VIRIDIAN_REQUIRE_ALL=1)");
+        eprintln!("SKIP: FUSE unavailable");
+    }
+    ok
+}
+
+/// A plan for a front end, written to `dir`.
+fn front_end_plan(
+    dir: &Path,
+    kind: Kind,
+    seed: u64,
+    workers: usize,
+    discard: bool,
+    first_id: u32,
+) -> Vec<Round> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mix = Mix {
+        first_id,
+        workers,
+        rounds: rounds(60),
+        overlap_percent: 0,
+        discard,
+        zeroes: true,
+        max_window: 2 * MIB,
+    };
+    let plan = mix.plan(seed, kind);
+    let (ones, straddles) = coverage(&plan, kind);
+    assert!(
+        ones > 0 && straddles > 0,
+        "plan lacks 1-byte ({ones}) or block-straddling ({straddles}) writes"
+    );
+    write_plan(dir, &plan, workers);
+    plan
+}
+
+fn run_driver(ctx: &str, prog: &str, args: &[&str]) {
+    let o = tool(prog, args);
+    assert!(
+        o.status.success(),
+        "{ctx}: {prog} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn verify(ctx: &str, kind: Kind, img: &Path, chunks: Vec<bool>, plans: &[&[Round]]) {
+    let mut model = Model::new(chunks);
+    for round in plans.iter().copied().flatten() {
+        model.apply(&round.pieces);
+    }
+    if let Err(e) = check_image(img, &model) {
+        panic!("{ctx}: {e}");
+    }
+    if kind != Kind::Raw {
+        let o = viridian(&["check", p(img)]);
+        assert!(o.status.success(), "{ctx}: viridian check: {o:?}");
+    }
+}
+
+fn nbd(kind: Kind) {
+    let Some(py) = python_with_nbd() else {
+        return;
+    };
+    let seed = seed();
+    let ctx = format!("nbd {} (VIRIDIAN_STRESS_SEED={seed})", kind.name());
+    eprintln!("stress {ctx}");
+    let dir = tmp();
+    let chunks = initial_chunks(seed);
+    let img = make_image(dir.path(), kind, &chunks);
+    let plan_dir = dir.path().join("plan");
+    let plan = front_end_plan(&plan_dir, kind, seed, CONNECTIONS, true, 2);
+    let sock = dir.path().join("nbd.sock");
+    let server = serve_start(&["--socket", p(&sock), "--rw", p(&img)], &sock)
+        .unwrap_or_else(|(c, e)| panic!("{ctx}: serve --rw: exit {c}: {e}"));
+    let uri = format!("nbd+unix:///?socket={}", p(&sock));
+    run_driver(
+        &ctx,
+        py,
+        &[
+            &driver("stress_nbd.py"),
+            &uri,
+            p(&plan_dir),
+            &CONNECTIONS.to_string(),
+        ],
+    );
+    // An orderly stop (SIGTERM) flushes and closes the image.
+    let st = server.stop();
+    assert!(st.success(), "{ctx}: serve exited with {st:?}");
+    verify(&ctx, kind, &img, chunks, &[&plan]);
+}
+
+fn fuse(kind: Kind) {
+    if !fuse_here() || !have("python3") {
+        return;
+    }
+    let seed = seed();
+    let ctx = format!("fuse {} (VIRIDIAN_STRESS_SEED={seed})", kind.name());
+    eprintln!("stress {ctx}");
+    let dir = tmp();
+    let chunks = initial_chunks(seed);
+    let img = make_image(dir.path(), kind, &chunks);
+    // FUSE has no discard that may keep old data: fallocate punches (zeros) or zeroes a range.
+    // First every process writes with O_DIRECT (parallel direct writes reach the image
+    // concurrently), then every process with buffered pwrite; one file opened for the page
+    // cache makes the kernel serialise direct writes too, so the two are not mixed.
+    let direct_dir = dir.path().join("direct");
+    let direct = front_end_plan(&direct_dir, kind, seed, PROCESSES, false, 2);
+    let buffered_dir = dir.path().join("buffered");
+    let buffered = front_end_plan(&buffered_dir, kind, seed ^ 0xB0F, PROCESSES, false, 1 << 24);
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    {
+        ok(&["mount", "--rw", p(&img), p(&mp)]);
+        let _guard = MountGuard(mp.clone());
+        for (plan_dir, mode) in [(&direct_dir, "direct"), (&buffered_dir, "buffered")] {
+            run_driver(
+                &ctx,
+                "python3",
+                &[
+                    &driver("stress_fuse.py"),
+                    p(&mp.join("disk")),
+                    p(plan_dir),
+                    &PROCESSES.to_string(),
+                    mode,
+                ],
+            );
+        }
+        ok(&["unmount", p(&mp)]);
+    }
+    // The serving process flushes and closes after the unmount; wait for its lock to go.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while code(&["info", p(&img)]) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ctx}: image still locked 20 s after unmount"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    verify(&ctx, kind, &img, chunks, &[&direct, &buffered]);
+}
+
 macro_rules! per_kind {
     ($run:ident: $($name:ident = $kind:expr),* $(,)?) => {
         mod $run {
@@ -154,3 +330,28 @@ per_kind!(threads:
     vhdx_diff_4096 = Kind::VhdxDiff(4096),
 );
 
+per_kind!(nbd:
+    raw = Kind::Raw,
+    vhd_fixed = Kind::VhdFixed,
+    vhd_dynamic = Kind::VhdDynamic,
+    vhd_diff = Kind::VhdDiff,
+    vhdx_fixed_512 = Kind::VhdxFixed(512),
+    vhdx_dynamic_512 = Kind::VhdxDynamic(512),
+    vhdx_diff_512 = Kind::VhdxDiff(512),
+    vhdx_fixed_4096 = Kind::VhdxFixed(4096),
+    vhdx_dynamic_4096 = Kind::VhdxDynamic(4096),
+    vhdx_diff_4096 = Kind::VhdxDiff(4096),
+);
+
+per_kind!(fuse:
+    raw = Kind::Raw,
+    vhd_fixed = Kind::VhdFixed,
+    vhd_dynamic = Kind::VhdDynamic,
+    vhd_diff = Kind::VhdDiff,
+    vhdx_fixed_512 = Kind::VhdxFixed(512),
+    vhdx_dynamic_512 = Kind::VhdxDynamic(512),
+    vhdx_diff_512 = Kind::VhdxDiff(512),
+    vhdx_fixed_4096 = Kind::VhdxFixed(4096),
+    vhdx_dynamic_4096 = Kind::VhdxDynamic(4096),
+    vhdx_diff_4096 = Kind::VhdxDiff(4096),
+);

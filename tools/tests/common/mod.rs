@@ -262,3 +262,23 @@ pub fn serve_start(args: &[&str], socket: &Path) -> Result<ServeGuard, (i32, Str
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+impl ServeGuard {
+    /// Stops the server in order (SIGTERM: it flushes and closes its images) and returns how it
+    /// exited; panics (and the drop kills it) when it is not gone within 30 s.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.0.try_wait().expect("wait for viridian serve") {
+                return st;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "viridian serve did not exit within 30 s of SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}

@@ -183,6 +183,8 @@ pub struct Mix {
     pub zeroes: bool,
     /// Largest window, bytes.
     pub max_window: u64,
+    /// The first request id (plans run one after the other on one image need distinct ids).
+    pub first_id: u32,
 }
 
 /// A window: a hot spot of a few sectors, a span straddling a block boundary, or a random span.
@@ -201,10 +203,7 @@ fn window(rng: &mut Rng, kind: Kind, max_window: u64) -> (u64, u64) {
             let b = blocks[rng.below(2) as usize];
             let boundary = (1 + rng.below(SIZE / b - 1)) * b;
             let half = (max_window / 2).max(1);
-            (
-                boundary - rng.logu(1, half),
-                boundary + rng.logu(1, half),
-            )
+            (boundary - rng.logu(1, half), boundary + rng.logu(1, half))
         }
         _ => {
             let start = rng.below(SIZE);
@@ -217,7 +216,7 @@ fn window(rng: &mut Rng, kind: Kind, max_window: u64) -> (u64, u64) {
 impl Mix {
     pub fn plan(&self, seed: u64, kind: Kind) -> Vec<Round> {
         let mut rng = Rng::new(seed);
-        let mut next_id = 2u32;
+        let mut next_id = self.first_id.max(2);
         let mut out = Vec::with_capacity(self.rounds);
         for _ in 0..self.rounds {
             let overlap = rng.percent() < self.overlap_percent;
@@ -380,7 +379,12 @@ impl Model {
 
     /// Checks an overlap round and adopts what was read: a byte covered by requests must hold
     /// one of their values; an uncovered byte must hold the old value.
-    pub fn check_overlap(&mut self, pieces: &[Piece], actual: &[u8], base: u64) -> Result<(), String> {
+    pub fn check_overlap(
+        &mut self,
+        pieces: &[Piece],
+        actual: &[u8],
+        base: u64,
+    ) -> Result<(), String> {
         let mut bad = Vec::new();
         for (i, &a) in actual.iter().enumerate() {
             let x = base + i as u64;
@@ -455,11 +459,8 @@ impl Model {
     }
 
     fn whose(&self, x: u64, got: &[u8]) -> String {
-        let matches = |f: &dyn Fn(u64) -> u8| {
-            got.iter()
-                .enumerate()
-                .all(|(i, &b)| b == f(x + i as u64))
-        };
+        let matches =
+            |f: &dyn Fn(u64) -> u8| got.iter().enumerate().all(|(i, &b)| b == f(x + i as u64));
         if matches(&|_| 0) {
             return "zeros".into();
         }
@@ -467,7 +468,10 @@ impl Model {
             return "the initial contents (stale)".into();
         }
         for p in self.history.iter().rev() {
-            if p.op == Op::Write && x >= p.off && x < p.off + p.len && matches(&|y| pattern(p.id, y))
+            if p.op == Op::Write
+                && x >= p.off
+                && x < p.off + p.len
+                && matches(&|y| pattern(p.id, y))
             {
                 return format!("bytes of {}", self.describe(p.id));
             }
@@ -483,7 +487,7 @@ pub fn make_image(dir: &Path, kind: Kind, chunks: &[bool]) -> PathBuf {
     let model = Model::new(chunks.to_vec());
     let initial = model.initial_bytes();
     let fill = |path: &Path| {
-        let d = chain::open(path, &chain::OpenOptions::read_write()).unwrap();
+        let d = retry_locked(|| chain::open(path, &chain::OpenOptions::read_write()));
         for (i, &data) in chunks.iter().enumerate() {
             if data {
                 let r = i * MIB as usize..(i + 1) * MIB as usize;
@@ -512,16 +516,19 @@ pub fn make_image(dir: &Path, kind: Kind, chunks: &[bool]) -> PathBuf {
     };
     if diff {
         let parent = dir.join(format!("{}-parent.{}", kind.name(), kind.ext()));
-        create(&parent, &spec(format, false)).unwrap().close().unwrap();
+        create(&parent, &spec(format, false))
+            .unwrap()
+            .close()
+            .unwrap();
         fill(&parent);
         let mut s = spec(format, false);
         s.parent = Some(parent);
-        create(&top, &s).unwrap().close().unwrap();
+        retry_locked(|| create(&top, &s)).close().unwrap();
     } else {
         create(&top, &spec(format, fixed)).unwrap().close().unwrap();
         fill(&top);
     }
-    let d = chain::open(&top, &chain::OpenOptions::read_only()).unwrap();
+    let d = retry_locked(|| chain::open(&top, &chain::OpenOptions::read_only()));
     assert_eq!(d.size(), SIZE, "{}: size", kind.name());
     assert_eq!(
         d.logical_sector_size() as u64,
@@ -532,9 +539,24 @@ pub fn make_image(dir: &Path, kind: Kind, chunks: &[bool]) -> PathBuf {
     top
 }
 
+/// Runs `f` until it does not fail with `Locked` (at most 5 s). Tests run in parallel threads of
+/// one process: a child process another test spawns holds copies of this process's file
+/// descriptions (and their locks) between its fork and its exec.
+pub fn retry_locked<T>(mut f: impl FnMut() -> disk::Result<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match f() {
+            Err(disk::Error::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            r => return r.unwrap(),
+        }
+    }
+}
+
 /// Reads the whole image (closed by every writer) afresh and checks it against the model.
 pub fn check_image(path: &Path, model: &Model) -> Result<(), String> {
-    let d = chain::open(path, &chain::OpenOptions::read_only()).unwrap();
+    let d = retry_locked(|| chain::open(path, &chain::OpenOptions::read_only()));
     let mut all = vec![0u8; SIZE as usize];
     d.read_at(&mut all, 0).unwrap();
     model.check(&all, 0)
@@ -553,3 +575,50 @@ pub const KINDS: [Kind; 10] = [
     Kind::VhdxDynamic(4096),
     Kind::VhdxDiff(4096),
 ];
+
+/// Writes a plan for an out-of-process driver (common/stress_nbd.py, common/stress_fuse.py):
+/// `plan.txt` ("rounds N", then "ROUND WORKER OP OFF LEN" per request, OP one of W, Z0 (zero,
+/// keep allocated), Z1 (zero, may unmap), D (discard), F (flush)) and `payload-W.bin`, the
+/// bytes of worker W's writes in order.
+pub fn write_plan(dir: &Path, plan: &[Round], workers: usize) {
+    use std::io::Write;
+    let mut txt = format!("rounds {}\n", plan.len());
+    let mut payloads: Vec<Vec<u8>> = vec![Vec::new(); workers];
+    for (r, round) in plan.iter().enumerate() {
+        for p in &round.pieces {
+            let op = match p.op {
+                Op::Write => {
+                    payloads[p.worker].extend(payload(p.id, p.off, p.len));
+                    "W"
+                }
+                Op::Zero { unmap: false } => "Z0",
+                Op::Zero { unmap: true } => "Z1",
+                Op::Discard => "D",
+                Op::Flush => "F",
+            };
+            let _ = writeln!(txt, "{r} {} {op} {} {}", p.worker, p.off, p.len);
+        }
+    }
+    std::fs::write(dir.join("plan.txt"), txt).unwrap();
+    for (w, bytes) in payloads.iter().enumerate() {
+        std::fs::File::create(dir.join(format!("payload-{w}.bin")))
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+    }
+}
+
+/// How many 1-byte writes and writes straddling a block boundary a plan has: the tests insist
+/// on both, so a change to the generator cannot quietly drop them.
+pub fn coverage(plan: &[Round], kind: Kind) -> (usize, usize) {
+    let writes = plan
+        .iter()
+        .flat_map(|r| &r.pieces)
+        .filter(|p| p.op == Op::Write);
+    let (mut ones, mut straddles) = (0, 0);
+    for p in writes {
+        ones += (p.len == 1) as usize;
+        straddles += (p.off / kind.block() != (p.off + p.len - 1) / kind.block()) as usize;
+    }
+    (ones, straddles)
+}
