@@ -8,7 +8,8 @@
 # SECONDS  how long to keep going (default 600)
 # SEED     first seed (default: from the clock); run k uses SEED+k
 # FILTER   test name filter, e.g. threads::, nbd::vhdx, fuse::vhd_diff (default: all)
-# ROUNDS   rounds per test run (default 400; the suite uses 150 for threads, 60 for NBD/FUSE)
+# ROUNDS   rounds per test run (default 400; the suite uses 300 for threads, 120 for NBD and
+#          FUSE O_DIRECT, 60 for FUSE buffered)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-600}

@@ -43,7 +43,7 @@ fn threads(kind: Kind) {
     let mut model = Model::new(chunks);
     let mix = Mix {
         workers: THREADS,
-        rounds: rounds(150),
+        rounds: rounds(300),
         overlap_percent: 30,
         discard: true,
         zeroes: true,
@@ -181,12 +181,13 @@ fn front_end_plan(
     workers: usize,
     discard: bool,
     first_id: u32,
+    default_rounds: usize,
 ) -> Vec<Round> {
     std::fs::create_dir_all(dir).unwrap();
     let mix = Mix {
         first_id,
         workers,
-        rounds: rounds(60),
+        rounds: rounds(default_rounds),
         overlap_percent: 0,
         discard,
         zeroes: true,
@@ -237,7 +238,7 @@ fn nbd(kind: Kind) {
     let chunks = initial_chunks(seed);
     let img = make_image(dir.path(), kind, &chunks);
     let plan_dir = dir.path().join("plan");
-    let plan = front_end_plan(&plan_dir, kind, seed, CONNECTIONS, true, 2);
+    let plan = front_end_plan(&plan_dir, kind, seed, CONNECTIONS, true, 2, 120);
     let sock = dir.path().join("nbd.sock");
     let server = serve_start(&["--socket", p(&sock), "--rw", p(&img)], &sock)
         .unwrap_or_else(|(c, e)| panic!("{ctx}: serve --rw: exit {c}: {e}"));
@@ -273,9 +274,17 @@ fn fuse(kind: Kind) {
     // concurrently), then every process with buffered pwrite; one file opened for the page
     // cache makes the kernel serialise direct writes too, so the two are not mixed.
     let direct_dir = dir.path().join("direct");
-    let direct = front_end_plan(&direct_dir, kind, seed, PROCESSES, false, 2);
+    let direct = front_end_plan(&direct_dir, kind, seed, PROCESSES, false, 2, 120);
     let buffered_dir = dir.path().join("buffered");
-    let buffered = front_end_plan(&buffered_dir, kind, seed ^ 0xB0F, PROCESSES, false, 1 << 24);
+    let buffered = front_end_plan(
+        &buffered_dir,
+        kind,
+        seed ^ 0xB0F,
+        PROCESSES,
+        false,
+        1 << 24,
+        60,
+    );
     let mp = dir.path().join("mnt");
     std::fs::create_dir(&mp).unwrap();
     {
