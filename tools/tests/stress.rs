@@ -227,18 +227,31 @@ fn verify(ctx: &str, kind: Kind, img: &Path, chunks: Vec<bool>, plans: &[&[Round
     }
 }
 
+/// Several connections, each with all its requests of a round in flight.
 fn nbd(kind: Kind) {
+    nbd_with(kind, CONNECTIONS)
+}
+
+/// One connection pipelining every request of a round (the server runs them concurrently).
+fn nbd_one(kind: Kind) {
+    nbd_with(kind, 1)
+}
+
+fn nbd_with(kind: Kind, connections: usize) {
     let Some(py) = python_with_nbd() else {
         return;
     };
     let seed = seed();
-    let ctx = format!("nbd {} (VIRIDIAN_STRESS_SEED={seed})", kind.name());
+    let ctx = format!(
+        "nbd {} with {connections} connection(s) (VIRIDIAN_STRESS_SEED={seed})",
+        kind.name()
+    );
     eprintln!("stress {ctx}");
     let dir = tmp();
     let chunks = initial_chunks(seed);
     let img = make_image(dir.path(), kind, &chunks);
     let plan_dir = dir.path().join("plan");
-    let plan = front_end_plan(&plan_dir, kind, seed, CONNECTIONS, true, 2, 120);
+    let plan = front_end_plan(&plan_dir, kind, seed, connections, true, 2, 120);
     let sock = dir.path().join("nbd.sock");
     let server = serve_start(&["--socket", p(&sock), "--rw", p(&img)], &sock)
         .unwrap_or_else(|(c, e)| panic!("{ctx}: serve --rw: exit {c}: {e}"));
@@ -250,7 +263,7 @@ fn nbd(kind: Kind) {
             &driver("stress_nbd.py"),
             &uri,
             p(&plan_dir),
-            &CONNECTIONS.to_string(),
+            &connections.to_string(),
         ],
     );
     // An orderly stop (SIGTERM) flushes and closes the image.
@@ -353,6 +366,19 @@ per_kind!(nbd:
 );
 
 per_kind!(fuse:
+    raw = Kind::Raw,
+    vhd_fixed = Kind::VhdFixed,
+    vhd_dynamic = Kind::VhdDynamic,
+    vhd_diff = Kind::VhdDiff,
+    vhdx_fixed_512 = Kind::VhdxFixed(512),
+    vhdx_dynamic_512 = Kind::VhdxDynamic(512),
+    vhdx_diff_512 = Kind::VhdxDiff(512),
+    vhdx_fixed_4096 = Kind::VhdxFixed(4096),
+    vhdx_dynamic_4096 = Kind::VhdxDynamic(4096),
+    vhdx_diff_4096 = Kind::VhdxDiff(4096),
+);
+
+per_kind!(nbd_one:
     raw = Kind::Raw,
     vhd_fixed = Kind::VhdFixed,
     vhd_dynamic = Kind::VhdDynamic,
