@@ -14,6 +14,8 @@ have sfdisk || need+=(fdisk)
 have mcopy || need+=(mtools)
 have debugfs || need+=(e2fsprogs)
 have python3 || need+=(python3)
+# libnbd's Python bindings: the NBD concurrency stress tests drive many connections with them
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 # a static busybox for the VMM's guest /init script (vmm/tests/boot_e2e.rs)
 dpkg-query -W -f='${Status}\n' busybox-static 2>/dev/null | grep -q 'install ok installed' || need+=(busybox-static)
 have md5sum || need+=(coreutils)
