@@ -17,14 +17,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use stress_model::*;
 
-use disk::{BlockDevice, ZeroFlags};
+use disk::{Disk, ZeroFlags};
 
 // ---------------------------------------------------------------------------------------------
-// Threads in one process.
+// Threads in one process, through the request layer (`disk::Disk`, what `chain::open` returns).
 
 const THREADS: usize = 6;
 
-fn run_piece(d: &dyn BlockDevice, p: &Piece) -> disk::Result<()> {
+fn run_piece(d: &Disk, p: &Piece) -> disk::Result<()> {
     match p.op {
         Op::Write => d.write_at(&payload(p.id, p.off, p.len), p.off),
         Op::Zero { unmap } => d.write_zeroes(p.off, p.len, ZeroFlags { may_unmap: unmap }),
@@ -51,7 +51,7 @@ fn threads(kind: Kind) {
         first_id: 2,
     };
     let plan = Arc::new(mix.plan(seed, kind));
-    let dev = chain::open(&img, &chain::OpenOptions::read_write()).unwrap();
+    let dev: Disk = chain::open(&img, &chain::OpenOptions::read_write()).unwrap();
     let start = Arc::new(Barrier::new(THREADS + 1));
     let end = Arc::new(Barrier::new(THREADS + 1));
     let stop = Arc::new(AtomicBool::new(false));
@@ -73,7 +73,7 @@ fn threads(kind: Kind) {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        if let Err(e) = run_piece(&*dev, p) {
+                        if let Err(e) = run_piece(&dev, p) {
                             errors.lock().unwrap().push(format!("{p:?}: {e}"));
                             stop.store(true, Ordering::Relaxed);
                         }

@@ -22,8 +22,6 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use disk::BlockDevice;
-
 pub const MIB: u64 = 1 << 20;
 /// Virtual size of every stress image: 8 VHDX blocks, 4 VHD blocks.
 pub const SIZE: u64 = 8 * MIB;
