@@ -22,7 +22,8 @@ pub struct Args {
     output: Output,
     #[arg(short = 'q')]
     quiet: bool,
-    /// Accepted for qemu-img compatibility.
+    /// Force shared access: open without the lock, so the image can be read while another
+    /// process (serve --rw, a VM) writes it; what is read may then be inconsistent.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     file: PathBuf,

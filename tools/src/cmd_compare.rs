@@ -22,7 +22,8 @@ pub struct Args {
     progress: bool,
     #[arg(short = 'q')]
     quiet: bool,
-    /// Accepted for qemu-img compatibility.
+    /// Force shared access: open without the lock, so the image can be read while another
+    /// process (serve --rw, a VM) writes it; what is read may then be inconsistent.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     #[arg(long = "size-rule", value_enum, default_value_t = SizeRuleArg::Auto)]
@@ -34,7 +35,9 @@ pub struct Args {
 const CHUNK: u64 = 1 << 20;
 
 pub fn run(a: Args) -> Result<i32> {
-    let open = |p: &PathBuf, f: &Option<String>| common::open_ro(p, f.as_deref(), a.size_rule);
+    let open = |p: &PathBuf, f: &Option<String>| {
+        common::open_ro_shared(p, f.as_deref(), a.size_rule, a.force_share)
+    };
     let d1 = match open(&a.file1, &a.format1) {
         Ok(d) => d,
         Err(e) => {

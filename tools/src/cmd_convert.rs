@@ -13,17 +13,19 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context, Result};
 use disk::{BlockDevice, Disk, ZeroFlags};
 
-use crate::common::{self, parse_size, RemoveOnFailure, SizeRuleArg};
+use crate::common::{self, parse_size, SizeRuleArg};
 use crate::progress;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Source format (probed when absent).
-    #[arg(short = 'f')]
+    #[arg(short = 'f', value_name = "FORMAT")]
     src_format: Option<String>,
-    /// Output format: raw (default, as qemu-img), vhd/vpc or vhdx.
-    #[arg(short = 'O', default_value = "raw")]
-    out_format: String,
+    /// Output format: raw, vhd/vpc or vhdx. Without -O: the target's extension decides
+    /// (.vhdx/.avhdx vhdx, .vhd/.avhd/.vpc vhd), anything else raw as in qemu-img; with -n
+    /// the existing target is probed.
+    #[arg(short = 'O', value_name = "FORMAT")]
+    out_format: Option<String>,
     /// Output options, as for create.
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -36,6 +38,7 @@ pub struct Args {
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
+    /// Quiet: print no messages (errors are still printed).
     #[arg(short = 'q')]
     quiet: bool,
     /// Zero-detection granularity; 0 writes every byte (fully allocated target).
@@ -54,7 +57,8 @@ pub struct Args {
     /// target order, so dynamic targets get their blocks allocated in order (no fragmentation).
     #[arg(short = 'W')]
     out_of_order: bool,
-    /// Accepted for qemu-img compatibility.
+    /// Force shared access: open without the lock, so the image can be read while another
+    /// process (serve --rw, a VM) writes it; what is read may then be inconsistent.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Target cache mode. `unsafe` (the default, as in qemu-img convert) skips fsync: the
@@ -62,13 +66,23 @@ pub struct Args {
     /// or `writethrough` make it durable before convert returns.
     #[arg(short = 't', default_value = "unsafe")]
     cache: String,
-    #[arg(short = 'T')]
+    /// Source cache mode; accepted for qemu-img compatibility (sources are read through the
+    /// page cache).
+    #[arg(short = 'T', value_name = "CACHE")]
     src_cache: Option<String>,
+    /// Salvage a damaged source: a read error becomes zeros in the target (with a warning
+    /// naming the range) instead of stopping the copy, as qemu-img convert --salvage.
+    #[arg(long)]
+    salvage: bool,
+    /// Convert even when the logical sector size changes and the source has a partition
+    /// table: its sector-based offsets then no longer match and the table will not parse.
+    #[arg(long = "allow-sector-size-change")]
+    allow_sector_size_change: bool,
     /// VHD size rule for the sources.
     #[arg(long = "size-rule", value_enum, default_value_t = SizeRuleArg::Auto)]
     size_rule: SizeRuleArg,
-    /// SRC... DST
-    #[arg(num_args = 2.., required = true)]
+    /// One or more sources (concatenated) and then the target: SRC... DST.
+    #[arg(num_args = 2.., required = true, value_name = "SRC... DST")]
     files: Vec<PathBuf>,
 }
 
@@ -130,6 +144,8 @@ struct Plan {
     backing: Option<Disk>,
     /// Granule for zero detection (0 = write everything).
     granule: u64,
+    /// --salvage: unreadable source ranges become zeros.
+    salvage: bool,
     /// The target reads zeros everywhere before we start.
     target_zero: bool,
 }
@@ -159,18 +175,48 @@ pub fn run(a: Args) -> Result<i32> {
         if std::fs::canonicalize(s).ok() == std::fs::canonicalize(dst).ok() {
             bail!("source and target are the same file: {}", s.display());
         }
-        sources.push(common::open_ro(s, a.src_format.as_deref(), a.size_rule)?);
+        sources.push(common::open_ro_shared(
+            s,
+            a.src_format.as_deref(),
+            a.size_rule,
+            a.force_share,
+        )?);
     }
     let total: u64 = sources.iter().map(|s| s.size()).sum();
+    if let Some(f) = &a.src_format {
+        for s in srcs {
+            common::warn_if_extension_disagrees("-f", common::parse_format(f)?, s);
+        }
+    }
+    let out_format = match &a.out_format {
+        Some(f) => {
+            let f = common::parse_format(f)?;
+            common::warn_if_extension_disagrees("-O", f, dst);
+            Some(f)
+        }
+        None if a.no_create => None,
+        None => {
+            let f = common::format_of_extension(dst).unwrap_or(chain::Format::Raw);
+            if f != chain::Format::Raw && !a.quiet {
+                eprintln!(
+                    "viridian: no -O given: writing {} (from the name {})",
+                    f.name(),
+                    dst.display()
+                );
+            }
+            Some(f)
+        }
+    };
 
     let mut guard = None;
     let (target, backing) = if a.no_create {
         let t = common::open_with(
             dst,
-            Some(&a.out_format),
+            out_format.map(|f| f.name()),
             SizeRuleArg::Auto,
             chain::OpenOptions::read_write(),
         )?;
+        check_sector_size_change(&sources, srcs, t.logical_sector_size(), &a)?;
         if t.size() < total {
             bail!(
                 "target {} is smaller ({} bytes) than the source ({total} bytes)",
@@ -181,9 +227,15 @@ pub fn run(a: Args) -> Result<i32> {
         let b = t.backing().cloned().map(Disk::new);
         (t, b)
     } else {
-        let format = common::parse_format(&a.out_format)?;
+        let format = out_format.unwrap_or(chain::Format::Raw);
         let mut spec = crate::cmd_create::spec_from_options(format, total, &a.options)?;
+        let target_sector = match format {
+            chain::Format::Vhdx => spec.logical_sector_size.unwrap_or(512),
+            _ => 512,
+        };
+        check_sector_size_change(&sources, srcs, target_sector, &a)?;
         if let Some(b) = &a.backing {
+            let b = &common::backing_relative_to(dst, b);
             if let Some(bf) = &a.backing_format {
                 let want = common::parse_format(bf)?;
                 if chain::probe_path(b)? != want {
@@ -192,14 +244,13 @@ pub fn run(a: Args) -> Result<i32> {
             }
             spec.parent = Some(b.clone());
         }
-        let t = chain::create(dst, &spec)
-            .with_context(|| format!("cannot create {}", dst.display()))?;
-        guard = Some(RemoveOnFailure::new(dst));
+        let (t, g) = common::create_image(dst, &spec)?;
+        guard = Some(g);
         if t.size() < total {
             bail!(
                 "the {} target rounds the size down to {} bytes, below the source's {total}; \
                  use -o force_size=on or another format",
-                a.out_format,
+                format.name(),
                 t.size()
             );
         }
@@ -215,6 +266,7 @@ pub fn run(a: Args) -> Result<i32> {
         target_zero: (!a.no_create || a.target_is_zero) && backing.is_none(),
         backing,
         granule,
+        salvage: a.salvage,
     });
     let pb = progress::bar(total, a.progress, a.quiet);
     // Threads beyond twice the cores only add contention for page-cache-bound copies.
@@ -232,6 +284,40 @@ pub fn run(a: Args) -> Result<i32> {
         g.disarm();
     }
     Ok(0)
+}
+
+/// Refuses (unless --allow-sector-size-change) a copy that changes the logical sector size of
+/// a disk with a partition table: MBR and GPT count in sectors, so the table would point at
+/// the wrong bytes (a GPT header is looked for at LBA 1) and the copy would not parse.
+fn check_sector_size_change(
+    sources: &[Arc<dyn BlockDevice>],
+    names: &[PathBuf],
+    target_sector: u32,
+    a: &Args,
+) -> Result<()> {
+    for (src, name) in sources.iter().zip(names) {
+        let from = src.logical_sector_size();
+        if from == target_sector {
+            continue;
+        }
+        let scheme = mount::read_table(src.as_ref()).ok().and_then(|t| t.scheme);
+        let Some(scheme) = scheme else { continue };
+        if a.allow_sector_size_change {
+            eprintln!(
+                "viridian: warning: {} has a {scheme:?} partition table for {from}-byte sectors; \
+                 with {target_sector}-byte sectors in the target it will not parse",
+                name.display()
+            );
+        } else {
+            bail!(
+                "{} has a {scheme:?} partition table for {from}-byte sectors; the target's \
+                 {target_sector}-byte sectors would leave it unparsable (keep \
+                 logical_sector_size={from}, or pass --allow-sector-size-change)",
+                name.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn copy_all(plan: &Arc<Plan>, workers: usize, pb: &indicatif::ProgressBar) -> Result<()> {
@@ -295,8 +381,30 @@ fn produce(
                 return Ok(());
             }
             common::check_interrupted()?;
-            let e = disk::map::status_through_chain(src.as_ref(), pos, size - pos)
-                .with_context(|| format!("cannot read allocation of source {}", i + 1))?;
+            let e = match disk::map::status_through_chain(src.as_ref(), pos, size - pos) {
+                Ok(e) => e,
+                // Salvaging: copy what reads up to the next chunk boundary; the reads decide.
+                Err(err) if plan.salvage => {
+                    eprintln!(
+                        "viridian: warning: cannot read the allocation of source {} at offset \
+                         {pos}: {err}; copying the range as data",
+                        i + 1
+                    );
+                    disk::map::MapExtent {
+                        start: pos,
+                        length: (CHUNK - pos % CHUNK).min(size - pos),
+                        depth: 0,
+                        present: true,
+                        zero: false,
+                        data: true,
+                        offset: None,
+                    }
+                }
+                Err(err) => {
+                    return Err(anyhow::Error::new(err)
+                        .context(format!("cannot read allocation of source {}", i + 1)))
+                }
+            };
             let len = e.length;
             let holds_data = e.data || plan.granule == 0 || plan.backing.is_some();
             if holds_data {
@@ -381,9 +489,14 @@ fn worker(plan: &Plan, rx: &Mutex<Receiver<Job>>, pb: &indicatif::ProgressBar) -
                 len,
             } => {
                 let data = &mut buf[..len as usize];
-                plan.sources[src].read_at(data, src_off).with_context(|| {
-                    format!("cannot read source {} at offset {src_off}", src + 1)
-                })?;
+                let source = plan.sources[src].as_ref();
+                if plan.salvage {
+                    read_salvaging(source, data, src_off, src);
+                } else {
+                    source.read_at(data, src_off).with_context(|| {
+                        format!("cannot read source {} at offset {src_off}", src + 1)
+                    })?;
+                }
                 let base = match &plan.backing {
                     Some(b) => {
                         let bb = &mut base_buf[..len as usize];
@@ -403,6 +516,49 @@ fn worker(plan: &Plan, rx: &Mutex<Receiver<Job>>, pb: &indicatif::ProgressBar) -
             plan.turnstile.done(seq);
         }
     }
+}
+
+/// --salvage: reads `buf` at `off`, and where that fails retries in smaller pieces (64 KiB,
+/// then sectors) so only the unreadable sectors become zeros, each run named in a warning.
+fn read_salvaging(src: &dyn BlockDevice, buf: &mut [u8], off: u64, index: usize) {
+    if src.read_at(buf, off).is_ok() {
+        return;
+    }
+    let sector = u64::from(src.logical_sector_size().max(512));
+    let mut bad: Option<(u64, u64, String)> = None;
+    let report = |bad: &mut Option<(u64, u64, String)>| {
+        if let Some((start, end, why)) = bad.take() {
+            eprintln!(
+                "viridian: warning: cannot read source {} at offsets {start}..{end} ({why}); \
+                 writing zeros there",
+                index + 1
+            );
+        }
+    };
+    for (i, piece) in buf.chunks_mut(64 << 10).enumerate() {
+        let piece_off = off + (i as u64) * (64 << 10);
+        if src.read_at(piece, piece_off).is_ok() {
+            report(&mut bad);
+            continue;
+        }
+        for (j, s) in piece.chunks_mut(sector as usize).enumerate() {
+            let s_off = piece_off + j as u64 * sector;
+            match src.read_at(s, s_off) {
+                Ok(()) => report(&mut bad),
+                Err(e) => {
+                    s.fill(0);
+                    match &mut bad {
+                        Some((_, end, _)) if *end == s_off => *end = s_off + s.len() as u64,
+                        _ => {
+                            report(&mut bad);
+                            bad = Some((s_off, s_off + s.len() as u64, e.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    report(&mut bad);
 }
 
 /// Writes `data` at `dst_off`, skipping granules the target already has (zeros on a zeroed

@@ -84,6 +84,7 @@ pub fn spec_from_options(format: Format, size: u64, options: &[String]) -> Resul
             other => bail!("unknown option {other:?} (see -o help)"),
         }
     }
+    validate_spec(format, &spec)?;
     let is_vhd = format == Format::Vhd;
     let is_vhdx = format == Format::Vhdx;
     if !is_vhdx
@@ -103,6 +104,41 @@ pub fn spec_from_options(format: Format, size: u64, options: &[String]) -> Resul
     Ok(spec)
 }
 
+/// Rejects values the writers would refuse, before any file exists, with the option's name.
+fn validate_spec(format: Format, spec: &CreateSpec) -> Result<()> {
+    for (name, v) in [
+        ("logical_sector_size", spec.logical_sector_size),
+        ("physical_sector_size", spec.physical_sector_size),
+    ] {
+        if let Some(v) = v {
+            if v != 512 && v != 4096 {
+                bail!("{name}={v}: expected 512 or 4096");
+            }
+        }
+    }
+    if let Some(b) = spec.block_size {
+        match format {
+            Format::Vhdx if !b.is_power_of_two() || !(1 << 20..=256 << 20).contains(&b) => {
+                bail!("block_size={b}: a VHDX block size is a power of 2 from 1M to 256M")
+            }
+            Format::Vhd
+                if !b.is_power_of_two() || !(4096..=256 << 20).contains(&b) =>
+            {
+                bail!("block_size={b}: a VHD block size is a power of 2 from 4k to 256M")
+            }
+            _ => {}
+        }
+    }
+    if format == Format::Vhdx && spec.size > vhdx::format::MAX_SIZE {
+        bail!(
+            "size {} exceeds the VHDX maximum of 64 TiB ({} bytes)",
+            spec.size,
+            vhdx::format::MAX_SIZE
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<i32> {
     if a.options.iter().any(|o| o == "help" || o == "?") {
         println!("{OPTION_HELP}");
@@ -115,7 +151,11 @@ pub fn run(a: Args) -> Result<i32> {
         (None, None) => bail!("create: a SIZE is needed unless -b gives a parent"),
     };
     let mut spec = spec_from_options(format, size, &a.options)?;
-    if let Some(b) = &a.backing {
+    let backing = a
+        .backing
+        .as_ref()
+        .map(|b| common::backing_relative_to(&a.file, b));
+    if let Some(b) = &backing {
         if let Some(bf) = &a.backing_format {
             let want = common::parse_format(bf)?;
             let have =
@@ -140,10 +180,10 @@ pub fn run(a: Args) -> Result<i32> {
         }
         spec.parent = Some(b.clone());
     }
-    let d = chain::create(&a.file, &spec)
-        .with_context(|| format!("cannot create {}", a.file.display()))?;
+    let (d, guard) = common::create_image(&a.file, &spec)?;
     d.close()
         .with_context(|| format!("cannot finish {}", a.file.display()))?;
+    guard.disarm();
     if !a.quiet {
         let mut line = format!(
             "Formatting '{}', fmt={} size={}",
@@ -161,19 +201,36 @@ pub fn run(a: Args) -> Result<i32> {
 
 #[derive(clap::Args)]
 pub struct SnapshotArgs {
-    /// Create a differencing child named CHILD on top of FILE (a checkpoint).
+    /// Create an external differencing child file CHILD (e.g. snap1.vhdx) on top of FILE, in
+    /// FILE's format. VHD and VHDX have no internal snapshots: from now on write to CHILD;
+    /// writing FILE changes its identity and CHILD no longer opens.
     #[arg(short = 'c', long = "create", value_name = "CHILD")]
     create: Option<PathBuf>,
-    /// List the chain below FILE.
+    /// List the chain below FILE (depth, format, size, path).
     #[arg(short = 'l', long = "list")]
     list: bool,
+    /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
+    /// The image to snapshot or list.
     file: PathBuf,
 }
 
 pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
     if let Some(child) = &a.create {
+        if child.extension().is_none() {
+            bail!(
+                "snapshot -c {name}: viridian has no internal snapshots; -c creates an external \
+                 differencing child file, so give its file name with an extension, e.g. \
+                 -c {name}.{ext}",
+                name = child.display(),
+                ext = a
+                    .file
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .unwrap_or("vhdx")
+            );
+        }
         let format = chain::probe_path(&a.file)
             .with_context(|| format!("cannot open {}", a.file.display()))?;
         if format == Format::Raw {
@@ -184,11 +241,20 @@ pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
         }
         let mut spec = CreateSpec::new(format, 0);
         spec.parent = Some(a.file.clone());
-        let d = chain::create(child, &spec)
-            .with_context(|| format!("cannot create {}", child.display()))?;
-        d.close()?;
+        let (d, guard) = common::create_image(child, &spec)?;
+        d.close()
+            .with_context(|| format!("cannot finish {}", child.display()))?;
+        guard.disarm();
         if !a.quiet {
-            println!("Created {} on top of {}", child.display(), a.file.display());
+            println!(
+                "Created differencing child {} ({}) on top of {}.\n\
+                 Write to {} from now on: writing {} would change its identity and break the child.",
+                child.display(),
+                format.name(),
+                a.file.display(),
+                child.display(),
+                a.file.display()
+            );
         }
         return Ok(0);
     }

@@ -20,7 +20,8 @@ pub struct Args {
     backing_chain: bool,
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
-    /// Accepted for qemu-img compatibility; we never write during info.
+    /// Force shared access: open without the lock, so the image can be read while another
+    /// process (serve --rw, a VM) writes it; what is read may then be inconsistent.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// VHD size rule.
@@ -65,6 +66,19 @@ pub fn run(a: Args) -> Result<i32> {
         };
         infos.push(image_info(layer.as_ref(), &path)?);
     }
+    // Why the parent is not shown: missing, or found but no longer the parent (written to
+    // since the child was made). Saying "not found" for the second sends users looking for a
+    // file that is right there.
+    let backing_problem = chain_error.as_ref().map(|e| {
+        match e.chain().find_map(|c| c.downcast_ref::<disk::Error>()) {
+            Some(disk::Error::ParentMismatch { parent, detail, .. }) => format!(
+                "found {}, but its identity changed ({detail}); it was modified after this \
+                 child was made",
+                parent.display()
+            ),
+            _ => "not found".to_string(),
+        }
+    });
     match a.output {
         Output::Json => {
             let v = if a.backing_chain {
@@ -79,7 +93,7 @@ pub fn run(a: Args) -> Result<i32> {
                 if i > 0 {
                     println!();
                 }
-                print_human(info);
+                print_human(info, if i == 0 { backing_problem.as_deref() } else { None });
             }
         }
     }
@@ -210,7 +224,7 @@ pub fn image_info(d: &dyn BlockDevice, path: &Path) -> Result<Value> {
     Ok(Value::Object(m))
 }
 
-fn print_human(info: &Value) {
+fn print_human(info: &Value, backing_problem: Option<&str>) {
     let s = |k: &str| {
         info.get(k)
             .and_then(Value::as_str)
@@ -235,7 +249,11 @@ fn print_human(info: &Value) {
                 "backing file: {} (actual path: {full})",
                 s("backing-filename")
             ),
-            None => println!("backing file: {} (not found)", s("backing-filename")),
+            None => println!(
+                "backing file: {} ({})",
+                s("backing-filename"),
+                backing_problem.unwrap_or("not found")
+            ),
         }
         println!("backing file format: {}", s("backing-filename-format"));
     }

@@ -17,7 +17,8 @@ pub struct Args {
     start_offset: String,
     #[arg(long = "max-length")]
     max_length: Option<String>,
-    /// Accepted for qemu-img compatibility.
+    /// Force shared access: open without the lock, so the image can be read while another
+    /// process (serve --rw, a VM) writes it; what is read may then be inconsistent.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     #[arg(long = "size-rule", value_enum, default_value_t = SizeRuleArg::Auto)]
@@ -26,7 +27,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    let d = common::open_ro(&a.file, a.format.as_deref(), a.size_rule)?;
+    let d = common::open_ro_shared(&a.file, a.format.as_deref(), a.size_rule, a.force_share)?;
     let size = d.size();
     let start = common::parse_size(&a.start_offset)?.min(size);
     let len = match &a.max_length {

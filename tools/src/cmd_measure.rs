@@ -10,24 +10,29 @@ use crate::common::{self, Output, SizeRuleArg};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Target format.
-    #[arg(short = 'O', default_value = "vhdx")]
+    /// Target format: raw (the default, as in qemu-img measure), vhd/vpc or vhdx.
+    #[arg(short = 'O', value_name = "FORMAT", default_value = "raw")]
     out_format: String,
     /// Target options, as for create.
     #[arg(short = 'o')]
     options: Vec<String>,
-    #[arg(short = 'f')]
+    /// Format of FILE (probed when absent).
+    #[arg(short = 'f', value_name = "FORMAT")]
     format: Option<String>,
+    /// Output as human text or JSON (qemu-img's keys).
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
     /// Measure a new empty image of this size instead of FILE.
     #[arg(long)]
     size: Option<String>,
-    /// Accepted for qemu-img compatibility.
+    /// Force shared access: open without the lock, so the image can be read while another
+    /// process (serve --rw, a VM) writes it; what is read may then be inconsistent.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// How a VHD source's virtual size is derived.
     #[arg(long = "size-rule", value_enum, default_value_t = SizeRuleArg::Auto)]
     size_rule: SizeRuleArg,
+    /// The image to measure (or --size).
     file: Option<PathBuf>,
 }
 
@@ -44,7 +49,7 @@ pub fn run(a: Args) -> Result<i32> {
     let (size, allocated) = match (&a.size, &a.file) {
         (Some(s), None) => (common::parse_size(s)?, 0),
         (None, Some(f)) => {
-            let d = common::open_ro(f, a.format.as_deref(), a.size_rule)?;
+            let d = common::open_ro_shared(f, a.format.as_deref(), a.size_rule, a.force_share)?;
             let mut blocks = 0u64;
             let mut last_block: Option<u64> = None;
             disk::map::for_each_extent(d.as_ref(), |e| {

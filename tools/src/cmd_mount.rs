@@ -89,6 +89,12 @@ pub fn run(a: Args) -> Result<i32> {
     mount::check_fuse().context("cannot mount")?;
     mount::check_mountpoint(&a.mountpoint).context("cannot mount")?;
     if !a.foreground {
+        if a.partitions {
+            // Warn here, where the user sees it (the background server's stderr is a log).
+            let mut ro = OpenOptions::read_only();
+            ro.parent_override = a.parent.clone();
+            partitions_parse(&a, &ro, true);
+        }
         return spawn_background(&a);
     }
     let pid_path = pid_file(&a.mountpoint);
@@ -104,7 +110,47 @@ pub fn run(a: Args) -> Result<i32> {
     result
 }
 
+/// The line a mount prints once it is up: where, and what happens to writes.
+fn ready_line(a: &Args, background: bool) -> String {
+    let mode = if a.undo {
+        match (a.undo_end, background) {
+            (UndoEnd::Commit, _) => "undo mode: writes go to a throwaway child, committed into the image at unmount".to_string(),
+            (UndoEnd::Ask, false) => "undo mode: writes go to a throwaway child; you are asked at unmount whether to commit them".to_string(),
+            _ => "undo mode: writes go to a throwaway child and are DISCARDED at unmount (use --undo-end commit to keep them)".to_string(),
+        }
+    } else if a.rw {
+        "read-write: writes go to the image".to_string()
+    } else {
+        "read-only".to_string()
+    };
+    format!(
+        "viridian: mounted {} on {} ({mode})",
+        a.image.display(),
+        a.mountpoint.display()
+    )
+}
+
+/// Prints the ready line from a helper thread once the mount shows up (the FUSE loop itself
+/// blocks until unmount).
+fn announce_when_mounted(a: &Args) {
+    let (line, mountpoint) = (ready_line(a, false), a.mountpoint.clone());
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if mount::mount_entry(&mountpoint).is_some() {
+                eprintln!("{line}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+}
+
 fn serve(a: &Args) -> Result<i32> {
+    // A background server's stderr is its log; the launching process prints the line.
+    if std::env::var_os(LOG_ENV).is_none() {
+        announce_when_mounted(a);
+    }
     let writable = a.rw || a.undo;
     let mut opts = if writable && !a.undo {
         OpenOptions::read_write()
@@ -117,7 +163,7 @@ fn serve(a: &Args) -> Result<i32> {
     }
     let mopts = mount::MountOptions {
         writable,
-        partitions: a.partitions,
+        partitions: a.partitions && partitions_parse(a, &opts, std::env::var_os(LOG_ENV).is_none()),
         allow_other: a.allow_other,
         threads: a.threads,
         fsname: Some(a.image.display().to_string()),
@@ -157,6 +203,29 @@ fn serve(a: &Args) -> Result<i32> {
     Ok(0)
 }
 
+/// --partitions on a disk whose table does not parse (damaged, or converted to another sector
+/// size) still mounts `disk`, with a warning, so the user can repair it through the mount.
+fn partitions_parse(a: &Args, opts: &OpenOptions, warn: bool) -> bool {
+    let mut ro = opts.clone();
+    ro.read_only = true;
+    let Ok(d) = common::open_with(&a.image, None, SizeRuleArg::Auto, ro) else {
+        return true; // the real open below reports the error
+    };
+    match mount::read_table(d.as_ref()) {
+        Ok(_) => true,
+        Err(e) => {
+            if warn {
+                eprintln!(
+                    "viridian: warning: the partition table of {} does not parse ({e}); \
+                     exposing only disk",
+                    a.image.display()
+                );
+            }
+            false
+        }
+    }
+}
+
 fn spawn_background(a: &Args) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("cannot find our own executable")?;
@@ -191,6 +260,7 @@ fn spawn_background(a: &Args) -> Result<i32> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if mount::mount_entry(&a.mountpoint).is_some() {
+            eprintln!("{}", ready_line(a, true));
             return Ok(0);
         }
         if let Some(status) = child.try_wait()? {

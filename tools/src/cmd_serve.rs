@@ -12,8 +12,9 @@ use crate::common::{self, SizeRuleArg, UndoEnd};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// An export: NAME=IMAGE (repeatable). A plain IMAGE argument is exported as "".
-    #[arg(short = 'e', long = "export")]
+    /// An export: NAME=IMAGE (repeatable). A plain IMAGE argument is exported as "". (No
+    /// short form: -e is qemu-nbd's connection limit.)
+    #[arg(long = "export", value_name = "NAME=IMAGE")]
     exports: Vec<String>,
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
@@ -36,8 +37,14 @@ pub struct Args {
     /// Like qemu-nbd --snapshot: writable, changes discarded at exit.
     #[arg(short = 's', long)]
     snapshot: bool,
-    /// Most simultaneous client connections.
-    #[arg(long = "max-connections", default_value_t = 16)]
+    /// Most simultaneous client connections (qemu-nbd's -e/--shared).
+    #[arg(
+        short = 'e',
+        long = "shared",
+        visible_alias = "max-connections",
+        value_name = "N",
+        default_value_t = 16
+    )]
     max_connections: usize,
     /// Description shown by nbdinfo.
     #[arg(short = 'D', long)]
@@ -120,7 +127,13 @@ pub fn run(a: Args) -> Result<i32> {
     };
     let bound = server.bind(&listen).context("cannot listen")?;
     let stop = bound.shutdown_handle();
-    eprintln!("viridian: serving {}", bound.uri(&specs[0].0));
+    for (name, path) in &specs {
+        eprintln!(
+            "viridian: serving {} at {}",
+            path.display(),
+            bound.uri(name)
+        );
+    }
     std::thread::spawn(move || loop {
         if common::interrupted() {
             stop.shutdown();

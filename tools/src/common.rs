@@ -79,6 +79,26 @@ pub fn install_interrupt_handler() {
     }
 }
 
+/// `viridian info x | head -1`: when the reader of stdout goes away, stop quietly with exit 0
+/// as qemu-img does, instead of the panic Rust's `println!` raises on EPIPE. SIGPIPE stays
+/// ignored (sockets in `serve` must see EPIPE as an error, not die), so the hook catches the
+/// one panic that `println!` raises for a closed stdout and lets every other panic through.
+pub fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
@@ -177,9 +197,50 @@ pub fn parse_format(s: &str) -> Result<Format> {
     Format::parse(s).ok_or_else(|| anyhow!("unknown format {s:?} (use raw, vhd/vpc or vhdx)"))
 }
 
+/// The format a file name's extension names (.vhd/.avhd/.vpc, .vhdx/.avhdx, .raw/.img/.bin),
+/// if any.
+pub fn format_of_extension(path: &Path) -> Option<Format> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "vhd" | "avhd" | "vpc" => Some(Format::Vhd),
+        "vhdx" | "avhdx" => Some(Format::Vhdx),
+        "raw" | "img" | "bin" => Some(Format::Raw),
+        _ => None,
+    }
+}
+
+/// Warns when a format given with -f/-O and the file's extension disagree (`-O raw x.vhdx`
+/// writes a raw file that every other tool will misread as VHDX by its name).
+pub fn warn_if_extension_disagrees(flag: &str, given: Format, path: &Path) {
+    if let Some(by_name) = format_of_extension(path) {
+        if by_name != given {
+            eprintln!(
+                "viridian: warning: {flag} {} but {} is named like a {} image",
+                given.name(),
+                path.display(),
+                by_name.name()
+            );
+        }
+    }
+}
+
 /// Opens an image read-only with its chain.
 pub fn open_ro(path: &Path, format: Option<&str>, rule: SizeRuleArg) -> Result<Disk> {
     open_with(path, format, rule, OpenOptions::read_only())
+}
+
+/// Opens an image read-only; with `force_share` (`-U`) without taking the shared lock, so it
+/// works while another process (`serve --rw`, a VM) holds the image for writing. As with
+/// qemu-img -U, what is read then may be inconsistent if the writer is busy.
+pub fn open_ro_shared(
+    path: &Path,
+    format: Option<&str>,
+    rule: SizeRuleArg,
+    force_share: bool,
+) -> Result<Arc<dyn BlockDevice>> {
+    let mut opts = OpenOptions::read_only();
+    opts.lock = !force_share;
+    open_with(path, format, rule, opts)
 }
 
 pub fn open_with(
@@ -224,6 +285,34 @@ pub fn human_size(n: u64) -> String {
         let s = format!("{v:.3}");
         let s = s.trim_end_matches('0').trim_end_matches('.');
         format!("{s} {}", UNITS[u])
+    }
+}
+
+/// Creates a new image and a guard that removes it again unless the caller disarms the guard
+/// after the whole run succeeded, so a failed `create` or `convert` never leaves a target that
+/// would make the corrected retry fail with "already exists". Only a file this run created is
+/// ever removed: an existing path is refused before anything is touched.
+pub fn create_image(
+    path: &Path,
+    spec: &chain::CreateSpec,
+) -> Result<(Arc<dyn BlockDevice>, RemoveOnFailure)> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        bail!("{} already exists; refusing to overwrite it", path.display());
+    }
+    let guard = RemoveOnFailure::new(path);
+    let d = chain::create(path, spec).with_context(|| format!("cannot create {}", path.display()))?;
+    Ok((d, guard))
+}
+
+/// A relative backing file name is relative to the new image's folder, as in qemu-img
+/// (`create -b p.vhdx sub/c.vhdx` links sub/p.vhdx), not to the working directory.
+pub fn backing_relative_to(image: &Path, backing: &Path) -> PathBuf {
+    if backing.is_absolute() {
+        return backing.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(backing),
+        _ => backing.to_path_buf(),
     }
 }
 

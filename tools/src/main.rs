@@ -81,7 +81,8 @@ enum Command {
 
 fn main() {
     common::install_interrupt_handler();
-    let cli = Cli::parse();
+    common::quiet_on_broken_pipe();
+    let cli = parse_args();
     let result = match cli.command {
         Command::Info(a) => cmd_info::run(a),
         Command::Create(a) => cmd_create::run(a),
@@ -107,6 +108,45 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("viridian: {}", common::one_line(&e));
+            // 130 = 128 + SIGINT, as a shell reports a command stopped by Ctrl-C.
+            std::process::exit(if common::interrupted() { 130 } else { 1 });
+        }
+    }
+}
+
+/// Parses the command line. Usage errors exit 1 as in qemu-img (clap's default of 2 would read
+/// as "corruption found" for `check`); help and version exit 0.
+fn parse_args() -> Cli {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let e = match Cli::try_parse() {
+        Ok(cli) => return cli,
+        Err(e) => e,
+    };
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        ErrorKind::UnknownArgument => {
+            // clap suggests "to pass '-c' as a value, use '-- -c'", which misleads someone who
+            // typed a qemu-img flag we do not have: say the flag is not supported instead.
+            let flag = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(s)) => s.clone(),
+                _ => String::new(),
+            };
+            let similar = match e.get(ContextKind::SuggestedArg) {
+                Some(ContextValue::String(s)) => format!(" (did you mean '{s}'?)"),
+                _ => String::new(),
+            };
+            let verb: Vec<String> = std::env::args().skip(1).take(1).collect();
+            let verb = verb.first().map(String::as_str).unwrap_or("");
+            eprintln!(
+                "viridian {verb}: option '{flag}' is not supported{similar}\n\
+                 Try 'viridian {verb} --help' for the options it takes."
+            );
+            std::process::exit(1);
+        }
+        _ => {
+            let _ = e.print();
             std::process::exit(1);
         }
     }

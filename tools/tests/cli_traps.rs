@@ -1,0 +1,474 @@
+//! The traps a qemu-img or Hyper-V user falls into in the first hour: each test drives the
+//! built binary and asserts what really happens (exit codes, files left behind, messages).
+
+mod common;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs viridian with stdout on a pipe whose reader is already gone: every write gets EPIPE.
+fn run_into_closed_pipe(args: &[&str]) -> std::process::Output {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe() fills two new descriptors we own; the read end is closed at once.
+    let write_end = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::close(fds[0]);
+        OwnedFd::from_raw_fd(fds[1])
+    };
+    Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(args)
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly_for_every_printing_verb() {
+    let d = tmp();
+    let img = join(d.path(), "a.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
+    ok(&["io", "-c", "write -P 7 0 1M", p(&img)]);
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["info", p(&img)],
+        vec!["info", "--output", "json", p(&img)],
+        vec!["map", p(&img)],
+        vec!["map", "--output", "json", p(&img)],
+        vec!["check", p(&img)],
+        vec!["measure", "-O", "vhdx", p(&img)],
+        vec!["snapshot", "-l", p(&img)],
+        vec!["--help"],
+    ];
+    for args in cases {
+        let o = run_into_closed_pipe(&args);
+        let err = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_1_as_in_qemu_img_and_name_unsupported_flags() {
+    let d = tmp();
+    let img = join(d.path(), "a.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
+    // check's 2 means "corruption found": a typo must not look like that.
+    for args in [
+        vec!["check", "--bogus", p(&img)],
+        vec!["check"],
+        vec!["convert", p(&img)],
+        vec!["info", "--output", "yaml", p(&img)],
+        vec!["no-such-verb"],
+    ] {
+        let o = viridian(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr_of(&o));
+    }
+    let o = viridian(&["convert", "-c", p(&img), "x.raw"]);
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("'-c' is not supported"), "{err}");
+    assert!(!err.contains("-- -c"), "clap's misleading hint: {err}");
+    assert!(!Path::new("x.raw").exists());
+    assert_eq!(code(&["--help"]), 0);
+    assert_eq!(code(&["check", "--help"]), 0);
+    assert_eq!(code(&["--version"]), 0);
+}
+
+#[test]
+fn a_failed_create_or_convert_leaves_no_target_so_the_retry_works() {
+    let d = tmp();
+    let t = join(d.path(), "t.vhdx");
+    for opt in [
+        "block_size=3M",
+        "logical_sector_size=1024",
+        // Rejected by the VHDX writer after it created the file.
+        "log_size=1536k",
+    ] {
+        let o = viridian(&["create", "-f", "vhdx", "-o", opt, p(&t), "64M"]);
+        assert_eq!(o.status.code(), Some(1), "{opt}");
+        assert!(!t.exists(), "create -o {opt} left {}", t.display());
+    }
+    let o = viridian(&["create", "-f", "vhdx", p(&t), "65T"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr_of(&o).contains("64 TiB"), "{}", stderr_of(&o));
+    assert!(!t.exists());
+    ok(&["create", "-q", "-f", "vhdx", p(&t), "64M"]);
+
+    let src = join(d.path(), "s.raw");
+    patterned_raw(&src, 8 << 20, 3);
+    let out = join(d.path(), "o.vhdx");
+    for opt in ["block_size=3M", "log_size=1536k"] {
+        let o = viridian(&["convert", "-O", "vhdx", "-o", opt, p(&src), p(&out)]);
+        assert_eq!(o.status.code(), Some(1), "{opt}");
+        assert!(!out.exists(), "convert -o {opt} left {}", out.display());
+    }
+    ok(&["convert", "-O", "vhdx", p(&src), p(&out)]);
+    // An existing target is refused and kept.
+    let before = std::fs::metadata(&out).unwrap().len();
+    assert_eq!(code(&["convert", "-O", "vhdx", p(&src), p(&out)]), 1);
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), before);
+}
+
+/// A running `viridian serve --rw`, which holds its image's write lock; stopped on drop.
+struct Server(std::process::Child);
+
+impl Server {
+    fn start(args: &[&str], socket: &Path) -> (Server, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "server socket never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let err = child.stderr.take().unwrap();
+        // The "serving" lines are printed right after binding.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut lines = String::new();
+        {
+            use std::io::Read;
+            // SAFETY: makes our own pipe end non-blocking so a quiet server does not hang us.
+            unsafe {
+                use std::os::fd::AsRawFd;
+                libc::fcntl(err.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+            }
+            let mut err = err;
+            let _ = err.read_to_string(&mut lines);
+        }
+        (Server(child), lines)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn force_share_reads_an_image_that_serve_rw_holds() {
+    let d = tmp();
+    let img = join(d.path(), "a.vhdx");
+    let other = join(d.path(), "b.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
+    ok(&["create", "-q", "-f", "vhdx", p(&other), "8M"]);
+    ok(&["io", "-c", "write -P 9 1M 1M", p(&img)]);
+    let sock = join(d.path(), "nbd.sock");
+    let (_server, said) = Server::start(
+        &[
+            "--rw",
+            "-e",
+            "2",
+            "--socket",
+            p(&sock),
+            "--export",
+            &format!("one={}", p(&img)),
+            "--export",
+            &format!("two={}", p(&other)),
+        ],
+        &sock,
+    );
+    // serve names every export, and -e is qemu-nbd's connection limit, not an export.
+    assert!(said.contains("a.vhdx") && said.contains("b.vhdx"), "{said}");
+
+    let out = join(d.path(), "copy.raw");
+    let o = viridian(&["convert", "-O", "raw", p(&img), p(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr_of(&o).contains("locked"), "{}", stderr_of(&o));
+    assert!(!out.exists());
+
+    ok(&["convert", "-U", "-O", "raw", p(&img), p(&out)]);
+    let data = read_all(&out);
+    assert!(data[1 << 20..2 << 20].iter().all(|&b| b == 9));
+    assert_eq!(code(&["compare", "-U", p(&img), p(&out)]), 0);
+    let map = ok(&["map", "-U", "--output", "json", p(&img)]);
+    assert!(map.contains("\"data\": true"), "{map}");
+    let m = ok(&["measure", "-U", "-O", "vhdx", p(&img)]);
+    assert!(m.contains("required size"), "{m}");
+    // Without -U they are refused, as qemu-img refuses.
+    for verb in ["compare", "map", "measure"] {
+        let args: Vec<&str> = match verb {
+            "compare" => vec![verb, p(&img), p(&out)],
+            _ => vec![verb, p(&img)],
+        };
+        let o = viridian(&args);
+        assert_ne!(o.status.code(), Some(0), "{verb} without -U");
+        assert!(stderr_of(&o).contains("locked"), "{verb}: {}", stderr_of(&o));
+    }
+}
+
+#[test]
+fn snapshot_says_it_makes_an_external_child_and_a_broken_child_says_why() {
+    let d = tmp();
+    let base = join(d.path(), "base.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&base), "8M"]);
+    // A qemu user's internal-snapshot name is refused, and no file is made.
+    let o = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .current_dir(d.path())
+        .args(["snapshot", "-c", "before-upgrade", "base.vhdx"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr_of(&o);
+    assert!(err.contains("no internal snapshots"), "{err}");
+    assert!(err.contains("before-upgrade.vhdx"), "{err}");
+    assert!(!join(d.path(), "before-upgrade").exists());
+
+    let child = join(d.path(), "snap1.vhdx");
+    let said = ok(&["snapshot", "-c", p(&child), p(&base)]);
+    assert!(said.contains("differencing child"), "{said}");
+    assert!(said.contains(p(&child)), "{said}");
+    ok(&["io", "-c", "write -P 1 0 64k", p(&child)]);
+    // Writing the parent afterwards changes its identity: the child must say so, not claim
+    // the parent is missing.
+    ok(&["io", "-c", "write -P 2 0 64k", p(&base)]);
+    let o = viridian(&["info", p(&child)]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout_of(&o);
+    assert!(out.contains("identity changed"), "{out}");
+    assert!(!out.contains("(not found)"), "{out}");
+}
+
+fn mount_background(args: &[&str]) -> std::process::Output {
+    viridian(&[&["mount"], args].concat())
+}
+
+#[test]
+fn mount_says_when_it_is_ready_and_warns_that_background_undo_discards() {
+    if !fuse_usable() {
+        return;
+    }
+    let d = tmp();
+    let img = join(d.path(), "a.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
+    let mp = join(d.path(), "mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let o = mount_background(&["--undo", p(&img), p(&mp)]);
+    let _guard = MountGuard(mp.clone());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    let err = stderr_of(&o);
+    assert!(err.contains("mounted") && err.contains(p(&mp)), "{err}");
+    assert!(err.contains("DISCARDED at unmount"), "{err}");
+    ok(&["unmount", p(&mp)]);
+
+    // Foreground: the ready line appears while the mount runs.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["mount", "--foreground", p(&img), p(&mp)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !mp.join("disk").exists() {
+        assert!(Instant::now() < deadline, "foreground mount never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    ok(&["unmount", p(&mp)]);
+    let _ = child.wait();
+    let said = reader.join().unwrap();
+    assert!(said.contains("mounted") && said.contains("read-only"), "{said}");
+}
+
+/// A raw disk with a primary GPT (512-byte sectors) holding one partition.
+fn gpt_disk(path: &Path, size: u64) {
+    let sectors = size / 512;
+    let mut img = vec![0u8; 34 * 512];
+    // Protective MBR.
+    img[446 + 4] = 0xEE;
+    img[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+    img[446 + 12..446 + 16].copy_from_slice(&((sectors - 1) as u32).to_le_bytes());
+    img[510] = 0x55;
+    img[511] = 0xAA;
+    // One entry: a Linux filesystem partition at LBA 2048..4095.
+    let mut entries = vec![0u8; 128 * 128];
+    entries[0..16].copy_from_slice(&[
+        0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D,
+        0xE4,
+    ]);
+    entries[16..32].copy_from_slice(&[7u8; 16]);
+    entries[32..40].copy_from_slice(&2048u64.to_le_bytes());
+    entries[40..48].copy_from_slice(&4095u64.to_le_bytes());
+    let mut h = [0u8; 92];
+    h[0..8].copy_from_slice(b"EFI PART");
+    h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+    h[12..16].copy_from_slice(&92u32.to_le_bytes());
+    h[24..32].copy_from_slice(&1u64.to_le_bytes());
+    h[32..40].copy_from_slice(&(sectors - 1).to_le_bytes());
+    h[40..48].copy_from_slice(&34u64.to_le_bytes());
+    h[48..56].copy_from_slice(&(sectors - 34).to_le_bytes());
+    h[56..72].copy_from_slice(&[5u8; 16]);
+    h[72..80].copy_from_slice(&2u64.to_le_bytes());
+    h[80..84].copy_from_slice(&128u32.to_le_bytes());
+    h[84..88].copy_from_slice(&128u32.to_le_bytes());
+    h[88..92].copy_from_slice(&mount::partition::crc32(&entries).to_le_bytes());
+    let crc = mount::partition::crc32(&h);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    img[512..512 + 92].copy_from_slice(&h);
+    img[1024..1024 + entries.len()].copy_from_slice(&entries);
+    std::fs::write(path, &img).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+#[test]
+fn a_sector_size_change_under_a_partition_table_is_refused_without_the_flag() {
+    let d = tmp();
+    let src = join(d.path(), "gpt.raw");
+    gpt_disk(&src, 8 << 20);
+    let out = join(d.path(), "out.vhdx");
+    let o = viridian(&[
+        "convert",
+        "-O",
+        "vhdx",
+        "-o",
+        "logical_sector_size=4096",
+        p(&src),
+        p(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr_of(&o).contains("partition table"), "{}", stderr_of(&o));
+    assert!(!out.exists());
+    // Same sector size: no complaint.
+    let same = join(d.path(), "same.vhdx");
+    let o = viridian(&["convert", "-O", "vhdx", p(&src), p(&same)]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert!(!stderr_of(&o).contains("partition table"));
+
+    let o = viridian(&[
+        "convert",
+        "-O",
+        "vhdx",
+        "-o",
+        "logical_sector_size=4096",
+        "--allow-sector-size-change",
+        p(&src),
+        p(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("warning"), "{}", stderr_of(&o));
+
+    // The converted disk's table no longer parses; --partitions still offers `disk`.
+    if !fuse_usable() {
+        return;
+    }
+    let mp = join(d.path(), "mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let o = mount_background(&["--partitions", p(&out), p(&mp)]);
+    let _guard = MountGuard(mp.clone());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("does not parse"), "{}", stderr_of(&o));
+    assert!(mp.join("disk").exists());
+    ok(&["unmount", p(&mp)]);
+}
+
+#[test]
+fn ctrl_c_stops_convert_with_130_and_removes_the_partial_target() {
+    let d = tmp();
+    // A sparse 1 TiB source copied with -S 0 (every byte written) runs far longer than the
+    // test waits.
+    let src = join(d.path(), "big.raw");
+    std::fs::File::create(&src)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    let out = join(d.path(), "out.vhdx");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["convert", "-S", "0", "-O", "vhdx", p(&src), p(&out)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !out.exists() {
+        assert!(Instant::now() < deadline, "target never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr_of(&o));
+    assert!(!out.exists(), "the partial target was left behind");
+}
+
+#[test]
+fn convert_without_o_follows_the_target_name_and_measure_assumes_raw() {
+    let d = tmp();
+    let src = join(d.path(), "s.raw");
+    patterned_raw(&src, 4 << 20, 5);
+    let x = join(d.path(), "x.vhdx");
+    let o = viridian(&["convert", p(&src), p(&x)]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stderr_of(&o).contains("writing vhdx"), "{}", stderr_of(&o));
+    assert!(ok(&["info", p(&x)]).contains("file format: vhdx"));
+    let y = join(d.path(), "y.img");
+    ok(&["convert", p(&src), p(&y)]);
+    assert!(ok(&["info", p(&y)]).contains("file format: raw"));
+    // A format that contradicts the name is written, with a warning.
+    let z = join(d.path(), "z.vhd");
+    let o = viridian(&["convert", "-O", "raw", p(&src), p(&z)]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stderr_of(&o).contains("warning"), "{}", stderr_of(&o));
+    // measure's default target is raw, as in qemu-img: the virtual size exactly.
+    let m = ok(&["measure", "--size", "1G"]);
+    assert!(m.contains("required size: 1073741824"), "{m}");
+}
+
+#[test]
+fn a_relative_backing_file_is_relative_to_the_child_as_in_qemu_img() {
+    let d = tmp();
+    std::fs::create_dir(d.path().join("sub")).unwrap();
+    ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        p(&d.path().join("sub/p.vhdx")),
+        "8M",
+    ]);
+    let o = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .current_dir(d.path())
+        .args(["create", "-f", "vhdx", "-b", "p.vhdx", "sub/c.vhdx"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    let info = ok(&["info", p(&d.path().join("sub/c.vhdx"))]);
+    assert!(info.contains("sub/p.vhdx"), "{info}");
+    // A same-named file in the working directory is not what the child links to.
+    ok(&["create", "-q", "-f", "vhdx", p(&d.path().join("p.vhdx")), "16M"]);
+    let o = Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .current_dir(d.path())
+        .args(["create", "-f", "vhdx", "-b", "p.vhdx", "sub/c2.vhdx"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    let info = ok(&["info", p(&d.path().join("sub/c2.vhdx"))]);
+    assert!(info.contains("(8388608 bytes)"), "{info}");
+}
