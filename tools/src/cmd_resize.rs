@@ -76,41 +76,64 @@ pub fn run(a: Args) -> Result<i32> {
 
 #[derive(clap::Args)]
 pub struct CompactArgs {
-    #[arg(short = 'f', long = "format")]
+    /// Image format (vhd/vpc or vhdx); probed when absent.
+    #[arg(short = 'f', long = "format", value_name = "FORMAT")]
     format: Option<String>,
+    /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
+    /// The image to compact (not in use by another process).
     file: PathBuf,
 }
 
+/// File length and bytes allocated on disk.
+fn sizes(path: &std::path::Path) -> Result<(u64, u64)> {
+    let m = std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok((m.len(), m.blocks() * 512))
+}
+
 pub fn run_compact(a: CompactArgs) -> Result<i32> {
-    let before = std::fs::metadata(&a.file)
-        .with_context(|| format!("cannot open {}", a.file.display()))?
-        .len();
+    let (len_before, alloc_before) = sizes(&a.file)?;
     let rw = OpenOptions::read_write();
     let d = common::open_with(&a.file, a.format.as_deref(), SizeRuleArg::Auto, rw)?;
-    if let Some(v) = d.as_any().downcast_ref::<vhd::VhdDisk>() {
-        v.compact()?;
+    let fixed = d.format_specific().is_some_and(|v| {
+        v.get("disk_type").and_then(|t| t.as_str()) == Some("fixed")
+            || v.get("leave_blocks_allocated").and_then(|b| b.as_bool()) == Some(true)
+    });
+    if fixed {
+        d.close()?;
+        if !a.quiet {
+            println!(
+                "Nothing to do: {} is a fixed image (every block is allocated by design); \
+                 convert it to a dynamic image to make it smaller",
+                a.file.display()
+            );
+        }
+        return Ok(0);
+    }
+    let (freed, moved) = if let Some(v) = d.as_any().downcast_ref::<vhd::VhdDisk>() {
+        let s = v.compact()?;
+        (s.blocks_freed, s.blocks_moved)
     } else if let Some(v) = d.as_any().downcast_ref::<vhdx::VhdxDisk>() {
-        v.compact()?;
+        let s = v.compact()?;
+        (s.blocks_released, s.blocks_moved)
     } else {
         bail!(
             "compact works on vhd and vhdx images; {} is {}",
             a.file.display(),
             d.format()
         );
-    }
+    };
     d.close()
         .with_context(|| format!("cannot finish writing {}", a.file.display()))?;
     drop(d);
-    let meta = std::fs::metadata(&a.file)?;
+    let (len_after, alloc_after) = sizes(&a.file)?;
     if !a.quiet {
         println!(
-            "Compacted {}: file size {} -> {} bytes ({} allocated on disk)",
+            "Compacted {}: {freed} blocks released, {moved} moved\n\
+             file size:      {len_before} -> {len_after} bytes\n\
+             allocated size: {alloc_before} -> {alloc_after} bytes",
             a.file.display(),
-            before,
-            meta.len(),
-            meta.blocks() * 512
         );
     }
     Ok(0)

@@ -389,34 +389,8 @@ fn a_sector_size_change_under_a_partition_table_is_refused_without_the_flag() {
     ok(&["unmount", p(&mp)]);
 }
 
-#[test]
-fn ctrl_c_stops_convert_with_130_and_removes_the_partial_target() {
-    let d = tmp();
-    // A sparse 1 TiB source copied with -S 0 (every byte written) runs far longer than the
-    // test waits.
-    let src = join(d.path(), "big.raw");
-    std::fs::File::create(&src)
-        .unwrap()
-        .set_len(1 << 40)
-        .unwrap();
-    let out = join(d.path(), "out.vhdx");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_viridian"))
-        .args(["convert", "-S", "0", "-O", "vhdx", p(&src), p(&out)])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !out.exists() {
-        assert!(Instant::now() < deadline, "target never appeared");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(130), "{}", stderr_of(&o));
-    assert!(!out.exists(), "the partial target was left behind");
-}
+// Ctrl-C during convert (exit 130, partial target removed): tools/tests/cli.rs
+// interrupted_convert_removes_the_target_and_keeps_the_source.
 
 #[test]
 fn convert_without_o_follows_the_target_name_and_measure_assumes_raw() {
@@ -471,4 +445,55 @@ fn a_relative_backing_file_is_relative_to_the_child_as_in_qemu_img() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
     let info = ok(&["info", p(&d.path().join("sub/c2.vhdx"))]);
     assert!(info.contains("(8388608 bytes)"), "{info}");
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn compact_never_allocates_more_and_keeps_the_holes_of_moved_blocks() {
+    let d = tmp();
+    for fmt in ["vhdx", "vhd"] {
+        let img = join(d.path(), &format!("c.{fmt}"));
+        ok(&["create", "-q", "-f", fmt, p(&img), "64M"]);
+        // 16 blocks holding 4 KiB each (the rest of each block a hole in the file)...
+        let mut args = vec!["io".to_string()];
+        for i in 0..16 {
+            args.push("-c".into());
+            args.push(format!("write -P {} {}M 4k", i + 1, i * 4));
+        }
+        // ...and the first four emptied again, so compaction frees them and moves later
+        // blocks down into their place.
+        for i in 0..4 {
+            args.push("-c".into());
+            args.push(format!("write -P 0 {}M 4k", i * 4));
+        }
+        args.push(p(&img).to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&args);
+        let copy = join(d.path(), &format!("before-{fmt}.raw"));
+        ok(&["convert", "-O", "raw", p(&img), p(&copy)]);
+        let (len0, alloc0) = (std::fs::metadata(&img).unwrap().len(), allocated(&img));
+        let said = ok(&["compact", p(&img)]);
+        let (len1, alloc1) = (std::fs::metadata(&img).unwrap().len(), allocated(&img));
+        assert!(said.contains("moved"), "{fmt}: {said}");
+        assert!(len1 < len0, "{fmt}: file size {len0} -> {len1}");
+        assert!(alloc1 <= alloc0, "{fmt}: allocated {alloc0} -> {alloc1}\n{said}");
+        assert!(
+            said.contains(&format!("{alloc0} -> {alloc1}")),
+            "{fmt}: the report must give allocated bytes before and after: {said}"
+        );
+        assert_eq!(code(&["compare", p(&img), p(&copy)]), 0, "{fmt}");
+        assert_eq!(code(&["check", p(&img)]), 0, "{fmt}");
+        if have("qemu-img") {
+            let q = tool("qemu-img", &["compare", p(&img), p(&copy)]);
+            assert!(q.status.success(), "{fmt}: qemu-img compare: {q:?}");
+        }
+    }
+    let fixed = join(d.path(), "f.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", "-o", "subformat=fixed", p(&fixed), "8M"]);
+    let said = ok(&["compact", p(&fixed)]);
+    assert!(said.contains("Nothing to do"), "{said}");
 }

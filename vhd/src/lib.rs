@@ -1367,7 +1367,7 @@ impl VhdDisk {
                 break;
             }
             read_exact(s, &mut whole, last_off, "VHD data block")?;
-            write_all(s, &whole, h, "VHD data block")?;
+            write_sparse(s, &whole, h)?;
             flush_storage(s)?;
             {
                 let mut m = self.mw();
@@ -1407,6 +1407,16 @@ impl VhdDisk {
             m.footer_pos = end;
             m.file_len = end + FOOTER_SIZE as u64;
         }
+        drop(m);
+        // 4. Freed slots still below the end (durable now that their BAT entries are) go back
+        // to the file system, so compacting never leaves more bytes allocated than before.
+        for h in holes {
+            if h + slot <= end {
+                s.punch_hole(h, slot)
+                    .map_err(|e| io_err("releasing a freed VHD block", e))?;
+            }
+        }
+        flush_storage(s)?;
         st.file_size_after = s.len().map_err(|e| io_err("reading file length", e))?;
         Ok(st)
     }
@@ -1982,4 +1992,27 @@ impl Drop for VhdDisk {
             let _ = self.storage.flush();
         }
     }
+}
+
+/// Writes a moved block into a free slot without allocating its zero runs: the slot is punched
+/// first (so skipped runs read zeros), then only non-zero 4 KiB pieces are written. Compaction
+/// uses it so moving a block never fills the holes it had.
+fn write_sparse(s: &dyn Storage, buf: &[u8], off: u64) -> Result<()> {
+    s.punch_hole(off, buf.len() as u64)
+        .map_err(|e| io_err("clearing a VHD block slot", e))?;
+    const PIECE: usize = 4096;
+    let mut i = 0;
+    while i < buf.len() {
+        let start = i;
+        while i < buf.len() && !disk::is_zero(&buf[i..(i + PIECE).min(buf.len())]) {
+            i = (i + PIECE).min(buf.len());
+        }
+        if i > start {
+            write_all(s, &buf[start..i], off + start as u64, "VHD data block")?;
+        }
+        while i < buf.len() && disk::is_zero(&buf[i..(i + PIECE).min(buf.len())]) {
+            i = (i + PIECE).min(buf.len());
+        }
+    }
+    Ok(())
 }

@@ -688,6 +688,30 @@ impl VhdxDisk {
             .map_err(io_err(format!("cannot write at {off:#x}")))
     }
 
+    /// Writes a block into free space at `off` without allocating its zero runs: the range is
+    /// punched first (so skipped runs read zeros), then only non-zero 4 KiB pieces are written.
+    /// Used when compaction moves a block, which must not fill the holes the block had.
+    fn write_file_sparse(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.storage
+            .punch_hole(off, buf.len() as u64)
+            .map_err(io_err(format!("cannot clear {off:#x}")))?;
+        const PIECE: usize = 4096;
+        let mut i = 0;
+        while i < buf.len() {
+            let start = i;
+            while i < buf.len() && !disk::is_zero(&buf[i..(i + PIECE).min(buf.len())]) {
+                i = (i + PIECE).min(buf.len());
+            }
+            if i > start {
+                self.write_file(&buf[start..i], off + start as u64)?;
+            }
+            while i < buf.len() && disk::is_zero(&buf[i..(i + PIECE).min(buf.len())]) {
+                i = (i + PIECE).min(buf.len());
+            }
+        }
+        Ok(())
+    }
+
     fn rt(&self) -> RwLockReadGuard<'_, RegionTable> {
         rlock(&self.regions)
     }
@@ -1741,7 +1765,7 @@ impl VhdxDisk {
                 }
                 let mut buf = vec![0u8; len as usize];
                 self.read_file(&mut buf, off)?;
-                self.write_file(&buf, t)?;
+                self.write_file_sparse(&buf, t)?;
                 let mut bat = wlock(&self.bat);
                 let st = bat_state(bat.entries[idx]);
                 self.set_entry(&mut bat, idx, bat_entry(st, t));
@@ -1773,6 +1797,54 @@ impl VhdxDisk {
         }
         wal.next_free = new_len.max(target);
         lock(&self.bitmaps).pages.clear();
+        // 3. The BAT is durable now: give every unreferenced range below the new end back to
+        // the file system (released zero blocks, sources of moves that were not truncated), so
+        // compacting never leaves more bytes allocated than before.
+        let mut used: Vec<(u64, u64)> = {
+            let bat = rlock(&self.bat);
+            let geo = bat.geo;
+            bat.entries
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &e)| {
+                    let is_sb = (i as u64 % (geo.chunk_ratio + 1)) == geo.chunk_ratio;
+                    let st = bat_state(e);
+                    if is_sb && st == SB_PRESENT {
+                        Some((bat_offset(e), MIB))
+                    } else if !is_sb && (st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT) {
+                        Some((bat_offset(e), geo.block_size))
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        };
+        used.sort_unstable();
+        // The headers now say there is no log to replay, so the log's entries (written by this
+        // compaction's BAT updates) are dead bytes too.
+        {
+            let hs = lock(&self.header);
+            let (lo, ll) = (hs.current.log_offset, hs.current.log_length as u64);
+            if hs.current.log_guid == [0; 16] && ll > 0 {
+                self.storage
+                    .punch_hole(lo, ll)
+                    .map_err(io_err("cannot release the log"))?;
+            }
+        }
+        let file_end = self
+            .storage
+            .len()
+            .map_err(io_err("cannot get file length"))?;
+        let mut free_from = data_start;
+        for (off, len) in used.into_iter().chain([(file_end, 0)]) {
+            if off > free_from {
+                self.storage
+                    .punch_hole(free_from, off.min(file_end) - free_from)
+                    .map_err(io_err("cannot release unused space"))?;
+            }
+            free_from = free_from.max(off + len);
+        }
+        self.sflush()?;
         stats.new_len = self
             .storage
             .len()
