@@ -41,6 +41,38 @@ pub fn run(a: Args) -> Result<i32> {
         None => chain::probe_path(&a.file)
             .with_context(|| format!("cannot open {}", a.file.display()))?,
     };
+    if format == Format::Raw {
+        eprintln!("viridian: This image format does not support checks");
+        return Ok(63);
+    }
+    let first = check_once(&a, format, repair)?;
+    // After a repair, check again (as qemu-img does) so the report and the exit code say what
+    // is left, not what was found before repairing: a leak that could not be returned keeps
+    // exit code 3 and is named, and the end offset is the repaired file's.
+    let (report, after) = if repair != Repair::None && first.leaks + first.corruptions > 0 {
+        let second = check_once(&a, format, Repair::None)?;
+        let code = second.exit_code();
+        let mut merged = second.clone();
+        merged.leaks_fixed = first.leaks_fixed;
+        merged.corruptions_fixed = first.corruptions_fixed;
+        merged.findings = first.findings.clone();
+        (merged, Some((second, code)))
+    } else {
+        (first, None)
+    };
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Human if !a.quiet => print_human(&report, after.as_ref().map(|(s, _)| s)),
+        Output::Human => {}
+    }
+    Ok(match after {
+        Some((_, code)) => code,
+        None => report.exit_code(),
+    })
+}
+
+/// One pass of the format's checker (repairing when asked).
+fn check_once(a: &Args, format: Format, repair: Repair) -> Result<CheckReport> {
     let access = if repair == Repair::None {
         Access::ReadOnly
     } else {
@@ -51,12 +83,8 @@ pub fn run(a: Args) -> Result<i32> {
             .with_context(|| format!("cannot open {}", a.file.display()))?,
     );
     let result = match format {
-        Format::Raw => {
-            eprintln!("viridian: This image format does not support checks");
-            return Ok(63);
-        }
         Format::Vhd => vhd::check(storage, repair),
-        Format::Vhdx => vhdx::check(storage, repair),
+        _ => vhdx::check(storage, repair),
     };
     let mut report = match result {
         Ok(r) => r,
@@ -72,15 +100,11 @@ pub fn run(a: Args) -> Result<i32> {
     };
     report.filename = a.file.display().to_string();
     report.format = common::qemu_format_name(format.name()).to_string();
-    match a.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Human if !a.quiet => print_human(&report),
-        Output::Human => {}
-    }
-    Ok(report.exit_code())
+    Ok(report)
 }
 
-fn print_human(r: &CheckReport) {
+/// `after`: the re-check after a repair; its counts are what is left.
+fn print_human(r: &CheckReport, after: Option<&CheckReport>) {
     for f in &r.findings {
         let tag = match (f.kind, f.fixed) {
             (_, true) => "Repaired",
@@ -90,13 +114,31 @@ fn print_human(r: &CheckReport) {
         };
         eprintln!("{tag}: {}", f.message);
     }
-    let remaining_corruptions = r.corruptions - r.corruptions_fixed.min(r.corruptions);
-    let remaining_leaks = r.leaks - r.leaks_fixed.min(r.leaks);
+    let (remaining_corruptions, remaining_leaks) = match after {
+        Some(s) => (s.corruptions, s.leaks),
+        None => (
+            r.corruptions - r.corruptions_fixed.min(r.corruptions),
+            r.leaks - r.leaks_fixed.min(r.leaks),
+        ),
+    };
     if r.corruptions_fixed + r.leaks_fixed > 0 {
         println!(
             "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n",
             r.leaks_fixed, r.corruptions_fixed
         );
+    }
+    if let Some(s) = after {
+        println!("Double checking the fixed image now...");
+        for f in s.findings.iter().filter(|f| !f.fixed && f.kind != "warning") {
+            let what = if f.kind == "corruption" { "corruption" } else { "leak" };
+            println!("Could not repair this {what}: {}", f.message);
+        }
+        if s.leaks > 0 {
+            println!(
+                "Leaked space in the middle of the file cannot be returned by check; \
+                 `viridian compact` moves blocks down and returns it."
+            );
+        }
     }
     if r.check_errors > 0 {
         println!(

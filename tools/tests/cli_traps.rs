@@ -497,3 +497,73 @@ fn compact_never_allocates_more_and_keeps_the_holes_of_moved_blocks() {
     let said = ok(&["compact", p(&fixed)]);
     assert!(said.contains("Nothing to do"), "{said}");
 }
+
+/// Points the VHDX BAT entry of payload block `block` at nothing (its data stays in the file:
+/// a leak in the middle).
+fn forget_vhdx_block(path: &Path, block: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut rt = vec![0u8; 64 << 10];
+    f.seek(SeekFrom::Start(192 << 10)).unwrap();
+    f.read_exact(&mut rt).unwrap();
+    assert_eq!(&rt[..4], b"regi");
+    let n = u32::from_le_bytes(rt[8..12].try_into().unwrap()) as usize;
+    let bat_guid = [
+        0x66, 0x77, 0xC2, 0x2D, 0x23, 0xF6, 0x00, 0x42, 0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A,
+        0x08,
+    ];
+    let bat = (0..n)
+        .map(|i| &rt[16 + 32 * i..48 + 32 * i])
+        .find(|e| e[..16] == bat_guid)
+        .map(|e| u64::from_le_bytes(e[16..24].try_into().unwrap()))
+        .expect("BAT region");
+    f.seek(SeekFrom::Start(bat + 8 * block)).unwrap();
+    f.write_all(&[0u8; 8]).unwrap();
+}
+
+#[test]
+fn check_repair_reports_what_is_left_and_the_repaired_end_offset() {
+    let d = tmp();
+    let img = join(d.path(), "l.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
+    ok(&[
+        "io",
+        "-c",
+        "write -P 1 0 4k",
+        "-c",
+        "write -P 2 1M 4k",
+        "-c",
+        "write -P 3 2M 4k",
+        p(&img),
+    ]);
+    // A leak at the tail: check -r returns it, and reports the end offset after the repair.
+    let len = std::fs::metadata(&img).unwrap().len();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.seek(SeekFrom::Start(len)).unwrap();
+        f.write_all(&vec![0xAB; 2 << 20]).unwrap();
+    }
+    assert_eq!(code(&["check", p(&img)]), 3);
+    let o = viridian(&["check", "-r", "leaks", p(&img)]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout_of(&o));
+    let out = stdout_of(&o);
+    assert!(out.contains("found and repaired"), "{out}");
+    assert!(out.contains(&format!("Image end offset: {len}")), "{out}");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), len);
+
+    // A leak in the middle cannot be returned by check: exit 3 and say so.
+    forget_vhdx_block(&img, 1);
+    let o = viridian(&["check", "-r", "all", p(&img)]);
+    let out = stdout_of(&o);
+    assert_eq!(o.status.code(), Some(3), "{out}");
+    assert!(out.contains("Could not repair"), "{out}");
+    assert!(out.contains("viridian compact"), "{out}");
+    // ...and compact does return it.
+    ok(&["compact", "-q", p(&img)]);
+    assert_eq!(code(&["check", p(&img)]), 0);
+}
