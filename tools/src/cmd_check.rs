@@ -13,19 +13,23 @@ use crate::common::{self, Output};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Image format (raw, vhd/vpc or vhdx); probed when absent.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Repair: leaks, or all (everything that is safe to fix).
     #[arg(short = 'r', long = "repair")]
     repair: Option<String>,
+    /// Output as human text or JSON (qemu-img's keys).
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
+    /// Quiet: print no messages (errors are still printed).
     #[arg(short = 'q')]
     quiet: bool,
     /// Force shared access: open without the lock, so the image can be read while another
     /// process (serve --rw, a VM) writes it; what is read may then be inconsistent.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// The image file.
     file: PathBuf,
 }
 

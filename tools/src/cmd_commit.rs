@@ -17,6 +17,7 @@ use crate::progress;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Image format (raw, vhd/vpc or vhdx); probed when absent.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Merge down to this ancestor instead of the immediate parent.
@@ -28,10 +29,13 @@ pub struct Args {
     /// Accepted for qemu-img compatibility: we never empty the child.
     #[arg(short = 'd')]
     drop: bool,
+    /// Show a progress bar.
     #[arg(short = 'p')]
     progress: bool,
+    /// Quiet: print no messages (errors are still printed).
     #[arg(short = 'q')]
     quiet: bool,
+    /// The image file.
     file: PathBuf,
 }
 

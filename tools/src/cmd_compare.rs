@@ -11,24 +11,31 @@ use crate::progress;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Format of FILE1 (probed when absent).
     #[arg(short = 'f')]
     format1: Option<String>,
+    /// Format of FILE2 (probed when absent).
     #[arg(short = 'F')]
     format2: Option<String>,
     /// Strict: sizes and allocation must match too.
     #[arg(short = 's')]
     strict: bool,
+    /// Show a progress bar.
     #[arg(short = 'p')]
     progress: bool,
+    /// Quiet: print no messages (errors are still printed).
     #[arg(short = 'q')]
     quiet: bool,
     /// Force shared access: open without the lock, so the image can be read while another
     /// process (serve --rw, a VM) writes it; what is read may then be inconsistent.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// How a VHD's virtual size is derived (auto follows qemu 10).
     #[arg(long = "size-rule", value_enum, default_value_t = SizeRuleArg::Auto)]
     size_rule: SizeRuleArg,
+    /// The first image.
     file1: PathBuf,
+    /// The second image.
     file2: PathBuf,
 }
 

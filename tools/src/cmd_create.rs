@@ -27,9 +27,12 @@ pub struct Args {
     /// Accepted for qemu-img compatibility (we always open the parent to link to it).
     #[arg(short = 'u')]
     unsafe_backing: bool,
+    /// Quiet: print no messages (errors are still printed).
     #[arg(short = 'q')]
     quiet: bool,
-    file: PathBuf,
+    /// The image file.
+    file: Option<PathBuf>,
+    /// Virtual size: bytes, or a number with a suffix k, M, G, T, P or E (1024-based, e.g. 64M, 1.5G); omit it with -b to take the parent's size.
     size: Option<String>,
 }
 
@@ -144,6 +147,9 @@ pub fn run(a: Args) -> Result<i32> {
         println!("{OPTION_HELP}");
         return Ok(0);
     }
+    let Some(file) = a.file.clone() else {
+        bail!("create needs FILE (and SIZE unless -b gives a parent); -o help lists the options");
+    };
     let format = common::parse_format(&a.format)?;
     let size = match (&a.size, &a.backing) {
         (Some(s), _) => parse_size(s)?,
@@ -154,7 +160,7 @@ pub fn run(a: Args) -> Result<i32> {
     let backing = a
         .backing
         .as_ref()
-        .map(|b| common::backing_relative_to(&a.file, b));
+        .map(|b| common::backing_relative_to(&file, b));
     if let Some(b) = &backing {
         if let Some(bf) = &a.backing_format {
             let want = common::parse_format(bf)?;
@@ -180,14 +186,14 @@ pub fn run(a: Args) -> Result<i32> {
         }
         spec.parent = Some(b.clone());
     }
-    let (d, guard) = common::create_image(&a.file, &spec)?;
+    let (d, guard) = common::create_image(&file, &spec)?;
     d.close()
-        .with_context(|| format!("cannot finish {}", a.file.display()))?;
+        .with_context(|| format!("cannot finish {}", file.display()))?;
     guard.disarm();
     if !a.quiet {
         let mut line = format!(
             "Formatting '{}', fmt={} size={}",
-            a.file.display(),
+            file.display(),
             common::qemu_format_name(d.format()),
             d.size()
         );

@@ -18,6 +18,7 @@ pub struct Args {
     /// Show every image of the backing chain.
     #[arg(long = "backing-chain")]
     backing_chain: bool,
+    /// Output as human text or JSON (qemu-img's keys).
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
     /// Force shared access: open without the lock, so the image can be read while another
@@ -30,6 +31,7 @@ pub struct Args {
     /// Use this file as the parent (moved chains).
     #[arg(long)]
     parent: Option<PathBuf>,
+    /// The image file.
     file: PathBuf,
 }
 

@@ -12,6 +12,7 @@ use crate::common::{self, SizeRuleArg, UndoEnd};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Image format (raw, vhd/vpc or vhdx); probed when absent.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Command: "write [-P BYTE] OFF LEN", "read [-P BYTE] OFF LEN", "zero OFF LEN",
@@ -27,6 +28,7 @@ pub struct Args {
     /// Name of the undo child (default: a temporary file beside the image).
     #[arg(long = "undo-file")]
     undo_file: Option<PathBuf>,
+    /// The image file.
     file: PathBuf,
 }
 

@@ -9,20 +9,26 @@ use crate::common::{self, Output, SizeRuleArg};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Image format (raw, vhd/vpc or vhdx); probed when absent.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
+    /// Output as human text or JSON (qemu-img's keys).
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
+    /// Start the map at this offset (suffixes as for sizes).
     #[arg(long = "start-offset", default_value = "0")]
     start_offset: String,
+    /// Map at most this many bytes.
     #[arg(long = "max-length")]
     max_length: Option<String>,
     /// Force shared access: open without the lock, so the image can be read while another
     /// process (serve --rw, a VM) writes it; what is read may then be inconsistent.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// How a VHD's virtual size is derived (auto follows qemu 10).
     #[arg(long = "size-rule", value_enum, default_value_t = SizeRuleArg::Auto)]
     size_rule: SizeRuleArg,
+    /// The image file.
     file: PathBuf,
 }
 

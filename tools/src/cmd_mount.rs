@@ -24,6 +24,7 @@ pub enum UndoEnd {
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Image format (raw, vhd/vpc or vhdx); probed when absent.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Allow writes (through to the image, or to the undo child with --undo).
@@ -50,7 +51,9 @@ pub struct Args {
     /// Use this file as the parent (moved chains).
     #[arg(long)]
     parent: Option<PathBuf>,
+    /// The image file.
     image: PathBuf,
+    /// An existing empty directory to mount on.
     mountpoint: PathBuf,
 }
 
@@ -290,6 +293,7 @@ pub struct UnmountArgs {
     /// Detach now even if files are open (lazy unmount).
     #[arg(short = 'z', long)]
     lazy: bool,
+    /// An existing empty directory to mount on.
     mountpoint: PathBuf,
 }
 

@@ -15,20 +15,25 @@ use crate::progress;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Image format (raw, vhd/vpc or vhdx); probed when absent.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// The new parent.
     #[arg(short = 'b', long = "backing", required = true)]
     backing: PathBuf,
+    /// Format of the backing file (checked against what it is).
     #[arg(short = 'F', long = "backing-format")]
     backing_format: Option<String>,
     /// Unsafe: only rewrite the parent link; contents are not compared.
     #[arg(short = 'u')]
     unsafe_mode: bool,
+    /// Show a progress bar.
     #[arg(short = 'p')]
     progress: bool,
+    /// Quiet: print no messages (errors are still printed).
     #[arg(short = 'q')]
     quiet: bool,
+    /// The image file.
     file: PathBuf,
 }
 

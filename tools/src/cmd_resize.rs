@@ -11,13 +11,16 @@ use crate::common::{self, SizeRuleArg};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Image format (raw, vhd/vpc or vhdx); probed when absent.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Allow making the image smaller.
     #[arg(long)]
     shrink: bool,
+    /// Quiet: print no messages (errors are still printed).
     #[arg(short = 'q')]
     quiet: bool,
+    /// The image file.
     file: PathBuf,
     /// New size, or +SIZE / -SIZE relative to the current one.
     #[arg(allow_hyphen_values = true)]

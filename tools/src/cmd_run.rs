@@ -19,6 +19,7 @@ pub struct Args {
     /// Kernel: uncompressed vmlinux or bzImage.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Initial ramdisk to load with the kernel.
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// Extra kernel command line (added to the console and host-quirk switches).
@@ -30,6 +31,7 @@ pub struct Args {
     /// Guest memory (qemu size suffixes).
     #[arg(short = 'm', long)]
     memory: Option<String>,
+    /// Number of virtual CPUs.
     #[arg(long)]
     cpus: Option<u32>,
     /// A disk: PATH[,ro][,undo] (repeatable; LUN 0, 1, ... in order).

@@ -16,6 +16,7 @@ pub struct Args {
     /// short form: -e is qemu-nbd's connection limit.)
     #[arg(long = "export", value_name = "NAME=IMAGE")]
     exports: Vec<String>,
+    /// Image format (raw, vhd/vpc or vhdx); probed when absent.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// Serve on this Unix socket instead of TCP.
@@ -24,6 +25,7 @@ pub struct Args {
     /// TCP address to listen on.
     #[arg(short = 'b', long = "bind", default_value = "127.0.0.1")]
     bind: IpAddr,
+    /// TCP port to listen on.
     #[arg(short = 'p', long = "port", default_value_t = nbd::DEFAULT_PORT)]
     port: u16,
     /// Allow writes (default: read-only exports).
@@ -32,6 +34,7 @@ pub struct Args {
     /// Writes go to a throwaway child, committed or discarded when the server stops.
     #[arg(long)]
     undo: bool,
+    /// With --undo: commit or discard the changes when the server stops.
     #[arg(long = "undo-end", value_enum, default_value_t = UndoEnd::Discard)]
     undo_end: UndoEnd,
     /// Like qemu-nbd --snapshot: writable, changes discarded at exit.
@@ -52,6 +55,7 @@ pub struct Args {
     /// Log connections and errors to stderr.
     #[arg(short = 'v', long)]
     verbose: bool,
+    /// The image file.
     image: Option<PathBuf>,
 }
 

@@ -21,28 +21,37 @@ pub struct Args {
 enum Action {
     /// List undo disks (.vud) in a directory with their parents and sizes.
     List {
+        /// Output as human text or JSON (qemu-img's keys).
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
+        /// Folder to look for undo disks in (default: the current folder).
         dir: PathBuf,
     },
     /// Show what an undo disk changes: the ranges it holds.
     Show {
+        /// Output as human text or JSON (qemu-img's keys).
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
+        /// The image file.
         file: PathBuf,
     },
     /// Merge an undo disk into its parent, then delete it.
     Commit {
+        /// Show a progress bar.
         #[arg(short = 'p')]
         progress: bool,
+        /// Quiet: print no messages (errors are still printed).
         #[arg(short = 'q')]
         quiet: bool,
+        /// The image file.
         file: PathBuf,
     },
     /// Delete an undo disk, leaving its parent as it is.
     Discard {
+        /// Quiet: print no messages (errors are still printed).
         #[arg(short = 'q')]
         quiet: bool,
+        /// The image file.
         file: PathBuf,
     },
 }

@@ -84,6 +84,11 @@ fn usage_errors_exit_1_as_in_qemu_img_and_name_unsupported_flags() {
     assert!(!Path::new("x.raw").exists());
     assert_eq!(code(&["--help"]), 0);
     assert_eq!(code(&["check", "--help"]), 0);
+    // -o help needs no FILE.
+    let o = viridian(&["create", "-f", "vhdx", "-o", "help"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert!(stdout_of(&o).contains("block_size"));
+    assert_eq!(code(&["create", "-f", "vhdx"]), 1);
     assert_eq!(code(&["--version"]), 0);
 }
 

@@ -64,6 +64,7 @@ pub struct Args {
     /// Show progress (default: when stderr is a terminal).
     #[arg(short = 'p')]
     progress: bool,
+    /// Quiet: print no messages (errors are still printed).
     #[arg(short = 'q')]
     quiet: bool,
 }
