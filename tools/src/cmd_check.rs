@@ -133,8 +133,16 @@ fn print_human(r: &CheckReport, after: Option<&CheckReport>) {
     }
     if let Some(s) = after {
         println!("Double checking the fixed image now...");
-        for f in s.findings.iter().filter(|f| !f.fixed && f.kind != "warning") {
-            let what = if f.kind == "corruption" { "corruption" } else { "leak" };
+        for f in s
+            .findings
+            .iter()
+            .filter(|f| !f.fixed && f.kind != "warning")
+        {
+            let what = if f.kind == "corruption" {
+                "corruption"
+            } else {
+                "leak"
+            };
             println!("Could not repair this {what}: {}", f.message);
         }
         if s.leaks > 0 {

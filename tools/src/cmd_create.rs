@@ -124,9 +124,7 @@ fn validate_spec(format: Format, spec: &CreateSpec) -> Result<()> {
             Format::Vhdx if !b.is_power_of_two() || !(1 << 20..=256 << 20).contains(&b) => {
                 bail!("block_size={b}: a VHDX block size is a power of 2 from 1M to 256M")
             }
-            Format::Vhd
-                if !b.is_power_of_two() || !(4096..=256 << 20).contains(&b) =>
-            {
+            Format::Vhd if !b.is_power_of_two() || !(4096..=256 << 20).contains(&b) => {
                 bail!("block_size={b}: a VHD block size is a power of 2 from 4k to 256M")
             }
             _ => {}

@@ -95,7 +95,14 @@ pub fn run(a: Args) -> Result<i32> {
                 if i > 0 {
                     println!();
                 }
-                print_human(info, if i == 0 { backing_problem.as_deref() } else { None });
+                print_human(
+                    info,
+                    if i == 0 {
+                        backing_problem.as_deref()
+                    } else {
+                        None
+                    },
+                );
             }
         }
     }

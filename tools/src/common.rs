@@ -297,10 +297,14 @@ pub fn create_image(
     spec: &chain::CreateSpec,
 ) -> Result<(Arc<dyn BlockDevice>, RemoveOnFailure)> {
     if std::fs::symlink_metadata(path).is_ok() {
-        bail!("{} already exists; refusing to overwrite it", path.display());
+        bail!(
+            "{} already exists; refusing to overwrite it",
+            path.display()
+        );
     }
     let guard = RemoveOnFailure::new(path);
-    let d = chain::create(path, spec).with_context(|| format!("cannot create {}", path.display()))?;
+    let d =
+        chain::create(path, spec).with_context(|| format!("cannot create {}", path.display()))?;
     Ok((d, guard))
 }
 

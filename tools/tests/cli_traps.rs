@@ -218,7 +218,11 @@ fn force_share_reads_an_image_that_serve_rw_holds() {
         };
         let o = viridian(&args);
         assert_ne!(o.status.code(), Some(0), "{verb} without -U");
-        assert!(stderr_of(&o).contains("locked"), "{verb}: {}", stderr_of(&o));
+        assert!(
+            stderr_of(&o).contains("locked"),
+            "{verb}: {}",
+            stderr_of(&o)
+        );
     }
 }
 
@@ -299,7 +303,10 @@ fn mount_says_when_it_is_ready_and_warns_that_background_undo_discards() {
     ok(&["unmount", p(&mp)]);
     let _ = child.wait();
     let said = reader.join().unwrap();
-    assert!(said.contains("mounted") && said.contains("read-only"), "{said}");
+    assert!(
+        said.contains("mounted") && said.contains("read-only"),
+        "{said}"
+    );
 }
 
 /// A raw disk with a primary GPT (512-byte sectors) holding one partition.
@@ -359,7 +366,11 @@ fn a_sector_size_change_under_a_partition_table_is_refused_without_the_flag() {
         p(&out),
     ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr_of(&o).contains("partition table"), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("partition table"),
+        "{}",
+        stderr_of(&o)
+    );
     assert!(!out.exists());
     // Same sector size: no complaint.
     let same = join(d.path(), "same.vhdx");
@@ -389,7 +400,11 @@ fn a_sector_size_change_under_a_partition_table_is_refused_without_the_flag() {
     let o = mount_background(&["--partitions", p(&out), p(&mp)]);
     let _guard = MountGuard(mp.clone());
     assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
-    assert!(stderr_of(&o).contains("does not parse"), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("does not parse"),
+        "{}",
+        stderr_of(&o)
+    );
     assert!(mp.join("disk").exists());
     ok(&["unmount", p(&mp)]);
 }
@@ -441,7 +456,14 @@ fn a_relative_backing_file_is_relative_to_the_child_as_in_qemu_img() {
     let info = ok(&["info", p(&d.path().join("sub/c.vhdx"))]);
     assert!(info.contains("sub/p.vhdx"), "{info}");
     // A same-named file in the working directory is not what the child links to.
-    ok(&["create", "-q", "-f", "vhdx", p(&d.path().join("p.vhdx")), "16M"]);
+    ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        p(&d.path().join("p.vhdx")),
+        "16M",
+    ]);
     let o = Command::new(env!("CARGO_BIN_EXE_viridian"))
         .current_dir(d.path())
         .args(["create", "-f", "vhdx", "-b", "p.vhdx", "sub/c2.vhdx"])
@@ -485,7 +507,10 @@ fn compact_never_allocates_more_and_keeps_the_holes_of_moved_blocks() {
         let (len1, alloc1) = (std::fs::metadata(&img).unwrap().len(), allocated(&img));
         assert!(said.contains("moved"), "{fmt}: {said}");
         assert!(len1 < len0, "{fmt}: file size {len0} -> {len1}");
-        assert!(alloc1 <= alloc0, "{fmt}: allocated {alloc0} -> {alloc1}\n{said}");
+        assert!(
+            alloc1 <= alloc0,
+            "{fmt}: allocated {alloc0} -> {alloc1}\n{said}"
+        );
         assert!(
             said.contains(&format!("{alloc0} -> {alloc1}")),
             "{fmt}: the report must give allocated bytes before and after: {said}"
@@ -498,7 +523,16 @@ fn compact_never_allocates_more_and_keeps_the_holes_of_moved_blocks() {
         }
     }
     let fixed = join(d.path(), "f.vhdx");
-    ok(&["create", "-q", "-f", "vhdx", "-o", "subformat=fixed", p(&fixed), "8M"]);
+    ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "subformat=fixed",
+        p(&fixed),
+        "8M",
+    ]);
     let said = ok(&["compact", p(&fixed)]);
     assert!(said.contains("Nothing to do"), "{said}");
 }
