@@ -78,6 +78,10 @@ fn compare(d1: &dyn BlockDevice, d2: &dyn BlockDevice, a: &Args) -> Result<i32> 
         say(a.quiet, "Strict mode: Image size mismatch!".into());
         return Ok(1);
     }
+    if s1 != s2 {
+        // qemu-img's words (stdout), so scripts that grep for them keep working.
+        say(a.quiet, "Warning: Image size mismatch!".into());
+    }
     let common_len = s1.min(s2);
     let pb = progress::bar(s1.max(s2), a.progress, a.quiet);
     let mut b1 = vec![0u8; CHUNK as usize];

@@ -172,8 +172,11 @@ pub fn run(a: Args) -> Result<i32> {
     }
     let mut sources = Vec::new();
     for s in srcs {
-        if std::fs::canonicalize(s).ok() == std::fs::canonicalize(dst).ok() {
-            bail!("source and target are the same file: {}", s.display());
+        // Only files that exist can be the same file (two missing paths are not).
+        if let (Ok(x), Ok(y)) = (std::fs::canonicalize(s), std::fs::canonicalize(dst)) {
+            if x == y {
+                bail!("source and target are the same file: {}", s.display());
+            }
         }
         sources.push(common::open_ro_shared(
             s,

@@ -140,6 +140,9 @@ pub fn run(a: Args) -> Result<i32> {
                     )?
                 ),
                 Output::Human => {
+                    if found.is_empty() {
+                        println!("No undo disks (.vud) in {}", dir.display());
+                    }
                     for f in &found {
                         let changed: u64 = f.changed.iter().map(|(_, l)| l).sum();
                         println!(

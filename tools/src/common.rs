@@ -111,20 +111,21 @@ pub fn check_interrupted() -> Result<()> {
 }
 
 /// One line: the error and its causes joined with ": ", without repeating a cause that the
-/// outer message already contains.
+/// outer message already contains, nor an outer message that the next cause starts with
+/// ("cannot open x" then "cannot open x: No such file" reads once).
 pub fn one_line(e: &anyhow::Error) -> String {
-    let mut out = String::new();
+    let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
         let s = cause.to_string();
-        if out.contains(&s) {
+        if parts.iter().any(|p| p.contains(&s)) {
             continue;
         }
-        if !out.is_empty() {
-            out.push_str(": ");
+        match parts.last_mut() {
+            Some(last) if s.starts_with(last.as_str()) => *last = s,
+            _ => parts.push(s),
         }
-        out.push_str(&s);
     }
-    out.replace('\n', " ")
+    parts.join(": ").replace('\n', " ")
 }
 
 /// Parses a size with qemu's suffixes (k, M, G, T, P, E; 1024-based; plain number = bytes;
@@ -359,6 +360,14 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999E").is_err());
+    }
+
+    #[test]
+    fn one_line_does_not_repeat_a_prefix() {
+        let e = anyhow::anyhow!("cannot open x.vhdx: No such file").context("cannot open x.vhdx");
+        assert_eq!(one_line(&e), "cannot open x.vhdx: No such file");
+        let e = anyhow::anyhow!("disk full").context("cannot write x");
+        assert_eq!(one_line(&e), "cannot write x: disk full");
     }
 
     #[test]

@@ -606,3 +606,33 @@ fn check_repair_reports_what_is_left_and_the_repaired_end_offset() {
     ok(&["compact", "-q", p(&img)]);
     assert_eq!(code(&["check", p(&img)]), 0);
 }
+
+#[test]
+fn messages_say_things_once_and_in_qemu_img_words() {
+    let d = tmp();
+    let missing = join(d.path(), "nothere.vhdx");
+    let o = viridian(&["info", p(&missing)]);
+    let err = stderr_of(&o);
+    assert_eq!(err.matches("cannot open").count(), 1, "{err}");
+    // A missing source is missing, not "the same file" as a missing target.
+    let o = viridian(&["convert", p(&missing), p(&join(d.path(), "o.raw"))]);
+    let err = stderr_of(&o);
+    assert!(!err.contains("same file"), "{err}");
+    assert!(err.contains("No such file"), "{err}");
+
+    let (a, b) = (join(d.path(), "a.vhdx"), join(d.path(), "b.vhdx"));
+    ok(&["create", "-q", "-f", "vhdx", p(&a), "8M"]);
+    ok(&["create", "-q", "-f", "vhdx", p(&b), "16M"]);
+    let ours = viridian(&["compare", p(&a), p(&b)]);
+    assert_eq!(ours.status.code(), Some(0));
+    assert!(stdout_of(&ours).contains("Warning: Image size mismatch!"));
+    if have("qemu-img") {
+        let q = tool("qemu-img", &["compare", p(&a), p(&b)]);
+        assert_eq!(stdout_of(&q), stdout_of(&ours));
+    }
+
+    let empty = join(d.path(), "empty");
+    std::fs::create_dir(&empty).unwrap();
+    let said = ok(&["undo", "list", p(&empty)]);
+    assert!(said.contains("No undo disks"), "{said}");
+}
