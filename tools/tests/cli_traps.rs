@@ -636,3 +636,69 @@ fn messages_say_things_once_and_in_qemu_img_words() {
     let said = ok(&["undo", "list", p(&empty)]);
     assert!(said.contains("No undo disks"), "{said}");
 }
+
+#[test]
+fn convert_salvage_turns_read_errors_into_zeros_and_keeps_the_rest() {
+    if !fuse_usable() {
+        return;
+    }
+    // A real read error: a VHD served through `viridian mount`, truncated underneath the
+    // mount so its last block's data is gone; the FUSE file answers EIO there.
+    let d = tmp();
+    let img = join(d.path(), "damaged.vhd");
+    ok(&["create", "-q", "-f", "vhd", p(&img), "8M"]);
+    ok(&[
+        "io",
+        "-c",
+        "write -P 1 0 2M",
+        "-c",
+        "write -P 3 4M 2M",
+        p(&img),
+    ]);
+    // Cut the file right after the first block's data: the second block is lost whole.
+    let map: serde_json::Value =
+        serde_json::from_str(&ok(&["map", "--output", "json", p(&img)])).unwrap();
+    let first_data_end = map[0]["offset"].as_u64().unwrap() + (2 << 20);
+    let mp = join(d.path(), "mnt");
+    std::fs::create_dir(&mp).unwrap();
+    ok(&["mount", p(&img), p(&mp)]);
+    let _guard = MountGuard(mp.clone());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(first_data_end)
+        .unwrap();
+    let src = mp.join("disk");
+    let out = join(d.path(), "out.raw");
+    let o = viridian(&["convert", "-f", "raw", "-O", "raw", p(&src), p(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr_of(&o).contains("Input/output error"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert!(!out.exists());
+
+    let o = viridian(&[
+        "convert",
+        "--salvage",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        p(&src),
+        p(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    let err = stderr_of(&o);
+    assert!(err.contains("writing zeros there"), "{err}");
+    let data = read_all(&out);
+    assert_eq!(data.len(), 8 << 20);
+    assert!(data[..2 << 20].iter().all(|&b| b == 1), "the intact block");
+    assert!(
+        data[4 << 20..6 << 20].iter().all(|&b| b == 0),
+        "the lost block"
+    );
+    ok(&["unmount", p(&mp)]);
+}
