@@ -247,8 +247,10 @@ pub fn run(a: Args) -> Result<i32> {
             }
             spec.parent = Some(b.clone());
         }
+        let prealloc = crate::cmd_create::preallocation_of(&spec, &a.options)?;
         let (t, g) = common::create_image(dst, &spec)?;
         guard = Some(g);
+        common::preallocate(dst, prealloc)?;
         if t.size() < total {
             bail!(
                 "the {} target rounds the size down to {} bytes, below the source's {total}; \

@@ -44,7 +44,10 @@ const OPTION_HELP: &str = "Supported options:
   physical_sector_size=512|4096  VHDX only
   force_size=on|off          VHD: on (default) keeps the exact size; off rounds to CHS geometry
   size_rule=current|chs      VHD: same as force_size=on|off
-  azure=on                   VHD: Azure-ready fixed disk (whole MiB, 20 MiB to 32 TiB)";
+  azure=on                   VHD: Azure-ready fixed disk (whole MiB, 20 MiB to 32 TiB)
+  preallocation=off|metadata|falloc|full
+                             raw: default off; fixed VHD/VHDX: default falloc (the whole
+                             size reserved on disk, as New-VHD -Fixed); dynamic: off/metadata";
 
 pub fn spec_from_options(format: Format, size: u64, options: &[String]) -> Result<CreateSpec> {
     let opts = common::parse_options(options)?;
@@ -82,8 +85,11 @@ pub fn spec_from_options(format: Format, size: u64, options: &[String]) -> Resul
             }
             "azure" => spec.azure = parse_bool(k, v)?,
             "size" => spec.size = parse_size(v)?,
+            "preallocation" => {
+                common::Prealloc::parse(v)?;
+            }
             // qemu options that have no meaning for our writers; accepted so scripts run.
-            "preallocation" | "block_state_zero" | "nocow" | "extent_size_hint" => {}
+            "block_state_zero" | "nocow" | "extent_size_hint" => {}
             other => bail!("unknown option {other:?} (see -o help)"),
         }
     }
@@ -105,6 +111,37 @@ pub fn spec_from_options(format: Format, size: u64, options: &[String]) -> Resul
         bail!("raw images have no block size");
     }
     Ok(spec)
+}
+
+/// The `-o preallocation=` a new image gets: raw is sparse unless asked; a fixed VHD/VHDX is
+/// fully allocated (fallocate) by default, as Hyper-V's New-VHD -Fixed makes it, unless
+/// `preallocation=off`; a dynamic or differencing image allocates blocks as they are written,
+/// so only off and metadata (what it always does) fit it.
+pub fn preallocation_of(spec: &CreateSpec, options: &[String]) -> Result<common::Prealloc> {
+    use common::Prealloc;
+    let opts = common::parse_options(options)?;
+    let asked = opts
+        .get("preallocation")
+        .map(|v| Prealloc::parse(v))
+        .transpose()?;
+    let fixed = spec.fixed || spec.azure;
+    Ok(match (spec.format, asked) {
+        (Format::Raw, Some(Prealloc::Metadata)) => {
+            bail!("preallocation=metadata: raw images have no metadata (use off, falloc or full)")
+        }
+        (Format::Raw, a) => a.unwrap_or(Prealloc::Off),
+        (_, a) if fixed => a.unwrap_or(Prealloc::Falloc),
+        (_, Some(p @ (Prealloc::Falloc | Prealloc::Full))) => bail!(
+            "preallocation={}: a dynamic or differencing image allocates its blocks as they \
+             are written; use -o subformat=fixed for a fully allocated image",
+            if p == Prealloc::Falloc {
+                "falloc"
+            } else {
+                "full"
+            }
+        ),
+        (_, a) => a.unwrap_or(Prealloc::Metadata),
+    })
 }
 
 /// Rejects values the writers would refuse, before any file exists, with the option's name.
@@ -184,9 +221,11 @@ pub fn run(a: Args) -> Result<i32> {
         }
         spec.parent = Some(b.clone());
     }
+    let prealloc = preallocation_of(&spec, &a.options)?;
     let (d, guard) = common::create_image(&file, &spec)?;
     d.close()
         .with_context(|| format!("cannot finish {}", file.display()))?;
+    common::preallocate(&file, prealloc)?;
     guard.disarm();
     if !a.quiet {
         let mut line = format!(

@@ -321,6 +321,86 @@ pub fn backing_relative_to(image: &Path, backing: &Path) -> PathBuf {
     }
 }
 
+/// `-o preallocation=`: how much of a new image's file is allocated on disk up front.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prealloc {
+    /// Sparse: the file system allocates as data is written.
+    Off,
+    /// Only the format's metadata (what a dynamic VHD/VHDX always writes).
+    Metadata,
+    /// fallocate(2) the whole file: the space is reserved, reads stay zeros, no data written.
+    Falloc,
+    /// Write zeros over every hole of the file.
+    Full,
+}
+
+impl Prealloc {
+    pub fn parse(v: &str) -> Result<Prealloc> {
+        Ok(match v {
+            "off" => Prealloc::Off,
+            "metadata" => Prealloc::Metadata,
+            "falloc" => Prealloc::Falloc,
+            "full" => Prealloc::Full,
+            _ => bail!("preallocation={v}: expected off, metadata, falloc or full"),
+        })
+    }
+}
+
+/// Allocates the whole file at `path` (its current length) on disk, as `mode` says.
+pub fn preallocate(path: &Path, mode: Prealloc) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    if matches!(mode, Prealloc::Off | Prealloc::Metadata) {
+        return Ok(());
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {} to preallocate it", path.display()))?;
+    let len = f.metadata()?.len();
+    if mode == Prealloc::Falloc {
+        // SAFETY: fallocate on a descriptor we own; mode 0 allocates without changing data.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            bail!(
+                "cannot preallocate {} (preallocation=falloc): {e}; use preallocation=full or off",
+                path.display()
+            );
+        }
+        return Ok(());
+    }
+    // Full: write zeros into the holes only, so metadata already written stays.
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: lseek on a descriptor we own.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 || hole as u64 >= len {
+            break;
+        }
+        let hole = hole as u64;
+        // SAFETY: as above.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), hole as libc::off_t, libc::SEEK_DATA) };
+        let end = if data < 0 {
+            len
+        } else {
+            (data as u64).min(len)
+        };
+        let mut o = hole;
+        while o < end {
+            check_interrupted()?;
+            let n = (end - o).min(zeros.len() as u64) as usize;
+            f.write_all_at(&zeros[..n], o)
+                .with_context(|| format!("cannot preallocate {}", path.display()))?;
+            o += n as u64;
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
 /// Removes a partially written output when an operation fails or is interrupted.
 pub struct RemoveOnFailure {
     path: Option<PathBuf>,

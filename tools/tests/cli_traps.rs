@@ -702,3 +702,79 @@ fn convert_salvage_turns_read_errors_into_zeros_and_keeps_the_rest() {
     );
     ok(&["unmount", p(&mp)]);
 }
+
+#[test]
+fn preallocation_is_honoured_and_fixed_images_are_allocated_like_new_vhd_fixed() {
+    let d = tmp();
+    let size = 16u64 << 20;
+    let cases: &[(&str, &[&str], bool)] = &[
+        ("r-off.raw", &["-f", "raw"], false),
+        (
+            "r-falloc.raw",
+            &["-f", "raw", "-o", "preallocation=falloc"],
+            true,
+        ),
+        (
+            "r-full.raw",
+            &["-f", "raw", "-o", "preallocation=full"],
+            true,
+        ),
+        ("fixed.vhd", &["-f", "vhd", "-o", "subformat=fixed"], true),
+        ("fixed.vhdx", &["-f", "vhdx", "-o", "subformat=fixed"], true),
+        (
+            "fixed-off.vhdx",
+            &["-f", "vhdx", "-o", "subformat=fixed,preallocation=off"],
+            false,
+        ),
+        (
+            "fixed-full.vhd",
+            &["-f", "vhd", "-o", "subformat=fixed,preallocation=full"],
+            true,
+        ),
+    ];
+    for (name, args, full) in cases {
+        let path = join(d.path(), name);
+        let mut v = vec!["create", "-q"];
+        v.extend_from_slice(args);
+        v.extend([p(&path), "16M"]);
+        ok(&v);
+        let alloc = allocated(&path);
+        if *full {
+            assert!(alloc >= size, "{name}: {alloc} bytes allocated");
+        } else {
+            assert!(alloc < size / 2, "{name}: {alloc} bytes allocated");
+        }
+        assert_eq!(
+            code(&["check", p(&path)]),
+            if name.ends_with(".raw") { 63 } else { 0 }
+        );
+    }
+    // A dynamic image cannot be preallocated; raw has no metadata. Nothing is left behind.
+    for (name, fmt, opt) in [
+        ("dyn.vhdx", "vhdx", "preallocation=full"),
+        ("dyn.vhd", "vhd", "preallocation=falloc"),
+        ("meta.raw", "raw", "preallocation=metadata"),
+        ("bad.raw", "raw", "preallocation=lots"),
+    ] {
+        let path = join(d.path(), name);
+        let o = viridian(&["create", "-f", fmt, "-o", opt, p(&path), "16M"]);
+        assert_eq!(o.status.code(), Some(1), "{name}");
+        assert!(stderr_of(&o).contains("preallocation"), "{}", stderr_of(&o));
+        assert!(!path.exists(), "{name}");
+    }
+    // convert honours it too.
+    let src = join(d.path(), "s.raw");
+    patterned_raw(&src, size, 9);
+    let out = join(d.path(), "c.vhdx");
+    ok(&[
+        "convert",
+        "-O",
+        "vhdx",
+        "-o",
+        "subformat=fixed",
+        p(&src),
+        p(&out),
+    ]);
+    assert!(allocated(&out) >= size);
+    assert_eq!(code(&["compare", p(&src), p(&out)]), 0);
+}
