@@ -8,6 +8,16 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo build --release -q -p viridian
 V="$PWD/target/release/viridian"
+# Shell completions and man pages, generated from the same definitions as --help, installed
+# for this user (bash-completion, zsh with ~/.local/share/zsh/site-functions in fpath, fish, man).
+share="${XDG_DATA_HOME:-$HOME/.local/share}"
+fish_dir="${XDG_CONFIG_HOME:-$HOME/.config}/fish/completions"
+mkdir -p "$share/bash-completion/completions" "$share/zsh/site-functions" "$fish_dir" \
+    "$share/man/man1"
+"$V" completions bash >"$share/bash-completion/completions/viridian"
+"$V" completions zsh >"$share/zsh/site-functions/_viridian"
+"$V" completions fish >"$fish_dir/viridian.fish"
+"$V" man --dir "$share/man/man1"
 if [ $# -gt 0 ]; then
     exec "$V" "$@"
 fi

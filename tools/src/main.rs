@@ -9,6 +9,7 @@ mod cmd_commit;
 mod cmd_compare;
 mod cmd_convert;
 mod cmd_create;
+mod cmd_docs;
 mod cmd_info;
 mod cmd_io;
 mod cmd_map;
@@ -77,6 +78,10 @@ enum Command {
     Migrate(migrate::Args),
     /// Boot a Linux kernel under KVM with the disks on a Hyper-V synthetic SCSI controller.
     Run(cmd_run::Args),
+    /// Print shell completions (bash, zsh, fish, ...) generated from these definitions.
+    Completions(cmd_docs::CompletionsArgs),
+    /// Print the man page of viridian or of one verb (or write them all with --dir).
+    Man(cmd_docs::ManArgs),
 }
 
 fn main() {
@@ -103,6 +108,10 @@ fn main() {
         Command::Serve(a) => cmd_serve::run(a),
         Command::Migrate(a) => migrate::run(a),
         Command::Run(a) => cmd_run::run(a),
+        Command::Completions(a) => {
+            cmd_docs::run_completions(a, <Cli as clap::CommandFactory>::command())
+        }
+        Command::Man(a) => cmd_docs::run_man(a, <Cli as clap::CommandFactory>::command()),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -778,3 +778,38 @@ fn preallocation_is_honoured_and_fixed_images_are_allocated_like_new_vhd_fixed()
     assert!(allocated(&out) >= size);
     assert_eq!(code(&["compare", p(&src), p(&out)]), 0);
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_real_definitions() {
+    let verbs = [
+        "info", "create", "convert", "check", "compare", "map", "measure", "commit", "rebase",
+        "resize", "compact", "snapshot", "io", "undo", "mount", "unmount", "serve", "migrate",
+        "run",
+    ];
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&["completions", shell]);
+        for v in verbs {
+            assert!(script.contains(v), "{shell} completion lacks {v}");
+        }
+        assert!(script.contains("--salvage"), "{shell}: convert's flags");
+    }
+    if have("bash") {
+        let d = tmp();
+        let f = join(d.path(), "viridian.bash");
+        std::fs::write(&f, ok(&["completions", "bash"])).unwrap();
+        tool_ok("bash", &["-n", p(&f)]);
+    }
+    let d = tmp();
+    ok(&["man", "--dir", p(d.path())]);
+    assert!(d.path().join("viridian.1").exists());
+    for v in verbs {
+        let page = std::fs::read_to_string(d.path().join(format!("viridian-{v}.1"))).unwrap();
+        assert!(page.contains(".TH"), "{v}");
+    }
+    let page = ok(&["man", "convert"]);
+    assert!(
+        page.contains("salvage") && page.contains("viridian\\-convert"),
+        "{page}"
+    );
+    assert_eq!(code(&["man", "no-such-verb"]), 1);
+}
