@@ -308,10 +308,7 @@ pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
                 "{depth}\t{}\t{}\t{}",
                 common::qemu_format_name(layer.format()),
                 layer.size(),
-                layer
-                    .path()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
+                layer.path().map(common::shown_path).unwrap_or_default()
             );
         }
     }

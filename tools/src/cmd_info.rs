@@ -241,7 +241,7 @@ fn print_human(info: &Value, backing_problem: Option<&str>) {
             .to_string()
     };
     let n = |k: &str| info.get(k).and_then(Value::as_u64);
-    println!("image: {}", s("filename"));
+    println!("image: {}", common::shown_path(Path::new(&s("filename"))));
     println!("file format: {}", s("format"));
     if let Some(v) = n("virtual-size") {
         println!("virtual size: {} ({v} bytes)", common::human_size(v));
@@ -256,11 +256,11 @@ fn print_human(info: &Value, backing_problem: Option<&str>) {
         match info.get("full-backing-filename").and_then(Value::as_str) {
             Some(full) => println!(
                 "backing file: {} (actual path: {full})",
-                s("backing-filename")
+                common::shown_link_name(&s("backing-filename"))
             ),
             None => println!(
                 "backing file: {} ({})",
-                s("backing-filename"),
+                common::shown_link_name(&s("backing-filename")),
                 backing_problem.unwrap_or("not found")
             ),
         }

@@ -70,7 +70,7 @@ pub fn run(a: Args) -> Result<i32> {
                 let file = layers
                     .get(e.depth)
                     .and_then(|l| l.path())
-                    .map(|p| p.display().to_string())
+                    .map(common::shown_path)
                     .unwrap_or_default();
                 let mapped = e
                     .offset

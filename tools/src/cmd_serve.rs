@@ -154,7 +154,8 @@ pub fn run(a: Args) -> Result<i32> {
         match o {
             Opened::Plain(d) => {
                 if let Err(e) = d.close() {
-                    eprintln!("viridian: cannot close {:?}: {e}", d.path());
+                    let name = d.path().map(common::shown_path).unwrap_or_default();
+                    eprintln!("viridian: cannot close {name}: {e}");
                     failed = true;
                 }
             }

@@ -128,6 +128,26 @@ pub fn one_line(e: &anyhow::Error) -> String {
     parts.join(": ").replace('\n', " ")
 }
 
+/// A path as the user would type it: `.` components dropped after the first, so a parent found
+/// through `./` + `./base.vhdx` reads `./base.vhdx`, not `././base.vhdx`.
+pub fn shown_path(p: &Path) -> String {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for (i, c) in p.components().enumerate() {
+        if c == Component::CurDir && i > 0 {
+            continue;
+        }
+        out.push(c.as_os_str());
+    }
+    out.display().to_string()
+}
+
+/// A parent link name as stored (Windows separators in VHD/VHDX locators), shown with this
+/// system's separators: `.\base.vhdx` reads `./base.vhdx`.
+pub fn shown_link_name(name: &str) -> String {
+    shown_path(Path::new(&name.replace('\\', "/")))
+}
+
 /// Parses a size with qemu's suffixes (k, M, G, T, P, E; 1024-based; plain number = bytes;
 /// a trailing `b`/`B` ignored).
 pub fn parse_size(s: &str) -> Result<u64> {
@@ -448,6 +468,16 @@ mod tests {
         assert_eq!(one_line(&e), "cannot open x.vhdx: No such file");
         let e = anyhow::anyhow!("disk full").context("cannot write x");
         assert_eq!(one_line(&e), "cannot write x: disk full");
+    }
+
+    #[test]
+    fn paths_read_as_typed() {
+        assert_eq!(shown_path(Path::new("././base.vhdx")), "./base.vhdx");
+        assert_eq!(shown_path(Path::new("./sub/./b.vhdx")), "./sub/b.vhdx");
+        assert_eq!(shown_path(Path::new("/a/./b")), "/a/b");
+        assert_eq!(shown_path(Path::new("b.vhdx")), "b.vhdx");
+        assert_eq!(shown_link_name(".\\base.vhdx"), "./base.vhdx");
+        assert_eq!(shown_link_name("..\\x\\p.vhd"), "../x/p.vhd");
     }
 
     #[test]

@@ -631,6 +631,37 @@ fn messages_say_things_once_and_in_qemu_img_words() {
         assert_eq!(stdout_of(&q), stdout_of(&ours));
     }
 
+    // Paths read as typed: no "././base.vhdx", no Windows ".\\base.vhdx" on Linux.
+    let run_in = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .current_dir(d.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr_of(&o));
+        stdout_of(&o)
+    };
+    run_in(&["create", "-q", "-f", "vhdx", "-b", "./a.vhdx", "./ch.vhdx"]);
+    for out in [
+        run_in(&["info", "--backing-chain", "./ch.vhdx"]),
+        run_in(&["snapshot", "-l", "./ch.vhdx"]),
+    ] {
+        // The lines that name files (format-specific data keeps the stored locators).
+        let named: Vec<&str> = out
+            .lines()
+            .filter(|l| {
+                l.starts_with("image:")
+                    || l.starts_with("backing file:")
+                    || l.starts_with(|c: char| c.is_ascii_digit())
+            })
+            .collect();
+        assert!(named.len() >= 2, "{out}");
+        for l in &named {
+            assert!(!l.contains("././") && !l.contains(".\\"), "{l}");
+        }
+        assert!(named.iter().any(|l| l.contains("./a.vhdx")), "{out}");
+    }
+
     let empty = join(d.path(), "empty");
     std::fs::create_dir(&empty).unwrap();
     let said = ok(&["undo", "list", p(&empty)]);
