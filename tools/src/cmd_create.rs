@@ -186,6 +186,7 @@ pub fn run(a: Args) -> Result<i32> {
         bail!("create needs FILE (and SIZE unless -b gives a parent); -o help lists the options");
     };
     let format = common::parse_format(&a.format)?;
+    common::warn_if_extension_disagrees("-f", format, &file);
     let size = match (&a.size, &a.backing) {
         (Some(s), _) => parse_size(s)?,
         (None, Some(_)) => 0,
