@@ -132,9 +132,7 @@ fn parse_args() -> Cli {
         Err(e) => e,
     };
     match e.kind() {
-        ErrorKind::DisplayHelp
-        | ErrorKind::DisplayVersion
-        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.exit(),
         ErrorKind::UnknownArgument => {
             // clap suggests "to pass '-c' as a value, use '-- -c'", which misleads someone who
             // typed a qemu-img flag we do not have: say the flag is not supported instead.
@@ -146,11 +144,13 @@ fn parse_args() -> Cli {
                 Some(ContextValue::String(s)) => format!(" (did you mean '{s}'?)"),
                 _ => String::new(),
             };
-            let verb: Vec<String> = std::env::args().skip(1).take(1).collect();
-            let verb = verb.first().map(String::as_str).unwrap_or("");
+            let cmd = match std::env::args().nth(1) {
+                Some(v) if !v.starts_with('-') => format!("viridian {v}"),
+                _ => "viridian".to_string(),
+            };
             eprintln!(
-                "viridian {verb}: option '{flag}' is not supported{similar}\n\
-                 Try 'viridian {verb} --help' for the options it takes."
+                "{cmd}: option '{flag}' is not supported{similar}\n\
+                 Try '{cmd} --help' for the options it takes."
             );
             std::process::exit(1);
         }

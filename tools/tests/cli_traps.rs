@@ -72,6 +72,9 @@ fn usage_errors_exit_1_as_in_qemu_img_and_name_unsupported_flags() {
         vec!["convert", p(&img)],
         vec!["info", "--output", "yaml", p(&img)],
         vec!["no-such-verb"],
+        vec![],
+        vec!["undo"],
+        vec!["--bogus"],
     ] {
         let o = viridian(&args);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr_of(&o));
