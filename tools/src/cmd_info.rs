@@ -179,7 +179,7 @@ pub fn image_info(d: &dyn BlockDevice, path: &Path) -> Result<Value> {
             json!(common::qemu_format_name(link.format)),
         );
     }
-    let mut data = match d.format_specific() {
+    let raw = match d.format_specific() {
         Some(Value::Object(o)) => o,
         Some(other) => {
             let mut o = Map::new();
@@ -188,14 +188,17 @@ pub fn image_info(d: &dyn BlockDevice, path: &Path) -> Result<Value> {
         }
         None => Map::new(),
     };
-    // Formats that report sector sizes themselves keep their own keys.
-    if !data.contains_key("logical_sector_size") {
-        data.insert("logical-sector-size".into(), json!(d.logical_sector_size()));
-        data.insert(
-            "physical-sector-size".into(),
-            json!(d.physical_sector_size()),
-        );
-    }
+    // One schema (docs/json.md): kebab-case keys, GUIDs as bare lowercase GUID strings.
+    let mut data = match canonical(Value::Object(raw)) {
+        Value::Object(o) => o,
+        _ => Map::new(),
+    };
+    data.insert("logical-sector-size".into(), json!(d.logical_sector_size()));
+    data.insert(
+        "physical-sector-size".into(),
+        json!(d.physical_sector_size()),
+    );
+    get_vhd_facts(d, path, &mut data);
     if d.format() != "raw" {
         let (allocated, clusters, fragmented) = allocation_stats(d)?;
         let pct = |a: u64, b: u64| {
@@ -223,7 +226,7 @@ pub fn image_info(d: &dyn BlockDevice, path: &Path) -> Result<Value> {
         );
         data.insert(
             "parent-identity".into(),
-            json!(chain::hex_id(&link.expected_id)),
+            json!(identity_string(d.format(), &link.expected_id)),
         );
     }
     m.insert(
@@ -231,6 +234,92 @@ pub fn image_info(d: &dyn BlockDevice, path: &Path) -> Result<Value> {
         json!({ "type": common::qemu_format_name(d.format()), "data": Value::Object(data) }),
     );
     Ok(Value::Object(m))
+}
+
+/// Keys in kebab-case and GUID strings in one form (lowercase, no braces), recursively.
+fn canonical(v: Value) -> Value {
+    match v {
+        Value::Object(o) => Value::Object(
+            o.into_iter()
+                .map(|(k, v)| (k.replace('_', "-"), canonical(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(canonical).collect()),
+        Value::String(s) => Value::String(canonical_guid(&s).unwrap_or(s)),
+        other => other,
+    }
+}
+
+/// `{B4BBF546-EBEF-434D-BEC6-EBFFB37F87F6}` -> `b4bbf546-ebef-434d-bec6-ebffb37f87f6`.
+fn canonical_guid(s: &str) -> Option<String> {
+    let t = s
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .unwrap_or(s);
+    let groups: Vec<&str> = t.split('-').collect();
+    let lens = [8, 4, 4, 4, 12];
+    let is_guid = groups.len() == 5
+        && groups
+            .iter()
+            .zip(lens)
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()));
+    is_guid.then(|| t.to_ascii_lowercase())
+}
+
+/// A parent identity as the format itself shows its GUIDs: VHDX DataWriteGuid in GUID form
+/// (first three fields little-endian, as `data-write-guid`), a VHD Unique ID in byte order (as
+/// `unique-id`), so a child's `parent-identity` can be compared with its parent's field.
+fn identity_string(format: &str, id: &[u8; 16]) -> String {
+    if format == "vhdx" {
+        format!(
+            "{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+            u32::from_le_bytes([id[0], id[1], id[2], id[3]]),
+            u16::from_le_bytes([id[4], id[5]]),
+            u16::from_le_bytes([id[6], id[7]]),
+            id[8],
+            id[9],
+            id[10],
+            id[11],
+            id[12],
+            id[13],
+            id[14],
+            id[15]
+        )
+    } else {
+        chain::hex_id(id)
+    }
+}
+
+/// The facts Hyper-V's Get-VHD reports, under the same keys for VHD and VHDX.
+fn get_vhd_facts(d: &dyn BlockDevice, path: &Path, data: &mut Map<String, Value>) {
+    if d.format() == "raw" {
+        return;
+    }
+    let vhd_type = if d.parent_link().is_some() {
+        "differencing"
+    } else if data.get("disk-type").and_then(Value::as_str) == Some("fixed")
+        || data.get("leave-blocks-allocated").and_then(Value::as_bool) == Some(true)
+    {
+        "fixed"
+    } else {
+        "dynamic"
+    };
+    data.insert("vhd-type".into(), json!(vhd_type));
+    if let Ok(m) = std::fs::metadata(path) {
+        data.insert("file-size".into(), json!(m.len()));
+    }
+    let identifier = data
+        .get("page83")
+        .or_else(|| data.get("unique-id"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    data.insert("disk-identifier".into(), identifier);
+    let parent = d
+        .backing()
+        .and_then(|b| b.path())
+        .map(|p| json!(std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())))
+        .unwrap_or(Value::Null);
+    data.insert("parent-path".into(), parent);
 }
 
 fn print_human(info: &Value, backing_problem: Option<&str>) {
