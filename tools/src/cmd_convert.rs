@@ -295,7 +295,7 @@ pub fn run(a: Args) -> Result<i32> {
 /// a disk with a partition table: MBR and GPT count in sectors, so the table would point at
 /// the wrong bytes (a GPT header is looked for at LBA 1) and the copy would not parse.
 fn check_sector_size_change(
-    sources: &[Arc<dyn BlockDevice>],
+    sources: &[Disk],
     names: &[PathBuf],
     target_sector: u32,
     a: &Args,

@@ -258,7 +258,7 @@ pub fn open_ro_shared(
     format: Option<&str>,
     rule: SizeRuleArg,
     force_share: bool,
-) -> Result<Arc<dyn BlockDevice>> {
+) -> Result<Disk> {
     let mut opts = OpenOptions::read_only();
     opts.lock = !force_share;
     open_with(path, format, rule, opts)
@@ -313,10 +313,7 @@ pub fn human_size(n: u64) -> String {
 /// after the whole run succeeded, so a failed `create` or `convert` never leaves a target that
 /// would make the corrected retry fail with "already exists". Only a file this run created is
 /// ever removed: an existing path is refused before anything is touched.
-pub fn create_image(
-    path: &Path,
-    spec: &chain::CreateSpec,
-) -> Result<(Arc<dyn BlockDevice>, RemoveOnFailure)> {
+pub fn create_image(path: &Path, spec: &chain::CreateSpec) -> Result<(Disk, RemoveOnFailure)> {
     if std::fs::symlink_metadata(path).is_ok() {
         bail!(
             "{} already exists; refusing to overwrite it",
