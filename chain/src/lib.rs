@@ -11,8 +11,10 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub mod commit;
 pub mod undo;
 
+pub use commit::commit_into_base;
 use disk::{Access, BlockDevice, Disk, Error, FileStorage, RawDisk, Result, Storage};
 pub use undo::UndoDisk;
 
@@ -243,7 +245,9 @@ fn open_parent(
                     link.format, found_format
                 ),
             });
-        } else if found_id != Some(link.expected_id) {
+        } else if found_id.is_none()
+            || (found_id != Some(link.expected_id) && found_id != link.also_accepted)
+        {
             mismatch.get_or_insert(Error::ParentMismatch {
                 child: child.to_path_buf(),
                 parent: cand.clone(),

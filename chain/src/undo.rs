@@ -3,17 +3,104 @@
 //! For VHD and VHDX images the child is a real differencing image of the same format (like
 //! Virtual PC's `.vud` undo disks), in a file the caller names or a temporary file beside the
 //! image. For raw images, which have no differencing format, the child is a copy-on-write
-//! overlay in a scratch file. Either way the parent is opened read-only for the whole session,
-//! so a crash or a kill in the middle never changes it: committing is a separate step that
-//! copies the child's ranges into the parent and only then removes the child.
+//! overlay in a "raw undo file" (see `disk::overlay`) that records durably which ranges were
+//! written. Either way the parent is opened read-only for the whole session, so a crash or a
+//! kill in the middle never changes it, and the undo file (made durable, directory entry
+//! included, before the session starts) can afterwards be committed or discarded with
+//! `viridian undo`. Committing is a separate step that copies the child's ranges into the
+//! parent (crash-safe, see `commit.rs`) and only then removes the child.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use disk::overlay::CowOverlay;
-use disk::{BlockDevice, Disk, Error, FileStorage, Result};
+use disk::overlay::{CowOverlay, OverlayHeader};
+use disk::{Access, Disk, Error, FileStorage, Result, Storage};
 
 use crate::{create, open, CreateSpec, Format, OpenOptions};
+
+/// Makes a new directory entry durable (so the undo file is still there after a crash).
+fn sync_parent_dir(path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("cannot make {} durable", dir.display()), e))
+}
+
+/// Whether `path` is a raw undo file; if so, the base it belongs to.
+pub fn raw_undo_base(path: &Path) -> Result<Option<PathBuf>> {
+    let s = FileStorage::open(path, Access::ReadOnly, false)?;
+    Ok(OverlayHeader::read(&s)?.map(|h| label_path(&h.label)))
+}
+
+fn label_path(label: &[u8]) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    PathBuf::from(std::ffi::OsStr::from_bytes(label))
+}
+
+/// Opens a raw undo file over its base (read-only): the view of the interrupted session.
+pub fn open_raw_undo(path: &Path) -> Result<(PathBuf, CowOverlay)> {
+    let scratch: Arc<dyn Storage> = Arc::new(FileStorage::open(path, Access::ReadOnly, true)?);
+    let header = OverlayHeader::read(&*scratch)?.ok_or_else(|| Error::WrongFormat {
+        format: "raw undo",
+        detail: format!("{} is not a raw undo file", path.display()),
+    })?;
+    let base_path = label_path(&header.label);
+    let base = open(&base_path, &OpenOptions::read_only())?;
+    Ok((base_path, CowOverlay::open(base.image().clone(), scratch)?))
+}
+
+/// Copies what the raw undo file `path` holds into its base and makes the base durable; the
+/// caller removes the undo file afterwards. A kill half-way leaves the undo file complete, so
+/// the commit can simply run again. Returns (base path, bytes copied).
+pub fn commit_raw_undo(path: &Path, progress: &mut dyn FnMut(u64)) -> Result<(PathBuf, u64)> {
+    let scratch: Arc<dyn Storage> = Arc::new(FileStorage::open(path, Access::ReadOnly, true)?);
+    let header = OverlayHeader::read(&*scratch)?.ok_or_else(|| Error::WrongFormat {
+        format: "raw undo",
+        detail: format!("{} is not a raw undo file", path.display()),
+    })?;
+    let base_path = label_path(&header.label);
+    let mut rw = OpenOptions::read_write();
+    rw.format = Some(Format::Raw);
+    let base = open(&base_path, &rw)?;
+    let ov = CowOverlay::open(base.image().clone(), scratch)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    for (start, len) in ov.written_ranges() {
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            ov.read_written(&mut buf[..n], start + off)?;
+            base.write_at(&buf[..n], start + off)?;
+            off += n as u64;
+            progress(n as u64);
+        }
+        total += len;
+    }
+    drop(ov);
+    base.close()?;
+    Ok((base_path, total))
+}
+
+/// Merges the differencing undo child `child` into `parent` (crash-safe, see `commit.rs`);
+/// the caller removes the child afterwards. Returns the bytes merged.
+pub fn commit_child(child: &Path, parent: &Path, progress: &mut dyn FnMut(u64)) -> Result<u64> {
+    let open_child = || {
+        let mut alone = OpenOptions::read_only();
+        alone.no_parent = true;
+        open(child, &alone)
+    };
+    crate::commit_into_base(
+        &open_child,
+        1,
+        parent,
+        child,
+        &OpenOptions::read_write(),
+        progress,
+    )
+}
 
 /// A disk in undo mode.
 #[derive(Debug)]
@@ -76,8 +163,21 @@ impl UndoDisk {
                 let scratch_path = child
                     .map(Path::to_path_buf)
                     .unwrap_or_else(|| temp_child_path(path, "undo"));
+                let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
                 let scratch = Arc::new(FileStorage::create(&scratch_path)?);
-                let ov = CowOverlay::new(base.image().clone(), scratch);
+                let ov = CowOverlay::create(
+                    base.image().clone(),
+                    scratch,
+                    abs.as_os_str().as_encoded_bytes(),
+                )
+                .and_then(|ov| sync_parent_dir(&scratch_path).map(|()| ov));
+                let ov = match ov {
+                    Ok(ov) => ov,
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&scratch_path);
+                        return Err(e);
+                    }
+                };
                 Ok(UndoDisk {
                     disk: Disk::new(Arc::new(ov)),
                     parent_path: path.to_path_buf(),
@@ -93,8 +193,12 @@ impl UndoDisk {
                 spec.parent = Some(path.to_path_buf());
                 spec.vhd_size_rule = opts.vhd_size_rule;
                 let created = create(&child_path, &spec)?;
-                created.close()?;
+                let made = created.close().and_then(|()| sync_parent_dir(&child_path));
                 drop(created);
+                if let Err(e) = made {
+                    let _ = std::fs::remove_file(&child_path);
+                    return Err(e);
+                }
                 let mut rw = opts.clone();
                 rw.read_only = false;
                 rw.format = Some(format);
@@ -141,6 +245,7 @@ impl UndoDisk {
 
     /// Copies the changes into the parent, makes them durable, then removes the child.
     /// Returns the number of bytes merged. `progress` gets byte counts as they are done.
+    /// Every user of [`disk`](Self::disk) must have dropped its handle.
     pub fn commit(self, progress: &mut dyn FnMut(u64)) -> Result<u64> {
         let UndoDisk {
             disk,
@@ -148,62 +253,35 @@ impl UndoDisk {
             child_path,
             overlay,
         } = self;
-        disk.flush()?;
         if disk.handle_count() > 1 {
-            return Err(Error::InvalidArgument(
-                "the undo disk is still in use; close every user before committing".into(),
-            ));
+            let _ = disk.flush();
+            return Err(Error::InvalidArgument(format!(
+                "the undo disk is still in use; close every user before committing (the \
+                 changes stay in {})",
+                child_path.display()
+            )));
         }
+        // Release the session (and its read-only hold on the parent) before writing it.
+        disk.close()?;
+        drop(disk);
         let merged = if overlay {
-            let ov = disk
-                .as_any()
-                .downcast_ref::<CowOverlay>()
-                .ok_or_else(|| Error::InvalidArgument("undo overlay lost its type".into()))?;
-            let ranges = ov.written_ranges();
-            let scratch = ov.scratch().clone();
-            // Release the overlay (and its read-only hold on the parent) before writing it.
-            drop(disk);
-            let parent = open(&parent_path, &OpenOptions::read_write())?;
-            let mut buf = vec![0u8; 1 << 20];
-            let mut total = 0;
-            for (start, len) in ranges {
-                let mut off = 0;
-                while off < len {
-                    let n = (len - off).min(buf.len() as u64) as usize;
-                    scratch
-                        .read_at(&mut buf[..n], start + off)
-                        .map_err(|e| Error::io("cannot read the undo scratch file", e))?;
-                    parent.write_at(&buf[..n], start + off)?;
-                    off += n as u64;
-                    progress(n as u64);
-                }
-                total += len;
-            }
-            parent.close()?;
-            total
+            commit_raw_undo(&child_path, progress)?.1
         } else {
-            // Read the child alone so the parent is not open twice.
-            drop(disk);
-            let parent = open(&parent_path, &OpenOptions::read_write())?;
-            let mut alone = OpenOptions::read_only();
-            alone.no_parent = true;
-            let child = open(&child_path, &alone)?;
-            let merged =
-                crate::merge(&child, 1, &parent, progress).and_then(|n| parent.close().map(|()| n));
-            drop(child);
-            drop(parent);
-            match merged {
-                Ok(n) => n,
-                Err(e) => {
-                    // Keep the child usable: writing may have changed the parent's identity,
-                    // while the child's view is unchanged (only its own ranges were copied).
-                    let _ = crate::relink(&child_path, &parent_path);
-                    return Err(e);
-                }
-            }
+            commit_child(&child_path, &parent_path, progress)?
         };
         std::fs::remove_file(&child_path)
             .map_err(|e| Error::io(format!("cannot remove {}", child_path.display()), e))?;
         Ok(merged)
+    }
+
+    /// Ends the session keeping the undo file for a later `viridian undo commit|discard`.
+    /// Returns its path.
+    pub fn keep(self) -> Result<PathBuf> {
+        let UndoDisk {
+            disk, child_path, ..
+        } = self;
+        let flushed = disk.close();
+        drop(disk);
+        flushed.map(|()| child_path)
     }
 }

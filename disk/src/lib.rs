@@ -189,6 +189,9 @@ pub struct ParentLink {
     pub candidates: Vec<std::path::PathBuf>,
     /// The parent's [`BlockDevice::unique_id`] that this child was made against.
     pub expected_id: [u8; 16],
+    /// A second accepted identity (VHDX `parent_linkage2`): set while a commit into the parent
+    /// is under way, so the parent's new DataWriteGuid is accepted too.
+    pub also_accepted: Option<[u8; 16]>,
     /// The format the parent must have ("vhd" or "vhdx").
     pub format: &'static str,
 }

@@ -59,6 +59,9 @@ pub(crate) struct Shared {
     done: AtomicBool,
     /// The outcome of that close, until the handle takes it.
     closed: Mutex<Option<Result<(), disk::Error>>>,
+    /// The first flush that failed during the session: the mount then ends in an error even
+    /// if the final flush succeeds (what was lost is not known to be durable).
+    flush_failure: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -76,6 +79,14 @@ impl Shared {
         let closed = disk.close();
         if result.is_ok() {
             result = closed;
+        }
+        if result.is_ok() {
+            if let Some(first) = self.flush_failure.lock().ok().and_then(|g| g.clone()) {
+                result = Err(disk::Error::io(
+                    format!("a flush failed during the session ({first})"),
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
         }
         if let Ok(mut g) = self.closed.lock() {
             *g = Some(result);
@@ -210,7 +221,13 @@ impl DiskFs {
         self.dirty.store(false, Ordering::SeqCst);
         self.disk.flush().map_err(|e| {
             self.dirty.store(true, Ordering::SeqCst);
-            errno(&e)
+            // Like a local file system's write-back failure: fsync/close report EIO, and the
+            // mount remembers it so unmount fails too.
+            eprintln!("viridian: flush failed: {e}");
+            if let Ok(mut g) = self.shared.flush_failure.lock() {
+                g.get_or_insert_with(|| e.to_string());
+            }
+            Errno::EIO
         })
     }
 

@@ -48,7 +48,8 @@ fn run(shared: &Shared, stream: &Stream) -> ConnResult<()> {
     };
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
-    let export = &shared.exports[session.export];
+    let export_index = session.export;
+    let export = &shared.exports[export_index];
     shared.log(|| format!("{}: serving export {:?}", stream.peer(), export.name));
     let conn = Conn {
         shared,
@@ -69,6 +70,7 @@ fn run(shared: &Shared, stream: &Stream) -> ConnResult<()> {
         // Clients that forget FLUSH before disconnecting still get their data on disk.
         if let Err(e) = export.disk.flush() {
             shared.log(|| format!("flush after disconnect failed: {e}"));
+            shared.record_flush_failure(export_index, &e);
         }
     }
     result
@@ -462,7 +464,9 @@ impl Conn<'_> {
                 self.wrote.store(true, Ordering::Release);
                 r
             }
-            Job::Flush => disk.flush(),
+            Job::Flush => disk.flush().inspect_err(|e| {
+                self.shared.record_flush_failure(self.session.export, e);
+            }),
             Job::Trim { offset, len } => {
                 self.wrote.store(true, Ordering::Release);
                 disk.discard(offset, len as u64)
@@ -483,7 +487,9 @@ impl Conn<'_> {
             }
         };
         let res = match res {
-            Ok(()) if fua && self.export.writable => disk.flush(),
+            Ok(()) if fua && self.export.writable => disk.flush().inspect_err(|e| {
+                self.shared.record_flush_failure(self.session.export, e);
+            }),
             r => r,
         };
         match res {

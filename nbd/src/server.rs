@@ -33,6 +33,9 @@ pub(crate) struct Shared {
     pub stopping: AtomicBool,
     conns: Mutex<HashMap<u64, Stream>>,
     conns_cv: Condvar,
+    /// The first failed flush of each export (by index): the server then ends in an error even
+    /// if the final flush succeeds, since acknowledged writes may not be durable.
+    flush_failures: Mutex<HashMap<usize, String>>,
 }
 
 impl Shared {
@@ -49,6 +52,15 @@ impl Shared {
 
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Remembers that a flush of export `export` failed (the first message is kept).
+    pub fn record_flush_failure(&self, export: usize, e: &disk::Error) {
+        let mut f = self
+            .flush_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f.entry(export).or_insert_with(|| e.to_string());
     }
 
     pub fn log(&self, msg: impl FnOnce() -> String) {
@@ -157,6 +169,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             conns_cv: Condvar::new(),
+            flush_failures: Mutex::new(HashMap::new()),
         });
         Ok(BoundServer {
             shared,
@@ -474,12 +487,25 @@ fn drain_connections(shared: &Shared) {
 fn close_disks(shared: &Shared) -> Result<(), Error> {
     let mut first_err = None;
     let mut seen: Vec<&disk::Disk> = Vec::new();
-    for e in &shared.exports {
+    let failures = std::mem::take(
+        &mut *shared
+            .flush_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    for (i, e) in shared.exports.iter().enumerate() {
         if seen.iter().any(|d| d.same_disk(&e.disk)) {
             continue;
         }
         seen.push(&e.disk);
-        if let Err(err) = e.disk.close() {
+        let closed = e.disk.close().and_then(|()| match failures.get(&i) {
+            Some(msg) => Err(disk::Error::io(
+                format!("a flush failed while serving ({msg})"),
+                io::Error::from_raw_os_error(libc::EIO),
+            )),
+            None => Ok(()),
+        });
+        if let Err(err) = closed {
             if first_err.is_none() {
                 first_err = Some(Error::Close {
                     name: e.name.clone(),

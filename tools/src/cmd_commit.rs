@@ -7,10 +7,11 @@
 //! deleted with `--remove` (what Merge-VHD does).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use chain::OpenOptions;
-use disk::{BlockDevice, Disk};
+use disk::BlockDevice;
 
 use crate::common::{self, SizeRuleArg};
 use crate::progress;
@@ -50,7 +51,7 @@ pub fn run(a: Args) -> Result<i32> {
     // The read side takes no locks: the base is about to be opened for writing by us.
     let mut ro = OpenOptions::read_only();
     ro.lock = false;
-    let top = common::open_with(&a.file, a.format.as_deref(), SizeRuleArg::Auto, ro)?;
+    let top = common::open_with(&a.file, a.format.as_deref(), SizeRuleArg::Auto, ro.clone())?;
     let layers = chain::layers(&top);
     if layers.len() < 2 {
         bail!(
@@ -72,75 +73,58 @@ pub fn run(a: Args) -> Result<i32> {
                 )
             })?,
     };
-    let base_path = layers[base_depth]
-        .path()
-        .ok_or_else(|| anyhow!("the base image has no file"))?
-        .to_path_buf();
-    // A differencing base keeps its own parents so partially present blocks stay readable.
-    let base_has_parent = layers[base_depth].parent_link().is_some();
-    commit_into(&a, &top, base_depth, &base_path, base_has_parent)
-}
-
-fn commit_into(
-    a: &Args,
-    top: &Disk,
-    base_depth: usize,
-    base_path: &Path,
-    base_has_parent: bool,
-) -> Result<i32> {
-    let mut rw = OpenOptions::read_write();
-    rw.no_parent = !base_has_parent;
-    let base = chain::open(base_path, &rw)
-        .with_context(|| format!("cannot open {} for writing", base_path.display()))?;
+    let path_of = |l: &Arc<dyn BlockDevice>| -> Result<PathBuf> {
+        Ok(l.path()
+            .ok_or_else(|| anyhow!("an image of the chain has no file"))?
+            .to_path_buf())
+    };
+    let base_path = path_of(&layers[base_depth])?;
+    let above = path_of(&layers[base_depth - 1])?;
+    let merged: Vec<PathBuf> = layers[..base_depth]
+        .iter()
+        .map(path_of)
+        .collect::<Result<_>>()?;
     let size = top.size();
-    if base.size() != size {
+    if layers[base_depth].size() != size {
         bail!(
             "{} has size {} but the child has {size}",
             base_path.display(),
-            base.size()
+            layers[base_depth].size()
         );
     }
-    let pb = progress::bar(size, a.progress, a.quiet);
-    let merged = chain::merge(top.as_ref(), base_depth, base.as_ref(), &mut |n| pb.inc(n));
-    let copied = match merged {
-        Ok(n) => n,
-        Err(e) => {
-            // The base only received ranges the layers above define, so the chain still reads
-            // the same; but writing may have changed the base's identity (VHDX), so re-link
-            // the layer above it before reporting, or the chain would no longer open.
-            let _ = base.close();
-            drop(base);
-            let layers = chain::layers(top);
-            let above = layers[base_depth - 1].path().map(Path::to_path_buf);
-            drop(layers);
-            if let Some(above) = above {
-                if let Err(r) = chain::relink(&above, base_path) {
-                    eprintln!("viridian: could not re-link {}: {r}", above.display());
-                }
-            }
-            return Err(anyhow::Error::new(e))
-                .with_context(|| format!("cannot merge into {}", base_path.display()));
-        }
-    };
-    base.close()
-        .with_context(|| format!("cannot finish writing {}", base_path.display()))?;
-    drop(base);
-    pb.finish_and_clear();
-    let layers = chain::layers(top);
-    let merged: Vec<PathBuf> = layers[..base_depth]
-        .iter()
-        .filter_map(|l| l.path().map(Path::to_path_buf))
-        .collect();
+    // The chain is opened again (after the link is prepared) for the merge itself.
     drop(layers);
+    drop(top);
+    let pb = progress::bar(size, a.progress, a.quiet);
+    let open_top = || {
+        let mut o = ro.clone();
+        if let Some(f) = &a.format {
+            o.format = chain::Format::parse(f);
+        }
+        chain::open(&a.file, &o)
+    };
+    let copied = chain::commit_into_base(
+        &open_top,
+        base_depth,
+        &base_path,
+        &above,
+        &OpenOptions::read_write(),
+        &mut |n| pb.inc(n),
+    )
+    .with_context(|| {
+        format!(
+            "cannot commit {} into {} (the chain is left as it was and still opens; run the \
+             commit again)",
+            a.file.display(),
+            base_path.display()
+        )
+    })?;
+    pb.finish_and_clear();
     if a.remove {
+        // Top first: a kill half-way leaves the remaining layers a chain that still opens.
         for p in &merged {
             std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
         }
-    } else {
-        // Writing may have changed the base's identity (VHDX DataWriteGuid); re-link the layer
-        // right above it so the chain still opens.
-        let above = &merged[base_depth - 1];
-        crate::cmd_rebase::relink(above, base_path)?;
     }
     if !a.quiet {
         println!(

@@ -67,6 +67,12 @@ fn pid_file(mountpoint: &std::path::Path) -> PathBuf {
     std::env::temp_dir().join(format!("viridian-mount-{:016x}.pid", h.finish()))
 }
 
+/// Where the server of a mount point leaves its outcome for `unmount`: "ok", or the error
+/// (a failed final flush means written data may be lost, and unmount must say so).
+fn status_file(mountpoint: &std::path::Path) -> PathBuf {
+    pid_file(mountpoint).with_extension("status")
+}
+
 /// Tells the background server where its log is, so it can remove it after a clean end.
 const LOG_ENV: &str = "VIRIDIAN_MOUNT_LOG";
 
@@ -101,11 +107,19 @@ pub fn run(a: Args) -> Result<i32> {
         return spawn_background(&a);
     }
     let pid_path = pid_file(&a.mountpoint);
+    let status_path = status_file(&a.mountpoint);
+    let _ = std::fs::remove_file(&status_path);
     std::fs::write(&pid_path, std::process::id().to_string())
         .with_context(|| format!("cannot write {}", pid_path.display()))?;
     let _pid = PidFile(pid_path);
     let mut log = LogFile(std::env::var_os(LOG_ENV).map(PathBuf::from));
     let result = serve(&a);
+    let status = match &result {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("{}: {}", a.image.display(), common::one_line(e)),
+    };
+    // Written before the pid file goes away, which is what unmount waits for.
+    let _ = std::fs::write(&status_path, status);
     if result.is_err() {
         // Keep the log: it holds the error for whoever looks after a failed mount.
         log.0 = None;
@@ -197,8 +211,14 @@ fn serve(a: &Args) -> Result<i32> {
         } else {
             common::UndoEnd::Discard
         };
-        common::finish_undo(undo, end, ok)?;
-        served.context("mount failed")?;
+        let finished = common::finish_undo(undo, end, ok);
+        if let Err(e) = &served {
+            if let Err(f) = &finished {
+                eprintln!("viridian: {}", common::one_line(f));
+            }
+            bail!("mount failed: {e}");
+        }
+        finished?;
         return Ok(0);
     }
     let disk = common::open_with(&a.image, None, SizeRuleArg::Auto, opts)?;
@@ -322,6 +342,18 @@ pub fn run_unmount(a: UnmountArgs) -> Result<i32> {
                 a.mountpoint.display(),
                 server.unwrap_or(0)
             );
+        }
+        // The server's outcome: a failed final flush means data may be lost.
+        let status_path = status_file(&a.mountpoint);
+        if let Ok(status) = std::fs::read_to_string(&status_path) {
+            let _ = std::fs::remove_file(&status_path);
+            if status.trim() != "ok" {
+                bail!(
+                    "{} is unmounted, but its server failed: {}",
+                    a.mountpoint.display(),
+                    status.trim()
+                );
+            }
         }
     }
     Ok(0)

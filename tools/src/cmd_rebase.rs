@@ -3,6 +3,15 @@
 //! Safe mode (default) first copies into the image every range it does not define itself where
 //! the old and the new parent read differently, so the image reads the same afterwards. `-u`
 //! only rewrites the parent locator (for a parent that was moved or copied).
+//!
+//! Crash order (docs/RELIABILITY.md): (1) the copies go into the image; each copied range
+//! reads the same through the old parent as before, so a kill during the copy leaves the old
+//! chain intact; (2) then the parent link is rewritten in one step: VHDX through its log
+//! (replayed at the next open: old or new locator, never a mix), VHD by writing the new locator
+//! payloads to fresh space first and the 1 KiB header (inside one 4 KiB page) last. Either link
+//! reads the same, because (1) made the image define every range where the parents differ.
+//! Writing data into a VHDX changes its DataWriteGuid: images that have this image as their
+//! parent no longer open after a safe rebase (as with any write to a parent).
 
 use std::path::{Path, PathBuf};
 
@@ -35,12 +44,6 @@ pub struct Args {
     quiet: bool,
     /// The image file.
     file: PathBuf,
-}
-
-/// Points `child` at `parent` (unsafe rebase), writing through the child's own format.
-pub fn relink(child: &Path, parent: &Path) -> Result<()> {
-    chain::relink(child, parent)
-        .with_context(|| format!("cannot point {} at {}", child.display(), parent.display()))
 }
 
 fn set_parent(child: &dyn BlockDevice, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {

@@ -367,13 +367,22 @@ pub fn run(a: Args) -> Result<i32> {
     };
     // The configuration holds references to the disks; undo commit needs them gone.
     drop(cfg);
+    // A disk whose last flush failed may have lost acknowledged writes: say which, and fail.
+    let mut close_failed = false;
     for d in &disks {
         if let Err(e) = d.close() {
-            eprintln!("viridian: cannot close a disk: {e}");
+            eprintln!(
+                "viridian: cannot make {} durable: {e}",
+                d.image()
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "a disk".into())
+            );
+            close_failed = true;
         }
     }
     drop(disks);
-    let ok = result.is_ok();
+    let ok = result.is_ok() && !close_failed;
     for u in undo_disks {
         let parent = u.parent_path().to_path_buf();
         if a.undo_end == UndoEnd::Commit && ok {
@@ -390,6 +399,9 @@ pub fn run(a: Args) -> Result<i32> {
                 );
             }
         }
+    }
+    if close_failed {
+        bail!("the disks could not all be made durable (see above)");
     }
     match result {
         Err(vmm::VmmError::Guest(r)) if r.reason == vmm::StopReason::Interrupted => {

@@ -130,6 +130,9 @@ pub fn run(a: Args) -> Result<i32> {
         None => nbd::Listen::Tcp(SocketAddr::new(a.bind, a.port)),
     };
     let bound = server.bind(&listen).context("cannot listen")?;
+    // The server's own copies of the exports: an undo session can only be committed once
+    // every handle on its disk is gone.
+    drop(server);
     let stop = bound.shutdown_handle();
     for (name, path) in &specs {
         eprintln!(
@@ -138,18 +141,32 @@ pub fn run(a: Args) -> Result<i32> {
             bound.uri(name)
         );
     }
-    std::thread::spawn(move || loop {
-        if common::interrupted() {
-            stop.shutdown();
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    });
+    let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let ended = ended.clone();
+        std::thread::spawn(move || {
+            while !ended.load(std::sync::atomic::Ordering::SeqCst) {
+                if common::interrupted() {
+                    stop.shutdown();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
     let served = bound.run();
+    ended.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = watcher.join();
     let mut failed = served.is_err();
-    if let Err(e) = &served {
-        eprintln!("viridian: server error: {e}");
+    if let Err(e) = served {
+        // Name the image too: the export name alone may be "".
+        let e = anyhow::Error::new(e);
+        eprintln!("viridian: server error: {}", common::one_line(&e));
+        for (name, path) in &specs {
+            eprintln!("viridian: export {name:?} is {}", path.display());
+        }
     }
+    let mut finish_error = None;
     for o in opened {
         match o {
             Opened::Plain(d) => {
@@ -159,8 +176,16 @@ pub fn run(a: Args) -> Result<i32> {
                     failed = true;
                 }
             }
-            Opened::Undo(u) => common::finish_undo(u, undo_end, !failed)?,
+            Opened::Undo(u) => {
+                if let Err(e) = common::finish_undo(u, undo_end, !failed) {
+                    eprintln!("viridian: {}", common::one_line(&e));
+                    finish_error.get_or_insert(e);
+                }
+            }
         }
+    }
+    if let Some(e) = finish_error {
+        return Err(e);
     }
     Ok(if failed { 1 } else { 0 })
 }

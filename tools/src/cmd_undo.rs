@@ -1,5 +1,6 @@
-//! `viridian undo`: inspect, commit or discard undo disks (Virtual PC `.vud` files, or any
-//! differencing image used as a throwaway layer).
+//! `viridian undo`: inspect, commit or discard undo disks (Virtual PC `.vud` files, any
+//! differencing image used as a throwaway layer, the undo files that `serve`/`mount`/`io`/`run`
+//! `--undo` sessions leave when they are killed: `.NAME.undo-*`, and raw undo files).
 
 use disk::BlockDevice;
 use std::path::{Path, PathBuf};
@@ -64,7 +65,36 @@ struct UndoFacts {
     changed: Vec<(u64, u64)>,
 }
 
+/// Whether a directory entry looks like an undo disk: `*.vud`, or the hidden `.NAME.undo-*`
+/// files that undo sessions create beside their image.
+fn looks_like_undo(p: &Path) -> bool {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    p.extension().is_some_and(|x| x.eq_ignore_ascii_case("vud"))
+        || (name.starts_with('.') && name.contains(".undo-"))
+}
+
+fn raw_facts(file: &Path) -> Result<UndoFacts> {
+    let (parent, ov) = chain::undo::open_raw_undo(file)
+        .with_context(|| format!("cannot open the raw undo file {}", file.display()))?;
+    Ok(UndoFacts {
+        path: file.to_path_buf(),
+        parent: Some(parent),
+        parent_error: None,
+        size: disk::BlockDevice::size(&ov),
+        changed: ov.written_ranges(),
+    })
+}
+
 fn facts(file: &Path) -> Result<UndoFacts> {
+    if chain::undo::raw_undo_base(file)
+        .with_context(|| format!("cannot open {}", file.display()))?
+        .is_some()
+    {
+        return raw_facts(file);
+    }
     let mut alone = OpenOptions::read_only();
     alone.no_parent = true;
     let child = common::open_with(file, None, SizeRuleArg::Auto, alone)?;
@@ -119,7 +149,7 @@ pub fn run(a: Args) -> Result<i32> {
                 .with_context(|| format!("cannot read {}", dir.display()))?;
             let mut paths: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("vud")))
+                .filter(|p| looks_like_undo(p))
                 .collect();
             paths.sort();
             for p in paths {
@@ -206,19 +236,21 @@ pub fn run(a: Args) -> Result<i32> {
                     f.parent_error.clone().unwrap_or_default()
                 )
             })?;
-            let mut alone = OpenOptions::read_only();
-            alone.no_parent = true;
-            let child = common::open_with(&file, None, SizeRuleArg::Auto, alone)?;
-            let mut rw = OpenOptions::read_write();
-            rw.no_parent = true;
-            let base = chain::open(&parent, &rw)
-                .with_context(|| format!("cannot open {} for writing", parent.display()))?;
             let pb = progress::bar(f.size, progress, quiet);
-            let merged = chain::merge(child.as_ref(), 1, base.as_ref(), &mut |n| pb.inc(n))
-                .with_context(|| format!("cannot merge into {}", parent.display()))?;
-            base.close()?;
+            let merged = if chain::undo::raw_undo_base(&file)?.is_some() {
+                chain::undo::commit_raw_undo(&file, &mut |n| pb.inc(n)).map(|(_, n)| n)
+            } else {
+                chain::undo::commit_child(&file, &parent, &mut |n| pb.inc(n))
+            }
+            .with_context(|| {
+                format!(
+                    "cannot merge {} into {} (the undo disk is kept and still opens; run the \
+                     commit again)",
+                    file.display(),
+                    parent.display()
+                )
+            })?;
             pb.finish_and_clear();
-            drop(child);
             std::fs::remove_file(&file)
                 .with_context(|| format!("cannot remove {}", file.display()))?;
             if !quiet {
@@ -231,6 +263,17 @@ pub fn run(a: Args) -> Result<i32> {
             Ok(0)
         }
         Action::Discard { quiet, file } => {
+            if chain::undo::raw_undo_base(&file)
+                .with_context(|| format!("cannot open {}", file.display()))?
+                .is_some()
+            {
+                std::fs::remove_file(&file)
+                    .with_context(|| format!("cannot remove {}", file.display()))?;
+                if !quiet {
+                    println!("Discarded {}", file.display());
+                }
+                return Ok(0);
+            }
             let mut alone = OpenOptions::read_only();
             alone.no_parent = true;
             let child = common::open_with(&file, None, SizeRuleArg::Auto, alone)?;

@@ -46,9 +46,27 @@ pub enum UndoEnd {
 }
 
 /// Ends an undo session: commits (only when the session went well) or discards, and says so.
+/// A session meant to be committed that did not go well (a write or a flush failed) keeps its
+/// undo file and fails, naming it: the changes are neither merged half-checked nor thrown away,
+/// and `viridian undo commit|discard` decides later.
 pub fn finish_undo(u: chain::UndoDisk, end: UndoEnd, session_ok: bool) -> Result<()> {
     let parent = u.parent_path().to_path_buf();
-    if end == UndoEnd::Commit && session_ok {
+    if end == UndoEnd::Commit && !session_ok {
+        let kept = u.child_path().to_path_buf();
+        let r = u.keep();
+        bail!(
+            "the session failed, so its changes were not committed into {}; they are kept in {}{} \
+             (viridian undo commit|discard {})",
+            parent.display(),
+            kept.display(),
+            match r {
+                Ok(_) => String::new(),
+                Err(e) => format!(" (which could not be made durable: {e})"),
+            },
+            kept.display()
+        );
+    }
+    if end == UndoEnd::Commit {
         let n = u
             .commit(&mut |_| {})
             .with_context(|| format!("cannot commit the undo changes into {}", parent.display()))?;

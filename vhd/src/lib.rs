@@ -1957,6 +1957,7 @@ impl BlockDevice for VhdDisk {
             name,
             candidates: cands,
             expected_id: h.parent_unique_id,
+            also_accepted: None,
             format: "vhd",
         })
     }

@@ -216,6 +216,9 @@ pub struct VhdxDisk {
     /// A session (log active, write GUIDs changed) has started.
     session: AtomicBool,
     data_guid_changed: AtomicBool,
+    /// The DataWriteGuid the first data write of this open takes, when the caller chose it in
+    /// advance (crash-safe commit: the child already accepts it as `parent_linkage2`).
+    next_data_write_guid: Mutex<Option<Guid>>,
     closed: AtomicBool,
     dirty_at_open: bool,
     replayed: usize,
@@ -594,6 +597,7 @@ impl VhdxDisk {
             parent: None,
             session: AtomicBool::new(false),
             data_guid_changed: AtomicBool::new(false),
+            next_data_write_guid: Mutex::new(None),
             closed: AtomicBool::new(false),
             dirty_at_open,
             replayed,
@@ -822,7 +826,9 @@ impl VhdxDisk {
             }
         }
         if need_data {
-            nh.data_write_guid = new_guid();
+            nh.data_write_guid = lock(&self.next_data_write_guid)
+                .take()
+                .unwrap_or_else(new_guid);
         }
         write_header_pair(&*self.storage, &mut hs, nh)?;
         if need_data {
@@ -1377,9 +1383,34 @@ impl VhdxDisk {
         Ok(d)
     }
 
+    /// Chooses the DataWriteGuid that the first data write of this open will give the image
+    /// (instead of a random one). Fails once data has been written in this open.
+    pub fn set_next_data_write_guid(&self, guid: Guid) -> Result<()> {
+        let _hs = lock(&self.header);
+        if self.data_guid_changed.load(Ordering::Acquire) {
+            return Err(Error::InvalidArgument(
+                "the DataWriteGuid of this open has already changed".into(),
+            ));
+        }
+        *lock(&self.next_data_write_guid) = Some(guid);
+        Ok(())
+    }
+
     /// Re-parents a differencing image (`rebase -u`): a new locator pointing at `parent_path`,
     /// linked to `parent`'s DataWriteGuid; written through the log.
     pub fn set_parent(&self, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
+        self.set_parent_with_next(parent_path, parent, None)
+    }
+
+    /// Like [`set_parent`](Self::set_parent), and when `next` is set, records it as
+    /// `parent_linkage2`: the child then also accepts a parent whose DataWriteGuid is `next`
+    /// (the identity a commit will give the parent), so a crash mid-commit leaves it openable.
+    pub fn set_parent_with_next(
+        &self,
+        parent_path: &Path,
+        parent: &dyn BlockDevice,
+        next: Option<Guid>,
+    ) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -1406,7 +1437,13 @@ impl VhdxDisk {
             .path
             .clone()
             .unwrap_or_else(|| PathBuf::from("child.vhdx"));
-        let loc = build_locator(&child, parent_path, parent)?;
+        let mut loc = build_locator(&child, parent_path, parent)?;
+        if let Some(g) = next {
+            loc.entries.push((
+                "parent_linkage2".to_string(),
+                format!("{{{}}}", guid_fmt(&g)),
+            ));
+        }
         let item = loc.serialize();
         self.usable()?;
         self.ensure_session(false)?;
@@ -2405,10 +2442,12 @@ impl BlockDevice for VhdxDisk {
             .get("parent_linkage")
             .and_then(guid_parse)
             .unwrap_or([0; 16]);
+        let also_accepted = loc.get("parent_linkage2").and_then(guid_parse);
         Some(ParentLink {
             name,
             candidates,
             expected_id,
+            also_accepted,
             format: "vhdx",
         })
     }
