@@ -1,0 +1,161 @@
+//! `serve --undo` sessions for raw, VHD and VHDX: they end in a commit or a discard when the
+//! server stops, and a SIGKILLed session leaves an undo file that `viridian undo` finds,
+//! commits or discards.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+fn image(dir: &Path, fmt: &str) -> PathBuf {
+    let img = dir.join(format!("disk.{fmt}"));
+    ok(&["create", "-q", "-f", fmt, p(&img), "32M"]);
+    ok(&["io", "-c", "write -P 0x41 0 8M", p(&img)]);
+    img
+}
+
+fn nbd_uri(sock: &Path) -> String {
+    format!("nbd+unix:///?socket={}", p(sock))
+}
+
+/// Writes 0x99 over 1M..3M and 0x98 over 20M..20M+64k through NBD, flushing.
+fn client_writes(sock: &Path) {
+    tool_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x99 1M 2M",
+            "-c",
+            "write -P 0x98 20M 64k",
+            "-c",
+            "flush",
+            &nbd_uri(sock),
+        ],
+    );
+}
+
+/// The expected contents after the client's writes, as a raw file.
+fn expected(dir: &Path, img: &Path) -> PathBuf {
+    let e = dir.join("expected.raw");
+    ok(&["convert", "-O", "raw", p(img), p(&e)]);
+    ok(&[
+        "io",
+        "-c",
+        "write -P 0x99 1M 2M",
+        "-c",
+        "write -P 0x98 20M 64k",
+        p(&e),
+    ]);
+    e
+}
+
+fn stop(mut g: ServeGuard, signal: i32) -> (i32, String) {
+    use std::io::Read;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(g.0.id() as i32, signal) };
+    let st = g.0.wait().unwrap();
+    let mut e = String::new();
+    if let Some(mut s) = g.0.stderr.take() {
+        let _ = s.read_to_string(&mut e);
+    }
+    (st.code().unwrap_or(-1), e)
+}
+
+fn undo_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().unwrap().to_string_lossy().contains(".undo-"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn serve_undo_end_commit_and_discard_for_every_format() {
+    if !have("qemu-io") {
+        return;
+    }
+    for fmt in ["raw", "vhd", "vhdx"] {
+        for end in ["commit", "discard"] {
+            let d = tmp();
+            let img = image(d.path(), fmt);
+            let before = read_all(&img);
+            let want = expected(d.path(), &img);
+            let sock = d.path().join("s.sock");
+            let g = serve_start(
+                &["--undo", "--undo-end", end, "-k", p(&sock), p(&img)],
+                &sock,
+            )
+            .unwrap_or_else(|(c, e)| panic!("{fmt}: serve exited {c}: {e}"));
+            client_writes(&sock);
+            let (code, err) = stop(g, libc::SIGTERM);
+            assert_eq!(code, 0, "{fmt} {end}: serve exited {code}: {err}");
+            if end == "commit" {
+                assert_eq!(
+                    code_of(&["compare", p(&img), p(&want)]),
+                    0,
+                    "{fmt}: the committed image lacks the changes ({err})"
+                );
+                if fmt != "raw" {
+                    assert_eq!(code_of(&["check", p(&img)]), 0, "{fmt}: check after commit");
+                }
+            } else {
+                assert!(read_all(&img) == before, "{fmt}: discard changed the image");
+            }
+            assert!(
+                undo_files(d.path()).is_empty(),
+                "{fmt} {end}: undo file left: {:?}",
+                undo_files(d.path())
+            );
+        }
+    }
+}
+
+fn code_of(args: &[&str]) -> i32 {
+    code(args)
+}
+
+#[test]
+fn killed_serve_undo_session_is_committed_or_discarded_with_viridian_undo() {
+    if !have("qemu-io") {
+        return;
+    }
+    for fmt in ["raw", "vhd", "vhdx"] {
+        for end in ["commit", "discard"] {
+            let d = tmp();
+            let img = image(d.path(), fmt);
+            let before = read_all(&img);
+            let want = expected(d.path(), &img);
+            let sock = d.path().join("s.sock");
+            let g = serve_start(
+                &["--undo", "--undo-end", "commit", "-k", p(&sock), p(&img)],
+                &sock,
+            )
+            .unwrap_or_else(|(c, e)| panic!("{fmt}: serve exited {c}: {e}"));
+            client_writes(&sock);
+            stop(g, libc::SIGKILL);
+            assert!(read_all(&img) == before, "{fmt}: killed session changed the image");
+            let found = undo_files(d.path());
+            assert_eq!(found.len(), 1, "{fmt}: undo files: {found:?}");
+            let listed = ok(&["undo", "list", p(d.path())]);
+            assert!(
+                listed.contains(p(&found[0])) && listed.contains("changed: 2.06"),
+                "{fmt}: undo list did not show the session: {listed}"
+            );
+            ok(&["undo", end, "-q", p(&found[0])]);
+            assert!(!found[0].exists(), "{fmt}: undo {end} left the file");
+            if end == "commit" {
+                assert_eq!(
+                    code_of(&["compare", p(&img), p(&want)]),
+                    0,
+                    "{fmt}: undo commit lost the acknowledged writes"
+                );
+            } else {
+                assert!(read_all(&img) == before, "{fmt}: discard changed the image");
+            }
+        }
+    }
+}
