@@ -59,9 +59,9 @@ pub(crate) struct Shared {
     done: AtomicBool,
     /// The outcome of that close, until the handle takes it.
     closed: Mutex<Option<Result<(), disk::Error>>>,
-    /// The first flush that failed during the session: the mount then ends in an error even
-    /// if the final flush succeeds (what was lost is not known to be durable).
-    flush_failure: Mutex<Option<String>>,
+    /// The first write or flush that failed during the session: the mount then ends in an
+    /// error even if the final flush succeeds (data was lost or never stored).
+    failure: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -81,9 +81,9 @@ impl Shared {
             result = closed;
         }
         if result.is_ok() {
-            if let Some(first) = self.flush_failure.lock().ok().and_then(|g| g.clone()) {
+            if let Some(first) = self.failure.lock().ok().and_then(|g| g.clone()) {
                 result = Err(disk::Error::io(
-                    format!("a flush failed during the session ({first})"),
+                    format!("a write or flush failed during the session ({first})"),
                     std::io::Error::from_raw_os_error(libc::EIO),
                 ));
             }
@@ -223,12 +223,24 @@ impl DiskFs {
             self.dirty.store(true, Ordering::SeqCst);
             // Like a local file system's write-back failure: fsync/close report EIO, and the
             // mount remembers it so unmount fails too.
-            eprintln!("viridian: flush failed: {e}");
-            if let Ok(mut g) = self.shared.flush_failure.lock() {
-                g.get_or_insert_with(|| e.to_string());
-            }
+            self.note_failure(&e);
             Errno::EIO
         })
+    }
+
+    /// Remembers a failed write or flush (the first one) so the mount ends in an error.
+    fn note_failure(&self, e: &disk::Error) {
+        eprintln!("viridian: {e}");
+        if let Ok(mut g) = self.shared.failure.lock() {
+            g.get_or_insert_with(|| e.to_string());
+        }
+    }
+
+    /// A write the disk could not store (no space, I/O error; not a bad request).
+    fn note_storage_failure(&self, e: &disk::Error) {
+        if matches!(e.errno(), libc::EIO | libc::ENOSPC | libc::EDQUOT) {
+            self.note_failure(e);
+        }
     }
 
     /// Flushes and closes the disk once; records the outcome for the mount handle.
@@ -457,7 +469,10 @@ impl Filesystem for DiskFs {
                 self.invalidate_allocation();
                 reply.written(count as u32);
             }
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => {
+                self.note_storage_failure(&e);
+                reply.error(errno(&e))
+            }
         }
     }
 

@@ -70,7 +70,7 @@ fn run(shared: &Shared, stream: &Stream) -> ConnResult<()> {
         // Clients that forget FLUSH before disconnecting still get their data on disk.
         if let Err(e) = export.disk.flush() {
             shared.log(|| format!("flush after disconnect failed: {e}"));
-            shared.record_flush_failure(export_index, &e);
+            shared.record_failure(export_index, &e);
         }
     }
     result
@@ -464,9 +464,7 @@ impl Conn<'_> {
                 self.wrote.store(true, Ordering::Release);
                 r
             }
-            Job::Flush => disk.flush().inspect_err(|e| {
-                self.shared.record_flush_failure(self.session.export, e);
-            }),
+            Job::Flush => disk.flush(),
             Job::Trim { offset, len } => {
                 self.wrote.store(true, Ordering::Release);
                 disk.discard(offset, len as u64)
@@ -487,14 +485,20 @@ impl Conn<'_> {
             }
         };
         let res = match res {
-            Ok(()) if fua && self.export.writable => disk.flush().inspect_err(|e| {
-                self.shared.record_flush_failure(self.session.export, e);
-            }),
+            Ok(()) if fua && self.export.writable => disk.flush(),
             r => r,
         };
         match res {
             Ok(()) => self.send_ok(cookie),
-            Err(e) => self.send_error(cookie, false, errno_of(&e), &e.to_string()),
+            Err(e) => {
+                // A write or flush the disk could not do (no space, I/O error) means the
+                // export's data is not what clients asked for: the server must not end in
+                // success. Bad requests (range, read-only) are the client's problem.
+                if matches!(errno_of(&e), EIO | ENOSPC) {
+                    self.shared.record_failure(self.session.export, &e);
+                }
+                self.send_error(cookie, false, errno_of(&e), &e.to_string())
+            }
         }
     }
 

@@ -33,9 +33,9 @@ pub(crate) struct Shared {
     pub stopping: AtomicBool,
     conns: Mutex<HashMap<u64, Stream>>,
     conns_cv: Condvar,
-    /// The first failed flush of each export (by index): the server then ends in an error even
-    /// if the final flush succeeds, since acknowledged writes may not be durable.
-    flush_failures: Mutex<HashMap<usize, String>>,
+    /// The first failed write or flush of each export (by index): the server then ends in an
+    /// error even if the final flush succeeds (data may be lost or was never stored).
+    failures: Mutex<HashMap<usize, String>>,
 }
 
 impl Shared {
@@ -54,12 +54,9 @@ impl Shared {
         self.stopping.load(Ordering::Acquire)
     }
 
-    /// Remembers that a flush of export `export` failed (the first message is kept).
-    pub fn record_flush_failure(&self, export: usize, e: &disk::Error) {
-        let mut f = self
-            .flush_failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+    /// Remembers that a write or flush of export `export` failed (the first message is kept).
+    pub fn record_failure(&self, export: usize, e: &disk::Error) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         f.entry(export).or_insert_with(|| e.to_string());
     }
 
@@ -169,7 +166,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             conns_cv: Condvar::new(),
-            flush_failures: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
         });
         Ok(BoundServer {
             shared,
@@ -487,12 +484,7 @@ fn drain_connections(shared: &Shared) {
 fn close_disks(shared: &Shared) -> Result<(), Error> {
     let mut first_err = None;
     let mut seen: Vec<&disk::Disk> = Vec::new();
-    let failures = std::mem::take(
-        &mut *shared
-            .flush_failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()),
-    );
+    let failures = std::mem::take(&mut *shared.failures.lock().unwrap_or_else(|p| p.into_inner()));
     for (i, e) in shared.exports.iter().enumerate() {
         if seen.iter().any(|d| d.same_disk(&e.disk)) {
             continue;
@@ -500,7 +492,7 @@ fn close_disks(shared: &Shared) -> Result<(), Error> {
         seen.push(&e.disk);
         let closed = e.disk.close().and_then(|()| match failures.get(&i) {
             Some(msg) => Err(disk::Error::io(
-                format!("a flush failed while serving ({msg})"),
+                format!("a write or flush failed while serving ({msg})"),
                 io::Error::from_raw_os_error(libc::EIO),
             )),
             None => Ok(()),

@@ -234,8 +234,7 @@ fn rebase_killed_anywhere_leaves_a_chain_that_reads_the_same() {
             let (child, other, reference) = setup(d.path());
             let delay = Duration::from_micros(rng.below(dur.as_micros() as u64 * 12 / 10));
             let what = format!("{fmt} round {round} (kill after {delay:?})");
-            killed +=
-                run_and_kill(&["rebase", "-q", "-b", p(&other), p(&child)], delay) as usize;
+            killed += run_and_kill(&["rebase", "-q", "-b", p(&other), p(&child)], delay) as usize;
             assert_reads(&child, &reference, &what);
             assert_clean(&child, &what);
             ok(&["rebase", "-q", "-b", p(&other), p(&child)]);

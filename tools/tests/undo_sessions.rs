@@ -137,7 +137,10 @@ fn killed_serve_undo_session_is_committed_or_discarded_with_viridian_undo() {
             .unwrap_or_else(|(c, e)| panic!("{fmt}: serve exited {c}: {e}"));
             client_writes(&sock);
             stop(g, libc::SIGKILL);
-            assert!(read_all(&img) == before, "{fmt}: killed session changed the image");
+            assert!(
+                read_all(&img) == before,
+                "{fmt}: killed session changed the image"
+            );
             let found = undo_files(d.path());
             assert_eq!(found.len(), 1, "{fmt}: undo files: {found:?}");
             let listed = ok(&["undo", "list", p(d.path())]);
