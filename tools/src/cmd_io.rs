@@ -42,17 +42,32 @@ pub fn run(a: Args) -> Result<i32> {
             .with_context(|| format!("cannot open {} in undo mode", a.file.display()))?;
         let d = undo.disk();
         let mut code = 0;
+        let mut ran = Ok(());
         for c in &a.commands {
-            code = code.max(run_one(d.as_ref(), c).with_context(|| format!("command {c:?}"))?);
+            match run_one(d.as_ref(), c) {
+                Ok(n) => code = code.max(n),
+                Err(e) => {
+                    ran = Err(e.context(format!("{}: command {c:?}", a.file.display())));
+                    break;
+                }
+            }
         }
         drop(d);
-        match end {
-            UndoEnd::Commit => {
+        match (end, ran) {
+            (UndoEnd::Commit, Ok(())) => {
                 undo.commit(&mut |_| {}).with_context(|| {
                     format!("cannot commit the undo child into {}", a.file.display())
                 })?;
             }
-            UndoEnd::Discard => undo.discard()?,
+            (UndoEnd::Discard, Ok(())) => undo.discard()?,
+            // A failed session is never committed; the one meant to be committed keeps its
+            // file (finish_undo says where).
+            (end, Err(e)) => {
+                if let Err(f) = common::finish_undo(undo, end, false) {
+                    eprintln!("viridian: {}", common::one_line(&f));
+                }
+                return Err(e);
+            }
         }
         return Ok(code);
     }
@@ -64,7 +79,10 @@ pub fn run(a: Args) -> Result<i32> {
     let d = common::open_with(&a.file, a.format.as_deref(), SizeRuleArg::Auto, opts)?;
     let mut code = 0;
     for c in &a.commands {
-        code = code.max(run_one(d.as_ref(), c).with_context(|| format!("command {c:?}"))?);
+        code = code.max(
+            run_one(d.as_ref(), c)
+                .with_context(|| format!("{}: command {c:?}", a.file.display()))?,
+        );
     }
     d.close()
         .with_context(|| format!("cannot finish writing {}", a.file.display()))?;
