@@ -191,7 +191,7 @@ impl CowOverlay {
             .collect();
         // Bits past the last granule mean nothing; clear them.
         let granules = h.size.div_ceil(GRANULE);
-        if granules % 64 != 0 {
+        if !granules.is_multiple_of(64) {
             if let Some(last) = present.last_mut() {
                 *last &= (1u64 << (granules % 64)) - 1;
             }
