@@ -207,3 +207,50 @@ fn relink_restores_a_child_after_its_parent_was_written() {
     assert_eq!(read(&b, 1 << 20), 2);
     assert_eq!(read(&b, 2 << 20), 1);
 }
+
+/// The crash-safe commit's building blocks: a child that records `parent_linkage2` accepts the
+/// parent before and after its DataWriteGuid changes to that pre-chosen value, and nothing
+/// else; re-linking drops the second identity again.
+#[test]
+fn vhdx_parent_linkage2_accepts_the_pre_chosen_identity_only() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.vhdx");
+    let child = d.path().join("child.vhdx");
+    mk(&base, Format::Vhdx, None);
+    mk(&child, Format::Vhdx, Some(&base));
+    let next = vhdx::format::new_guid();
+    {
+        let mut rw = OpenOptions::read_write();
+        rw.no_parent = true;
+        let c = open(&child, &rw).unwrap();
+        let b = open(&base, &OpenOptions::read_only()).unwrap();
+        c.as_any()
+            .downcast_ref::<vhdx::VhdxDisk>()
+            .unwrap()
+            .set_parent_with_next(&base, b.as_ref(), Some(next))
+            .unwrap();
+        c.close().unwrap();
+    }
+    assert_eq!(read(&child, 0), 0, "opens with the old identity");
+    {
+        let b = open(&base, &OpenOptions::read_write()).unwrap();
+        let x = b.as_any().downcast_ref::<vhdx::VhdxDisk>().unwrap();
+        x.set_next_data_write_guid(next).unwrap();
+        b.write_at(&[7u8; 4096], 0).unwrap();
+        assert_eq!(b.unique_id(), Some(next));
+        assert!(x.set_next_data_write_guid(next).is_err(), "too late");
+        b.close().unwrap();
+    }
+    assert_eq!(read(&child, 0), 7, "opens with the pre-chosen identity");
+    // A write without a pre-chosen identity gets a random one: refused.
+    write(&base, 8, 4096);
+    match open(&child, &OpenOptions::read_only()) {
+        Err(Error::ParentMismatch { .. }) => {}
+        other => panic!("expected a parent mismatch, got {other:?}"),
+    }
+    chain::relink(&child, &base).unwrap();
+    let c = open(&child, &OpenOptions::read_only()).unwrap();
+    let link = c.parent_link().unwrap();
+    assert_eq!(link.also_accepted, None, "relink keeps parent_linkage2");
+    assert_eq!(Some(link.expected_id), c.backing().unwrap().unique_id());
+}
