@@ -214,6 +214,64 @@ fn undo_commit_killed_anywhere_leaves_an_undo_disk_that_commits_later() {
     }
 }
 
+/// A raw image and a raw undo file holding the same changes as `chain`'s child: made by an
+/// `io --undo commit` session whose last command fails, which keeps the undo file.
+fn raw_undo(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let base = dir.join("base.raw");
+    let undo = dir.join("base.raw.undo");
+    ok(&["create", "-q", "-f", "raw", p(&base), "64M"]);
+    ok(&["io", "-c", "write -P 0x41 0 32M", p(&base)]);
+    let reference = dir.join("view.raw");
+    std::fs::copy(&base, &reference).unwrap();
+    let writes = ["write -P 0x42 8M 40M", "zero 60M 1M"];
+    let mut args = vec!["io", "--undo", "commit", "--undo-file", p(&undo)];
+    for w in &writes {
+        args.extend(["-c", w]);
+    }
+    args.extend(["-c", "write -P 1 200M 1M", p(&base)]);
+    assert_ne!(code(&args), 0, "the failing session must fail");
+    assert!(
+        undo.exists(),
+        "the failed session did not keep its undo file"
+    );
+    let mut args = vec!["io"];
+    for w in &writes {
+        args.extend(["-c", w]);
+    }
+    args.push(p(&reference));
+    ok(&args);
+    (base, undo, reference)
+}
+
+#[test]
+fn raw_undo_commit_killed_anywhere_can_be_run_again() {
+    let mut rng = Rng::new("raw undo commit");
+    let d = tmp();
+    let (_, undo, _) = raw_undo(d.path());
+    let dur = timed(&["undo", "commit", "-q", p(&undo)]);
+    let mut killed = 0;
+    for round in 0..rounds() {
+        let d = tmp();
+        let (base, undo, reference) = raw_undo(d.path());
+        let listed = ok(&["undo", "show", p(&undo)]);
+        let delay = Duration::from_micros(rng.below(dur.as_micros() as u64 * 12 / 10));
+        let what = format!("raw round {round} (kill after {delay:?})");
+        killed += run_and_kill(&["undo", "commit", "-q", p(&undo)], delay) as usize;
+        if undo.exists() {
+            // Still whole: it shows the same changes and commits now.
+            assert_eq!(ok(&["undo", "show", p(&undo)]), listed, "{what}");
+            ok(&["undo", "commit", "-q", p(&undo)]);
+        }
+        assert!(!undo.exists(), "{what}: undo file not removed");
+        assert!(
+            read_all(&base) == read_all(&reference),
+            "{what}: base differs"
+        );
+    }
+    eprintln!("raw: {killed} of {} rounds killed mid-commit", rounds());
+    assert!(killed > 0, "raw: no round was killed mid-commit");
+}
+
 #[test]
 fn rebase_killed_anywhere_leaves_a_chain_that_reads_the_same() {
     let mut rng = Rng::new("rebase");
