@@ -385,7 +385,16 @@ pub fn run(a: Args) -> Result<i32> {
     let ok = result.is_ok() && !close_failed;
     for u in undo_disks {
         let parent = u.parent_path().to_path_buf();
-        if a.undo_end == UndoEnd::Commit && ok {
+        if a.undo_end == UndoEnd::Commit && close_failed {
+            // The guest's writes were not all made durable: neither merge nor throw away.
+            let kept = u.child_path().to_path_buf();
+            let _ = u.keep();
+            eprintln!(
+                "viridian: undo changes for {} kept in {} (viridian undo commit|discard)",
+                parent.display(),
+                kept.display()
+            );
+        } else if a.undo_end == UndoEnd::Commit && ok {
             let n = u.commit(&mut |_| {}).with_context(|| {
                 format!("cannot commit the undo changes into {}", parent.display())
             })?;
