@@ -72,6 +72,17 @@ fn run_and_kill(args: &[&str], delay: Duration) -> bool {
     st.signal() == Some(9)
 }
 
+/// When to kill in round `round` of a command that took `dur` once: the first round early
+/// (so at least one kill lands mid-run even when `dur` was measured on a cold cache), the
+/// others anywhere in it.
+fn kill_delay(rng: &mut Rng, dur: Duration, round: usize) -> Duration {
+    if round == 0 {
+        dur / 4
+    } else {
+        Duration::from_micros(rng.below(dur.as_micros() as u64))
+    }
+}
+
 /// How long `viridian ARGS` takes on a copy of the files, to spread kill points over it.
 fn timed(args: &[&str]) -> Duration {
     let t = Instant::now();
@@ -165,7 +176,7 @@ fn commit_killed_anywhere_leaves_a_chain_that_opens_and_reads_the_same() {
         for round in 0..rounds() {
             let d = tmp();
             let (base, child, reference) = chain(d.path(), fmt);
-            let delay = Duration::from_micros(rng.below(dur.as_micros() as u64 * 12 / 10));
+            let delay = kill_delay(&mut rng, dur, round);
             let what = format!("{fmt} round {round} (kill after {delay:?})");
             killed += run_and_kill(&["commit", "-q", p(&child)], delay) as usize;
             // No manual step: the chain opens and reads the pre-commit view (the child's view
@@ -196,7 +207,7 @@ fn undo_commit_killed_anywhere_leaves_an_undo_disk_that_commits_later() {
         for round in 0..rounds() {
             let d = tmp();
             let (base, child, reference) = chain(d.path(), fmt);
-            let delay = Duration::from_micros(rng.below(dur.as_micros() as u64 * 12 / 10));
+            let delay = kill_delay(&mut rng, dur, round);
             let what = format!("{fmt} round {round} (kill after {delay:?})");
             killed += run_and_kill(&["undo", "commit", "-q", p(&child)], delay) as usize;
             assert_clean(&base, &what);
@@ -254,7 +265,7 @@ fn raw_undo_commit_killed_anywhere_can_be_run_again() {
         let d = tmp();
         let (base, undo, reference) = raw_undo(d.path());
         let listed = ok(&["undo", "show", p(&undo)]);
-        let delay = Duration::from_micros(rng.below(dur.as_micros() as u64 * 12 / 10));
+        let delay = kill_delay(&mut rng, dur, round);
         let what = format!("raw round {round} (kill after {delay:?})");
         killed += run_and_kill(&["undo", "commit", "-q", p(&undo)], delay) as usize;
         if undo.exists() {
@@ -290,7 +301,7 @@ fn rebase_killed_anywhere_leaves_a_chain_that_reads_the_same() {
         for round in 0..rounds() {
             let d = tmp();
             let (child, other, reference) = setup(d.path());
-            let delay = Duration::from_micros(rng.below(dur.as_micros() as u64 * 12 / 10));
+            let delay = kill_delay(&mut rng, dur, round);
             let what = format!("{fmt} round {round} (kill after {delay:?})");
             killed += run_and_kill(&["rebase", "-q", "-b", p(&other), p(&child)], delay) as usize;
             assert_reads(&child, &reference, &what);

@@ -245,15 +245,25 @@ fn mount_killed_under_an_fsyncing_writer_keeps_every_acknowledged_write() {
                     }
                 })
             };
-            let delay = Duration::from_micros(rng.below(400_000));
-            std::thread::sleep(delay);
+            // Kill once the writer has a random number of chunks acknowledged.
+            let target = rng.below(CHUNKS) as usize;
+            let t = Instant::now();
+            while acked.load(Ordering::SeqCst) < target
+                && !writer.is_finished()
+                && t.elapsed() < Duration::from_secs(20)
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let delay = t.elapsed();
             server.kill().unwrap();
             server.wait().unwrap();
             writer.join().unwrap();
             drop(guard);
             let acked = acked.load(Ordering::SeqCst) as u64;
             partial += (acked < CHUNKS) as usize;
-            let what = format!("{fmt} round {round} (kill after {delay:?}, {acked} acked)");
+            let what = format!(
+                "{fmt} round {round} (kill at {target} acked, after {delay:?}; {acked} acked)"
+            );
             assert_durable(&img, acked, &what);
             assert_clean(&img, &what);
         }
