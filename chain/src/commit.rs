@@ -24,7 +24,7 @@
 use disk::{BlockDevice, Disk, Error, Result};
 use std::path::Path;
 
-use crate::{open, probe_path, Format, OpenOptions};
+use crate::{open, open_image, probe_path, Format, Image, OpenOptions};
 
 /// Merges into `base` every range that a layer of the chain opened by `open_top` defines
 /// above depth `depth_limit` (the base's depth in that chain). `above` is the layer right
@@ -62,7 +62,8 @@ pub fn commit_into_base(
     rw.format = None;
     rw.parent_override = None;
     rw.no_parent = !base_has_parent;
-    let base_disk = open(base, &rw)?;
+    let base_image = open_image(base, &rw)?;
+    let base_disk = base_image.disk();
     if top.size() > base_disk.size() {
         return Err(Error::InvalidArgument(format!(
             "{} has size {} but the image above it has {}",
@@ -72,15 +73,20 @@ pub fn commit_into_base(
         )));
     }
     if let Some(g) = next {
-        base_disk
-            .as_any()
-            .downcast_ref::<vhdx::VhdxDisk>()
-            .ok_or_else(|| Error::InvalidArgument("the VHDX base lost its type".into()))?
-            .set_next_data_write_guid(g)?;
+        match &base_image {
+            Image::Vhdx(x) => x.set_next_data_write_guid(g)?,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is no longer a VHDX",
+                    base.display()
+                )))
+            }
+        }
     }
     let merged = crate::merge(top.as_ref(), depth_limit, base_disk.as_ref(), progress)?;
     base_disk.close()?;
     drop(base_disk);
+    drop(base_image);
     drop(top);
     // Step 3.
     if vhdx_link {
@@ -102,7 +108,7 @@ fn link_above(
     rw.no_parent = true;
     rw.format = None;
     rw.parent_override = None;
-    let child = open(above, &rw)?;
+    let child = open_image(above, &rw)?;
     let mut ro = template.clone();
     ro.read_only = true;
     ro.no_parent = true;
@@ -110,11 +116,13 @@ fn link_above(
     ro.parent_override = None;
     let parent = open(base, &ro)?;
     let abs = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
-    child
-        .as_any()
-        .downcast_ref::<vhdx::VhdxDisk>()
-        .ok_or_else(|| Error::InvalidArgument(format!("{} is not a VHDX", above.display())))?
-        .set_parent_with_next(&abs, parent.as_ref(), next)?;
+    let Image::Vhdx(x) = &child else {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a VHDX",
+            above.display()
+        )));
+    };
+    x.set_parent_with_next(&abs, parent.as_ref(), next)?;
     drop(parent);
-    child.close()
+    x.close()
 }

@@ -12,10 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub mod commit;
+mod image;
 pub mod undo;
 
 pub use commit::commit_into_base;
 use disk::{Access, BlockDevice, Disk, Error, FileStorage, RawDisk, Result, Storage};
+pub use image::Image;
 pub use undo::UndoDisk;
 
 /// Parents deeper than this are refused (a crafted chain must not recurse forever).
@@ -113,6 +115,12 @@ pub fn probe_path(path: &Path) -> Result<Format> {
 /// Opens `path` and, unless told not to, its whole parent chain, behind the request layer
 /// ([`Disk`]) that every consumer does its I/O through.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Disk> {
+    open_image(path, opts).map(|i| i.disk())
+}
+
+/// Like [`open`], but hands out the top layer by kind, for management (resize, compact,
+/// re-linking, format facts); do I/O through [`Image::disk`].
+pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
     let mut seen = HashSet::new();
     open_layer(
         path,
@@ -122,7 +130,6 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Disk> {
         &mut seen,
         opts.parent_override.as_deref(),
     )
-    .map(Disk::new)
 }
 
 fn canonical(path: &Path) -> PathBuf {
@@ -136,7 +143,7 @@ fn open_layer(
     depth: usize,
     seen: &mut HashSet<PathBuf>,
     parent_override: Option<&Path>,
-) -> Result<Arc<dyn BlockDevice>> {
+) -> Result<Image> {
     if !seen.insert(canonical(path)) {
         return Err(Error::ParentCycle {
             child: path.to_path_buf(),
@@ -162,7 +169,7 @@ fn open_layer(
         None => probe(&*storage)?,
     };
     match format {
-        Format::Raw => Ok(Arc::new(RawDisk::new(storage, !writable)?)),
+        Format::Raw => Ok(Image::Raw(Arc::new(RawDisk::new(storage, !writable)?))),
         Format::Vhd => {
             let vopts = vhd::OpenOptions {
                 read_only: !writable,
@@ -173,7 +180,7 @@ fn open_layer(
                 let parent = open_parent(path, &link, opts, depth, seen, parent_override)?;
                 d.attach_parent(parent)?;
             }
-            Ok(Arc::new(d))
+            Ok(Image::Vhd(Arc::new(d)))
         }
         Format::Vhdx => {
             let xopts = vhdx::OpenOptions {
@@ -184,7 +191,7 @@ fn open_layer(
                 let parent = open_parent(path, &link, opts, depth, seen, parent_override)?;
                 d.attach_parent(parent)?;
             }
-            Ok(Arc::new(d))
+            Ok(Image::Vhdx(Arc::new(d)))
         }
     }
 }
@@ -233,7 +240,8 @@ fn open_parent(
                 parent: cand,
             });
         }
-        let parent = open_layer(&cand, opts, opts.parents_writable, depth + 1, seen, None)?;
+        let parent =
+            open_layer(&cand, opts, opts.parents_writable, depth + 1, seen, None)?.device();
         let found_format = parent.format();
         let found_id = parent.unique_id();
         if found_format != link.format {
@@ -343,10 +351,11 @@ impl CreateSpec {
 
 /// Creates a new image (never overwrites) and returns it opened read-write.
 pub fn create(path: &Path, spec: &CreateSpec) -> Result<Disk> {
-    create_image(path, spec).map(Disk::new)
+    create_image(path, spec).map(|i| i.disk())
 }
 
-fn create_image(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> {
+/// Like [`create`], but hands out the new image by kind.
+pub fn create_image(path: &Path, spec: &CreateSpec) -> Result<Image> {
     if path.exists() {
         return Err(Error::InvalidArgument(format!(
             "{} already exists; refusing to overwrite it",
@@ -364,7 +373,7 @@ fn create_image(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> 
                     "raw images cannot have a backing file".into(),
                 ));
             }
-            Ok(Arc::new(RawDisk::create(path, spec.size)?))
+            Ok(Image::Raw(Arc::new(RawDisk::create(path, spec.size)?)))
         }
         Format::Vhd => {
             let kind = match parent {
@@ -384,10 +393,10 @@ fn create_image(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> 
                 None if spec.fixed || spec.azure => vhd::CreateKind::Fixed,
                 None => vhd::CreateKind::Dynamic,
             };
-            Ok(Arc::new(vhd::VhdDisk::create(
+            Ok(Image::Vhd(Arc::new(vhd::VhdDisk::create(
                 path,
                 &vhd_options(spec, Some(kind)),
-            )?))
+            )?)))
         }
         Format::Vhdx => {
             let kind = match parent {
@@ -407,10 +416,10 @@ fn create_image(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> 
                 None if spec.fixed => vhdx::CreateKind::Fixed,
                 None => vhdx::CreateKind::Dynamic,
             };
-            Ok(Arc::new(vhdx::VhdxDisk::create(
+            Ok(Image::Vhdx(Arc::new(vhdx::VhdxDisk::create(
                 path,
                 &vhdx_options(spec, Some(kind)),
-            )?))
+            )?)))
         }
     }
 }
@@ -496,50 +505,14 @@ pub fn merge(
     Ok(merged)
 }
 
-/// Points the differencing image `child` at `parent` (rewrites its parent locator and the
-/// identity it records), through the child's own format.
-pub fn set_parent(
-    child: &dyn BlockDevice,
-    parent_path: &Path,
-    parent: &dyn BlockDevice,
-) -> Result<()> {
-    let abs = std::path::absolute(parent_path).unwrap_or_else(|_| parent_path.to_path_buf());
-    let want = if child.as_any().is::<vhd::VhdDisk>() {
-        "vhd"
-    } else if child.as_any().is::<vhdx::VhdxDisk>() {
-        "vhdx"
-    } else {
-        return Err(Error::InvalidArgument(format!(
-            "{} images have no parent to change",
-            child.format()
-        )));
-    };
-    if parent.format() != want {
-        return Err(Error::InvalidArgument(format!(
-            "a differencing {} needs a {} parent; {} is {}",
-            want.to_uppercase(),
-            want.to_uppercase(),
-            parent_path.display(),
-            parent.format()
-        )));
-    }
-    if let Some(v) = child.as_any().downcast_ref::<vhd::VhdDisk>() {
-        v.set_parent(&abs, parent)
-    } else if let Some(v) = child.as_any().downcast_ref::<vhdx::VhdxDisk>() {
-        v.set_parent(&abs, parent)
-    } else {
-        Ok(())
-    }
-}
-
 /// Opens `child` alone for writing and points it at `parent` (as found now). Used after
 /// writing into a parent changed its identity (a VHDX DataWriteGuid) while the child's view
 /// stayed the same: commit and undo commit, also when they fail half-way.
 pub fn relink(child: &Path, parent: &Path) -> Result<()> {
     let mut rw = OpenOptions::read_write();
     rw.no_parent = true;
-    let c = open(child, &rw)?;
+    let c = open_image(child, &rw)?;
     let p = open(parent, &OpenOptions::read_only())?;
-    set_parent(c.image().as_ref(), parent, p.image().as_ref())?;
-    c.close()
+    c.set_parent(parent, p.image().as_ref())?;
+    c.device().close()
 }

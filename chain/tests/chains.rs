@@ -141,7 +141,7 @@ fn parent_cycles_are_refused() {
     {
         let mut rw = OpenOptions::read_write();
         rw.no_parent = true;
-        let bd = open(&b, &rw).unwrap();
+        let bd = chain::open_image(&b, &rw).unwrap();
         let cd = open(
             &c,
             &OpenOptions {
@@ -150,9 +150,11 @@ fn parent_cycles_are_refused() {
             },
         )
         .unwrap();
-        let v = bd.as_any().downcast_ref::<vhd::VhdDisk>().unwrap();
+        let chain::Image::Vhd(v) = &bd else {
+            panic!("b.vhd opened as {:?}", bd.format())
+        };
         v.set_parent(&c, cd.as_ref()).unwrap();
-        bd.close().unwrap();
+        v.close().unwrap();
     }
     match open(&c, &OpenOptions::read_only()) {
         Err(Error::ParentCycle { .. }) => {}
@@ -222,19 +224,20 @@ fn vhdx_parent_linkage2_accepts_the_pre_chosen_identity_only() {
     {
         let mut rw = OpenOptions::read_write();
         rw.no_parent = true;
-        let c = open(&child, &rw).unwrap();
+        let Ok(chain::Image::Vhdx(c)) = chain::open_image(&child, &rw) else {
+            panic!("child.vhdx does not open as a VHDX")
+        };
         let b = open(&base, &OpenOptions::read_only()).unwrap();
-        c.as_any()
-            .downcast_ref::<vhdx::VhdxDisk>()
-            .unwrap()
-            .set_parent_with_next(&base, b.as_ref(), Some(next))
+        c.set_parent_with_next(&base, b.as_ref(), Some(next))
             .unwrap();
         c.close().unwrap();
     }
     assert_eq!(read(&child, 0), 0, "opens with the old identity");
     {
-        let b = open(&base, &OpenOptions::read_write()).unwrap();
-        let x = b.as_any().downcast_ref::<vhdx::VhdxDisk>().unwrap();
+        let Ok(chain::Image::Vhdx(x)) = chain::open_image(&base, &OpenOptions::read_write()) else {
+            panic!("base.vhdx does not open as a VHDX")
+        };
+        let b = disk::Disk::new(x.clone());
         x.set_next_data_write_guid(next).unwrap();
         b.write_at(&[7u8; 4096], 0).unwrap();
         assert_eq!(b.unique_id(), Some(next));

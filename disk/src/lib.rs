@@ -25,7 +25,6 @@ pub use request::Disk;
 pub use sticky::{FailLatch, StickyFlush};
 pub use storage::{set_skip_file_sync, write_zeros, Access, FileStorage, MemStorage, Storage};
 
-use std::any::Any;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -169,13 +168,34 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// The typed facts of this layer that Get-VHD and `migrate` show (VHD type, creator,
+    /// geometry); defaults to none.
+    fn facts(&self) -> LayerFacts {
+        LayerFacts::default()
+    }
+
     /// Format-specific facts for `info` (goes under qemu-img's "format-specific" → "data").
     fn format_specific(&self) -> Option<serde_json::Value> {
         None
     }
+}
 
-    /// For downcasting to the concrete format type.
-    fn as_any(&self) -> &dyn Any;
+/// Facts about one layer beyond its data, typed (what formats other than raw record).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerFacts {
+    /// Hyper-V's VhdType: "fixed", "dynamic" or "differencing".
+    pub disk_type: Option<&'static str>,
+    pub creator_app: Option<String>,
+    pub creator_host_os: Option<String>,
+    /// How the virtual size was derived (VHD: "chs" or "current_size").
+    pub size_rule: Option<&'static str>,
+    /// VHD footer fields: current size and the capacity of its CHS geometry.
+    pub current_size: Option<u64>,
+    pub chs_size: Option<u64>,
+    /// Cylinders, heads, sectors per track.
+    pub geometry: Option<(u16, u8, u8)>,
+    /// VHD: the image has a saved state (a suspended Virtual PC machine).
+    pub saved_state: bool,
 }
 
 /// What a differencing layer records about its parent.
@@ -315,10 +335,10 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     fn dirty(&self) -> bool {
         (**self).dirty()
     }
+    fn facts(&self) -> LayerFacts {
+        (**self).facts()
+    }
     fn format_specific(&self) -> Option<serde_json::Value> {
         (**self).format_specific()
-    }
-    fn as_any(&self) -> &dyn Any {
-        (**self).as_any()
     }
 }

@@ -21,7 +21,6 @@
 //! not yet flushed may be lost by a crash, like on any disk. A failed flush is sticky: every
 //! later flush fails too (the kernel may have dropped the unwritten pages).
 
-use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -422,9 +421,6 @@ impl BlockDevice for CowOverlay {
     fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
         Some(&self.base)
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 #[cfg(test)]
@@ -436,9 +432,10 @@ mod tests {
     fn writes_stay_in_overlay_and_reads_merge() {
         let base = Arc::new(RawDisk::memory(1 << 20).unwrap());
         base.write_at(&[1u8; 1 << 20], 0).unwrap();
-        let ov = crate::Disk::new(Arc::new(
+        let inner = Arc::new(
             CowOverlay::create(base.clone(), Arc::new(MemStorage::new()), b"base").unwrap(),
-        ));
+        );
+        let ov = crate::Disk::new(inner.clone());
         ov.write_at(&[9u8; 100], 70_000).unwrap();
         let mut b = vec![0u8; 200];
         ov.read_at(&mut b, 69_950).unwrap();
@@ -448,7 +445,6 @@ mod tests {
         let mut c = vec![0u8; 1 << 20];
         base.read_at(&mut c, 0).unwrap();
         assert!(c.iter().all(|&x| x == 1), "base untouched");
-        let inner = ov.image().as_any().downcast_ref::<CowOverlay>().unwrap();
         assert_eq!(inner.written_ranges(), vec![(65536, 65536)]);
     }
 

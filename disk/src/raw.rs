@@ -1,6 +1,5 @@
 //! Raw images: the virtual disk is the file's bytes.
 
-use std::any::Any;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -151,9 +150,6 @@ impl BlockDevice for RawDisk {
     }
     fn path(&self) -> Option<&Path> {
         self.storage.path()
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

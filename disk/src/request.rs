@@ -342,11 +342,11 @@ impl BlockDevice for Disk {
     fn dirty(&self) -> bool {
         self.img().dirty()
     }
+    fn facts(&self) -> crate::LayerFacts {
+        self.img().facts()
+    }
     fn format_specific(&self) -> Option<serde_json::Value> {
         self.img().format_specific()
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self.img().as_any()
     }
 }
 
@@ -498,9 +498,6 @@ mod tests {
         }
         fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
             self.0.write_zeroes(offset, len, flags)
-        }
-        fn as_any(&self) -> &dyn std::any::Any {
-            self
         }
     }
 

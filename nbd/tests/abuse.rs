@@ -373,9 +373,6 @@ impl BlockDevice for SlowDisk {
         self.closes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
 }
 
 #[test]
@@ -463,9 +460,6 @@ impl BlockDevice for PanickyDisk {
     }
     fn flush(&self) -> disk::Result<()> {
         Ok(())
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }
 

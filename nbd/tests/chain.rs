@@ -67,9 +67,6 @@ impl BlockDevice for Overlay {
     fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
         Some(&self.parent)
     }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
 }
 
 /// Parent: memory disk (reports data everywhere) wrapped so blocks 8.. are unallocated with
@@ -112,9 +109,6 @@ impl BlockDevice for Base {
                 allocation: Allocation::Unallocated,
             }
         })
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }
 

@@ -1,6 +1,5 @@
 //! The SCSI target on its own (no VMBus): CDB in, data buffer, completion out.
 
-use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -63,9 +62,6 @@ impl BlockDevice for TestDisk {
             return Err(disk::Error::ReadOnly);
         }
         self.inner.write_zeroes(offset, len, flags)
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

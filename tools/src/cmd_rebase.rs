@@ -46,8 +46,9 @@ pub struct Args {
     file: PathBuf,
 }
 
-fn set_parent(child: &dyn BlockDevice, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
-    chain::set_parent(child, parent_path, parent)
+fn set_parent(child: &chain::Image, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
+    child
+        .set_parent(parent_path, parent)
         .with_context(|| format!("cannot point the image at {}", parent_path.display()))
 }
 
@@ -64,8 +65,9 @@ pub fn run(a: Args) -> Result<i32> {
     if let Some(f) = &a.format {
         rw.format = Some(common::parse_format(f)?);
     }
-    let child =
-        chain::open(&a.file, &rw).with_context(|| format!("cannot open {}", a.file.display()))?;
+    let child_image = chain::open_image(&a.file, &rw)
+        .with_context(|| format!("cannot open {}", a.file.display()))?;
+    let child = child_image.disk();
     if child.parent_link().is_none() {
         bail!("{} is not a differencing image", a.file.display());
     }
@@ -118,7 +120,7 @@ pub fn run(a: Args) -> Result<i32> {
         }
         pb.finish_and_clear();
     }
-    set_parent(child.as_ref(), &a.backing, new_parent.as_ref())?;
+    set_parent(&child_image, &a.backing, new_parent.as_ref())?;
     child
         .close()
         .with_context(|| format!("cannot finish writing {}", a.file.display()))?;

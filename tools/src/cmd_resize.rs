@@ -30,7 +30,8 @@ pub struct Args {
 pub fn run(a: Args) -> Result<i32> {
     let mut rw = OpenOptions::read_write();
     rw.no_parent = true;
-    let d = common::open_with(&a.file, a.format.as_deref(), SizeRuleArg::Auto, rw)?;
+    let image = common::open_image_with(&a.file, a.format.as_deref(), SizeRuleArg::Auto, rw)?;
+    let d = image.disk();
     let cur = d.size();
     let new = if let Some(rest) = a.size.strip_prefix('+') {
         cur.checked_add(common::parse_size(rest)?)
@@ -50,24 +51,25 @@ pub fn run(a: Args) -> Result<i32> {
             a.file.display()
         );
     }
-    if let Some(v) = d.as_any().downcast_ref::<vhd::VhdDisk>() {
-        v.resize(new)?;
-    } else if let Some(v) = d.as_any().downcast_ref::<vhdx::VhdxDisk>() {
-        v.resize(new)?;
-    } else {
-        // Raw: the file length is the size.
-        drop(d);
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&a.file)
-            .with_context(|| format!("cannot open {}", a.file.display()))?;
-        f.set_len(new)
-            .with_context(|| format!("cannot resize {}", a.file.display()))?;
-        f.sync_all()?;
-        if !a.quiet {
-            println!("Image resized.");
+    match &image {
+        chain::Image::Vhd(v) => v.resize(new)?,
+        chain::Image::Vhdx(v) => v.resize(new)?,
+        chain::Image::Raw(_) => {
+            // Raw: the file length is the size.
+            drop(d);
+            drop(image);
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&a.file)
+                .with_context(|| format!("cannot open {}", a.file.display()))?;
+            f.set_len(new)
+                .with_context(|| format!("cannot resize {}", a.file.display()))?;
+            f.sync_all()?;
+            if !a.quiet {
+                println!("Image resized.");
+            }
+            return Ok(0);
         }
-        return Ok(0);
     }
     d.close()
         .with_context(|| format!("cannot finish writing {}", a.file.display()))?;
@@ -98,7 +100,8 @@ fn sizes(path: &std::path::Path) -> Result<(u64, u64)> {
 pub fn run_compact(a: CompactArgs) -> Result<i32> {
     let (len_before, alloc_before) = sizes(&a.file)?;
     let rw = OpenOptions::read_write();
-    let d = common::open_with(&a.file, a.format.as_deref(), SizeRuleArg::Auto, rw)?;
+    let image = common::open_image_with(&a.file, a.format.as_deref(), SizeRuleArg::Auto, rw)?;
+    let d = image.disk();
     let fixed = d.format_specific().is_some_and(|v| {
         v.get("disk_type").and_then(|t| t.as_str()) == Some("fixed")
             || v.get("leave_blocks_allocated").and_then(|b| b.as_bool()) == Some(true)
@@ -114,18 +117,20 @@ pub fn run_compact(a: CompactArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    let (freed, moved) = if let Some(v) = d.as_any().downcast_ref::<vhd::VhdDisk>() {
-        let s = v.compact()?;
-        (s.blocks_freed, s.blocks_moved)
-    } else if let Some(v) = d.as_any().downcast_ref::<vhdx::VhdxDisk>() {
-        let s = v.compact()?;
-        (s.blocks_released, s.blocks_moved)
-    } else {
-        bail!(
+    let (freed, moved) = match &image {
+        chain::Image::Vhd(v) => {
+            let s = v.compact()?;
+            (s.blocks_freed, s.blocks_moved)
+        }
+        chain::Image::Vhdx(v) => {
+            let s = v.compact()?;
+            (s.blocks_released, s.blocks_moved)
+        }
+        chain::Image::Raw(_) => bail!(
             "compact works on vhd and vhdx images; {} is {}",
             a.file.display(),
             d.format()
-        );
+        ),
     };
     d.close()
         .with_context(|| format!("cannot finish writing {}", a.file.display()))?;

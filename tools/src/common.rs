@@ -286,13 +286,23 @@ pub fn open_with(
     path: &Path,
     format: Option<&str>,
     rule: SizeRuleArg,
-    mut opts: OpenOptions,
+    opts: OpenOptions,
 ) -> Result<Disk> {
+    open_image_with(path, format, rule, opts).map(|i| i.disk())
+}
+
+/// Like [`open_with`], but the top layer by kind, for verbs that manage the image itself.
+pub fn open_image_with(
+    path: &Path,
+    format: Option<&str>,
+    rule: SizeRuleArg,
+    mut opts: OpenOptions,
+) -> Result<chain::Image> {
     if let Some(f) = format {
         opts.format = Some(parse_format(f)?);
     }
     opts.vhd_size_rule = rule.to_vhd();
-    chain::open(path, &opts).with_context(|| format!("cannot open {}", path.display()))
+    chain::open_image(path, &opts).with_context(|| format!("cannot open {}", path.display()))
 }
 
 /// The name qemu-img prints for a format (qemu calls VHD "vpc"), so scripts keep working.

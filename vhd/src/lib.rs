@@ -24,7 +24,6 @@
 mod check;
 mod format;
 
-use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -1570,11 +1569,20 @@ fn creator_version() -> u32 {
     (major << 16) | (minor & 0xFFFF)
 }
 
+/// The "Parent Time Stamp" a child records: the parent file's modification time, in seconds
+/// since 2000-01-01 UTC (0 when it is unknown). Nothing verifies it when a chain is opened
+/// (the Unique ID is the identity), so it is informational.
 fn parent_timestamp(parent: &dyn BlockDevice) -> u32 {
     parent
-        .as_any()
-        .downcast_ref::<VhdDisk>()
-        .map(|p| p.m().footer.timestamp)
+        .path()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| {
+            d.as_secs()
+                .saturating_sub(VHD_EPOCH)
+                .min(u64::from(u32::MAX)) as u32
+        })
         .unwrap_or(0)
 }
 
@@ -1967,6 +1975,20 @@ impl BlockDevice for VhdDisk {
         (self.kind != DiskType::Fixed).then_some(m.block_size as u64)
     }
 
+    fn facts(&self) -> disk::LayerFacts {
+        let i = self.info();
+        disk::LayerFacts {
+            disk_type: Some(i.disk_type),
+            creator_app: Some(i.creator_app),
+            creator_host_os: Some(i.creator_host_os),
+            size_rule: Some(i.size_rule),
+            current_size: Some(i.current_size),
+            chs_size: Some(i.chs_size),
+            geometry: Some((i.cylinders, i.heads, i.sectors_per_track)),
+            saved_state: i.saved_state,
+        }
+    }
+
     fn format_specific(&self) -> Option<serde_json::Value> {
         let i = self.info();
         let mut v = serde_json::to_value(&i).ok()?;
@@ -1980,10 +2002,6 @@ impl BlockDevice for VhdDisk {
             );
         }
         Some(v)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

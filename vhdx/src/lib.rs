@@ -6,7 +6,6 @@ mod check;
 pub mod format;
 pub mod log;
 
-use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -2460,6 +2459,23 @@ impl BlockDevice for VhdxDisk {
         self.dirty_at_open
     }
 
+    fn facts(&self) -> disk::LayerFacts {
+        let (has_parent, fixed) = {
+            let m = rlock(&self.meta);
+            (m.has_parent, m.leave_blocks_allocated)
+        };
+        disk::LayerFacts {
+            disk_type: Some(if has_parent {
+                "differencing"
+            } else if fixed {
+                "fixed"
+            } else {
+                "dynamic"
+            }),
+            ..Default::default()
+        }
+    }
+
     fn format_specific(&self) -> Option<serde_json::Value> {
         let i = self.info();
         let mut v = serde_json::to_value(&i).ok()?;
@@ -2475,10 +2491,6 @@ impl BlockDevice for VhdxDisk {
             );
         }
         Some(v)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

@@ -347,9 +347,7 @@ fn trim_block_status_resize_compact() {
     d.close().unwrap();
     drop(d);
     let rep = vhdx::check(
-        ro(&p)
-            .as_any()
-            .downcast_ref::<VhdxDisk>()
+        VhdxDisk::open_path(&p, &OpenOptions { read_only: true })
             .unwrap()
             .storage()
             .clone(),

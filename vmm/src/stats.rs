@@ -1,6 +1,5 @@
 //! A pass-through [`BlockDevice`] that counts what the guest moves through it.
 
-use std::any::Any;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -162,10 +161,10 @@ impl BlockDevice for CountingDisk {
     fn dirty(&self) -> bool {
         self.inner.dirty()
     }
+    fn facts(&self) -> disk::LayerFacts {
+        self.inner.facts()
+    }
     fn format_specific(&self) -> Option<serde_json::Value> {
         self.inner.format_specific()
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

@@ -348,9 +348,6 @@ impl BlockDevice for Counting {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.close()
     }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
 }
 
 /// A mount served by a child process (e.g. `viridian mount IMAGE MOUNTPOINT --foreground`, or a

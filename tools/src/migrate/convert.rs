@@ -113,10 +113,7 @@ pub fn convert(
     target
         .close()
         .with_context(|| format!("cannot finish writing {}", out.display()))?;
-    let geometry = target.as_any().downcast_ref::<vhd::VhdDisk>().map(|v| {
-        let i = v.info();
-        format!("{}/{}/{}", i.cylinders, i.heads, i.sectors_per_track)
-    });
+    let geometry = vhd_geometry(target.as_ref());
     Ok(Converted {
         bytes_written: written,
         virtual_size: target.size(),
@@ -170,16 +167,11 @@ fn create_target(
 }
 
 fn vhd_chs_size(d: &dyn BlockDevice) -> Option<u64> {
-    d.as_any()
-        .downcast_ref::<vhd::VhdDisk>()
-        .map(|v| v.info().chs_size)
+    d.facts().chs_size
 }
 
 fn vhd_geometry(d: &dyn BlockDevice) -> Option<String> {
-    d.as_any().downcast_ref::<vhd::VhdDisk>().map(|v| {
-        let i = v.info();
-        format!("{}/{}/{}", i.cylinders, i.heads, i.sectors_per_track)
-    })
+    d.facts().geometry.map(|(c, h, s)| format!("{c}/{h}/{s}"))
 }
 
 /// Copies the data extents of `src` into the fresh (all-zero) `dst`, skipping zero chunks.

@@ -486,9 +486,8 @@ mod tests {
             assert_eq!(d.size(), fixtures::chs_size(), "{rule:?}");
         }
         let d = open(&p);
-        let v = d.as_any().downcast_ref::<vhd::VhdDisk>().unwrap().info();
         let (c, h, s) = fixtures::geometry();
-        assert_eq!((v.cylinders, v.heads, v.sectors_per_track), (c, h, s));
+        assert_eq!(d.facts().geometry, Some((c, h, s)));
         assert_eq!(read_all(d.as_ref()), fx.base_view);
     }
 
@@ -548,9 +547,6 @@ mod tests {
         }
         fn flush(&self) -> disk::Result<()> {
             Ok(())
-        }
-        fn as_any(&self) -> &dyn std::any::Any {
-            self
         }
     }
 

@@ -201,26 +201,15 @@ pub fn layer_info(d: &dyn BlockDevice) -> LayerInfo {
         geometry: None,
         saved_state: false,
     };
-    if let Some(v) = d.as_any().downcast_ref::<vhd::VhdDisk>() {
-        let i = v.info();
-        li.disk_type = Some(i.disk_type.to_string());
-        li.creator_app = Some(i.creator_app.clone());
-        li.creator_host_os = Some(i.creator_host_os.clone());
-        li.size_rule = Some(i.size_rule.to_string());
-        li.current_size = Some(i.current_size);
-        li.chs_size = Some(i.chs_size);
-        li.geometry = Some(format!(
-            "{}/{}/{}",
-            i.cylinders, i.heads, i.sectors_per_track
-        ));
-        li.saved_state = i.saved_state;
-    } else if let Some(fs) = d.format_specific() {
-        li.disk_type = fs
-            .get("type")
-            .or_else(|| fs.get("disk_type"))
-            .and_then(|v| v.as_str())
-            .map(str::to_string);
-    }
+    let f = d.facts();
+    li.disk_type = f.disk_type.map(str::to_string);
+    li.creator_app = f.creator_app;
+    li.creator_host_os = f.creator_host_os;
+    li.size_rule = f.size_rule.map(str::to_string);
+    li.current_size = f.current_size;
+    li.chs_size = f.chs_size;
+    li.geometry = f.geometry.map(|(c, h, s)| format!("{c}/{h}/{s}"));
+    li.saved_state = f.saved_state;
     li
 }
 
