@@ -2,7 +2,7 @@
 
 use std::any::Any;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::{
     check_aligned, check_range, Access, Allocation, BlockDevice, Error, Extent, FileStorage,
@@ -10,16 +10,27 @@ use crate::{
 };
 
 /// A raw image over any [`Storage`]. Holes in a sparse file are reported as zero extents, and
-/// zeroing with `may_unmap` punches holes.
+/// zeroing with `may_unmap` punches holes. On a block device the sector sizes are the device's,
+/// zeroing is BLKZEROOUT and discard is BLKDISCARD.
 #[derive(Debug)]
 pub struct RawDisk {
     storage: Arc<dyn Storage>,
     size: u64,
     read_only: bool,
     logical_sector: u32,
+    physical_sector: u32,
     /// A failed flush may have lost writes (whatever the store): later flushes fail too.
     flush_failed: crate::FailLatch,
+    /// Set when the format was probed: refuse writes that would make the image probe as
+    /// something else. The mutex makes check-and-write of the guarded sectors one step.
+    probe_guard: Option<Mutex<()>>,
 }
+
+/// The first bytes of a VHDX file (file type identifier) and of a VHD footer ("cookie").
+const VHDX_SIGNATURE: &[u8; 8] = b"vhdxfile";
+const VHD_COOKIE: &[u8; 8] = b"conectix";
+/// Bytes at each end of the image that format probing looks at.
+const GUARD_WINDOW: u64 = 512;
 
 impl RawDisk {
     /// Opens a raw file. The size is the file's length.
@@ -41,13 +52,33 @@ impl RawDisk {
         let size = storage
             .len()
             .map_err(|e| Error::io("cannot read image length", e))?;
+        let (logical_sector, physical_sector) = match storage.block_geometry() {
+            Some(g) => (g.logical_sector, g.physical_sector),
+            None => (512, 512),
+        };
         Ok(RawDisk {
             storage,
             size,
             read_only,
-            logical_sector: 512,
             flush_failed: Default::default(),
+            logical_sector,
+            physical_sector,
+            probe_guard: None,
         })
+    }
+
+    /// Guards against format-changing writes, for an image whose format was probed: a write
+    /// that would put a VHDX file identifier or a VHD footer cookie at offset 0, or a VHD
+    /// footer with a valid checksum in the last 512 (or 511) bytes, fails with
+    /// [`Error::ProbedRawGuard`]. An image opened with an explicit raw format has no guard.
+    pub fn with_probe_guard(mut self) -> Self {
+        self.probe_guard = Some(Mutex::new(()));
+        self
+    }
+
+    /// Whether writes are guarded (see [`RawDisk::with_probe_guard`]).
+    pub fn probe_guarded(&self) -> bool {
+        self.probe_guard.is_some()
     }
 
     /// A RAM disk of `size` bytes.
@@ -61,6 +92,7 @@ impl RawDisk {
     /// Reports this logical sector size (e.g. 4096 for a RAM disk used as a 4Kn device).
     pub fn with_logical_sector_size(mut self, n: u32) -> Self {
         self.logical_sector = n;
+        self.physical_sector = self.physical_sector.max(n);
         self
     }
 
@@ -74,6 +106,92 @@ impl RawDisk {
             None => format!("{op} at offset {offset}"),
         }
     }
+
+    /// Runs `write` (which stores `len` bytes of `data`, or zeros when None, at `offset`) after checking that
+    /// the guarded windows would not then probe as another format. Writes that miss both
+    /// windows, and unguarded disks, go straight through.
+    fn guarded<F>(&self, offset: u64, len: u64, data: Option<&[u8]>, write: F) -> Result<()>
+    where
+        F: FnOnce() -> Result<()>,
+    {
+        let Some(lock) = &self.probe_guard else {
+            return write();
+        };
+        let end = offset + len;
+        let head_end = GUARD_WINDOW.min(self.size);
+        let tail_start = self.size.saturating_sub(GUARD_WINDOW);
+        let touches_head = offset < head_end;
+        let touches_tail = end > tail_start && len > 0;
+        if !touches_head && !touches_tail {
+            return write();
+        }
+        let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if touches_head {
+            let new = self.window_after(0, head_end, offset, len, data)?;
+            for (sig, what) in [
+                (VHDX_SIGNATURE, "a VHDX file identifier"),
+                (VHD_COOKIE, "a VHD footer"),
+            ] {
+                if new.len() >= sig.len() && &new[..sig.len()] == sig {
+                    return Err(Error::ProbedRawGuard {
+                        offset,
+                        detail: format!("it would put {what} at offset 0"),
+                    });
+                }
+            }
+        }
+        if touches_tail {
+            let new = self.window_after(tail_start, self.size, offset, len, data)?;
+            if forms_vhd_footer(&new) || (new.len() > 1 && forms_vhd_footer(&new[1..])) {
+                return Err(Error::ProbedRawGuard {
+                    offset,
+                    detail: "it would put a valid VHD footer in the last sector".into(),
+                });
+            }
+        }
+        write()
+    }
+
+    /// The bytes of `from..to` as they would be after writing `len` bytes of `data` (zeros
+    /// when None) at `offset`.
+    fn window_after(
+        &self,
+        from: u64,
+        to: u64,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<Vec<u8>> {
+        let mut w = vec![0u8; (to - from) as usize];
+        self.storage
+            .read_at(&mut w, from)
+            .map_err(|e| Error::io(self.ctx("cannot read", from), e))?;
+        let (lo, hi) = (offset.max(from), (offset + len).min(to));
+        if lo < hi {
+            let dst = &mut w[(lo - from) as usize..(hi - from) as usize];
+            match data {
+                Some(d) => dst.copy_from_slice(&d[(lo - offset) as usize..(hi - offset) as usize]),
+                None => dst.fill(0),
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// Whether `b` starts with a VHD footer (cookie and a valid checksum) as far as `b` reaches;
+/// a 511-byte `b` is an old Virtual PC footer with its last (reserved) byte missing.
+fn forms_vhd_footer(b: &[u8]) -> bool {
+    if b.len() < 511 || &b[..8] != VHD_COOKIE {
+        return false;
+    }
+    let stored = u32::from_be_bytes([b[64], b[65], b[66], b[67]]);
+    let sum: u32 = b[..b.len().min(512)]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(64..68).contains(i))
+        .map(|(_, &x)| x as u32)
+        .sum();
+    !sum == stored
 }
 
 impl BlockDevice for RawDisk {
@@ -85,6 +203,9 @@ impl BlockDevice for RawDisk {
     }
     fn logical_sector_size(&self) -> u32 {
         self.logical_sector
+    }
+    fn physical_sector_size(&self) -> u32 {
+        self.physical_sector
     }
     fn read_only(&self) -> bool {
         self.read_only
@@ -100,9 +221,11 @@ impl BlockDevice for RawDisk {
             return Err(Error::ReadOnly);
         }
         check_aligned(offset, buf.len() as u64, self.size, self.logical_sector)?;
-        self.storage
-            .write_at(buf, offset)
-            .map_err(|e| Error::io(self.ctx("cannot write", offset), e))
+        self.guarded(offset, buf.len() as u64, Some(buf), || {
+            self.storage
+                .write_at(buf, offset)
+                .map_err(|e| Error::io(self.ctx("cannot write", offset), e))
+        })
     }
     fn flush(&self) -> Result<()> {
         if self.read_only {
@@ -114,23 +237,38 @@ impl BlockDevice for RawDisk {
         .map_err(|e| Error::io(self.ctx("cannot flush", 0), e))
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.write_zeroes(offset, len, ZeroFlags { may_unmap: true })
+        if self.storage.block_geometry().is_none() {
+            return self.write_zeroes(offset, len, ZeroFlags { may_unmap: true });
+        }
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        check_aligned(offset, len, self.size, self.logical_sector)?;
+        // A device may return zeros afterwards, so the guard treats discards as zeroing.
+        self.guarded(offset, len, None, || {
+            self.storage
+                .discard(offset, len)
+                .map_err(|e| Error::io(self.ctx("cannot discard", offset), e))
+        })
     }
-    /// Holes punched by discard read as zeros.
+    /// Holes punched by discard read as zeros; a block device's BLKDISCARD promises nothing.
     fn unmap_reads_zero(&self) -> bool {
-        true
+        self.storage.block_geometry().is_none()
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
         check_aligned(offset, len, self.size, self.logical_sector)?;
-        let r = if flags.may_unmap {
-            self.storage.punch_hole(offset, len)
-        } else {
-            crate::write_zeros(&*self.storage, offset, len)
-        };
-        r.map_err(|e| Error::io(self.ctx("cannot zero", offset), e))
+        self.guarded(offset, len, None, || {
+            // On a block device punch_hole is BLKZEROOUT, which never unmaps.
+            let r = if flags.may_unmap || self.storage.block_geometry().is_some() {
+                self.storage.punch_hole(offset, len)
+            } else {
+                crate::write_zeros(&*self.storage, offset, len)
+            };
+            r.map_err(|e| Error::io(self.ctx("cannot zero", offset), e))
+        })
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         check_range(offset, len, self.size)?;

@@ -682,26 +682,83 @@ fn slashes(s: &str) -> String {
 }
 
 impl VhdDisk {
-    /// True when there is a VHD footer at offset 0 or at the end (512- or 511-byte).
+    /// True when the bytes say VHD by the rules of [`VhdDisk::probe_rule`].
     pub fn probe(storage: &dyn Storage) -> Result<bool> {
+        Ok(Self::probe_rule(storage)?.is_some())
+    }
+
+    /// Whether the store is a VHD, judged only by what guest data of a raw disk cannot fake
+    /// without also matching the file's real layout; returns the rule that matched.
+    ///
+    /// * A footer copy at offset 0 whose cookie is right and whose type is dynamic or
+    ///   differencing (every dynamic VHD has one; a raw image opened by us with a probed format
+    ///   refuses writes that would create it).
+    /// * A trailing footer (last 512 bytes, or 511 for old Virtual PC) with a valid checksum
+    ///   that agrees with the file: for a fixed disk, file size == current size + 512 (or +511)
+    ///   exactly; for a dynamic/differencing disk, a dynamic header cookie at its data offset.
+    ///
+    /// A footer with a bad checksum or a size that disagrees is guest data: the file is raw
+    /// (open it with an explicit `vhd` format to read it anyway).
+    pub fn probe_rule(storage: &dyn Storage) -> Result<Option<&'static str>> {
         let len = storage
             .len()
             .map_err(|e| io_err("reading file length", e))?;
-        let mut b = [0u8; 8];
-        let mut at = |off: u64| -> Result<bool> {
-            match storage.read_at(&mut b, off) {
-                Ok(()) => Ok(&b == FOOTER_COOKIE),
+        if len < 511 {
+            return Ok(None);
+        }
+        let read = |buf: &mut [u8], off: u64| -> Result<bool> {
+            match storage.read_at(buf, off) {
+                Ok(()) => Ok(true),
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
                 Err(e) => Err(io_err("probing for a VHD footer", e)),
             }
         };
-        if len < 511 {
-            return Ok(false);
+        let sparse = |f: &Footer| {
+            matches!(
+                f.disk_type(),
+                Some(DiskType::Dynamic) | Some(DiskType::Differencing)
+            )
+        };
+        let mut b = [0u8; FOOTER_SIZE];
+        if len >= 512 && read(&mut b, 0)? && Footer::parse(&b).is_some_and(|f| sparse(&f)) {
+            return Ok(Some("VHD footer copy (dynamic or differencing) at offset 0"));
         }
-        if len >= 512 && (at(0)? || at(len - 512)?) {
-            return Ok(true);
+        for (footer_len, rule_fixed, rule_sparse) in [
+            (
+                512u64,
+                "fixed VHD footer at end of file (valid checksum, file size = current size + 512)",
+                "dynamic VHD footer at end of file (valid checksum, dynamic header at its data offset)",
+            ),
+            (
+                511,
+                "fixed VHD 511-byte footer at end of file (valid checksum, file size = current size + 511)",
+                "dynamic VHD 511-byte footer at end of file (valid checksum, dynamic header at its data offset)",
+            ),
+        ] {
+            let mut b = [0u8; FOOTER_SIZE];
+            if len < footer_len || !read(&mut b[..footer_len as usize], len - footer_len)? {
+                continue;
+            }
+            let Some(f) = Footer::parse(&b).filter(|_| Footer::checksum_ok(&b)) else {
+                continue;
+            };
+            match f.disk_type() {
+                Some(DiskType::Fixed) if f.current_size.checked_add(footer_len) == Some(len) => {
+                    return Ok(Some(rule_fixed))
+                }
+                Some(DiskType::Dynamic) | Some(DiskType::Differencing) => {
+                    let mut h = [0u8; 8];
+                    if f.data_offset.checked_add(HEADER_SIZE as u64).is_some_and(|e| e <= len)
+                        && read(&mut h, f.data_offset)?
+                        && &h == HEADER_COOKIE
+                    {
+                        return Ok(Some(rule_sparse));
+                    }
+                }
+                _ => {}
+            }
         }
-        at(len - 511)
+        Ok(None)
     }
 
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<VhdDisk> {
