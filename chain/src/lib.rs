@@ -285,7 +285,11 @@ fn open_parent(
         // The parent's format is the child's (a VHD's parent is a VHD, a VHDX's a VHDX): never
         // probed, so a file that is not one is refused rather than read as raw.
         let want = Format::parse(link.format).ok_or_else(|| {
-            Error::Unsupported(format!("parent format {} of {}", link.format, child.display()))
+            Error::Unsupported(format!(
+                "parent format {} of {}",
+                link.format,
+                child.display()
+            ))
         })?;
         let parent = match open_layer(
             &cand,
@@ -389,6 +393,56 @@ pub struct CreateSpec {
     pub azure: bool,
     /// Make a differencing image on top of this parent.
     pub parent: Option<PathBuf>,
+    /// The parent's format when stated (`-F`); None probes it.
+    pub parent_format: Option<Format>,
+    /// Where the parent is on Windows, for the absolute locators (see [`WindowsLocation`]).
+    pub parent_windows: WindowsLocation,
+}
+
+/// How the Windows path of a parent is known, for the locators that need one: stated outright
+/// (`-o parent_windows_path=D:\VMs\base.vhdx`), or by mapping a host folder to a Windows
+/// folder (`--windows-root 'D:\VMs'` maps the child's folder, `--windows-root
+/// '/srv/vms=D:\VMs'` any folder). Nothing known: only the relative locator is written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WindowsLocation {
+    pub parent_path: Option<String>,
+    pub root: Option<String>,
+    pub volume_path: Option<String>,
+}
+
+impl WindowsLocation {
+    /// The Windows paths to record for `parent` in the child at `child`.
+    pub fn resolve(&self, child: &Path, parent: &Path) -> Result<disk::ParentWindowsPaths> {
+        let mut out = disk::ParentWindowsPaths {
+            absolute: self.parent_path.clone(),
+            volume: self.volume_path.clone(),
+        };
+        if out.absolute.is_none() {
+            if let Some(root) = &self.root {
+                let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+                let (host, win) = match root.split_once('=') {
+                    Some((h, w)) => (abs(Path::new(h)), w.to_string()),
+                    None => (
+                        abs(child)
+                            .parent()
+                            .map(Path::to_path_buf)
+                            .unwrap_or_default(),
+                        root.clone(),
+                    ),
+                };
+                let p = abs(parent);
+                out.absolute =
+                    Some(disk::windows_path_under(&win, &host, &p).ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "parent {} is not inside {}, which --windows-root maps to {win}",
+                            p.display(),
+                            host.display()
+                        ))
+                    })?);
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl CreateSpec {
@@ -404,6 +458,8 @@ impl CreateSpec {
             vhd_size_rule: vhd::SizeRule::CurrentSize,
             azure: false,
             parent: None,
+            parent_format: None,
+            parent_windows: WindowsLocation::default(),
         }
     }
 }
@@ -421,8 +477,18 @@ fn create_image(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> 
         )));
     }
     let parent = match &spec.parent {
-        Some(p) => Some((p.clone(), open(p, &OpenOptions::read_only())?)),
+        Some(p) => {
+            let opts = OpenOptions {
+                format: spec.parent_format,
+                ..OpenOptions::read_only()
+            };
+            Some((p.clone(), open(p, &opts)?))
+        }
         None => None,
+    };
+    let windows = match &spec.parent {
+        Some(p) => spec.parent_windows.resolve(path, p)?,
+        None => disk::ParentWindowsPaths::default(),
     };
     match spec.format {
         Format::Raw => {
@@ -451,10 +517,9 @@ fn create_image(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> 
                 None if spec.fixed || spec.azure => vhd::CreateKind::Fixed,
                 None => vhd::CreateKind::Dynamic,
             };
-            Ok(Arc::new(vhd::VhdDisk::create(
-                path,
-                &vhd_options(spec, Some(kind)),
-            )?))
+            let mut o = vhd_options(spec, Some(kind));
+            o.parent_windows = windows;
+            Ok(Arc::new(vhd::VhdDisk::create(path, &o)?))
         }
         Format::Vhdx => {
             let kind = match parent {
@@ -474,10 +539,9 @@ fn create_image(path: &Path, spec: &CreateSpec) -> Result<Arc<dyn BlockDevice>> 
                 None if spec.fixed => vhdx::CreateKind::Fixed,
                 None => vhdx::CreateKind::Dynamic,
             };
-            Ok(Arc::new(vhdx::VhdxDisk::create(
-                path,
-                &vhdx_options(spec, Some(kind)),
-            )?))
+            let mut o = vhdx_options(spec, Some(kind));
+            o.parent_windows = windows;
+            Ok(Arc::new(vhdx::VhdxDisk::create(path, &o)?))
         }
     }
 }
@@ -609,4 +673,30 @@ pub fn relink(child: &Path, parent: &Path) -> Result<()> {
     let p = open(parent, &OpenOptions::read_only())?;
     set_parent(c.image().as_ref(), parent, p.image().as_ref())?;
     c.close()
+}
+
+/// Like [`set_parent`], also recording the parent's Windows paths (`windows`, resolved against
+/// the child's path) in the locators that hold absolute Windows paths.
+pub fn set_parent_located(
+    child: &dyn BlockDevice,
+    parent_path: &Path,
+    parent: &dyn BlockDevice,
+    windows: &WindowsLocation,
+) -> Result<()> {
+    if *windows == WindowsLocation::default() {
+        return set_parent(child, parent_path, parent);
+    }
+    let child_path = child.path().map(Path::to_path_buf).unwrap_or_default();
+    let w = windows.resolve(&child_path, parent_path)?;
+    let abs = std::path::absolute(parent_path).unwrap_or_else(|_| parent_path.to_path_buf());
+    if parent.format() == child.format() {
+        if let Some(v) = child.as_any().downcast_ref::<vhd::VhdDisk>() {
+            return v.set_parent_with(&abs, &w, parent);
+        }
+        if let Some(v) = child.as_any().downcast_ref::<vhdx::VhdxDisk>() {
+            return v.set_parent_with(&abs, &w, parent);
+        }
+    }
+    // Anything else gets set_parent's checks and messages.
+    set_parent(child, parent_path, parent)
 }

@@ -21,7 +21,7 @@ mod storage;
 pub use blockdev::BlockGeometry;
 pub use check::CheckReport;
 pub use error::{Error, IoContext, Result};
-pub use paths::windows_relative_path;
+pub use paths::{windows_path_under, windows_relative_path, ParentWindowsPaths};
 pub use raw::RawDisk;
 pub use request::Disk;
 pub use sticky::{FailLatch, StickyFlush};

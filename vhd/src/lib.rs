@@ -89,6 +89,8 @@ pub struct CreateOptions {
     pub size_rule: SizeRule,
     /// Azure-ready: fixed only, size rounded up to a whole MiB, 20 MiB ..= 32 TiB.
     pub azure: bool,
+    /// Differencing: the parent's Windows path, when known (W2ku locator, header parent name).
+    pub parent_windows: disk::ParentWindowsPaths,
 }
 
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
@@ -101,6 +103,7 @@ impl CreateOptions {
             block_size: DEFAULT_BLOCK_SIZE,
             size_rule: SizeRule::CurrentSize,
             azure: false,
+            parent_windows: disk::ParentWindowsPaths::default(),
         }
     }
 }
@@ -721,7 +724,9 @@ impl VhdDisk {
         };
         let mut b = [0u8; FOOTER_SIZE];
         if len >= 512 && read(&mut b, 0)? && Footer::parse(&b).is_some_and(|f| sparse(&f)) {
-            return Ok(Some("VHD footer copy (dynamic or differencing) at offset 0"));
+            return Ok(Some(
+                "VHD footer copy (dynamic or differencing) at offset 0",
+            ));
         }
         for (footer_len, rule_fixed, rule_sparse) in [
             (
@@ -1155,6 +1160,16 @@ impl VhdDisk {
     /// chain fails with a parent mismatch instead of reading wrong data; `set_parent` again
     /// repairs it. The old locator space is left unused (a few KiB per rebase).
     pub fn set_parent(&self, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
+        self.set_parent_with(parent_path, &disk::ParentWindowsPaths::default(), parent)
+    }
+
+    /// [`VhdDisk::set_parent`], also recording the parent's Windows path when it is known.
+    pub fn set_parent_with(
+        &self,
+        parent_path: &Path,
+        windows: &disk::ParentWindowsPaths,
+        parent: &dyn BlockDevice,
+    ) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -1178,7 +1193,7 @@ impl VhdDisk {
         })?;
         let _g = self.wl();
         self.usable()?;
-        let link = ParentPaths::new(parent_path, self.path.as_deref())?;
+        let link = ParentPaths::new(parent_path, self.path.as_deref(), windows)?;
         let (mut h, hoff) = {
             let m = self.m();
             let h = m
@@ -1187,10 +1202,7 @@ impl VhdDisk {
                 .ok_or_else(|| Error::corrupt("VHD dynamic header", 0, "missing"))?;
             (h, m.header_offset)
         };
-        let payloads = [
-            (PLAT_W2KU, utf16le(&link.absolute)),
-            (PLAT_W2RU, utf16le(&link.relative)),
-        ];
+        let payloads = link.payloads();
         let mut new_locs: [LocatorEntry; 8] = Default::default();
         for (slot, (code, data)) in payloads.iter().enumerate() {
             let space = (data.len() as u64).div_ceil(4096).max(1) * 4096;
@@ -1561,7 +1573,7 @@ impl VhdDisk {
                 parent,
             } = &opts.kind
             {
-                let link = ParentPaths::new(parent_path, storage.path())?;
+                let link = ParentPaths::new(parent_path, storage.path(), &opts.parent_windows)?;
                 h.parent_unique_id = parent.unique_id().ok_or_else(|| {
                     Error::InvalidArgument(format!(
                         "{} has no unique id: a differencing VHD needs a VHD parent",
@@ -1570,13 +1582,7 @@ impl VhdDisk {
                 })?;
                 h.parent_timestamp = parent_timestamp(&**parent);
                 h.parent_name = link.name_units();
-                for (slot, (code, data)) in [
-                    (PLAT_W2KU, utf16le(&link.absolute)),
-                    (PLAT_W2RU, utf16le(&link.relative)),
-                ]
-                .into_iter()
-                .enumerate()
-                {
+                for (slot, (code, data)) in link.payloads().into_iter().enumerate() {
                     // Generous space (bytes, like Windows) so set_parent can rewrite in place.
                     let space = (data.len() as u64).div_ceil(4096).max(1) * 4096;
                     h.locators[slot] = LocatorEntry {
@@ -1656,14 +1662,22 @@ fn bit_mask(sector: u64, lsb: bool) -> u8 {
     }
 }
 
-/// The paths a child records for its parent.
+/// The paths a child records for its parent. The relative path (W2ru) is always written; the
+/// Windows absolute path (W2ku, and the header's parent name) only when the caller knows it:
+/// a POSIX path there means nothing to Windows, and libvhdi takes the name after its last
+/// backslash, so the header then carries the parent's bare file name.
 struct ParentPaths {
-    absolute: String,
+    windows_absolute: Option<String>,
     relative: String,
+    file_name: String,
 }
 
 impl ParentPaths {
-    fn new(parent: &Path, child: Option<&Path>) -> Result<Self> {
+    fn new(
+        parent: &Path,
+        child: Option<&Path>,
+        windows: &disk::ParentWindowsPaths,
+    ) -> Result<Self> {
         let abs = std::path::absolute(parent)
             .map_err(|e| io_err(format!("resolving {}", parent.display()), e))?;
         let file = abs
@@ -1677,22 +1691,31 @@ impl ParentPaths {
             None => format!(".\\{file}"),
         };
         Ok(ParentPaths {
-            absolute: abs.to_string_lossy().into_owned(),
+            windows_absolute: windows.absolute.clone().filter(|w| !w.is_empty()),
             relative,
+            file_name: file,
         })
     }
 
-    /// UTF-16 units of the parent name (the absolute path; the file name if it is too long).
-    fn name_units(&self) -> Vec<u16> {
-        let u: Vec<u16> = self.absolute.encode_utf16().collect();
-        if u.len() <= 255 {
-            return u;
+    /// Locator payloads, relative first (what every reader here tries first).
+    fn payloads(&self) -> Vec<(u32, Vec<u8>)> {
+        let mut v = vec![(PLAT_W2RU, utf16le(&self.relative))];
+        if let Some(w) = &self.windows_absolute {
+            v.push((PLAT_W2KU, utf16le(w)));
         }
-        let file = Path::new(&self.absolute)
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        file.encode_utf16().take(255).collect()
+        v
+    }
+
+    /// UTF-16 units of the header's parent name: the Windows absolute path when known (and it
+    /// fits), else the file name.
+    fn name_units(&self) -> Vec<u16> {
+        if let Some(w) = &self.windows_absolute {
+            let u: Vec<u16> = w.encode_utf16().collect();
+            if u.len() <= 255 {
+                return u;
+            }
+        }
+        self.file_name.encode_utf16().take(255).collect()
     }
 }
 
@@ -1773,6 +1796,7 @@ pub fn measure(size: u64, allocated: u64, opts: &CreateOptions) -> (u64, u64) {
         block_size: opts.block_size,
         size_rule: opts.size_rule,
         azure: opts.azure,
+        parent_windows: disk::ParentWindowsPaths::default(),
     };
     let size = resolve_size(&probe).unwrap_or(size.div_ceil(SECTOR) * SECTOR);
     if matches!(opts.kind, CreateKind::Fixed) {
