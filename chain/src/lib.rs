@@ -273,7 +273,8 @@ fn open_parent(
         // Locators are data of the child: they may name only regular files. A device is used
         // only when the caller names it as the parent.
         let explicit = parent_override.is_some();
-        if !meta.is_file() && !(explicit && is_block_device(&meta)) {
+        let usable = meta.is_file() || (explicit && is_block_device(&meta));
+        if !usable {
             continue;
         }
         if seen.contains(&canonical(&cand)) {

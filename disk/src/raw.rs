@@ -298,6 +298,7 @@ impl BlockDevice for RawDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::is_zero;
 
     #[test]
     fn sparse_file_reports_holes_and_data() {
@@ -335,6 +336,66 @@ mod tests {
         ));
         let ro = RawDisk::new(d.storage().clone(), true).unwrap();
         assert!(matches!(ro.write_at(&b, 0), Err(Error::ReadOnly)));
+    }
+
+    /// A VHD-footer-shaped sector: cookie, and a checksum that is valid when `valid`.
+    fn footer(valid: bool) -> Vec<u8> {
+        let mut f = vec![0u8; 512];
+        f[..8].copy_from_slice(VHD_COOKIE);
+        f[60..64].copy_from_slice(&2u32.to_be_bytes());
+        let sum: u32 = f.iter().map(|&b| b as u32).sum();
+        let c = if valid { !sum } else { !sum ^ 1 };
+        f[64..68].copy_from_slice(&c.to_be_bytes());
+        f
+    }
+
+    fn guarded(size: usize) -> RawDisk {
+        RawDisk::memory(size as u64).unwrap().with_probe_guard()
+    }
+
+    #[test]
+    fn probe_guard_refuses_format_signatures_at_either_end() {
+        let size = 64 << 10;
+        let d = guarded(size);
+        let refused = |r: Result<()>| matches!(r, Err(Error::ProbedRawGuard { .. }));
+        assert!(refused(d.write_at(b"vhdxfile", 0)));
+        assert!(refused(d.write_at(&footer(true), 0)));
+        assert!(refused(d.write_at(&footer(true), size as u64 - 512)));
+        // The 511-byte form (footer shifted one byte toward the end).
+        assert!(refused(d.write_at(&footer(true)[..511], size as u64 - 511)));
+        // Inside a larger write covering the last sector.
+        let mut big = vec![0u8; 4096];
+        big[4096 - 512..].copy_from_slice(&footer(true));
+        assert!(refused(d.write_at(&big, size as u64 - 4096)));
+        // Built from two writes: the second completes the signature.
+        d.write_at(b"vhdx", 0).unwrap();
+        assert!(refused(d.write_at(b"file", 4)));
+        // Nothing refused was written.
+        let mut b = vec![0u8; size];
+        d.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b[..8], b"vhdx\0\0\0\0");
+        assert!(is_zero(&b[size - 4096..]));
+        // A footer-like sector with a bad checksum, ordinary data, zeros: all fine.
+        d.write_at(&footer(false), size as u64 - 512).unwrap();
+        d.write_at(&[7u8; 4096], 8192).unwrap();
+        d.write_zeroes(0, size as u64, ZeroFlags::default()).unwrap();
+        // Unguarded (explicit raw): the guest owns every byte.
+        let free = RawDisk::memory(size as u64).unwrap();
+        assert!(!free.probe_guarded());
+        free.write_at(b"vhdxfile", 0).unwrap();
+        free.write_at(&footer(true), size as u64 - 512).unwrap();
+    }
+
+    #[test]
+    fn probe_guard_checks_zeroing_that_would_complete_a_footer() {
+        let size = 8192usize;
+        let d = guarded(size);
+        // A valid footer whose byte 100 is then spoiled: zeroing that byte would repair it.
+        let mut f = footer(true);
+        f[100] = 1;
+        d.write_at(&f, size as u64 - 512).unwrap();
+        let r = d.write_zeroes(size as u64 - 512 + 100, 1, ZeroFlags::default());
+        assert!(matches!(r, Err(Error::ProbedRawGuard { .. })), "{r:?}");
     }
 
     #[test]
