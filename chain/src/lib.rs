@@ -1,8 +1,8 @@
 //! Opening images: format probing and parent chains.
 //!
 //! [`open`] takes the format it is told, or else probes the bytes ([`probe_explained`]: VHDX
-//! file identifier; a dynamic VHD's footer copy at offset 0; a trailing VHD footer only with a
-//! valid checksum that agrees with the file's size; else raw). A writable image whose format
+//! file identifier; a VHD footer cookie at offset 0 (a dynamic VHD's copy); a trailing VHD
+//! footer only with a valid checksum that agrees with the file's size; else raw). A writable image whose format
 //! was probed as raw refuses writes that would make it probe as something else (guest data
 //! must not choose the format of the next open). For differencing images every parent is found
 //! and verified: the locators' candidate paths are tried in order (relative, absolute, then the
@@ -105,7 +105,7 @@ pub struct Probe {
 }
 
 /// Rule text when nothing matched.
-pub const RAW_RULE: &str = "no VHDX identifier, no VHD footer copy at offset 0, no trailing VHD footer with a valid checksum agreeing with the file size: raw";
+pub const RAW_RULE: &str = "no VHDX identifier, no VHD footer cookie at offset 0, no trailing VHD footer with a valid checksum agreeing with the file size: raw";
 
 /// Determines the format from the bytes of a store, and says which rule decided.
 pub fn probe_explained(storage: &dyn Storage) -> Result<Probe> {

@@ -378,7 +378,8 @@ mod tests {
         // A footer-like sector with a bad checksum, ordinary data, zeros: all fine.
         d.write_at(&footer(false), size as u64 - 512).unwrap();
         d.write_at(&[7u8; 4096], 8192).unwrap();
-        d.write_zeroes(0, size as u64, ZeroFlags::default()).unwrap();
+        d.write_zeroes(0, size as u64, ZeroFlags::default())
+            .unwrap();
         // Unguarded (explicit raw): the guest owns every byte.
         let free = RawDisk::memory(size as u64).unwrap();
         assert!(!free.probe_guarded());

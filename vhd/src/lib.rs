@@ -693,9 +693,9 @@ impl VhdDisk {
     /// Whether the store is a VHD, judged only by what guest data of a raw disk cannot fake
     /// without also matching the file's real layout; returns the rule that matched.
     ///
-    /// * A footer copy at offset 0 whose cookie is right and whose type is dynamic or
-    ///   differencing (every dynamic VHD has one; a raw image opened by us with a probed format
-    ///   refuses writes that would create it).
+    /// * A footer cookie at offset 0 (every dynamic VHD has its footer copy there; qemu probes
+    ///   VHD by this alone). A raw image opened by us with a probed format refuses writes that
+    ///   would create it.
     /// * A trailing footer (last 512 bytes, or 511 for old Virtual PC) with a valid checksum
     ///   that agrees with the file: for a fixed disk, file size == current size + 512 (or +511)
     ///   exactly; for a dynamic/differencing disk, a dynamic header cookie at its data offset.
@@ -716,16 +716,10 @@ impl VhdDisk {
                 Err(e) => Err(io_err("probing for a VHD footer", e)),
             }
         };
-        let sparse = |f: &Footer| {
-            matches!(
-                f.disk_type(),
-                Some(DiskType::Dynamic) | Some(DiskType::Differencing)
-            )
-        };
         let mut b = [0u8; FOOTER_SIZE];
-        if len >= 512 && read(&mut b, 0)? && Footer::parse(&b).is_some_and(|f| sparse(&f)) {
+        if len >= 512 && read(&mut b, 0)? && Footer::parse(&b).is_some() {
             return Ok(Some(
-                "VHD footer copy (dynamic or differencing) at offset 0",
+                "VHD footer cookie 'conectix' at offset 0 (a dynamic VHD's footer copy)",
             ));
         }
         for (footer_len, rule_fixed, rule_sparse) in [
