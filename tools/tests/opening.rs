@@ -273,6 +273,15 @@ fn the_same_writes_with_an_explicit_raw_format_succeed() {
         let arg = format!("{},format=raw", p(&img));
         let out = ok(&["run", "--dry-run", "--disk", &arg]);
         assert!(out.contains(&format!("format=raw size={DISK} rw")), "{out}");
+        // So does `format = "raw"` in a VM description.
+        let vm = join(d.path(), "vm.toml");
+        std::fs::write(
+            &vm,
+            format!("[[disk]]\npath = {:?}\nformat = \"raw\"\n", p(&img)),
+        )
+        .unwrap();
+        let out = ok(&["run", "--dry-run", p(&vm)]);
+        assert!(out.contains(&format!("format=raw size={DISK} rw")), "{out}");
         std::fs::remove_file(&img).unwrap();
     }
 }

@@ -382,3 +382,60 @@ fn without_a_windows_path_vhd_parents_beside_the_child_are_found() {
     ok(&["convert", "-O", "raw", p(&child), p(&ours)]);
     assert!(seen == read_all(&ours), "vhdimount view differs");
 }
+
+/// What a new VHDX link records: the relative path always; Windows paths only when given.
+#[test]
+fn vhdx_locators_hold_windows_paths_only_when_known() {
+    let d = tmp();
+    let root = std::fs::canonicalize(d.path()).unwrap();
+    let base = root.join("base.vhdx");
+    ok(&["create", "-f", "vhdx", p(&base), "4M"]);
+    let locator = |img: &Path| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&["info", "--output", "json", p(img)])).unwrap();
+        v["format-specific"]["data"]["parent_locator"].clone()
+    };
+    let plain = root.join("plain.vhdx");
+    ok(&["create", "-f", "vhdx", "-b", p(&base), p(&plain)]);
+    let l = locator(&plain);
+    assert_eq!(l["relative_path"], ".\\base.vhdx", "{l}");
+    assert!(l.get("absolute_win32_path").is_none(), "{l}");
+    assert!(l.get("volume_path").is_none(), "{l}");
+    let given = root.join("given.vhdx");
+    ok(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-b",
+        p(&base),
+        "-o",
+        "parent_windows_path=E:\\x\\base.vhdx",
+        "--parent-volume-path",
+        "\\\\?\\Volume{0b7a3c52-1111-2222-3333-444455556666}\\x\\base.vhdx",
+        p(&given),
+    ]);
+    let l = locator(&given);
+    assert_eq!(l["absolute_win32_path"], "E:\\x\\base.vhdx", "{l}");
+    assert_eq!(
+        l["volume_path"],
+        "\\\\?\\Volume{0b7a3c52-1111-2222-3333-444455556666}\\x\\base.vhdx"
+    );
+    let mapped = root.join("mapped.vhdx");
+    ok(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-b",
+        p(&base),
+        "--windows-root",
+        "D:\\VMs",
+        p(&mapped),
+    ]);
+    assert_eq!(
+        locator(&mapped)["absolute_win32_path"],
+        "D:\\VMs\\base.vhdx"
+    );
+    // Both still open here through the relative path.
+    ok(&["info", p(&given)]);
+    ok(&["info", p(&mapped)]);
+}
