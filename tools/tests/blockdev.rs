@@ -255,3 +255,35 @@ fn a_4096_byte_sector_device_keeps_its_geometry() {
     ok(&["convert", "-O", "raw", p(&x), p(&out)]);
     assert!(read_all(&out) == read_all(&back));
 }
+
+/// A device cannot grow: a write that needs a new block fails with a clear message, and the
+/// image stays consistent.
+#[test]
+fn a_full_device_refuses_growth_cleanly() {
+    if !ready() {
+        return;
+    }
+    let d = tmp();
+    for fmt in ["vhd", "vhdx"] {
+        let img = join(d.path(), &format!("empty.{fmt}"));
+        ok(&["create", "-f", fmt, p(&img), "8M"]);
+        let Some(dev) = Loop::attach(&img, &[]) else {
+            return;
+        };
+        let o = viridian(&["io", "-c", "write -P 0x11 0 4k", dev.path()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{fmt}: {err}");
+        assert!(
+            err.contains("block device of fixed size") || err.contains("No space left"),
+            "{fmt}: {err}"
+        );
+        assert_eq!(
+            code(&["check", dev.path()]),
+            0,
+            "{fmt}: check after the failed write"
+        );
+        let v: Value =
+            serde_json::from_str(&ok(&["info", "--output", "json", dev.path()])).unwrap();
+        assert_eq!(v["virtual-size"], 8u64 << 20);
+    }
+}
