@@ -353,49 +353,77 @@ mod tests {
         RawDisk::memory(size as u64).unwrap().with_probe_guard()
     }
 
+    fn sector_with(prefix: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; 512];
+        v[..prefix.len()].copy_from_slice(prefix);
+        v
+    }
+
     #[test]
     fn probe_guard_refuses_format_signatures_at_either_end() {
         let size = 64 << 10;
         let d = guarded(size);
+        let end = size as u64;
         let refused = |r: Result<()>| matches!(r, Err(Error::ProbedRawGuard { .. }));
-        assert!(refused(d.write_at(b"vhdxfile", 0)));
+        assert!(refused(d.write_at(&sector_with(b"vhdxfile"), 0)));
         assert!(refused(d.write_at(&footer(true), 0)));
-        assert!(refused(d.write_at(&footer(true), size as u64 - 512)));
-        // The 511-byte form (footer shifted one byte toward the end).
-        assert!(refused(d.write_at(&footer(true)[..511], size as u64 - 511)));
-        // Inside a larger write covering the last sector.
+        assert!(refused(d.write_at(&footer(true), end - 512)));
+        // The 511-byte form: the footer starts one byte into the last sector.
+        let mut shifted = vec![0u8; 512];
+        shifted[1..].copy_from_slice(&footer(true)[..511]);
+        assert!(refused(d.write_at(&shifted, end - 512)));
+        // Inside a larger write covering the last sector, or sector 0.
         let mut big = vec![0u8; 4096];
         big[4096 - 512..].copy_from_slice(&footer(true));
-        assert!(refused(d.write_at(&big, size as u64 - 4096)));
-        // Built from two writes: the second completes the signature.
-        d.write_at(b"vhdx", 0).unwrap();
-        assert!(refused(d.write_at(b"file", 4)));
+        assert!(refused(d.write_at(&big, end - 4096)));
+        let mut big = vec![0u8; 8192];
+        big[..8].copy_from_slice(b"vhdxfile");
+        assert!(refused(d.write_at(&big, 0)));
         // Nothing refused was written.
         let mut b = vec![0u8; size];
         d.read_at(&mut b, 0).unwrap();
-        assert_eq!(&b[..8], b"vhdx\0\0\0\0");
-        assert!(is_zero(&b[size - 4096..]));
+        assert!(is_zero(&b));
         // A footer-like sector with a bad checksum, ordinary data, zeros: all fine.
-        d.write_at(&footer(false), size as u64 - 512).unwrap();
+        d.write_at(&footer(false), end - 512).unwrap();
         d.write_at(&[7u8; 4096], 8192).unwrap();
-        d.write_zeroes(0, size as u64, ZeroFlags::default())
-            .unwrap();
+        d.write_zeroes(0, end, ZeroFlags::default()).unwrap();
         // Unguarded (explicit raw): the guest owns every byte.
-        let free = RawDisk::memory(size as u64).unwrap();
+        let free = RawDisk::memory(end).unwrap();
         assert!(!free.probe_guarded());
-        free.write_at(b"vhdxfile", 0).unwrap();
-        free.write_at(&footer(true), size as u64 - 512).unwrap();
+        free.write_at(&sector_with(b"vhdxfile"), 0).unwrap();
+        free.write_at(&footer(true), end - 512).unwrap();
+    }
+
+    #[test]
+    fn probe_guard_sees_sub_sector_writes_through_the_request_layer() {
+        // disk::Disk turns sub-sector writes into whole-sector read-modify-writes: a signature
+        // assembled from small writes reaches the guard as one full sector.
+        let d = crate::Disk::new(Arc::new(guarded(8192)));
+        d.write_at(b"vhdx", 0).unwrap();
+        let e = d.write_at(b"file", 4).unwrap_err();
+        assert!(matches!(e, Error::ProbedRawGuard { .. }), "{e}");
+        let f = footer(true);
+        d.write_at(&f[..8], 8192 - 512).unwrap();
+        let e = d.write_at(&f[8..], 8192 - 504).unwrap_err();
+        assert!(matches!(e, Error::ProbedRawGuard { .. }), "{e}");
+        let mut b = vec![0u8; 8192];
+        d.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b[..8], b"vhdx\0\0\0\0");
+        assert_eq!(&b[8192 - 512..8192 - 504], b"conectix");
+        assert!(is_zero(&b[8192 - 504..]));
     }
 
     #[test]
     fn probe_guard_checks_zeroing_that_would_complete_a_footer() {
         let size = 8192usize;
         let d = guarded(size);
-        // A valid footer whose byte 100 is then spoiled: zeroing that byte would repair it.
+        // A valid footer whose byte 100 is then spoiled: zeroing that byte (through the
+        // request layer) would repair it.
         let mut f = footer(true);
         f[100] = 1;
         d.write_at(&f, size as u64 - 512).unwrap();
-        let r = d.write_zeroes(size as u64 - 512 + 100, 1, ZeroFlags::default());
+        let disk = crate::Disk::new(Arc::new(d));
+        let r = disk.write_zeroes(size as u64 - 512 + 100, 1, ZeroFlags::default());
         assert!(matches!(r, Err(Error::ProbedRawGuard { .. })), "{r:?}");
     }
 
