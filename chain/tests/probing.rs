@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use chain::{create, open, probe_explained, CreateSpec, Format, OpenOptions};
-use disk::{BlockDevice, Error, MemStorage};
+use disk::{Error, MemStorage};
 
 fn fixed_vhd_bytes(dir: &Path, size: u64) -> Vec<u8> {
     let p = dir.join(format!("fixed-{size}.vhd"));
