@@ -393,14 +393,14 @@ fn vhdx_locators_hold_windows_paths_only_when_known() {
     let locator = |img: &Path| -> serde_json::Value {
         let v: serde_json::Value =
             serde_json::from_str(&ok(&["info", "--output", "json", p(img)])).unwrap();
-        v["format-specific"]["data"]["parent_locator"].clone()
+        v["format-specific"]["data"]["parent-locator"].clone()
     };
     let plain = root.join("plain.vhdx");
     ok(&["create", "-f", "vhdx", "-b", p(&base), p(&plain)]);
     let l = locator(&plain);
-    assert_eq!(l["relative_path"], ".\\base.vhdx", "{l}");
-    assert!(l.get("absolute_win32_path").is_none(), "{l}");
-    assert!(l.get("volume_path").is_none(), "{l}");
+    assert_eq!(l["relative-path"], ".\\base.vhdx", "{l}");
+    assert!(l.get("absolute-win32-path").is_none(), "{l}");
+    assert!(l.get("volume-path").is_none(), "{l}");
     let given = root.join("given.vhdx");
     ok(&[
         "create",
@@ -415,9 +415,9 @@ fn vhdx_locators_hold_windows_paths_only_when_known() {
         p(&given),
     ]);
     let l = locator(&given);
-    assert_eq!(l["absolute_win32_path"], "E:\\x\\base.vhdx", "{l}");
+    assert_eq!(l["absolute-win32-path"], "E:\\x\\base.vhdx", "{l}");
     assert_eq!(
-        l["volume_path"],
+        l["volume-path"],
         "\\\\?\\Volume{0b7a3c52-1111-2222-3333-444455556666}\\x\\base.vhdx"
     );
     let mapped = root.join("mapped.vhdx");
@@ -432,7 +432,7 @@ fn vhdx_locators_hold_windows_paths_only_when_known() {
         p(&mapped),
     ]);
     assert_eq!(
-        locator(&mapped)["absolute_win32_path"],
+        locator(&mapped)["absolute-win32-path"],
         "D:\\VMs\\base.vhdx"
     );
     // Both still open here through the relative path.
