@@ -21,6 +21,12 @@ dpkg-query -W -f='${Status}\n' busybox-static 2>/dev/null | grep -q 'install ok 
 have md5sum || need+=(coreutils)
 [ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
 have pkg-config || need+=(pkg-config)
+# Independent readers the tests compare against: nbdsh (guest-style NBD writes), libvhdi's
+# vhdiinfo/vhdimount (VHD and VHDX chains), losetup for block-device tests.
+have nbdsh || need+=(python3-libnbd)
+have nbdcopy || need+=(libnbd-bin)
+have vhdimount || need+=(libvhdi-utils)
+have losetup || need+=(mount)
 
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
@@ -41,6 +47,17 @@ if [ ${#need[@]} -gt 0 ]; then
     if [ ${#rest[@]} -gt 0 ]; then
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${rest[@]}"
     fi
+fi
+
+# Python peers (dissect.hypervisor reads VHDX chains; libvhdi-python is libvhdi's own binding)
+# go into a venv inside the project's target/ directory: it works the same whether python3 is
+# Debian's (which refuses system-wide pip installs, PEP 668) or another one, needs no
+# --break-system-packages, and is removed with the build output.
+venv="$(dirname "$0")/../target/peer-venv"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import dissect.hypervisor, pyvhdi' 2>/dev/null; then
+    echo "setup: installing dissect.hypervisor and libvhdi-python into $venv" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q dissect.hypervisor libvhdi-python
 fi
 
 qemu-img --version | head -1 >&2

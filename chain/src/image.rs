@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use disk::{BlockDevice, Disk, Error, RawDisk, Result};
 
+use crate::WindowsLocation;
+
 #[derive(Clone, Debug)]
 pub enum Image {
     Raw(Arc<RawDisk>),
@@ -43,6 +45,17 @@ impl Image {
     /// Points this differencing image at `parent` (rewrites its parent locator and the
     /// identity it records), through its own format.
     pub fn set_parent(&self, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
+        self.set_parent_located(parent_path, parent, &WindowsLocation::default())
+    }
+
+    /// Like [`Image::set_parent`], also recording the parent's Windows paths (`windows`,
+    /// resolved against this image's path) in the locators that hold absolute Windows paths.
+    pub fn set_parent_located(
+        &self,
+        parent_path: &Path,
+        parent: &dyn BlockDevice,
+        windows: &WindowsLocation,
+    ) -> Result<()> {
         let abs = std::path::absolute(parent_path).unwrap_or_else(|_| parent_path.to_path_buf());
         let want = match self {
             Image::Raw(_) => {
@@ -62,10 +75,17 @@ impl Image {
                 parent.format()
             )));
         }
+        let w = if *windows == WindowsLocation::default() {
+            disk::ParentWindowsPaths::default()
+        } else {
+            let device = self.device();
+            let child_path = device.path().map(Path::to_path_buf).unwrap_or_default();
+            windows.resolve(&child_path, parent_path)?
+        };
         match self {
             Image::Raw(_) => Ok(()),
-            Image::Vhd(v) => v.set_parent(&abs, parent),
-            Image::Vhdx(v) => v.set_parent(&abs, parent),
+            Image::Vhd(v) => v.set_parent_with(&abs, &w, parent),
+            Image::Vhdx(v) => v.set_parent_with(&abs, &w, parent),
         }
     }
 

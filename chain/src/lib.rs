@@ -1,11 +1,15 @@
 //! Opening images: format probing and parent chains.
 //!
-//! [`open`] looks at the bytes (VHDX file identifier, VHD footer at the start or the end, else
-//! raw), opens the image, and for differencing images finds and verifies every parent:
-//! the locators' candidate paths are tried in order (relative, absolute, then the child's own
-//! directory), the first file that exists is opened read-only, and its identity (VHD Unique ID,
-//! VHDX DataWriteGuid) must equal what the child recorded, else the open fails naming both
-//! files. Cycles and absurd depths are refused.
+//! [`open`] takes the format it is told, or else probes the bytes ([`probe_explained`]: VHDX
+//! file identifier; a VHD footer cookie at offset 0 (a dynamic VHD's copy); a trailing VHD
+//! footer only with a valid checksum that agrees with the file's size; else raw). A writable image whose format
+//! was probed as raw refuses writes that would make it probe as something else (guest data
+//! must not choose the format of the next open). For differencing images every parent is found
+//! and verified: the locators' candidate paths are tried in order (relative, absolute, then the
+//! child's own directory); only regular files are considered (a block device only when given
+//! explicitly as the parent); each is opened read-only as the format the child's locator implies
+//! (never probed), and its identity (VHD Unique ID, VHDX DataWriteGuid) must equal what the
+//! child recorded, else the open fails naming both files. Cycles and absurd depths are refused.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -95,21 +99,50 @@ impl OpenOptions {
     }
 }
 
+/// What probing found and by which rule (for `info` and messages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub format: Format,
+    pub rule: &'static str,
+}
+
+/// Rule text when nothing matched.
+pub const RAW_RULE: &str = "no VHDX identifier, no VHD footer cookie at offset 0, no trailing VHD footer with a valid checksum agreeing with the file size: raw";
+
+/// Determines the format from the bytes of a store, and says which rule decided.
+pub fn probe_explained(storage: &dyn Storage) -> Result<Probe> {
+    if vhdx::VhdxDisk::probe(storage)? {
+        return Ok(Probe {
+            format: Format::Vhdx,
+            rule: "VHDX file type identifier 'vhdxfile' at offset 0",
+        });
+    }
+    if let Some(rule) = vhd::VhdDisk::probe_rule(storage)? {
+        return Ok(Probe {
+            format: Format::Vhd,
+            rule,
+        });
+    }
+    Ok(Probe {
+        format: Format::Raw,
+        rule: RAW_RULE,
+    })
+}
+
 /// Determines the format from the bytes of a store.
 pub fn probe(storage: &dyn Storage) -> Result<Format> {
-    if vhdx::VhdxDisk::probe(storage)? {
-        return Ok(Format::Vhdx);
-    }
-    if vhd::VhdDisk::probe(storage)? {
-        return Ok(Format::Vhd);
-    }
-    Ok(Format::Raw)
+    Ok(probe_explained(storage)?.format)
 }
 
 /// Probes the format of a file without locking or writing it.
 pub fn probe_path(path: &Path) -> Result<Format> {
+    Ok(probe_path_explained(path)?.format)
+}
+
+/// Probes a file without locking or writing it, saying which rule decided.
+pub fn probe_path_explained(path: &Path) -> Result<Probe> {
     let s = FileStorage::open(path, Access::ReadOnly, false)?;
-    probe(&s)
+    probe_explained(&s)
 }
 
 /// Opens `path` and, unless told not to, its whole parent chain, behind the request layer
@@ -125,6 +158,7 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
     open_layer(
         path,
         opts,
+        opts.format,
         !opts.read_only,
         0,
         &mut seen,
@@ -136,9 +170,12 @@ fn canonical(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
+/// Opens one layer (and, recursively, its parents). `format` None means probe.
+#[allow(clippy::too_many_arguments)]
 fn open_layer(
     path: &Path,
     opts: &OpenOptions,
+    format: Option<Format>,
     writable: bool,
     depth: usize,
     seen: &mut HashSet<PathBuf>,
@@ -164,12 +201,21 @@ fn open_layer(
         Access::ReadOnly
     };
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, access, opts.lock)?);
-    let format = match opts.format.filter(|_| depth == 0) {
-        Some(f) => f,
-        None => probe(&*storage)?,
+    let (format, probed) = match format {
+        Some(f) => (f, false),
+        None => (probe(&*storage)?, true),
     };
     match format {
-        Format::Raw => Ok(Image::Raw(Arc::new(RawDisk::new(storage, !writable)?))),
+        Format::Raw => {
+            let raw = RawDisk::new(storage, !writable)?;
+            // A probed raw image must stay raw: its guest must not be able to write itself
+            // into a VHD or VHDX for the next open. An explicit raw format lifts the guard.
+            Ok(Image::Raw(Arc::new(if probed && writable {
+                raw.with_probe_guard()
+            } else {
+                raw
+            })))
+        }
         Format::Vhd => {
             let vopts = vhd::OpenOptions {
                 read_only: !writable,
@@ -231,7 +277,11 @@ fn open_parent(
             Ok(m) => m,
             Err(_) => continue,
         };
-        if !meta.is_file() && !is_block_device(&meta) {
+        // Locators are data of the child: they may name only regular files. A device is used
+        // only when the caller names it as the parent.
+        let explicit = parent_override.is_some();
+        let usable = meta.is_file() || (explicit && is_block_device(&meta));
+        if !usable {
             continue;
         }
         if seen.contains(&canonical(&cand)) {
@@ -240,20 +290,41 @@ fn open_parent(
                 parent: cand,
             });
         }
-        let parent =
-            open_layer(&cand, opts, opts.parents_writable, depth + 1, seen, None)?.device();
-        let found_format = parent.format();
+        // The parent's format is the child's (a VHD's parent is a VHD, a VHDX's a VHDX): never
+        // probed, so a file that is not one is refused rather than read as raw.
+        let want = Format::parse(link.format).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "parent format {} of {}",
+                link.format,
+                child.display()
+            ))
+        })?;
+        let parent = match open_layer(
+            &cand,
+            opts,
+            Some(want),
+            opts.parents_writable,
+            depth + 1,
+            seen,
+            None,
+        ) {
+            Ok(p) => p.device(),
+            Err(Error::WrongFormat { detail, .. }) => {
+                seen.remove(&canonical(&cand));
+                mismatch.get_or_insert(Error::ParentMismatch {
+                    child: child.to_path_buf(),
+                    parent: cand.clone(),
+                    detail: format!(
+                        "the child needs a {} parent, this file is not one ({detail})",
+                        link.format
+                    ),
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let found_id = parent.unique_id();
-        if found_format != link.format {
-            mismatch.get_or_insert(Error::ParentMismatch {
-                child: child.to_path_buf(),
-                parent: cand.clone(),
-                detail: format!(
-                    "the child needs a {} parent, this file is {}",
-                    link.format, found_format
-                ),
-            });
-        } else if found_id.is_none()
+        if found_id.is_none()
             || (found_id != Some(link.expected_id) && found_id != link.also_accepted)
         {
             mismatch.get_or_insert(Error::ParentMismatch {
@@ -330,6 +401,56 @@ pub struct CreateSpec {
     pub azure: bool,
     /// Make a differencing image on top of this parent.
     pub parent: Option<PathBuf>,
+    /// The parent's format when stated (`-F`); None probes it.
+    pub parent_format: Option<Format>,
+    /// Where the parent is on Windows, for the absolute locators (see [`WindowsLocation`]).
+    pub parent_windows: WindowsLocation,
+}
+
+/// How the Windows path of a parent is known, for the locators that need one: stated outright
+/// (`-o parent_windows_path=D:\VMs\base.vhdx`), or by mapping a host folder to a Windows
+/// folder (`--windows-root 'D:\VMs'` maps the child's folder, `--windows-root
+/// '/srv/vms=D:\VMs'` any folder). Nothing known: only the relative locator is written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WindowsLocation {
+    pub parent_path: Option<String>,
+    pub root: Option<String>,
+    pub volume_path: Option<String>,
+}
+
+impl WindowsLocation {
+    /// The Windows paths to record for `parent` in the child at `child`.
+    pub fn resolve(&self, child: &Path, parent: &Path) -> Result<disk::ParentWindowsPaths> {
+        let mut out = disk::ParentWindowsPaths {
+            absolute: self.parent_path.clone(),
+            volume: self.volume_path.clone(),
+        };
+        if out.absolute.is_none() {
+            if let Some(root) = &self.root {
+                let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+                let (host, win) = match root.split_once('=') {
+                    Some((h, w)) => (abs(Path::new(h)), w.to_string()),
+                    None => (
+                        abs(child)
+                            .parent()
+                            .map(Path::to_path_buf)
+                            .unwrap_or_default(),
+                        root.clone(),
+                    ),
+                };
+                let p = abs(parent);
+                out.absolute =
+                    Some(disk::windows_path_under(&win, &host, &p).ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "parent {} is not inside {}, which --windows-root maps to {win}",
+                            p.display(),
+                            host.display()
+                        ))
+                    })?);
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl CreateSpec {
@@ -345,6 +466,8 @@ impl CreateSpec {
             vhd_size_rule: vhd::SizeRule::CurrentSize,
             azure: false,
             parent: None,
+            parent_format: None,
+            parent_windows: WindowsLocation::default(),
         }
     }
 }
@@ -363,8 +486,18 @@ pub fn create_image(path: &Path, spec: &CreateSpec) -> Result<Image> {
         )));
     }
     let parent = match &spec.parent {
-        Some(p) => Some((p.clone(), open(p, &OpenOptions::read_only())?)),
+        Some(p) => {
+            let opts = OpenOptions {
+                format: spec.parent_format,
+                ..OpenOptions::read_only()
+            };
+            Some((p.clone(), open(p, &opts)?))
+        }
         None => None,
+    };
+    let windows = match &spec.parent {
+        Some(p) => spec.parent_windows.resolve(path, p)?,
+        None => disk::ParentWindowsPaths::default(),
     };
     match spec.format {
         Format::Raw => {
@@ -393,10 +526,9 @@ pub fn create_image(path: &Path, spec: &CreateSpec) -> Result<Image> {
                 None if spec.fixed || spec.azure => vhd::CreateKind::Fixed,
                 None => vhd::CreateKind::Dynamic,
             };
-            Ok(Image::Vhd(Arc::new(vhd::VhdDisk::create(
-                path,
-                &vhd_options(spec, Some(kind)),
-            )?)))
+            let mut o = vhd_options(spec, Some(kind));
+            o.parent_windows = windows;
+            Ok(Image::Vhd(Arc::new(vhd::VhdDisk::create(path, &o)?)))
         }
         Format::Vhdx => {
             let kind = match parent {
@@ -416,10 +548,9 @@ pub fn create_image(path: &Path, spec: &CreateSpec) -> Result<Image> {
                 None if spec.fixed => vhdx::CreateKind::Fixed,
                 None => vhdx::CreateKind::Dynamic,
             };
-            Ok(Image::Vhdx(Arc::new(vhdx::VhdxDisk::create(
-                path,
-                &vhdx_options(spec, Some(kind)),
-            )?)))
+            let mut o = vhdx_options(spec, Some(kind));
+            o.parent_windows = windows;
+            Ok(Image::Vhdx(Arc::new(vhdx::VhdxDisk::create(path, &o)?)))
         }
     }
 }

@@ -74,6 +74,15 @@ pub enum Error {
     #[error("{path} is locked by another process (opened for writing elsewhere)")]
     Locked { path: PathBuf },
 
+    /// A write to a raw image whose format was probed (not stated) that would make the next
+    /// probe see another format (a VHD footer, a VHDX identifier): refused, like qemu does.
+    #[error(
+        "write at offset {offset} refused: {detail}; the format of this image was probed as raw, \
+         so data that would make it probe as another format is not written (state the format \
+         explicitly, e.g. -f raw or format=raw, to allow it)"
+    )]
+    ProbedRawGuard { offset: u64, detail: String },
+
     /// A bad argument from the caller (size, block size, option value).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -117,6 +126,7 @@ impl Error {
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::Locked { .. } => libc::EBUSY,
             Error::ParentNotFound { .. } => libc::ENOENT,
+            Error::ProbedRawGuard { .. } => libc::EPERM,
             _ => libc::EIO,
         }
     }

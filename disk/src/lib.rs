@@ -6,6 +6,7 @@
 //! * [`RawDisk`]: a raw image over any storage, sparse-aware.
 //! * [`map`]: walking allocation across a chain (qemu-img map semantics).
 
+pub mod blockdev;
 pub mod check;
 mod error;
 pub mod fault;
@@ -17,9 +18,10 @@ mod request;
 pub mod sticky;
 mod storage;
 
+pub use blockdev::BlockGeometry;
 pub use check::CheckReport;
 pub use error::{Error, IoContext, Result};
-pub use paths::windows_relative_path;
+pub use paths::{windows_path_under, windows_relative_path, ParentWindowsPaths};
 pub use raw::RawDisk;
 pub use request::Disk;
 pub use sticky::{FailLatch, StickyFlush};

@@ -5,11 +5,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
+
+use crate::blockdev::{self, BlockGeometry};
 
 /// When set, [`FileStorage::flush`] does not call fsync (qemu-img's `-t unsafe` cache mode).
 static SKIP_FILE_SYNC: AtomicBool = AtomicBool::new(false);
@@ -50,6 +52,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn path(&self) -> Option<&Path> {
         None
     }
+    /// A hint that the range is unused: afterwards it reads as its old bytes or zeros.
+    /// The default deallocates like [`Storage::punch_hole`].
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.punch_hole(offset, len)
+    }
+    /// Size and sector sizes when the store is a block device (None for files and memory).
+    fn block_geometry(&self) -> Option<BlockGeometry> {
+        None
+    }
 }
 
 /// Writes `len` zero bytes at `offset` in bounded chunks.
@@ -71,7 +82,8 @@ pub enum Access {
     ReadWrite,
 }
 
-/// A real file. Reads and writes are `pread`/`pwrite`, so concurrent readers never serialise.
+/// A real file or block device. Reads and writes are `pread`/`pwrite`, so concurrent readers
+/// never serialise.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
@@ -79,6 +91,9 @@ pub struct FileStorage {
     /// The first failed fsync: the kernel may have dropped those writes, so every later flush
     /// of this handle fails (see [`crate::sticky`]).
     sync_failed: crate::sticky::FailLatch,
+    /// Set when the file is a block device: its length, zeroing and discarding go through
+    /// ioctls, and it is never truncated or fallocated.
+    block: Option<BlockGeometry>,
 }
 
 impl FileStorage {
@@ -103,10 +118,21 @@ impl FileStorage {
         if lock {
             lock_file(&file, path, access)?;
         }
+        let block = if meta.file_type().is_block_device() {
+            Some(blockdev::geometry(&file).map_err(|e| {
+                crate::Error::io(
+                    format!("cannot read the size of block device {}", path.display()),
+                    e,
+                )
+            })?)
+        } else {
+            None
+        };
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
             sync_failed: Default::default(),
+            block,
         })
     }
 
@@ -123,11 +149,24 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             sync_failed: Default::default(),
+            block: None,
         })
     }
 
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// The part of `offset..offset+len` aligned to the device's logical sector, as
+    /// (head bytes, aligned start, aligned length); the tail is what remains.
+    fn aligned_core(&self, offset: u64, len: u64) -> (u64, u64, u64) {
+        let sector = self.block.map_or(512, |g| g.logical_sector.max(1) as u64);
+        let start = offset.div_ceil(sector) * sector;
+        let end = ((offset + len) / sector) * sector;
+        if end <= start {
+            return (len, offset + len, 0);
+        }
+        (start - offset, start, end - start)
     }
 }
 
@@ -173,14 +212,49 @@ impl Storage for FileStorage {
         })
     }
     fn len(&self) -> io::Result<u64> {
+        if self.block.is_some() {
+            // The inode of a block device says 0; the kernel knows the real size.
+            return blockdev::size(&self.file);
+        }
         Ok(self.file.metadata()?.len())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.block.is_some() {
+            // A device cannot be truncated: asking for its own size is fine, anything else not.
+            if blockdev::size(&self.file)? == len {
+                return Ok(());
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{} is a block device of fixed size; it cannot be resized to {len} bytes",
+                    self.path.display()
+                ),
+            ));
+        }
         self.file.set_len(len)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
+        }
+        if self.block.is_some() {
+            // BLKZEROOUT for the sector-aligned middle (no fallocate on devices), plain zeros
+            // for any unaligned edges; zeroing unsupported by the device falls back to writes.
+            let (head, start, core) = self.aligned_core(offset, len);
+            write_zeros(self, offset, head.min(len))?;
+            if core > 0 {
+                if let Err(e) = blockdev::zero_out(&self.file, start, core) {
+                    match e.raw_os_error() {
+                        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) => {
+                            write_zeros(self, start, core)?
+                        }
+                        _ => return Err(e),
+                    }
+                }
+            }
+            let done = start + core;
+            return write_zeros(self, done, offset + len - done);
         }
         // SAFETY: fallocate on a valid descriptor with plain integer arguments.
         let rc = unsafe {
@@ -231,6 +305,31 @@ impl Storage for FileStorage {
     }
     fn path(&self) -> Option<&Path> {
         Some(&self.path)
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.block.is_none() {
+            return self.punch_hole(offset, len);
+        }
+        // A hint: only whole sectors are discarded, and a device without discard just keeps
+        // its data (which the contract allows).
+        let (_, start, core) = self.aligned_core(offset, len);
+        if core == 0 {
+            return Ok(());
+        }
+        match blockdev::discard(&self.file, start, core) {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)
+                ) =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+    fn block_geometry(&self) -> Option<BlockGeometry> {
+        self.block
     }
 }
 
@@ -342,5 +441,11 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn path(&self) -> Option<&Path> {
         (**self).path()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn block_geometry(&self) -> Option<BlockGeometry> {
+        (**self).block_geometry()
     }
 }

@@ -32,9 +32,11 @@ pub struct Args {
     /// Make the target a differencing image of this backing file and write only what differs.
     #[arg(short = 'B', long = "backing")]
     backing: Option<PathBuf>,
-    /// Format of the backing file.
+    /// Format of the backing file: opened as that instead of being probed.
     #[arg(short = 'F')]
     backing_format: Option<String>,
+    #[command(flatten)]
+    windows: common::WindowsArgs,
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
@@ -232,6 +234,8 @@ pub fn run(a: Args) -> Result<i32> {
     } else {
         let format = out_format.unwrap_or(chain::Format::Raw);
         let mut spec = crate::cmd_create::spec_from_options(format, total, &a.options)?;
+        crate::cmd_create::merge_windows(&mut spec, &a.windows);
+        keep_sector_sizes(&mut spec, &sources, &a.options)?;
         let target_sector = match format {
             chain::Format::Vhdx => spec.logical_sector_size.unwrap_or(512),
             _ => 512,
@@ -239,12 +243,11 @@ pub fn run(a: Args) -> Result<i32> {
         check_sector_size_change(&sources, srcs, target_sector, &a)?;
         if let Some(b) = &a.backing {
             let b = &common::backing_relative_to(dst, b);
-            if let Some(bf) = &a.backing_format {
-                let want = common::parse_format(bf)?;
-                if chain::probe_path(b)? != want {
-                    bail!("backing file {} is not {}", b.display(), want.name());
-                }
-            }
+            spec.parent_format = a
+                .backing_format
+                .as_deref()
+                .map(common::parse_format)
+                .transpose()?;
             spec.parent = Some(b.clone());
         }
         let prealloc = crate::cmd_create::preallocation_of(&spec, &a.options)?;
@@ -321,6 +324,36 @@ fn check_sector_size_change(
                 name.display()
             );
         }
+    }
+    Ok(())
+}
+
+/// A VHDX target keeps a 4096-byte-sector source's geometry (a 4Kn disk stays 4Kn) unless the
+/// options say otherwise; every source must agree.
+fn keep_sector_sizes(
+    spec: &mut chain::CreateSpec,
+    sources: &[disk::Disk],
+    options: &[String],
+) -> Result<()> {
+    if spec.format != chain::Format::Vhdx || spec.parent.is_some() {
+        return Ok(());
+    }
+    let given = common::parse_options(options)?;
+    let logical = sources
+        .iter()
+        .map(|s| s.logical_sector_size())
+        .max()
+        .unwrap_or(512);
+    let physical = sources
+        .iter()
+        .map(|s| s.physical_sector_size())
+        .max()
+        .unwrap_or(512);
+    if !given.contains_key("logical_sector_size") && logical == 4096 {
+        spec.logical_sector_size = Some(4096);
+    }
+    if !given.contains_key("physical_sector_size") && physical == 4096 {
+        spec.physical_sector_size = Some(4096);
     }
     Ok(())
 }

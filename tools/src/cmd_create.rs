@@ -21,9 +21,11 @@ pub struct Args {
     /// Make a differencing image on top of this parent (its size is used).
     #[arg(short = 'b', long = "backing")]
     backing: Option<PathBuf>,
-    /// Format of the backing file (checked against what it is).
+    /// Format of the backing file: it is opened as that format instead of being probed.
     #[arg(short = 'F', long = "backing-format")]
     backing_format: Option<String>,
+    #[command(flatten)]
+    windows: common::WindowsArgs,
     /// Accepted for qemu-img compatibility (we always open the parent to link to it).
     #[arg(short = 'u')]
     unsafe_backing: bool,
@@ -47,7 +49,9 @@ const OPTION_HELP: &str = "Supported options:
   azure=on                   VHD: Azure-ready fixed disk (whole MiB, 20 MiB to 32 TiB)
   preallocation=off|metadata|falloc|full
                              raw: default off; fixed VHD/VHDX: default falloc (the whole
-                             size reserved on disk, as New-VHD -Fixed); dynamic: off/metadata";
+                             size reserved on disk, as New-VHD -Fixed); dynamic: off/metadata
+  parent_windows_path=WIN    differencing: the parent's Windows path (W2ku / absolute_win32_path)
+  parent_volume_path=VOL     differencing VHDX: the parent's volume path";
 
 pub fn spec_from_options(format: Format, size: u64, options: &[String]) -> Result<CreateSpec> {
     let opts = common::parse_options(options)?;
@@ -88,6 +92,8 @@ pub fn spec_from_options(format: Format, size: u64, options: &[String]) -> Resul
             "preallocation" => {
                 common::Prealloc::parse(v)?;
             }
+            "parent_windows_path" => spec.parent_windows.parent_path = Some(v.clone()),
+            "parent_volume_path" => spec.parent_windows.volume_path = Some(v.clone()),
             // qemu options that have no meaning for our writers; accepted so scripts run.
             "block_state_zero" | "nocow" | "extent_size_hint" => {}
             other => bail!("unknown option {other:?} (see -o help)"),
@@ -177,6 +183,20 @@ fn validate_spec(format: Format, spec: &CreateSpec) -> Result<()> {
     Ok(())
 }
 
+/// Flags win over `-o` for the parent's Windows location.
+pub fn merge_windows(spec: &mut CreateSpec, w: &common::WindowsArgs) {
+    let loc = w.location();
+    if loc.parent_path.is_some() {
+        spec.parent_windows.parent_path = loc.parent_path;
+    }
+    if loc.volume_path.is_some() {
+        spec.parent_windows.volume_path = loc.volume_path;
+    }
+    if loc.root.is_some() {
+        spec.parent_windows.root = loc.root;
+    }
+}
+
 pub fn run(a: Args) -> Result<i32> {
     if a.options.iter().any(|o| o == "help" || o == "?") {
         println!("{OPTION_HELP}");
@@ -193,26 +213,20 @@ pub fn run(a: Args) -> Result<i32> {
         (None, None) => bail!("create: a SIZE is needed unless -b gives a parent"),
     };
     let mut spec = spec_from_options(format, size, &a.options)?;
+    merge_windows(&mut spec, &a.windows);
     let backing = a
         .backing
         .as_ref()
         .map(|b| common::backing_relative_to(&file, b));
     if let Some(b) = &backing {
-        if let Some(bf) = &a.backing_format {
-            let want = common::parse_format(bf)?;
-            let have =
-                chain::probe_path(b).with_context(|| format!("cannot open {}", b.display()))?;
-            if want != have {
-                bail!(
-                    "backing file {} is {}, not {}",
-                    b.display(),
-                    have.name(),
-                    want.name()
-                );
-            }
-        }
+        spec.parent_format = a
+            .backing_format
+            .as_deref()
+            .map(common::parse_format)
+            .transpose()?;
         if a.size.is_some() {
-            let parent = common::open_ro(b, None, common::SizeRuleArg::Auto)?;
+            let parent =
+                common::open_ro(b, a.backing_format.as_deref(), common::SizeRuleArg::Auto)?;
             if parent.size() != size {
                 bail!(
                     "a differencing image has its parent's size ({} bytes), not {size}",
@@ -253,6 +267,11 @@ pub struct SnapshotArgs {
     /// List the chain below FILE (depth, format, size, path).
     #[arg(short = 'l', long = "list")]
     list: bool,
+    /// FILE's format (vhd or vhdx); probed when absent.
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    #[command(flatten)]
+    windows: common::WindowsArgs,
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
@@ -275,8 +294,11 @@ pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
                     .unwrap_or("vhdx")
             );
         }
-        let format = chain::probe_path(&a.file)
-            .with_context(|| format!("cannot open {}", a.file.display()))?;
+        let format = match &a.format {
+            Some(f) => common::parse_format(f)?,
+            None => chain::probe_path(&a.file)
+                .with_context(|| format!("cannot open {}", a.file.display()))?,
+        };
         if format == Format::Raw {
             bail!(
                 "{} is raw; snapshots need a vhd or vhdx parent (convert it first)",
@@ -285,6 +307,8 @@ pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
         }
         let mut spec = CreateSpec::new(format, 0);
         spec.parent = Some(a.file.clone());
+        spec.parent_format = Some(format);
+        merge_windows(&mut spec, &a.windows);
         let (d, guard) = common::create_image(child, &spec)?;
         d.close()
             .with_context(|| format!("cannot finish {}", child.display()))?;
@@ -303,7 +327,7 @@ pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
         return Ok(0);
     }
     if a.list || a.create.is_none() {
-        let top = common::open_ro(&a.file, None, common::SizeRuleArg::Auto)?;
+        let top = common::open_ro(&a.file, a.format.as_deref(), common::SizeRuleArg::Auto)?;
         for (depth, layer) in chain::layers(&top).iter().enumerate() {
             println!(
                 "{depth}\t{}\t{}\t{}",

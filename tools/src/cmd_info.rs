@@ -66,7 +66,29 @@ pub fn run(a: Args) -> Result<i32> {
         } else {
             layer.path().map(Path::to_path_buf).unwrap_or_default()
         };
-        infos.push(image_info(layer.as_ref(), &path)?);
+        let mut info = image_info(layer.as_ref(), &path)?;
+        let (probed, rule) = if i > 0 {
+            (
+                false,
+                format!(
+                    "parent of a {} image: opened as that format, never probed",
+                    layers[i - 1].format()
+                ),
+            )
+        } else if let Some(f) = &a.format {
+            (false, format!("stated by -f {f}"))
+        } else {
+            let p = chain::probe_path_explained(&a.file)?;
+            (true, p.rule.to_string())
+        };
+        if let Value::Object(m) = &mut info {
+            m.insert("format-probed".into(), json!(probed));
+            m.insert("format-rule".into(), json!(rule));
+            if is_block_device(&path) {
+                m.insert("block-device".into(), json!(true));
+            }
+        }
+        infos.push(info);
     }
     // Why the parent is not shown: missing, or found but no longer the parent (written to
     // since the child was made). Saying "not found" for the second sends users looking for a
@@ -113,6 +135,11 @@ pub fn run(a: Args) -> Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+fn is_block_device(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 /// Bytes the layer stores itself, its allocated clusters, and how many of those do not follow
@@ -332,6 +359,12 @@ fn print_human(info: &Value, backing_problem: Option<&str>) {
     let n = |k: &str| info.get(k).and_then(Value::as_u64);
     println!("image: {}", common::shown_path(Path::new(&s("filename"))));
     println!("file format: {}", s("format"));
+    if let Some(p) = info.get("format-probed").and_then(Value::as_bool) {
+        println!("format probed: {p} ({})", s("format-rule"));
+    }
+    if info.get("block-device").and_then(Value::as_bool) == Some(true) {
+        println!("block device: yes");
+    }
     if let Some(v) = n("virtual-size") {
         println!("virtual size: {} ({v} bytes)", common::human_size(v));
     }

@@ -30,9 +30,11 @@ pub struct Args {
     /// The new parent.
     #[arg(short = 'b', long = "backing", required = true)]
     backing: PathBuf,
-    /// Format of the backing file (checked against what it is).
+    /// The new parent's format: opened as that instead of being probed.
     #[arg(short = 'F', long = "backing-format")]
     backing_format: Option<String>,
+    #[command(flatten)]
+    windows: common::WindowsArgs,
     /// Unsafe: only rewrite the parent link; contents are not compared.
     #[arg(short = 'u')]
     unsafe_mode: bool,
@@ -46,20 +48,19 @@ pub struct Args {
     file: PathBuf,
 }
 
-fn set_parent(child: &chain::Image, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
+fn set_parent(
+    child: &chain::Image,
+    parent_path: &Path,
+    parent: &dyn BlockDevice,
+    windows: &chain::WindowsLocation,
+) -> Result<()> {
     child
-        .set_parent(parent_path, parent)
+        .set_parent_located(parent_path, parent, windows)
         .with_context(|| format!("cannot point the image at {}", parent_path.display()))
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    if let Some(bf) = &a.backing_format {
-        let want = common::parse_format(bf)?;
-        if chain::probe_path(&a.backing)? != want {
-            bail!("{} is not {}", a.backing.display(), want.name());
-        }
-    }
-    let new_parent = common::open_ro(&a.backing, None, SizeRuleArg::Auto)?;
+    let new_parent = common::open_ro(&a.backing, a.backing_format.as_deref(), SizeRuleArg::Auto)?;
     let mut rw = OpenOptions::read_write();
     rw.no_parent = true;
     if let Some(f) = &a.format {
@@ -120,7 +121,12 @@ pub fn run(a: Args) -> Result<i32> {
         }
         pb.finish_and_clear();
     }
-    set_parent(&child_image, &a.backing, new_parent.as_ref())?;
+    set_parent(
+        &child_image,
+        &a.backing,
+        new_parent.as_ref(),
+        &a.windows.location(),
+    )?;
     child
         .close()
         .with_context(|| format!("cannot finish writing {}", a.file.display()))?;

@@ -34,7 +34,9 @@ pub struct Args {
     /// Number of virtual CPUs.
     #[arg(long)]
     cpus: Option<u32>,
-    /// A disk: PATH[,ro][,undo] (repeatable; LUN 0, 1, ... in order).
+    /// A disk: PATH[,ro][,undo][,format=raw|vhd|vhdx] (repeatable; LUN 0, 1, ... in order).
+    /// Without format= the format is probed, and a probed raw disk refuses guest writes that
+    /// would make it probe as VHD/VHDX; format=raw allows them.
     #[arg(long = "disk")]
     disks: Vec<String>,
     /// What to do with undo disks when the guest ends.
@@ -72,6 +74,10 @@ pub struct Args {
     /// same disks (undo changes carry over; --timeout counts over all boots).
     #[arg(long = "on-reboot", value_enum, default_value_t = OnReboot::Exit)]
     on_reboot: OnReboot,
+    /// Open the disks, print what the guest would get (LUN, format, size, access) and exit
+    /// without starting a VM.
+    #[arg(long = "dry-run")]
+    dry_run: bool,
     /// Only report what this host's KVM can do (guest user space, time dilation) and exit.
     #[arg(long = "probe-host")]
     probe_host: bool,
@@ -139,6 +145,9 @@ struct VmFile {
 #[serde(deny_unknown_fields)]
 struct VmDisk {
     path: PathBuf,
+    /// raw, vhd or vhdx; probed when absent.
+    #[serde(default)]
+    format: Option<String>,
     #[serde(default)]
     read_only: bool,
     #[serde(default)]
@@ -160,6 +169,7 @@ struct DiskSpec {
     path: PathBuf,
     read_only: bool,
     undo: bool,
+    format: Option<chain::Format>,
 }
 
 fn parse_disk_flag(s: &str) -> Result<DiskSpec> {
@@ -172,13 +182,19 @@ fn parse_disk_flag(s: &str) -> Result<DiskSpec> {
         path: PathBuf::from(path),
         read_only: false,
         undo: false,
+        format: None,
     };
     for opt in parts {
-        match opt {
-            "ro" => d.read_only = true,
-            "rw" => d.read_only = false,
-            "undo" => d.undo = true,
-            other => bail!("--disk {s:?}: unknown option {other:?} (ro, undo)"),
+        match opt.split_once('=') {
+            Some(("format", f)) => {
+                d.format = Some(common::parse_format(f).with_context(|| format!("--disk {s:?}"))?)
+            }
+            _ => match opt {
+                "ro" => d.read_only = true,
+                "rw" => d.read_only = false,
+                "undo" => d.undo = true,
+                other => bail!("--disk {s:?}: unknown option {other:?} (ro, undo, format=)"),
+            },
         }
     }
     Ok(d)
@@ -235,6 +251,67 @@ fn parse_type_on(s: &str) -> Result<vmm::ConsoleStep> {
     })
 }
 
+/// The disks of the VM file, then those of `--disk` flags, in LUN order.
+fn disk_specs(file: &VmFile, base_dir: &Path, flags: &[String]) -> Result<Vec<DiskSpec>> {
+    let mut specs = Vec::new();
+    for d in &file.disk {
+        specs.push(DiskSpec {
+            path: relative_to(base_dir, &d.path),
+            read_only: d.read_only,
+            undo: d.undo,
+            format: d.format.as_deref().map(common::parse_format).transpose()?,
+        });
+    }
+    for s in flags {
+        specs.push(parse_disk_flag(s)?);
+    }
+    Ok(specs)
+}
+
+/// `--dry-run`: opens every disk exactly as a run would, prints one line per LUN, closes them
+/// (undo children are discarded).
+fn dry_run(file: &VmFile, base_dir: &Path, flags: &[String]) -> Result<i32> {
+    let mut undo_disks = Vec::new();
+    for (lun, s) in disk_specs(file, base_dir, flags)?.iter().enumerate() {
+        let d = open_disk(s, &mut undo_disks)?;
+        println!(
+            "lun {lun}: {} format={} size={} {}{}",
+            s.path.display(),
+            d.format(),
+            d.size(),
+            if d.read_only() { "ro" } else { "rw" },
+            if s.undo { " undo" } else { "" }
+        );
+        d.close()?;
+    }
+    for u in undo_disks {
+        u.discard()?;
+    }
+    Ok(0)
+}
+
+/// Opens one VM disk as `run` gives it to the guest (undo disks are kept in `undo_disks`).
+fn open_disk(s: &DiskSpec, undo_disks: &mut Vec<UndoDisk>) -> Result<Disk> {
+    if s.undo {
+        let opts = OpenOptions {
+            format: s.format,
+            ..OpenOptions::read_only()
+        };
+        let u = UndoDisk::open(&s.path, &opts, None)
+            .with_context(|| format!("cannot open {} in undo mode", s.path.display()))?;
+        let d = u.disk();
+        undo_disks.push(u);
+        return Ok(d);
+    }
+    let mut opts = if s.read_only {
+        OpenOptions::read_only()
+    } else {
+        OpenOptions::read_write()
+    };
+    opts.format = s.format;
+    common::open_with(&s.path, None, SizeRuleArg::Auto, opts)
+}
+
 fn relative_to(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
@@ -260,6 +337,9 @@ pub fn run(a: Args) -> Result<i32> {
     };
     if !file.network.is_empty() {
         eprintln!("viridian: note: network adapters in the VM description are not emulated (no synthetic NIC yet)");
+    }
+    if a.dry_run {
+        return dry_run(&file, &base_dir, &a.disks);
     }
     let kernel = a
         .kernel
@@ -303,34 +383,10 @@ pub fn run(a: Args) -> Result<i32> {
         || (!a.no_stdin
             && a.console.is_none()
             && std::io::IsTerminal::is_terminal(&std::io::stdin()));
-    let mut specs: Vec<DiskSpec> = file
-        .disk
-        .iter()
-        .map(|d| DiskSpec {
-            path: relative_to(&base_dir, &d.path),
-            read_only: d.read_only,
-            undo: d.undo,
-        })
-        .collect();
-    for s in &a.disks {
-        specs.push(parse_disk_flag(s)?);
-    }
+    let specs = disk_specs(&file, &base_dir, &a.disks)?;
     let mut undo_disks = Vec::new();
     for s in &specs {
-        let disk: Disk = if s.undo {
-            let u = UndoDisk::open(&s.path, &OpenOptions::read_only(), None)
-                .with_context(|| format!("cannot open {} in undo mode", s.path.display()))?;
-            let d = u.disk();
-            undo_disks.push(u);
-            d
-        } else {
-            let opts = if s.read_only {
-                OpenOptions::read_only()
-            } else {
-                OpenOptions::read_write()
-            };
-            common::open_with(&s.path, None, SizeRuleArg::Auto, opts)?
-        };
+        let disk = open_disk(s, &mut undo_disks)?;
         cfg.disks.push(disk);
     }
     let name = file.name.clone().unwrap_or_else(|| "guest".into());

@@ -33,6 +33,9 @@ enum Action {
         /// Output as human text or JSON (qemu-img's keys).
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
+        /// The undo disk's format (vhd or vhdx); probed when absent.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
         /// The image file.
         file: PathBuf,
     },
@@ -44,6 +47,10 @@ enum Action {
         /// Quiet: print no messages (errors are still printed).
         #[arg(short = 'q')]
         quiet: bool,
+        /// The undo disk's format (vhd or vhdx); probed when absent. Its parent is always
+        /// opened as the same format.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
         /// The image file.
         file: PathBuf,
     },
@@ -52,6 +59,9 @@ enum Action {
         /// Quiet: print no messages (errors are still printed).
         #[arg(short = 'q')]
         quiet: bool,
+        /// The undo disk's format (vhd or vhdx); probed when absent.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
         /// The image file.
         file: PathBuf,
     },
@@ -88,7 +98,7 @@ fn raw_facts(file: &Path) -> Result<UndoFacts> {
     })
 }
 
-fn facts(file: &Path) -> Result<UndoFacts> {
+fn facts(file: &Path, format: Option<&str>) -> Result<UndoFacts> {
     if chain::undo::raw_undo_base(file)
         .with_context(|| format!("cannot open {}", file.display()))?
         .is_some()
@@ -97,11 +107,15 @@ fn facts(file: &Path) -> Result<UndoFacts> {
     }
     let mut alone = OpenOptions::read_only();
     alone.no_parent = true;
-    let child = common::open_with(file, None, SizeRuleArg::Auto, alone)?;
+    let child = common::open_with(file, format, SizeRuleArg::Auto, alone)?;
     if child.parent_link().is_none() {
         bail!("{} is not a differencing (undo) disk", file.display());
     }
-    let (parent, parent_error) = match chain::open(file, &OpenOptions::read_only()) {
+    let whole = OpenOptions {
+        format: common::parse_format(child.format()).ok(),
+        ..OpenOptions::read_only()
+    };
+    let (parent, parent_error) = match chain::open(file, &whole) {
         Ok(full) => (
             full.backing().and_then(|b| b.path().map(Path::to_path_buf)),
             None,
@@ -153,7 +167,7 @@ pub fn run(a: Args) -> Result<i32> {
                 .collect();
             paths.sort();
             for p in paths {
-                match facts(&p) {
+                match facts(&p, None) {
                     Ok(f) => found.push(f),
                     Err(e) => eprintln!(
                         "viridian: skipping {}: {}",
@@ -192,8 +206,12 @@ pub fn run(a: Args) -> Result<i32> {
             }
             Ok(0)
         }
-        Action::Show { output, file } => {
-            let f = facts(&file)?;
+        Action::Show {
+            output,
+            format,
+            file,
+        } => {
+            let f = facts(&file, format.as_deref())?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&facts_json(&f))?),
                 Output::Human => {
@@ -226,9 +244,10 @@ pub fn run(a: Args) -> Result<i32> {
         Action::Commit {
             progress,
             quiet,
+            format,
             file,
         } => {
-            let f = facts(&file)?;
+            let f = facts(&file, format.as_deref())?;
             let parent = f.parent.clone().with_context(|| {
                 format!(
                     "cannot commit {}: {}",
@@ -262,7 +281,11 @@ pub fn run(a: Args) -> Result<i32> {
             }
             Ok(0)
         }
-        Action::Discard { quiet, file } => {
+        Action::Discard {
+            quiet,
+            format,
+            file,
+        } => {
             if chain::undo::raw_undo_base(&file)
                 .with_context(|| format!("cannot open {}", file.display()))?
                 .is_some()
@@ -276,7 +299,7 @@ pub fn run(a: Args) -> Result<i32> {
             }
             let mut alone = OpenOptions::read_only();
             alone.no_parent = true;
-            let child = common::open_with(&file, None, SizeRuleArg::Auto, alone)?;
+            let child = common::open_with(&file, format.as_deref(), SizeRuleArg::Auto, alone)?;
             if child.parent_link().is_none() {
                 bail!(
                     "{} is not a differencing (undo) disk; refusing to delete it",

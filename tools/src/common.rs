@@ -305,6 +305,33 @@ pub fn open_image_with(
     chain::open_image(path, &opts).with_context(|| format!("cannot open {}", path.display()))
 }
 
+/// Where a new parent link's parent is on Windows, for the locators that hold Windows
+/// absolute paths (VHD W2ku and header parent name, VHDX absolute_win32_path/volume_path).
+/// Without them only the relative locator (and the parent's bare file name) is written.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct WindowsArgs {
+    /// The parent's Windows path, e.g. 'D:\VMs\base.vhdx' (also `-o parent_windows_path=`).
+    #[arg(long = "parent-windows-path", value_name = "WINPATH")]
+    pub parent_windows_path: Option<String>,
+    /// Map a host folder to a Windows folder: 'D:\VMs' (the new child's folder is D:\VMs) or
+    /// '/srv/vms=D:\VMs'; the parent's Windows path follows from where it sits below it.
+    #[arg(long = "windows-root", value_name = "[HOSTDIR=]WINDIR")]
+    pub windows_root: Option<String>,
+    /// VHDX only: the parent's volume path (\\?\Volume{GUID}\...), written as given.
+    #[arg(long = "parent-volume-path", value_name = "VOLPATH")]
+    pub parent_volume_path: Option<String>,
+}
+
+impl WindowsArgs {
+    pub fn location(&self) -> chain::WindowsLocation {
+        chain::WindowsLocation {
+            parent_path: self.parent_windows_path.clone(),
+            root: self.windows_root.clone(),
+            volume_path: self.parent_volume_path.clone(),
+        }
+    }
+}
+
 /// The name qemu-img prints for a format (qemu calls VHD "vpc"), so scripts keep working.
 pub fn qemu_format_name(fmt: &str) -> &str {
     match fmt {

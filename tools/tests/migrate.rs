@@ -131,7 +131,7 @@ fn migrate_merge_undo_converts_the_merged_view_with_the_chs_size() {
         "name = \"winxp\"",
         "memory_mib = 512",
         "cpus = 1",
-        "[[disk]]\npath = \"winxp-disk0.vhdx\"\nread_only = false\nundo = false\ncontroller = \"ide\"\nchannel = 0\nslot = 0\n",
+        "[[disk]]\npath = \"winxp-disk0.vhdx\"\nformat = \"vhdx\"\nread_only = false\nundo = false\ncontroller = \"ide\"\nchannel = 0\nslot = 0\n",
         "[[network]]\nmac = \"00:03:FF:12:34:56\"",
     ] {
         assert!(toml.contains(want), "{want:?} not in\n{toml}");

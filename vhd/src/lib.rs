@@ -88,6 +88,8 @@ pub struct CreateOptions {
     pub size_rule: SizeRule,
     /// Azure-ready: fixed only, size rounded up to a whole MiB, 20 MiB ..= 32 TiB.
     pub azure: bool,
+    /// Differencing: the parent's Windows path, when known (W2ku locator, header parent name).
+    pub parent_windows: disk::ParentWindowsPaths,
 }
 
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
@@ -100,6 +102,7 @@ impl CreateOptions {
             block_size: DEFAULT_BLOCK_SIZE,
             size_rule: SizeRule::CurrentSize,
             azure: false,
+            parent_windows: disk::ParentWindowsPaths::default(),
         }
     }
 }
@@ -681,26 +684,79 @@ fn slashes(s: &str) -> String {
 }
 
 impl VhdDisk {
-    /// True when there is a VHD footer at offset 0 or at the end (512- or 511-byte).
+    /// True when the bytes say VHD by the rules of [`VhdDisk::probe_rule`].
     pub fn probe(storage: &dyn Storage) -> Result<bool> {
+        Ok(Self::probe_rule(storage)?.is_some())
+    }
+
+    /// Whether the store is a VHD, judged only by what guest data of a raw disk cannot fake
+    /// without also matching the file's real layout; returns the rule that matched.
+    ///
+    /// * A footer cookie at offset 0 (every dynamic VHD has its footer copy there; qemu probes
+    ///   VHD by this alone). A raw image opened by us with a probed format refuses writes that
+    ///   would create it.
+    /// * A trailing footer (last 512 bytes, or 511 for old Virtual PC) with a valid checksum
+    ///   that agrees with the file: for a fixed disk, file size == current size + 512 (or +511)
+    ///   exactly; for a dynamic/differencing disk, a dynamic header cookie at its data offset.
+    ///
+    /// A footer with a bad checksum or a size that disagrees is guest data: the file is raw
+    /// (open it with an explicit `vhd` format to read it anyway).
+    pub fn probe_rule(storage: &dyn Storage) -> Result<Option<&'static str>> {
         let len = storage
             .len()
             .map_err(|e| io_err("reading file length", e))?;
-        let mut b = [0u8; 8];
-        let mut at = |off: u64| -> Result<bool> {
-            match storage.read_at(&mut b, off) {
-                Ok(()) => Ok(&b == FOOTER_COOKIE),
+        if len < 511 {
+            return Ok(None);
+        }
+        let read = |buf: &mut [u8], off: u64| -> Result<bool> {
+            match storage.read_at(buf, off) {
+                Ok(()) => Ok(true),
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
                 Err(e) => Err(io_err("probing for a VHD footer", e)),
             }
         };
-        if len < 511 {
-            return Ok(false);
+        let mut b = [0u8; FOOTER_SIZE];
+        if len >= 512 && read(&mut b, 0)? && Footer::parse(&b).is_some() {
+            return Ok(Some(
+                "VHD footer cookie 'conectix' at offset 0 (a dynamic VHD's footer copy)",
+            ));
         }
-        if len >= 512 && (at(0)? || at(len - 512)?) {
-            return Ok(true);
+        for (footer_len, rule_fixed, rule_sparse) in [
+            (
+                512u64,
+                "fixed VHD footer at end of file (valid checksum, file size = current size + 512)",
+                "dynamic VHD footer at end of file (valid checksum, dynamic header at its data offset)",
+            ),
+            (
+                511,
+                "fixed VHD 511-byte footer at end of file (valid checksum, file size = current size + 511)",
+                "dynamic VHD 511-byte footer at end of file (valid checksum, dynamic header at its data offset)",
+            ),
+        ] {
+            let mut b = [0u8; FOOTER_SIZE];
+            if len < footer_len || !read(&mut b[..footer_len as usize], len - footer_len)? {
+                continue;
+            }
+            let Some(f) = Footer::parse(&b).filter(|_| Footer::checksum_ok(&b)) else {
+                continue;
+            };
+            match f.disk_type() {
+                Some(DiskType::Fixed) if f.current_size.checked_add(footer_len) == Some(len) => {
+                    return Ok(Some(rule_fixed))
+                }
+                Some(DiskType::Dynamic) | Some(DiskType::Differencing) => {
+                    let mut h = [0u8; 8];
+                    if f.data_offset.checked_add(HEADER_SIZE as u64).is_some_and(|e| e <= len)
+                        && read(&mut h, f.data_offset)?
+                        && &h == HEADER_COOKIE
+                    {
+                        return Ok(Some(rule_sparse));
+                    }
+                }
+                _ => {}
+            }
         }
-        at(len - 511)
+        Ok(None)
     }
 
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<VhdDisk> {
@@ -1097,6 +1153,16 @@ impl VhdDisk {
     /// chain fails with a parent mismatch instead of reading wrong data; `set_parent` again
     /// repairs it. The old locator space is left unused (a few KiB per rebase).
     pub fn set_parent(&self, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
+        self.set_parent_with(parent_path, &disk::ParentWindowsPaths::default(), parent)
+    }
+
+    /// [`VhdDisk::set_parent`], also recording the parent's Windows path when it is known.
+    pub fn set_parent_with(
+        &self,
+        parent_path: &Path,
+        windows: &disk::ParentWindowsPaths,
+        parent: &dyn BlockDevice,
+    ) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -1120,7 +1186,7 @@ impl VhdDisk {
         })?;
         let _g = self.wl();
         self.usable()?;
-        let link = ParentPaths::new(parent_path, self.path.as_deref())?;
+        let link = ParentPaths::new(parent_path, self.path.as_deref(), windows)?;
         let (mut h, hoff) = {
             let m = self.m();
             let h = m
@@ -1129,10 +1195,7 @@ impl VhdDisk {
                 .ok_or_else(|| Error::corrupt("VHD dynamic header", 0, "missing"))?;
             (h, m.header_offset)
         };
-        let payloads = [
-            (PLAT_W2KU, utf16le(&link.absolute)),
-            (PLAT_W2RU, utf16le(&link.relative)),
-        ];
+        let payloads = link.payloads();
         let mut new_locs: [LocatorEntry; 8] = Default::default();
         for (slot, (code, data)) in payloads.iter().enumerate() {
             let space = (data.len() as u64).div_ceil(4096).max(1) * 4096;
@@ -1503,7 +1566,7 @@ impl VhdDisk {
                 parent,
             } = &opts.kind
             {
-                let link = ParentPaths::new(parent_path, storage.path())?;
+                let link = ParentPaths::new(parent_path, storage.path(), &opts.parent_windows)?;
                 h.parent_unique_id = parent.unique_id().ok_or_else(|| {
                     Error::InvalidArgument(format!(
                         "{} has no unique id: a differencing VHD needs a VHD parent",
@@ -1512,13 +1575,7 @@ impl VhdDisk {
                 })?;
                 h.parent_timestamp = parent_timestamp(&**parent);
                 h.parent_name = link.name_units();
-                for (slot, (code, data)) in [
-                    (PLAT_W2KU, utf16le(&link.absolute)),
-                    (PLAT_W2RU, utf16le(&link.relative)),
-                ]
-                .into_iter()
-                .enumerate()
-                {
+                for (slot, (code, data)) in link.payloads().into_iter().enumerate() {
                     // Generous space (bytes, like Windows) so set_parent can rewrite in place.
                     let space = (data.len() as u64).div_ceil(4096).max(1) * 4096;
                     h.locators[slot] = LocatorEntry {
@@ -1607,14 +1664,22 @@ fn bit_mask(sector: u64, lsb: bool) -> u8 {
     }
 }
 
-/// The paths a child records for its parent.
+/// The paths a child records for its parent. The relative path (W2ru) is always written; the
+/// Windows absolute path (W2ku, and the header's parent name) only when the caller knows it:
+/// a POSIX path there means nothing to Windows, and libvhdi takes the name after its last
+/// backslash, so the header then carries the parent's bare file name.
 struct ParentPaths {
-    absolute: String,
+    windows_absolute: Option<String>,
     relative: String,
+    file_name: String,
 }
 
 impl ParentPaths {
-    fn new(parent: &Path, child: Option<&Path>) -> Result<Self> {
+    fn new(
+        parent: &Path,
+        child: Option<&Path>,
+        windows: &disk::ParentWindowsPaths,
+    ) -> Result<Self> {
         let abs = std::path::absolute(parent)
             .map_err(|e| io_err(format!("resolving {}", parent.display()), e))?;
         let file = abs
@@ -1628,22 +1693,31 @@ impl ParentPaths {
             None => format!(".\\{file}"),
         };
         Ok(ParentPaths {
-            absolute: abs.to_string_lossy().into_owned(),
+            windows_absolute: windows.absolute.clone().filter(|w| !w.is_empty()),
             relative,
+            file_name: file,
         })
     }
 
-    /// UTF-16 units of the parent name (the absolute path; the file name if it is too long).
-    fn name_units(&self) -> Vec<u16> {
-        let u: Vec<u16> = self.absolute.encode_utf16().collect();
-        if u.len() <= 255 {
-            return u;
+    /// Locator payloads, relative first (what every reader here tries first).
+    fn payloads(&self) -> Vec<(u32, Vec<u8>)> {
+        let mut v = vec![(PLAT_W2RU, utf16le(&self.relative))];
+        if let Some(w) = &self.windows_absolute {
+            v.push((PLAT_W2KU, utf16le(w)));
         }
-        let file = Path::new(&self.absolute)
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        file.encode_utf16().take(255).collect()
+        v
+    }
+
+    /// UTF-16 units of the header's parent name: the Windows absolute path when known (and it
+    /// fits), else the file name.
+    fn name_units(&self) -> Vec<u16> {
+        if let Some(w) = &self.windows_absolute {
+            let u: Vec<u16> = w.encode_utf16().collect();
+            if u.len() <= 255 {
+                return u;
+            }
+        }
+        self.file_name.encode_utf16().take(255).collect()
     }
 }
 
@@ -1724,6 +1798,7 @@ pub fn measure(size: u64, allocated: u64, opts: &CreateOptions) -> (u64, u64) {
         block_size: opts.block_size,
         size_rule: opts.size_rule,
         azure: opts.azure,
+        parent_windows: disk::ParentWindowsPaths::default(),
     };
     let size = resolve_size(&probe).unwrap_or(size.div_ceil(SECTOR) * SECTOR);
     if matches!(opts.kind, CreateKind::Fixed) {

@@ -46,6 +46,9 @@ pub struct CreateOptions {
     pub log_size: u32,
     pub logical_sector_size: u32,
     pub physical_sector_size: u32,
+    /// Differencing: the parent's Windows paths when known (`absolute_win32_path`,
+    /// `volume_path`); the relative path is always written.
+    pub parent_windows: disk::ParentWindowsPaths,
 }
 
 pub const DEFAULT_BLOCK_SIZE: u32 = 1 << 20;
@@ -63,6 +66,7 @@ impl CreateOptions {
             log_size: DEFAULT_LOG_SIZE,
             logical_sector_size: 512,
             physical_sector_size: 4096,
+            parent_windows: disk::ParentWindowsPaths::default(),
         }
     }
 }
@@ -1296,7 +1300,12 @@ impl VhdxDisk {
                     .or_else(|| storage.path().map(|p| p.to_path_buf()))
                     .unwrap_or_else(|| PathBuf::from("child.vhdx"));
                 (
-                    Some(build_locator(&child_path, parent_path, &**parent)?),
+                    Some(build_locator(
+                        &child_path,
+                        parent_path,
+                        &opts.parent_windows,
+                        &**parent,
+                    )?),
                     Some(parent.clone()),
                 )
             }
@@ -1398,7 +1407,12 @@ impl VhdxDisk {
     /// Re-parents a differencing image (`rebase -u`): a new locator pointing at `parent_path`,
     /// linked to `parent`'s DataWriteGuid; written through the log.
     pub fn set_parent(&self, parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
-        self.set_parent_with_next(parent_path, parent, None)
+        self.set_parent_full(
+            parent_path,
+            &disk::ParentWindowsPaths::default(),
+            parent,
+            None,
+        )
     }
 
     /// Like [`set_parent`](Self::set_parent), and when `next` is set, records it as
@@ -1407,6 +1421,31 @@ impl VhdxDisk {
     pub fn set_parent_with_next(
         &self,
         parent_path: &Path,
+        parent: &dyn BlockDevice,
+        next: Option<Guid>,
+    ) -> Result<()> {
+        self.set_parent_full(
+            parent_path,
+            &disk::ParentWindowsPaths::default(),
+            parent,
+            next,
+        )
+    }
+
+    /// [`VhdxDisk::set_parent`], also recording the parent's Windows paths when they are known.
+    pub fn set_parent_with(
+        &self,
+        parent_path: &Path,
+        windows: &disk::ParentWindowsPaths,
+        parent: &dyn BlockDevice,
+    ) -> Result<()> {
+        self.set_parent_full(parent_path, windows, parent, None)
+    }
+
+    fn set_parent_full(
+        &self,
+        parent_path: &Path,
+        windows: &disk::ParentWindowsPaths,
         parent: &dyn BlockDevice,
         next: Option<Guid>,
     ) -> Result<()> {
@@ -1436,7 +1475,7 @@ impl VhdxDisk {
             .path
             .clone()
             .unwrap_or_else(|| PathBuf::from("child.vhdx"));
-        let mut loc = build_locator(&child, parent_path, parent)?;
+        let mut loc = build_locator(&child, parent_path, windows, parent)?;
         if let Some(g) = next {
             loc.entries.push((
                 "parent_linkage2".to_string(),
@@ -2164,9 +2203,13 @@ fn replay_in_place(s: &dyn Storage, seq: &log::LogSequence) -> Result<()> {
     s.flush().map_err(io_err("cannot flush after log replay"))
 }
 
+/// The parent locator of a new link: `parent_linkage`, `relative_path` (always), and the
+/// Windows paths only when known. A POSIX path in `absolute_win32_path` helps no Windows
+/// reader, so none is written.
 fn build_locator(
     child: &Path,
     parent_path: &Path,
+    windows: &disk::ParentWindowsPaths,
     parent: &dyn BlockDevice,
 ) -> Result<ParentLocator> {
     let id = parent.unique_id().ok_or_else(|| {
@@ -2197,11 +2240,13 @@ fn build_locator(
             "relative_path".to_string(),
             disk::windows_relative_path(cdir, &pabs),
         ),
-        (
-            "absolute_win32_path".to_string(),
-            pabs.to_string_lossy().into_owned(),
-        ),
     ];
+    if let Some(v) = windows.volume.as_ref().filter(|v| !v.is_empty()) {
+        entries.push(("volume_path".to_string(), v.clone()));
+    }
+    if let Some(a) = windows.absolute.as_ref().filter(|a| !a.is_empty()) {
+        entries.push(("absolute_win32_path".to_string(), a.clone()));
+    }
     entries.retain(|(_, v)| v.len() < 32000);
     Ok(ParentLocator { entries })
 }

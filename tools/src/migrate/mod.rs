@@ -425,7 +425,7 @@ mod tests {
             toml.contains("name = \"winxp\"\nmemory_mib = 512\ncpus = 1\n"),
             "{toml}"
         );
-        assert!(toml.contains("[[disk]]\npath = \"winxp-disk0.vhdx\"\nread_only = false\nundo = false\ncontroller = \"ide\"\nchannel = 0\nslot = 0\n"), "{toml}");
+        assert!(toml.contains("[[disk]]\npath = \"winxp-disk0.vhdx\"\nformat = \"vhdx\"\nread_only = false\nundo = false\ncontroller = \"ide\"\nchannel = 0\nslot = 0\n"), "{toml}");
         assert!(
             toml.contains("[[network]]\nmac = \"00:03:FF:12:34:56\"\n"),
             "{toml}"

@@ -68,6 +68,8 @@ pub fn vm_toml(plan: &Plan) -> String {
     for d in &plan.disks {
         t.push_str("\n[[disk]]\n");
         t.push_str(&format!("path = {}\n", toml_str(&d.output)));
+        // Stated, never probed at run time: the guest's data cannot change how it is opened.
+        t.push_str(&format!("format = {}\n", toml_str(d.output_format.ext())));
         t.push_str("read_only = false\n");
         // Undo overlays discard writes at exit; the migrated VM starts without one (see report).
         t.push_str("undo = false\n");

@@ -31,6 +31,11 @@ pub enum Expect {
     /// or wrapped: it was never committed, so replay stops before it). Must open or fail
     /// cleanly; never panic. Not counted among the refused images.
     Tolerated,
+    /// Not the format its bytes pretend: by the probing rules (a trailing VHD footer counts only
+    /// when it agrees with the file's size) it is a raw disk of the file's size, which every
+    /// entry point opens as such, and raw has no check (exit 63, as qemu-img). Never read as
+    /// the format it pretends.
+    ReadAsRaw,
 }
 
 fn be32(b: &mut [u8], o: usize, v: u32) {
@@ -314,7 +319,8 @@ pub fn generate(dir: &Path) -> Vec<Hostile> {
         vhd_fix(&mut b);
         put(&mut out, dir, name, &b, Expect::Refused);
     }
-    // Fixed VHD claiming more data than the file holds.
+    // Fixed VHD claiming more data than the file holds: its footer disagrees with the file
+    // size, so it is not probed as VHD at all (guest data cannot fake a VHD that way).
     let fixed_path = src.join("fixed.vhd");
     let mut fspec = chain::CreateSpec::new(chain::Format::Vhd, 1 << 20);
     fspec.fixed = true;
@@ -329,7 +335,7 @@ pub fn generate(dir: &Path) -> Vec<Hostile> {
         dir,
         "vhd-fixed-size-beyond-file.vhd",
         &fx,
-        Expect::Refused,
+        Expect::ReadAsRaw,
     );
 
     // ---- VHD differencing: parents that are not parents ----
@@ -370,9 +376,9 @@ pub fn generate(dir: &Path) -> Vec<Hostile> {
         chain_out.push(("vhd-parent-wrong-format", c));
     }
     for (name, c) in chain_out {
-        // The child's locators name ".../vhdchain/parent.vhd" (absolute) and "parent.vhd"
-        // (relative): drop the absolute ones by pointing them nowhere, so the relative one (in
-        // the child's new directory) is what is found.
+        // The child's locators name "parent.vhd" (relative; and an absolute path, when one
+        // is written): any absolute one is pointed nowhere, so the relative one (in the
+        // child's new directory) is what is found.
         let mut b = child_bytes.clone();
         retarget_vhd_absolute(&mut b);
         std::fs::write(&c, &b).unwrap();

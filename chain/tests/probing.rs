@@ -1,0 +1,83 @@
+//! Probing rules that guest data of a raw disk cannot subvert, and the write guard `open`
+//! puts on a raw image whose format was probed.
+
+use std::path::Path;
+
+use chain::{create, open, probe_explained, CreateSpec, Format, OpenOptions};
+use disk::{Error, MemStorage};
+
+fn fixed_vhd_bytes(dir: &Path, size: u64) -> Vec<u8> {
+    let p = dir.join(format!("fixed-{size}.vhd"));
+    let mut spec = CreateSpec::new(Format::Vhd, size);
+    spec.fixed = true;
+    create(&p, &spec).unwrap().close().unwrap();
+    std::fs::read(&p).unwrap()
+}
+
+fn probe(bytes: Vec<u8>) -> chain::Probe {
+    probe_explained(&MemStorage::from_vec(bytes)).unwrap()
+}
+
+#[test]
+fn trailing_fixed_footer_counts_only_when_it_agrees_with_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let good = fixed_vhd_bytes(d.path(), 1 << 20);
+    assert_eq!(probe(good.clone()).format, Format::Vhd);
+    assert!(probe(good.clone()).rule.contains("current size + 512"));
+    // Old Virtual PC: 511-byte footer (last reserved byte missing).
+    assert_eq!(probe(good[..good.len() - 1].to_vec()).format, Format::Vhd);
+    // Bad checksum: guest data.
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 512 + 100] ^= 1;
+    assert_eq!(probe(bad).format, Format::Raw);
+    // A larger file ending with the same footer (64 MiB raw, footer for 1 MiB): raw.
+    let mut big = vec![0u8; 4 << 20];
+    let n = big.len();
+    big[n - 512..].copy_from_slice(&good[good.len() - 512..]);
+    let p = probe(big);
+    assert_eq!(p.format, Format::Raw);
+    assert_eq!(p.rule, chain::RAW_RULE);
+}
+
+#[test]
+fn dynamic_vhd_and_vhdx_are_recognised_by_their_first_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    for f in [Format::Vhd, Format::Vhdx] {
+        let p = d.path().join(format!("a.{}", f.name()));
+        create(&p, &CreateSpec::new(f, 4 << 20))
+            .unwrap()
+            .close()
+            .unwrap();
+        assert_eq!(chain::probe_path(&p).unwrap(), f);
+    }
+}
+
+#[test]
+fn a_probed_raw_image_is_guarded_and_an_explicit_one_is_not() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("disk.raw");
+    std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+    {
+        let probed = open(&p, &OpenOptions::read_write()).unwrap();
+        let e = probed.write_at(b"vhdxfile", 0).unwrap_err();
+        assert!(matches!(e, Error::ProbedRawGuard { .. }), "{e}");
+        assert_eq!(e.errno(), 1, "EPERM for protocol servers");
+        probed.write_at(&[1u8; 512], 4096).unwrap();
+        probed.close().unwrap();
+    }
+    assert_eq!(chain::probe_path(&p).unwrap(), Format::Raw);
+    {
+        let explicit = open(
+            &p,
+            &OpenOptions {
+                format: Some(Format::Raw),
+                ..OpenOptions::read_write()
+            },
+        )
+        .unwrap();
+        explicit.write_at(b"vhdxfile", 0).unwrap();
+        explicit.close().unwrap();
+    }
+    assert_eq!(chain::probe_path(&p).unwrap(), Format::Vhdx);
+}
