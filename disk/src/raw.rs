@@ -155,6 +155,13 @@ impl BlockDevice for RawDisk {
     fn as_any(&self) -> &dyn Any {
         self
     }
+    fn file_run(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64, u64)> {
+        let end = offset.checked_add(len)?;
+        if len == 0 || end > self.size {
+            return None;
+        }
+        Some((self.storage.file()?, offset, len))
+    }
 }
 
 #[cfg(test)]

@@ -2480,6 +2480,25 @@ impl BlockDevice for VhdxDisk {
     fn as_any(&self) -> &dyn Any {
         self
     }
+    fn file_run(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64, u64)> {
+        // Only fully present blocks are file bytes as they are; a replayed-log overlay would
+        // patch them in memory.
+        if len == 0 || !self.overlay.is_empty() {
+            return None;
+        }
+        let bat = rlock(&self.bat);
+        if offset.checked_add(len)? > bat.size {
+            return None;
+        }
+        let geo = bat.geo;
+        let in_block = offset % geo.block_size;
+        let e = bat.entries[geo.payload_index(offset / geo.block_size)];
+        if bat_state(e) != PB_FULLY_PRESENT {
+            return None;
+        }
+        let n = len.min(geo.block_size - in_block);
+        Some((self.storage.file()?, bat_offset(e) + in_block, n))
+    }
 }
 
 impl Drop for VhdxDisk {
