@@ -1305,6 +1305,11 @@ impl VhdxDisk {
         };
         let layout = Layout::compute(opts)?;
         let fixed = matches!(opts.kind, CreateKind::Fixed);
+        // Nothing at or past the BAT yet: unwritten BAT pieces read as zeros (holes).
+        let fresh_store = storage
+            .len()
+            .map_err(io_err("cannot get the new image's length"))?
+            <= layout.bat_offset;
         let has_parent = locator.is_some();
         let meta = Metadata {
             block_size: layout.block_size,
@@ -1345,16 +1350,40 @@ impl VhdxDisk {
         w(&rtb, RT1_OFFSET)?;
         w(&rtb, RT2_OFFSET)?;
         w(&build_metadata(&meta, MIB as usize), layout.meta_offset)?;
-        let mut bat = vec![0u8; (geo.bat_entries * 8) as usize];
+        // The BAT, a piece at a time (a 64 TiB disk with 1 MiB blocks has a 512 MiB BAT). All
+        // zeros means "not present": on a store that held nothing there before, those pieces
+        // stay holes, so an empty dynamic disk costs a few MiB on disk whatever its size.
+        let bat_bytes = geo.bat_entries * 8;
+        let mut piece = vec![0u8; bat_bytes.min(MIB) as usize];
         let mut end = layout.data_offset;
-        if fixed {
-            for b in 0..geo.data_blocks {
-                let i = geo.payload_index(b);
-                wr64(&mut bat, i * 8, bat_entry(PB_FULLY_PRESENT, end));
-                end += geo.block_size;
+        let mut next_block = 0u64;
+        let mut at = 0u64;
+        while at < bat_bytes {
+            let n = (bat_bytes - at).min(MIB) as usize;
+            let piece = &mut piece[..n];
+            piece.fill(0);
+            if fixed {
+                let first = at / 8;
+                let last = first + n as u64 / 8;
+                while next_block < geo.data_blocks {
+                    let i = geo.payload_index(next_block) as u64;
+                    if i >= last {
+                        break;
+                    }
+                    wr64(
+                        piece,
+                        ((i - first) * 8) as usize,
+                        bat_entry(PB_FULLY_PRESENT, end),
+                    );
+                    end += geo.block_size;
+                    next_block += 1;
+                }
             }
+            if !(fresh_store && disk::is_zero(piece)) {
+                w(piece, layout.bat_offset + at)?;
+            }
+            at += n as u64;
         }
-        w(&bat, layout.bat_offset)?;
         storage
             .set_len(end)
             .map_err(io_err("cannot size new image"))?;
