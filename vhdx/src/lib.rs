@@ -38,7 +38,7 @@ pub enum CreateKind {
 }
 
 /// Create options. `block_size` 0 means the default (1 MiB: right for Linux guests and accepted
-/// by Hyper-V); `log_size` 0 means 1 MiB.
+/// by Hyper-V; docs/BLOCK_SIZE.md weighs it against Hyper-V's 32 MiB); `log_size` 0 means 1 MiB.
 #[derive(Clone, Debug)]
 pub struct CreateOptions {
     pub kind: CreateKind,
