@@ -15,7 +15,8 @@ use crate::format::{wr64, Geometry};
 /// Entries per 4 KiB BAT page.
 pub(crate) const PER_PAGE: usize = 512;
 
-type Page = Box<[u64]>;
+/// A thin pointer, so an absent page costs 8 bytes of index.
+type Page = Box<[u64; PER_PAGE]>;
 
 #[derive(Debug)]
 pub(crate) struct Bat {
@@ -107,7 +108,7 @@ impl Bat {
     }
 
     fn page_mut(&mut self, p: usize) -> &mut Page {
-        self.pages[p].get_or_insert_with(|| vec![0u64; PER_PAGE].into_boxed_slice())
+        self.pages[p].get_or_insert_with(|| Box::new([0u64; PER_PAGE]))
     }
 
     /// The entries that are not zero, in index order.
