@@ -111,6 +111,19 @@ impl Bat {
         self.pages[p].get_or_insert_with(|| Box::new([0u64; PER_PAGE]))
     }
 
+    /// How many entries from `i` on are zero (absent pages are skipped whole).
+    pub fn zero_run(&self, i: usize) -> usize {
+        let mut j = i;
+        while j < self.len {
+            match &self.pages[j / PER_PAGE] {
+                None => j = (j / PER_PAGE + 1) * PER_PAGE,
+                Some(p) if p[j % PER_PAGE] == 0 => j += 1,
+                Some(_) => break,
+            }
+        }
+        j.min(self.len).saturating_sub(i)
+    }
+
     /// The entries that are not zero, in index order.
     pub fn nonzero(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
         let len = self.len;
@@ -177,6 +190,8 @@ mod tests {
         assert_eq!(b.get(3), 7);
         assert_eq!(b.get(4), 0);
         assert_eq!(b.resident_pages(), 2);
+        assert_eq!(b.zero_run(4), 1_000_000 - 4);
+        assert_eq!(b.zero_run(1_000_001), b.len() - 1_000_001);
         assert_eq!(
             b.nonzero().collect::<Vec<_>>(),
             vec![(3, 7), (1_000_000, 0x1234_0006)]

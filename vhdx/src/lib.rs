@@ -2411,6 +2411,16 @@ impl BlockDevice for VhdxDisk {
                 break;
             }
             b = o / geo.block_size;
+            if alloc == Allocation::Unallocated {
+                // A run of zero entries (not present): skip it without classifying each block.
+                // Of z entries from a payload index at least z*cr/(cr+1) - 1 are payloads.
+                let z = bat.zero_run(geo.payload_index(b)) as u64;
+                let skip = (z * geo.chunk_ratio / (geo.chunk_ratio + 1)).saturating_sub(1);
+                if skip > 0 {
+                    got = got.saturating_add(skip * geo.block_size);
+                    continue;
+                }
+            }
             let (a, n) = classify(b, 0, len - got)?;
             let same = match (alloc, a) {
                 (
