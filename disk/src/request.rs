@@ -348,6 +348,9 @@ impl BlockDevice for Disk {
     fn as_any(&self) -> &dyn std::any::Any {
         self.img().as_any()
     }
+    fn file_run(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64, u64)> {
+        self.img().file_run(offset, len)
+    }
 }
 
 /// The lock table for sectors under read-modify-write (see the module comment).
