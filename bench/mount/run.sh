@@ -17,13 +17,14 @@
 #   env: ROUNDS=3 FIO_RUNTIME=8 SIZE_MIB=2048 THREADS=4 (viridian request threads)
 #        FORMAT=vhdx: both serve a dynamic VHDX (1 MiB blocks) made from the raw image, ours
 #        through `viridian mount --foreground`, qemu's through its vhdx driver.
-# Needs root (FUSE mounts, drop of the FUSE page cache), qemu-storage-daemon (qemu-system-common
-# or qemu-utils from bookworm-backports), fio (optional), python3.
+# Needs root (FUSE mounts, drop of the FUSE page cache); bench/setup.sh installs the peers
+# (qemu-storage-daemon from qemu-utils in bookworm-backports, fio).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=../common.sh
 . "$ROOT/bench/common.sh"
+bash "$ROOT/bench/setup.sh"
 WORK=${1:-$(mktemp -d /tmp/mount-bench.XXXXXX)}
 mkdir -p "$WORK"
 ROUNDS=${ROUNDS:-3}
@@ -32,10 +33,6 @@ SIZE_MIB=${SIZE_MIB:-2048}
 THREADS=${THREADS:-4}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target-mount}
 
-command -v qemu-storage-daemon >/dev/null || {
-    echo "missing qemu-storage-daemon (apt-get install -t bookworm-backports qemu-utils or qemu-system-common)"
-    exit 1
-}
 [ -e /dev/fuse ] || { echo "missing /dev/fuse"; exit 1; }
 HAVE_FIO=0
 command -v fio >/dev/null && HAVE_FIO=1

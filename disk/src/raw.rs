@@ -289,6 +289,15 @@ impl BlockDevice for RawDisk {
     fn path(&self) -> Option<&Path> {
         self.storage.path()
     }
+
+    fn file_run(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64, u64)> {
+        let end = offset.checked_add(len)?;
+        // A guarded image hands out no file: a copy into it must pass the guard.
+        if len == 0 || end > self.size || self.probe_guard.is_some() {
+            return None;
+        }
+        Some((self.storage.file()?, offset, len))
+    }
 }
 
 #[cfg(test)]

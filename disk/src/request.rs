@@ -348,6 +348,10 @@ impl BlockDevice for Disk {
     fn format_specific(&self) -> Option<serde_json::Value> {
         self.img().format_specific()
     }
+
+    fn file_run(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64, u64)> {
+        self.img().file_run(offset, len)
+    }
 }
 
 /// The lock table for sectors under read-modify-write (see the module comment).

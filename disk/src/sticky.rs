@@ -105,6 +105,9 @@ impl<S: Storage> Storage for StickyFlush<S> {
     fn path(&self) -> Option<&Path> {
         self.inner.path()
     }
+    fn file(&self) -> Option<&std::fs::File> {
+        self.inner.file()
+    }
 }
 
 #[cfg(test)]

@@ -61,6 +61,83 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn block_geometry(&self) -> Option<BlockGeometry> {
         None
     }
+    /// The open file whose bytes are this store's bytes one to one, if there is one (lets
+    /// copies run in the kernel). Layers that change or watch the bytes answer `None`.
+    fn file(&self) -> Option<&File> {
+        None
+    }
+}
+
+/// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off` inside the kernel
+/// (`copy_file_range`: no trip through a user buffer, and file systems that share extents can
+/// share them). Falls back to `pread`/`pwrite` through a bounded buffer where the kernel or the
+/// file systems cannot (across file systems on old kernels, special files, no syscall).
+pub fn copy_file_range(
+    src: &File,
+    mut src_off: u64,
+    dst: &File,
+    mut dst_off: u64,
+    mut len: u64,
+) -> io::Result<()> {
+    while len > 0 {
+        let mut off_in = src_off as libc::loff_t;
+        let mut off_out = dst_off as libc::loff_t;
+        let want = len.min(1 << 30) as usize;
+        // SAFETY: both descriptors are valid for the call; the offsets are our own locals, so
+        // the files' shared positions are neither used nor moved.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EXDEV)
+                | Some(libc::EOPNOTSUPP)
+                | Some(libc::ENOSYS)
+                | Some(libc::EINVAL)
+                | Some(libc::EBADF) => copy_by_buffer(src, src_off, dst, dst_off, len),
+                Some(libc::EINTR) => continue,
+                _ => Err(err),
+            };
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "source ended inside the range to copy",
+            ));
+        }
+        let n = n as u64;
+        src_off += n;
+        dst_off += n;
+        len -= n;
+    }
+    Ok(())
+}
+
+fn copy_by_buffer(
+    src: &File,
+    mut src_off: u64,
+    dst: &File,
+    mut dst_off: u64,
+    mut len: u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    while len > 0 {
+        let n = len.min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], src_off)?;
+        dst.write_all_at(&buf[..n], dst_off)?;
+        src_off += n as u64;
+        dst_off += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
 }
 
 /// Writes `len` zero bytes at `offset` in bounded chunks.
@@ -275,33 +352,7 @@ impl Storage for FileStorage {
         }
     }
     fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
-        if len == 0 {
-            return Ok((true, 0));
-        }
-        let fd = self.file.as_raw_fd();
-        // SAFETY: lseek on a valid descriptor. It moves the shared file position, which nothing
-        // here uses (all data I/O is positional).
-        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = io::Error::last_os_error();
-            return match err.raw_os_error() {
-                // No data at or after offset: a hole up to EOF.
-                Some(libc::ENXIO) => Ok((false, len)),
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((true, len)),
-                _ => Err(err),
-            };
-        }
-        let data = data as u64;
-        if data > offset {
-            return Ok((false, (data - offset).min(len)));
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Ok((true, len));
-        }
-        let hole = hole as u64;
-        Ok((true, hole.saturating_sub(offset).clamp(1, len)))
+        file_data_run(&self.file, offset, len)
     }
     fn path(&self) -> Option<&Path> {
         Some(&self.path)
@@ -331,6 +382,41 @@ impl Storage for FileStorage {
     fn block_geometry(&self) -> Option<BlockGeometry> {
         self.block
     }
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+}
+
+/// Whether `offset` of `file` lies in allocated data (not a hole), and how many bytes (at most
+/// `len`, at least 1 if `len > 0`) share that state. File systems without holes say "data".
+pub fn file_data_run(file: &File, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+    if len == 0 {
+        return Ok((true, 0));
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: lseek on a valid descriptor. It moves the shared file position, which nothing
+    // here uses (all data I/O is positional).
+    let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            // No data at or after offset: a hole up to EOF.
+            Some(libc::ENXIO) => Ok((false, len)),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((true, len)),
+            _ => Err(err),
+        };
+    }
+    let data = data as u64;
+    if data > offset {
+        return Ok((false, (data - offset).min(len)));
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Ok((true, len));
+    }
+    let hole = hole as u64;
+    Ok((true, hole.saturating_sub(offset).clamp(1, len)))
 }
 
 /// An in-memory store (tests, RAM disks).
@@ -447,5 +533,8 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn block_geometry(&self) -> Option<BlockGeometry> {
         (**self).block_geometry()
+    }
+    fn file(&self) -> Option<&File> {
+        (**self).file()
     }
 }

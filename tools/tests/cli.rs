@@ -591,3 +591,47 @@ fn convert_allocates_target_blocks_in_order() {
         assert_eq!(code(&["compare", p(&out), p(&src)]), 0);
     }
 }
+
+/// `convert -C` (copy offloading): VHDX -> raw and raw -> raw through copy_file_range give the
+/// source's bytes, leave the source's holes as holes, and `-C` with `-S` is refused as qemu-img
+/// refuses it.
+#[test]
+fn convert_copy_offloading_keeps_bytes_and_holes() {
+    let d = tmp();
+    let src = join(d.path(), "src.raw");
+    patterned_raw(&src, 32 << 20, 11);
+    let vhdx = join(d.path(), "src.vhdx");
+    ok(&["convert", "-O", "vhdx", p(&src), p(&vhdx)]);
+    let on_disk = |path: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).expect("stat").blocks() * 512
+    };
+    for (from, name) in [(&vhdx, "from-vhdx.raw"), (&src, "from-raw.raw")] {
+        let out = join(d.path(), name);
+        ok(&["convert", "-C", "-O", "raw", p(from), p(&out)]);
+        assert!(
+            read_all(&out) == read_all(&src),
+            "{name} differs from the source"
+        );
+        assert!(
+            on_disk(&out) <= on_disk(&src) + (1 << 20),
+            "{name} occupies {} bytes, the source {}",
+            on_disk(&out),
+            on_disk(&src)
+        );
+    }
+    let refused = join(d.path(), "refused.raw");
+    assert_ne!(
+        code(&[
+            "convert",
+            "-C",
+            "-S",
+            "4k",
+            "-O",
+            "raw",
+            p(&src),
+            p(&refused)
+        ]),
+        0
+    );
+}

@@ -135,7 +135,7 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
     }
     let fixed_n = used.len();
     let mut allocated = 0u64;
-    for (i, &e) in bat.entries.iter().enumerate() {
+    for (i, e) in bat.nonzero() {
         let is_sb = (i as u64 % (geo.chunk_ratio + 1)) == geo.chunk_ratio;
         let st = bat_state(e);
         let len = if is_sb {

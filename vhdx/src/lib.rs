@@ -2,6 +2,7 @@
 //! memory); crash-consistent writes through a write-ahead log (see [`log`] for the scheme);
 //! create, trim, block status, resize, compact, re-parenting, check and measure.
 
+mod bat;
 mod check;
 pub mod format;
 pub mod log;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use bat::Bat;
 use disk::{
     check_aligned, check_range, Access, Allocation, BlockDevice, Error, Extent, FileStorage,
     ParentLink, Result, Storage, ZeroFlags,
@@ -37,7 +39,7 @@ pub enum CreateKind {
 }
 
 /// Create options. `block_size` 0 means the default (1 MiB: right for Linux guests and accepted
-/// by Hyper-V); `log_size` 0 means 1 MiB.
+/// by Hyper-V; docs/BLOCK_SIZE.md weighs it against Hyper-V's 32 MiB); `log_size` 0 means 1 MiB.
 #[derive(Clone, Debug)]
 pub struct CreateOptions {
     pub kind: CreateKind,
@@ -164,14 +166,6 @@ struct HeaderState {
     current: Header,
     /// 0: header 1 (64 KiB) is current; 1: header 2.
     slot: usize,
-}
-
-#[derive(Debug)]
-struct Bat {
-    entries: Vec<u64>,
-    geo: Geometry,
-    size: u64,
-    dirty_pages: BTreeSet<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -478,10 +472,32 @@ impl VhdxDisk {
                 ),
             ));
         }
-        let mut bb = vec![0u8; geo.bat_entries as usize * 8];
-        read_via(&*storage, &overlay, &mut bb, rt.bat_offset, "BAT")?;
-        let entries: Vec<u64> = bb.chunks_exact(8).map(|c| rd64(c, 0)).collect();
-        drop(bb);
+        // Only the BAT's data is read: holes in the file read as zeros (not present), unless a
+        // replayed log patches pages in memory.
+        let bat = Bat::load(
+            geo,
+            meta.virtual_size,
+            geo.bat_entries as usize,
+            |buf, at| read_via(&*storage, &overlay, buf, rt.bat_offset + at, "BAT"),
+            |at, n| {
+                // Past the end of the file is not a hole but a truncated image: read (and fail).
+                let from = rt.bat_offset + at;
+                if !overlay.is_empty() || from >= file_len {
+                    return Ok(0);
+                }
+                match storage.data_run(from, n.min(file_len - from)) {
+                    Ok((false, run)) => Ok(run),
+                    Ok((true, _)) => Ok(0),
+                    Err(e) => Err(Error::io(
+                        format!(
+                            "cannot query allocation of the BAT at {:#x}",
+                            rt.bat_offset + at
+                        ),
+                        e,
+                    )),
+                }
+            },
+        )?;
 
         let mut max_end = round_up(file_len, MIB).max(log_end);
         for e in &rt.entries {
@@ -495,7 +511,8 @@ impl VhdxDisk {
             .chain(std::iter::once((0, MIB)))
             .collect();
         let mut used: Vec<(u64, u64, usize)> = Vec::new();
-        for (i, &e) in entries.iter().enumerate() {
+        // Zero entries (not present, no offset) need no checks.
+        for (i, e) in bat.nonzero() {
             let is_sb = (i as u64 % (geo.chunk_ratio + 1)) == geo.chunk_ratio;
             let st = bat_state(e);
             let (present, len) = if is_sb {
@@ -580,12 +597,7 @@ impl VhdxDisk {
             overlay,
             regions: RwLock::new(rt),
             size_cache: AtomicU64::new(meta.virtual_size),
-            bat: RwLock::new(Bat {
-                entries,
-                geo,
-                size: meta.virtual_size,
-                dirty_pages: BTreeSet::new(),
-            }),
+            bat: RwLock::new(bat),
             meta: RwLock::new(meta),
             bitmaps: Mutex::new(Bitmaps::default()),
             wal: Mutex::new(Wal {
@@ -767,7 +779,7 @@ impl VhdxDisk {
     fn bitmap_run(&self, bat: &Bat, b: u64, s: u64, max: u64) -> Result<(bool, u64)> {
         let geo = &bat.geo;
         let chunk = b / geo.chunk_ratio;
-        let sbe = bat.entries[geo.bitmap_index(chunk)];
+        let sbe = bat.get(geo.bitmap_index(chunk));
         if bat_state(sbe) != SB_PRESENT {
             return Ok((false, max));
         }
@@ -888,16 +900,13 @@ impl VhdxDisk {
             drop(bm);
             let bat_offset = self.rt().bat_offset;
             for &p in &bat.dirty_pages {
-                let mut img = vec![0u8; PAGE as usize].into_boxed_slice();
+                let mut img = bat.page_image(p);
                 let first = (p * 512) as usize;
-                for (k, e) in bat.entries.iter().skip(first).take(512).enumerate() {
-                    wr64(&mut img, k * 8, *e);
-                }
-                if first + 512 > bat.entries.len() {
+                if first + 512 > bat.len() {
                     // Keep whatever follows the last entry on that page.
                     let mut cur = vec![0u8; PAGE as usize];
                     self.read_file(&mut cur, bat_offset + p * PAGE)?;
-                    let keep = (bat.entries.len() - first) * 8;
+                    let keep = (bat.len() - first) * 8;
                     img[keep..].copy_from_slice(&cur[keep..]);
                 }
                 pages.push((bat_offset + p * PAGE, img, DirtyPage::Bat(p)));
@@ -993,8 +1002,8 @@ impl VhdxDisk {
 
     /// Sets a BAT entry (caller holds the WAL lock).
     fn set_entry(&self, bat: &mut Bat, idx: usize, v: u64) {
-        if bat.entries[idx] != v {
-            bat.entries[idx] = v;
+        if bat.get(idx) != v {
+            bat.put(idx, v);
             bat.dirty_pages.insert(idx as u64 / 512);
         }
     }
@@ -1031,11 +1040,11 @@ impl VhdxDisk {
         let geo = bat.geo;
         let chunk = b / geo.chunk_ratio;
         let sbi = geo.bitmap_index(chunk);
-        if bat_state(bat.entries[sbi]) != SB_PRESENT {
+        if bat_state(bat.get(sbi)) != SB_PRESENT {
             let off = self.allocate(wal, MIB)?;
             self.set_entry(bat, sbi, bat_entry(SB_PRESENT, off));
         }
-        let sb = bat_offset(bat.entries[sbi]);
+        let sb = bat_offset(bat.get(sbi));
         let spb = geo.sectors_per_block();
         let mut bm = lock(&self.bitmaps);
         if fresh {
@@ -1086,7 +1095,7 @@ impl VhdxDisk {
         let geo = bat.geo;
         let b = off / geo.block_size;
         let in_block = off % geo.block_size;
-        let e = bat.entries[geo.payload_index(b)];
+        let e = bat.get(geo.payload_index(b));
         let has_parent = rlock(&self.meta).has_parent;
         match bat_state(e) {
             PB_FULLY_PRESENT => self.read_file(buf, bat_offset(e) + in_block),
@@ -1129,7 +1138,7 @@ impl VhdxDisk {
             let geo = bat.geo;
             let b = off / geo.block_size;
             let in_block = off % geo.block_size;
-            let e = bat.entries[geo.payload_index(b)];
+            let e = bat.get(geo.payload_index(b));
             match bat_state(e) {
                 PB_FULLY_PRESENT => return self.write_file(buf, bat_offset(e) + in_block),
                 PB_PARTIALLY_PRESENT => {
@@ -1150,7 +1159,7 @@ impl VhdxDisk {
         let b = off / geo.block_size;
         let in_block = off % geo.block_size;
         let idx = geo.payload_index(b);
-        let e = bat.entries[idx];
+        let e = bat.get(idx);
         let st = bat_state(e);
         match st {
             PB_FULLY_PRESENT => self.write_file(buf, bat_offset(e) + in_block),
@@ -1236,7 +1245,7 @@ impl VhdxDisk {
             let e_end = bend.min(end);
             if o == bstart && e_end == bend && !meta.leave_blocks_allocated {
                 let idx = geo.payload_index(b);
-                let e = bat.entries[idx];
+                let e = bat.get(idx);
                 let st = bat_state(e);
                 if (st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT) && may_unmap {
                     self.storage
@@ -1262,7 +1271,7 @@ impl VhdxDisk {
     /// Block `b` reads as zeros without any work.
     fn block_reads_zero(&self, b: u64) -> bool {
         let bat = rlock(&self.bat);
-        let st = bat_state(bat.entries[bat.geo.payload_index(b)]);
+        let st = bat_state(bat.get(bat.geo.payload_index(b)));
         let has_parent = rlock(&self.meta).has_parent;
         matches!(st, PB_ZERO | PB_UNMAPPED | PB_UNDEFINED | PB_UNMAPPED_V095)
             || (st == PB_NOT_PRESENT && !has_parent)
@@ -1313,6 +1322,11 @@ impl VhdxDisk {
         };
         let layout = Layout::compute(opts)?;
         let fixed = matches!(opts.kind, CreateKind::Fixed);
+        // Nothing at or past the BAT yet: unwritten BAT pieces read as zeros (holes).
+        let fresh_store = storage
+            .len()
+            .map_err(io_err("cannot get the new image's length"))?
+            <= layout.bat_offset;
         let has_parent = locator.is_some();
         let meta = Metadata {
             block_size: layout.block_size,
@@ -1353,16 +1367,40 @@ impl VhdxDisk {
         w(&rtb, RT1_OFFSET)?;
         w(&rtb, RT2_OFFSET)?;
         w(&build_metadata(&meta, MIB as usize), layout.meta_offset)?;
-        let mut bat = vec![0u8; (geo.bat_entries * 8) as usize];
+        // The BAT, a piece at a time (a 64 TiB disk with 1 MiB blocks has a 512 MiB BAT). All
+        // zeros means "not present": on a store that held nothing there before, those pieces
+        // stay holes, so an empty dynamic disk costs a few MiB on disk whatever its size.
+        let bat_bytes = geo.bat_entries * 8;
+        let mut piece = vec![0u8; bat_bytes.min(MIB) as usize];
         let mut end = layout.data_offset;
-        if fixed {
-            for b in 0..geo.data_blocks {
-                let i = geo.payload_index(b);
-                wr64(&mut bat, i * 8, bat_entry(PB_FULLY_PRESENT, end));
-                end += geo.block_size;
+        let mut next_block = 0u64;
+        let mut at = 0u64;
+        while at < bat_bytes {
+            let n = (bat_bytes - at).min(MIB) as usize;
+            let piece = &mut piece[..n];
+            piece.fill(0);
+            if fixed {
+                let first = at / 8;
+                let last = first + n as u64 / 8;
+                while next_block < geo.data_blocks {
+                    let i = geo.payload_index(next_block) as u64;
+                    if i >= last {
+                        break;
+                    }
+                    wr64(
+                        piece,
+                        ((i - first) * 8) as usize,
+                        bat_entry(PB_FULLY_PRESENT, end),
+                    );
+                    end += geo.block_size;
+                    next_block += 1;
+                }
             }
+            if !(fresh_store && disk::is_zero(piece)) {
+                w(piece, layout.bat_offset + at)?;
+            }
+            at += n as u64;
         }
-        w(&bat, layout.bat_offset)?;
         storage
             .set_len(end)
             .map_err(io_err("cannot size new image"))?;
@@ -1589,7 +1627,7 @@ impl VhdxDisk {
             if ng.data_blocks < og.data_blocks {
                 let mut min = 0;
                 for b in (0..og.data_blocks).rev() {
-                    let st = bat_state(bat.entries[og.payload_index(b)]);
+                    let st = bat_state(bat.get(og.payload_index(b)));
                     if st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT {
                         min = (b + 1) * og.block_size;
                         break;
@@ -1646,31 +1684,42 @@ impl VhdxDisk {
         // Zero the part of a kept, allocated last block that falls past the new end.
         if new_size < bat.size && !new_size.is_multiple_of(og.block_size) {
             let b = new_size / og.block_size;
-            let e = bat.entries[og.payload_index(b)];
+            let e = bat.get(og.payload_index(b));
             if matches!(bat_state(e), PB_FULLY_PRESENT | PB_PARTIALLY_PRESENT) {
                 let from = new_size % og.block_size;
                 let z = vec![0u8; (og.block_size - from) as usize];
                 self.write_file(&z, bat_offset(e) + from)?;
             }
         }
-        let mut newe = vec![0u64; ng.bat_entries as usize];
-        for b in 0..og.data_blocks.min(ng.data_blocks) {
-            newe[ng.payload_index(b)] = bat.entries[og.payload_index(b)];
-        }
-        for c in 0..og.bitmap_blocks.min(ng.bitmap_blocks) {
-            if has_parent {
-                newe[ng.bitmap_index(c)] = bat.entries[og.bitmap_index(c)];
+        // Kept blocks (and, for differencing disks, their chunks' bitmaps) move to their indexes
+        // in the new geometry; only entries that are not zero need visiting.
+        let mut newe = Bat::new(ng, new_size, ng.bat_entries as usize);
+        for (i, e) in bat.nonzero() {
+            let (chunk, k) = (
+                i as u64 / (og.chunk_ratio + 1),
+                i as u64 % (og.chunk_ratio + 1),
+            );
+            if k == og.chunk_ratio {
+                if has_parent && chunk < og.bitmap_blocks.min(ng.bitmap_blocks) {
+                    newe.put(ng.bitmap_index(chunk), e);
+                }
+            } else {
+                let b = chunk * og.chunk_ratio + k;
+                if b < og.data_blocks.min(ng.data_blocks) {
+                    newe.put(ng.payload_index(b), e);
+                }
             }
         }
-        let old_len = bat.entries.len();
-        bat.entries = newe;
+        let old_len = bat.len();
+        newe.dirty_pages = std::mem::take(&mut bat.dirty_pages);
+        *bat = newe;
         bat.geo = ng;
         bat.size = new_size;
         if fixed {
             for b in og.data_blocks..ng.data_blocks {
                 let off = self.allocate(wal, ng.block_size)?;
                 let i = ng.payload_index(b);
-                bat.entries[i] = bat_entry(PB_FULLY_PRESENT, off);
+                bat.put(i, bat_entry(PB_FULLY_PRESENT, off));
             }
         }
         let mut old_bat = None;
@@ -1681,8 +1730,8 @@ impl VhdxDisk {
             let len = round_up(ng.bat_entries * 8, MIB);
             let off = self.allocate(wal, len)?;
             let mut img = vec![0u8; len as usize];
-            for (i, e) in bat.entries.iter().enumerate() {
-                wr64(&mut img, i * 8, *e);
+            for (i, e) in bat.nonzero() {
+                wr64(&mut img, i * 8, e);
             }
             self.write_file(&img, off)?;
             let mut rt = self.rt().clone();
@@ -1712,16 +1761,16 @@ impl VhdxDisk {
         } else {
             // Payload indexes keep their places, so only pages past the shorter table change
             // (plus, for differencing disks, none: bitmap entries keep their places too).
-            let from = (old_len.min(bat.entries.len()) as u64) / 512;
-            let to = (old_len.max(bat.entries.len()) as u64).div_ceil(512);
+            let from = (old_len.min(bat.len()) as u64) / 512;
+            let to = (old_len.max(bat.len()) as u64).div_ceil(512);
             for p in from..to {
                 bat.dirty_pages.insert(p);
             }
         }
         // Entries past the new end must read back as zero: extend the table temporarily.
-        let keep = bat.entries.len();
+        let keep = bat.len();
         if old_len > keep {
-            bat.entries.resize(old_len, 0);
+            bat.set_len(old_len);
         }
         let mo = self.rt().meta_offset;
         let mut region = vec![0u8; self.rt().meta_length as usize];
@@ -1745,7 +1794,7 @@ impl VhdxDisk {
         drop(bat);
         let r = self.flush_locked(wal);
         let mut bat = wlock(&self.bat);
-        bat.entries.truncate(keep);
+        bat.set_len(keep);
         drop(bat);
         r?;
         wlock(&self.meta).virtual_size = new_size;
@@ -1779,7 +1828,7 @@ impl VhdxDisk {
             let mut buf = vec![0u8; geo.block_size as usize];
             for b in 0..geo.data_blocks {
                 let idx = geo.payload_index(b);
-                let e = bat.entries[idx];
+                let e = bat.get(idx);
                 let st = bat_state(e);
                 let release = match st {
                     PB_FULLY_PRESENT => {
@@ -1811,10 +1860,8 @@ impl VhdxDisk {
         let mut blocks: Vec<(u64, u64, usize)> = {
             let bat = rlock(&self.bat);
             let geo = bat.geo;
-            bat.entries
-                .iter()
-                .enumerate()
-                .filter_map(|(i, &e)| {
+            bat.nonzero()
+                .filter_map(|(i, e)| {
                     let is_sb = (i as u64 % (geo.chunk_ratio + 1)) == geo.chunk_ratio;
                     let st = bat_state(e);
                     if is_sb && st == SB_PRESENT && has_parent {
@@ -1842,7 +1889,7 @@ impl VhdxDisk {
                 self.read_file(&mut buf, off)?;
                 self.write_file_sparse(&buf, t)?;
                 let mut bat = wlock(&self.bat);
-                let st = bat_state(bat.entries[idx]);
+                let st = bat_state(bat.get(idx));
                 self.set_entry(&mut bat, idx, bat_entry(st, t));
                 drop(bat);
                 if len == MIB && has_parent {
@@ -1878,10 +1925,8 @@ impl VhdxDisk {
         let mut used: Vec<(u64, u64)> = {
             let bat = rlock(&self.bat);
             let geo = bat.geo;
-            bat.entries
-                .iter()
-                .enumerate()
-                .filter_map(|(i, &e)| {
+            bat.nonzero()
+                .filter_map(|(i, e)| {
                     let is_sb = (i as u64 % (geo.chunk_ratio + 1)) == geo.chunk_ratio;
                     let st = bat_state(e);
                     if is_sb && st == SB_PRESENT {
@@ -1940,17 +1985,31 @@ impl VhdxDisk {
         let meta = rlock(&self.meta);
         let bat = rlock(&self.bat);
         let mut states: BTreeMap<String, u64> = BTreeMap::new();
-        for b in 0..bat.geo.data_blocks {
-            let st = bat_state(bat.entries[bat.geo.payload_index(b)]);
+        // Entries that are zero are not present: count the others and infer those.
+        let geo = bat.geo;
+        let mut others = 0u64;
+        for (i, e) in bat.nonzero() {
+            let (chunk, k) = (
+                i as u64 / (geo.chunk_ratio + 1),
+                i as u64 % (geo.chunk_ratio + 1),
+            );
+            if k == geo.chunk_ratio || chunk * geo.chunk_ratio + k >= geo.data_blocks {
+                continue; // a sector bitmap entry, or padding past the last block
+            }
+            let st = bat_state(e);
             let name = match st {
-                PB_NOT_PRESENT => "not_present",
+                PB_NOT_PRESENT => continue,
                 PB_UNDEFINED => "undefined",
                 PB_ZERO => "zero",
                 PB_UNMAPPED | PB_UNMAPPED_V095 => "unmapped",
                 PB_FULLY_PRESENT => "fully_present",
                 _ => "partially_present",
             };
+            others += 1;
             *states.entry(name.to_string()).or_default() += 1;
+        }
+        if geo.data_blocks > others {
+            states.insert("not_present".to_string(), geo.data_blocks - others);
         }
         VhdxInfo {
             virtual_size: bat.size,
@@ -1992,7 +2051,7 @@ impl VhdxDisk {
         if b >= bat.geo.data_blocks {
             return None;
         }
-        Some(bat.entries[bat.geo.payload_index(b)])
+        Some(bat.get(bat.geo.payload_index(b)))
     }
 
     /// The storage under this image.
@@ -2357,7 +2416,7 @@ impl BlockDevice for VhdxDisk {
         let geo = bat.geo;
         let has_parent = rlock(&self.meta).has_parent;
         let classify = |b: u64, in_block: u64, max: u64| -> Result<(Allocation, u64)> {
-            let e = bat.entries[geo.payload_index(b)];
+            let e = bat.get(geo.payload_index(b));
             let room = (geo.block_size - in_block).min(max);
             Ok(match bat_state(e) {
                 PB_FULLY_PRESENT => (
@@ -2396,6 +2455,16 @@ impl BlockDevice for VhdxDisk {
                 break;
             }
             b = o / geo.block_size;
+            if alloc == Allocation::Unallocated {
+                // A run of zero entries (not present): skip it without classifying each block.
+                // Of z entries from a payload index at least z*cr/(cr+1) - 1 are payloads.
+                let z = bat.zero_run(geo.payload_index(b)) as u64;
+                let skip = (z * geo.chunk_ratio / (geo.chunk_ratio + 1)).saturating_sub(1);
+                if skip > 0 {
+                    got = got.saturating_add(skip * geo.block_size);
+                    continue;
+                }
+            }
             let (a, n) = classify(b, 0, len - got)?;
             let same = match (alloc, a) {
                 (
@@ -2536,6 +2605,26 @@ impl BlockDevice for VhdxDisk {
             );
         }
         Some(v)
+    }
+
+    fn file_run(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64, u64)> {
+        // Only fully present blocks are file bytes as they are; a replayed-log overlay would
+        // patch them in memory.
+        if len == 0 || !self.overlay.is_empty() {
+            return None;
+        }
+        let bat = rlock(&self.bat);
+        if offset.checked_add(len)? > bat.size {
+            return None;
+        }
+        let geo = bat.geo;
+        let in_block = offset % geo.block_size;
+        let e = bat.get(geo.payload_index(offset / geo.block_size));
+        if bat_state(e) != PB_FULLY_PRESENT {
+            return None;
+        }
+        let n = len.min(geo.block_size - in_block);
+        Some((self.storage.file()?, bat_offset(e) + in_block, n))
     }
 }
 
