@@ -39,6 +39,7 @@ pub mod hv;
 mod layout;
 mod memory;
 pub mod probe;
+pub mod qmp;
 mod stats;
 mod vcpu;
 mod vm;

@@ -15,6 +15,8 @@ pub struct DiskCounters {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
+    /// Requests that failed (read, write, flush, write-zeroes).
+    pub errors: AtomicU64,
     /// Nanoseconds since `epoch` of the first and the latest data request (0 = none yet).
     pub first_io_ns: AtomicU64,
     pub last_io_ns: AtomicU64,
@@ -29,6 +31,7 @@ pub struct DiskStats {
     pub reads: u64,
     pub writes: u64,
     pub flushes: u64,
+    pub errors: u64,
     /// When the first and the last data request arrived, from the start of the VM.
     pub first_io: Option<std::time::Duration>,
     pub last_io: Option<std::time::Duration>,
@@ -74,6 +77,7 @@ impl DiskCounters {
             reads: self.reads.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
             flushes: self.flushes.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
         }
     }
 }
@@ -90,6 +94,13 @@ impl CountingDisk {
             inner: inner.into(),
             counters: Arc::new(DiskCounters::with_epoch(epoch)),
         }
+    }
+
+    fn counted(&self, r: disk::Result<()>) -> disk::Result<()> {
+        if r.is_err() {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 }
 
@@ -115,7 +126,7 @@ impl BlockDevice for CountingDisk {
         self.counters
             .read_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.inner.read_at(buf, offset)
+        self.counted(self.inner.read_at(buf, offset))
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> disk::Result<()> {
         self.counters.touch();
@@ -123,11 +134,11 @@ impl BlockDevice for CountingDisk {
         self.counters
             .write_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.inner.write_at(buf, offset)
+        self.counted(self.inner.write_at(buf, offset))
     }
     fn flush(&self) -> disk::Result<()> {
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        self.inner.flush()
+        self.counted(self.inner.flush())
     }
     fn discard(&self, offset: u64, len: u64) -> disk::Result<()> {
         self.inner.discard(offset, len)
@@ -136,7 +147,7 @@ impl BlockDevice for CountingDisk {
         self.counters.touch();
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
-        self.inner.write_zeroes(offset, len, flags)
+        self.counted(self.inner.write_zeroes(offset, len, flags))
     }
     fn block_status(&self, offset: u64, len: u64) -> disk::Result<Extent> {
         self.inner.block_status(offset, len)
