@@ -787,6 +787,10 @@ impl ScsiController {
         self.luns.iter().map(|(l, d)| (*l, d))
     }
 
+    pub fn luns_mut(&mut self) -> impl Iterator<Item = (u8, &mut Lun)> {
+        self.luns.iter_mut().map(|(l, d)| (*l, d))
+    }
+
     /// Executes one command for (path, target, lun).
     pub fn execute(
         &mut self,

@@ -126,6 +126,9 @@ pub const COMMANDS: &[&str] = &[
 pub trait Machine: Send + Sync {
     /// Carries out one command; the value is the reply's `return`.
     fn run(&self, cmd: Command) -> Result<Value, QmpError>;
+    /// Called every few tens of milliseconds while a client listens: emit events for what
+    /// happened meanwhile (tray moved by the guest, I/O errors).
+    fn tick(&self) {}
 }
 
 /// Arguments of one request, taken one by one so that leftovers are reported.
@@ -532,6 +535,9 @@ fn serve(
         events
             .listening
             .store(c.session.negotiated(), Ordering::Release);
+        if c.session.negotiated() {
+            machine.tick();
+        }
         let mut alive = true;
         for ev in events.take() {
             alive &= send(&mut c.stream, &ev).is_ok();
