@@ -34,9 +34,17 @@ pub struct Args {
     /// Number of virtual CPUs.
     #[arg(long)]
     cpus: Option<u32>,
-    /// A disk: PATH[,ro][,undo] (repeatable; LUN 0, 1, ... in order).
+    /// A disk: PATH[,ro][,undo][,media=cdrom] (repeatable; LUN 0, 1, ... in order; DVD
+    /// drives take the LUNs after the disks).
     #[arg(long = "disk")]
     disks: Vec<String>,
+    /// A DVD drive with this image (an ISO, or a VHD/VHDX holding one) as its medium
+    /// (repeatable).
+    #[arg(long = "cdrom")]
+    cdroms: Vec<PathBuf>,
+    /// Serve the QMP-shaped control socket at this path (docs/qmp.md; `viridian vm`).
+    #[arg(long)]
+    qmp: Option<PathBuf>,
     /// What to do with undo disks when the guest ends.
     #[arg(long = "undo-end", value_enum, default_value_t = UndoEnd::Discard)]
     undo_end: UndoEnd,
@@ -131,8 +139,18 @@ struct VmFile {
     cmdline: Option<String>,
     #[serde(default)]
     disk: Vec<VmDisk>,
+    /// DVD drives: `[[dvd]] path = "x.iso"` (no path: an empty drive).
+    #[serde(default)]
+    dvd: Vec<VmDvd>,
     #[serde(default)]
     network: Vec<toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmDvd {
+    #[serde(default)]
+    path: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +178,7 @@ struct DiskSpec {
     path: PathBuf,
     read_only: bool,
     undo: bool,
+    cdrom: bool,
 }
 
 fn parse_disk_flag(s: &str) -> Result<DiskSpec> {
@@ -172,13 +191,16 @@ fn parse_disk_flag(s: &str) -> Result<DiskSpec> {
         path: PathBuf::from(path),
         read_only: false,
         undo: false,
+        cdrom: false,
     };
     for opt in parts {
         match opt {
+            "media=cdrom" => d.cdrom = true,
+            "media=disk" => d.cdrom = false,
             "ro" => d.read_only = true,
             "rw" => d.read_only = false,
             "undo" => d.undo = true,
-            other => bail!("--disk {s:?}: unknown option {other:?} (ro, undo)"),
+            other => bail!("--disk {s:?}: unknown option {other:?} (ro, undo, media=cdrom)"),
         }
     }
     Ok(d)
@@ -310,10 +332,34 @@ pub fn run(a: Args) -> Result<i32> {
             path: relative_to(&base_dir, &d.path),
             read_only: d.read_only,
             undo: d.undo,
+            cdrom: false,
         })
         .collect();
     for s in &a.disks {
         specs.push(parse_disk_flag(s)?);
+    }
+    cfg.qmp = a.qmp.clone();
+    cfg.open_image = Some(crate::cmd_vm::open_image);
+    let dvd_paths = file
+        .dvd
+        .iter()
+        .map(|d| d.path.as_ref().map(|p| relative_to(&base_dir, p)));
+    let dvd_paths: Vec<Option<PathBuf>> = dvd_paths
+        .chain(a.cdroms.iter().map(|p| Some(p.clone())))
+        .chain(
+            specs
+                .iter()
+                .filter(|s| s.cdrom)
+                .map(|s| Some(s.path.clone())),
+        )
+        .collect();
+    specs.retain(|s| !s.cdrom);
+    for p in &dvd_paths {
+        let medium = match p {
+            Some(p) => Some(crate::cmd_vm::open_image(p, None, true).map_err(|e| anyhow!(e))?),
+            None => None,
+        };
+        cfg.dvds.push(medium);
     }
     let mut undo_disks = Vec::new();
     for s in &specs {
@@ -335,6 +381,7 @@ pub fn run(a: Args) -> Result<i32> {
     }
     let name = file.name.clone().unwrap_or_else(|| "guest".into());
     let disks = cfg.disks.clone();
+    let cfg_dvds = cfg.dvds.clone();
     let deadline = cfg.timeout.map(|t| std::time::Instant::now() + t);
     let mut boots = 0u32;
     let result = loop {
@@ -382,6 +429,11 @@ pub fn run(a: Args) -> Result<i32> {
         }
     }
     drop(disks);
+    for d in cfg_dvds.iter().flatten() {
+        if let Err(e) = d.close() {
+            eprintln!("viridian: cannot close a DVD image: {e}");
+        }
+    }
     let ok = result.is_ok() && !close_failed;
     for u in undo_disks {
         let parent = u.parent_path().to_path_buf();
