@@ -616,3 +616,178 @@ mod tests {
         assert_eq!(t.query(&ctl)[2]["inserted"]["virtual-size"], 64 * 2048);
     }
 }
+
+/// The whole control path without KVM: socket → protocol → [`VmControl`] → the storvsc device
+/// in a VMBus server.
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+    use crate::memory::GuestRam;
+    use crate::qmp::QmpServer;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+
+    struct Client {
+        w: UnixStream,
+        r: BufReader<UnixStream>,
+        events: Vec<Value>,
+    }
+
+    impl Client {
+        fn connect(path: &Path) -> Client {
+            let s = UnixStream::connect(path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut c = Client {
+                w: s.try_clone().unwrap(),
+                r: BufReader::new(s),
+                events: Vec::new(),
+            };
+            assert!(c.line().get("QMP").is_some());
+            assert_eq!(c.ask("qmp_capabilities", json!({})), json!({"return": {}}));
+            c
+        }
+        fn line(&mut self) -> Value {
+            let mut l = String::new();
+            self.r.read_line(&mut l).unwrap();
+            serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l:?}: {e}"))
+        }
+        /// The reply to one request (events in between are kept).
+        fn ask(&mut self, cmd: &str, args: Value) -> Value {
+            writeln!(self.w, "{}", json!({"execute": cmd, "arguments": args})).unwrap();
+            loop {
+                let v = self.line();
+                if v.get("event").is_some() {
+                    self.events.push(v);
+                } else {
+                    return v;
+                }
+            }
+        }
+        fn wait_event(&mut self, name: &str) -> Value {
+            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+                return self.events.remove(i);
+            }
+            loop {
+                let v = self.line();
+                if v["event"] == name {
+                    return v;
+                }
+                self.events.push(v);
+            }
+        }
+    }
+
+    #[test]
+    fn control_socket_drives_the_controller() {
+        let dir = tempfile::tempdir().unwrap();
+        let hd = dir.path().join("hd.img");
+        std::fs::write(&hd, vec![0u8; 1 << 20]).unwrap();
+        let iso = dir.path().join("a.iso");
+        std::fs::write(&iso, vec![0xA5u8; 16 * 2048]).unwrap();
+
+        let mut server = vmbus::VmbusServer::new();
+        let instance = vmbus::Guid::parse(crate::vmbus_glue::SCSI_INSTANCE).unwrap();
+        server
+            .add_device(Box::new(StorvscDevice::new(
+                instance,
+                ScsiController::new(),
+            )))
+            .unwrap();
+        let ram = Arc::new(GuestRam::new(32 << 20).unwrap());
+        let target = VmbusTarget::detached(server, ram);
+        let stop = Arc::new(StopSignal::default());
+        let events = Arc::new(Events::default());
+        let control = Arc::new(VmControl {
+            target: target.clone(),
+            table: Mutex::new(BlockTable::new(Instant::now(), open_raw)),
+            pause: Arc::new(PauseGate::default()),
+            stop: stop.clone(),
+            events: events.clone(),
+        });
+        let path = dir.path().join("qmp.sock");
+        let srv = QmpServer::start(&path, control, events).unwrap();
+        let mut c = Client::connect(&path);
+
+        let r = c.ask(
+            "device_add",
+            json!({"driver": "scsi-hd", "id": "d1", "lun": 1, "file": hd}),
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let r = c.ask(
+            "device_add",
+            json!({"driver": "scsi-hd", "id": "d2", "lun": 1, "file": hd}),
+        );
+        assert!(r["error"]["desc"].as_str().unwrap().contains("busy"), "{r}");
+        let r = c.ask(
+            "device_add",
+            json!({"driver": "scsi-hd", "id": "d3", "lun": 2, "file": dir.path().join("nope")}),
+        );
+        assert!(
+            r["error"]["desc"]
+                .as_str()
+                .unwrap()
+                .contains("Could not open"),
+            "{r}"
+        );
+        let r = c.ask(
+            "device_add",
+            json!({"driver": "scsi-cd", "id": "cd", "lun": 3, "file": iso}),
+        );
+        assert_eq!(r, json!({"return": {}}));
+        let q = c.ask("query-block", json!({}));
+        let luns: Vec<u64> = q["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["lun"].as_u64().unwrap())
+            .collect();
+        assert_eq!(luns, [1, 3]);
+        // The controller itself holds the new LUNs.
+        let on_bus = target
+            .with_storvsc(|d| d.controller().luns().map(|(l, _)| l).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(on_bus, [1, 3]);
+
+        assert_eq!(c.ask("eject", json!({"id": "cd"})), json!({"return": {}}));
+        let ev = c.wait_event("DEVICE_TRAY_MOVED");
+        assert_eq!(
+            ev["data"],
+            json!({"device": "cd", "id": "cd", "tray-open": true})
+        );
+        let r = c.ask(
+            "blockdev-change-medium",
+            json!({"device": "cd", "filename": iso, "format": "raw"}),
+        );
+        assert_eq!(r, json!({"return": {}}));
+        assert_eq!(
+            c.wait_event("DEVICE_TRAY_MOVED")["data"]["tray-open"],
+            false
+        );
+
+        assert_eq!(
+            c.ask("device_del", json!({"id": "d1"})),
+            json!({"return": {}})
+        );
+        assert_eq!(c.wait_event("DEVICE_DELETED")["data"]["device"], "d1");
+        let on_bus = target
+            .with_storvsc(|d| d.controller().luns().map(|(l, _)| l).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(on_bus, [3]);
+
+        assert_eq!(c.ask("stop", json!({})), json!({"return": {}}));
+        c.wait_event("STOP");
+        assert_eq!(
+            c.ask("query-status", json!({}))["return"]["status"],
+            "paused"
+        );
+        assert_eq!(c.ask("cont", json!({})), json!({"return": {}}));
+        c.wait_event("RESUME");
+        assert_eq!(c.ask("query-status", json!({}))["return"]["running"], true);
+        let r = c.ask("system_powerdown", json!({}));
+        assert_eq!(r["error"]["class"], "GenericError");
+        assert!(!stop.stopped(), "errors do not stop the VM");
+        assert_eq!(c.ask("quit", json!({})), json!({"return": {}}));
+        assert_eq!(stop.reason(), Some(StopReason::Quit));
+        srv.shutdown();
+    }
+}

@@ -205,6 +205,20 @@ impl HypercallTarget for VmbusTarget {
 }
 
 impl VmbusTarget {
+    /// A target with no hypervisor behind it (its actions go nowhere), for tests of the
+    /// host-side paths.
+    #[cfg(test)]
+    pub(crate) fn detached(server: VmbusServer, ram: Arc<GuestRam>) -> Arc<VmbusTarget> {
+        Arc::new(VmbusTarget {
+            server: Mutex::new(server),
+            mem: VmbusMemory(ram),
+            hv: Weak::new(),
+            events: Arc::new(EventLog::new(false)),
+            announced_version: Mutex::new(None),
+            kicks: None,
+        })
+    }
+
     /// Runs `f` on the SCSI controller (host-side changes: hot-plug, media), then lets the
     /// device tell the guest (bus-change notice) and delivers what that produced. None when
     /// the VM has no SCSI controller.
