@@ -43,6 +43,8 @@ pub struct Shared {
 /// Holds the vCPUs outside KVM_RUN while the VM is paused.
 #[derive(Debug, Default)]
 pub struct PauseGate {
+    /// Fast path for every vCPU exit: no lock unless a pause was asked for.
+    requested: std::sync::atomic::AtomicBool,
     state: Mutex<PauseState>,
     cv: std::sync::Condvar,
     /// The vCPU threads, to kick out of KVM_RUN.
@@ -69,13 +71,15 @@ impl PauseGate {
     /// false when some did not in time (they still stop at their next exit).
     pub fn pause(&self, stop: &StopSignal, wait: Duration) -> bool {
         crate::hv::lock(&self.state).paused = true;
+        self.requested.store(true, Ordering::Release);
         let threads = crate::hv::lock(&self.threads).clone();
         let deadline = Instant::now() + wait;
         let mut st = crate::hv::lock(&self.state);
         while st.parked < threads.len() && !stop.stopped() {
             for &t in &threads {
-                // SAFETY: the vCPU threads are joined only after the VM stopped (checked
-                // above); the signal has a no-op handler and only interrupts KVM_RUN.
+                // SAFETY: the vCPU threads are joined only after the control socket's thread
+                // (the only caller) has been joined, so each id is still a live or unjoined
+                // thread; the signal has a no-op handler and only interrupts KVM_RUN.
                 unsafe { libc::pthread_kill(t, vmm_sys_util::signal::SIGRTMIN()) };
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -93,11 +97,15 @@ impl PauseGate {
 
     pub fn resume(&self) {
         crate::hv::lock(&self.state).paused = false;
+        self.requested.store(false, Ordering::Release);
         self.cv.notify_all();
     }
 
     /// Called by a vCPU before entering the guest: waits while paused (or until the VM stops).
     fn gate(&self, stop: &StopSignal) {
+        if !self.requested.load(Ordering::Acquire) {
+            return;
+        }
         let mut st = crate::hv::lock(&self.state);
         if !st.paused {
             return;
