@@ -514,4 +514,16 @@ mod tests {
         assert!(parse_type_on("p::\\q").is_err());
         assert!(parse_type_on("p::\\xZZ").is_err());
     }
+
+    #[test]
+    fn dvd_drives_from_flags_and_toml() {
+        assert!(parse_disk_flag("a.iso,media=cdrom").unwrap().cdrom);
+        assert!(!parse_disk_flag("a.img,ro").unwrap().cdrom);
+        assert!(parse_disk_flag("a.iso,media=tape").is_err());
+        let f: VmFile = toml::from_str("[[dvd]]\npath = \"x.iso\"\n[[dvd]]\n").unwrap();
+        assert_eq!(f.dvd.len(), 2);
+        assert_eq!(f.dvd[0].path.as_deref(), Some(Path::new("x.iso")));
+        assert!(f.dvd[1].path.is_none(), "an empty drive");
+        assert!(toml::from_str::<VmFile>("[[dvd]]\nfile = \"x\"\n").is_err());
+    }
 }
