@@ -28,6 +28,8 @@ pub struct StorvscStats {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub failed: u64,
+    /// Bus-change notices (ENUMERATE_BUS) sent to the guest.
+    pub bus_notices: u64,
 }
 
 /// A Hyper-V synthetic SCSI controller on one VMBus channel.
@@ -63,6 +65,12 @@ impl StorvscDevice {
 
     pub fn controller(&self) -> &ScsiController {
         &self.controller
+    }
+
+    /// The controller, for host-side changes: LUN hot-plug, medium changes. A changed LUN set
+    /// is announced to the guest from [`VmbusDevice::poll`] (call [`vmbus::VmbusServer::poll`]).
+    pub fn controller_mut(&mut self) -> &mut ScsiController {
+        &mut self.controller
     }
 
     pub fn stats(&self) -> StorvscStats {
@@ -244,6 +252,22 @@ impl VmbusDevice for StorvscDevice {
         Some(self)
     }
 
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
+    fn poll(&mut self, io: &mut ChannelIo<'_>) -> Result<(), DeviceError> {
+        // LUNs were added or removed: tell the guest to rescan the bus (an unsolicited packet,
+        // trans_id 0). The guest re-probes the LUNs it knows (a removed one now answers
+        // INVALID_LUN and is deleted) and REPORT LUNS finds the new ones.
+        if self.controller.take_bus_changed() && self.state == InitState::Ready {
+            let p = VstorPacket::new(op::ENUMERATE_BUS, 0);
+            io.send_completion(0, &p.0);
+            self.stats.bus_notices += 1;
+        }
+        Ok(())
+    }
+
     fn open(&mut self) -> Result<(), DeviceError> {
         self.state = InitState::Initial;
         self.version = 0;
@@ -253,9 +277,11 @@ impl VmbusDevice for StorvscDevice {
     fn close(&mut self) {
         self.state = InitState::Initial;
         self.version = 0;
-        for (_, d) in self.controller.luns() {
+        for (_, unit) in self.controller.luns() {
             // Best effort: a close is an orderly point to make writes durable.
-            let _ = d.disk().flush();
+            if let Some(d) = unit.image() {
+                let _ = d.flush();
+            }
         }
     }
 
@@ -322,6 +348,8 @@ impl VmbusDevice for StorvscDevice {
             op::END_INITIALIZATION => {
                 let st = if self.state == InitState::Negotiated || self.state == InitState::Ready {
                     self.state = InitState::Ready;
+                    // The guest scans the bus next: no notice needed for changes until now.
+                    self.controller.take_bus_changed();
                     status::SUCCESS
                 } else {
                     io.log("END_INITIALIZATION before a protocol version was agreed");

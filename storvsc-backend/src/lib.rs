@@ -31,10 +31,12 @@
 //! Guest errors (bad CDB, bad lengths, GPA ranges outside guest memory, unknown operations)
 //! fail the request with a logged reason and never panic the host.
 
+pub mod cdrom;
 pub mod device;
 pub mod scsi;
 pub mod vstor;
 
+pub use cdrom::{CdromError, MediaEvent, ScsiCdrom};
 pub use device::{StorvscDevice, StorvscStats};
-pub use scsi::{Completion, ScsiController, ScsiDisk, ScsiError, Sense};
+pub use scsi::{Completion, Lun, ScsiController, ScsiDisk, ScsiError, Sense};
 pub use vstor::{VstorPacket, SCSI_CLASS_ID};

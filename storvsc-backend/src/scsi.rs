@@ -9,12 +9,17 @@ use std::collections::BTreeMap;
 
 use disk::{Disk, ZeroFlags};
 
+use crate::cdrom::ScsiCdrom;
+
 /// Largest chunk moved between the disk and the data buffer at once.
 const CHUNK: usize = 1 << 20;
 /// Most blocks one UNMAP descriptor or WRITE SAME may cover.
 pub const MAX_UNMAP_BLOCKS: u32 = 0x0040_0000;
 /// Most descriptors in one UNMAP parameter list.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 64;
+/// Highest LUN number a controller accepts (Hyper-V's limit per synthetic controller is 64
+/// LUNs; REPORT LUNS uses single-level peripheral addressing up to 255).
+pub const MAX_LUN: u8 = 63;
 /// Default maximum transfer size in bytes (QUERY_PROPERTIES, VPD B0).
 pub const DEFAULT_MAX_TRANSFER: u32 = 0x40000;
 
@@ -103,7 +108,7 @@ pub enum Completion {
 }
 
 impl Completion {
-    fn check(sense: Sense) -> Completion {
+    pub(crate) fn check(sense: Sense) -> Completion {
         Completion::Check {
             sense,
             transferred: 0,
@@ -157,12 +162,14 @@ pub enum ScsiError {
     TooSmall(u64),
     #[error("LUN {0} already exists")]
     DuplicateLun(u8),
+    #[error("LUN {0} is outside 0..={max}", max = MAX_LUN)]
+    LunOutOfRange(u8),
 }
 
-fn be16(b: &[u8], o: usize) -> u16 {
+pub(crate) fn be16(b: &[u8], o: usize) -> u16 {
     u16::from_be_bytes([b[o], b[o + 1]])
 }
-fn be32(b: &[u8], o: usize) -> u32 {
+pub(crate) fn be32(b: &[u8], o: usize) -> u32 {
     u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 fn be64(b: &[u8], o: usize) -> u64 {
@@ -183,7 +190,7 @@ pub fn cdb_length(op: u8) -> usize {
 }
 
 /// Copies `data` (truncated to `alloc` and to the buffer) into the data-in buffer.
-fn respond(buf: &mut dyn DataBuffer, data: &[u8], alloc: usize) -> Completion {
+pub(crate) fn respond(buf: &mut dyn DataBuffer, data: &[u8], alloc: usize) -> Completion {
     let n = data.len().min(alloc).min(buf.len());
     match buf.write_at(0, &data[..n]) {
         Ok(()) => Completion::Good { transferred: n },
@@ -675,10 +682,57 @@ fn standard_inquiry(peripheral: u8, ids: bool) -> [u8; 74] {
     d
 }
 
+/// One logical unit of a controller: a disk or a DVD drive.
+#[derive(Debug)]
+pub enum Lun {
+    Disk(ScsiDisk),
+    Cdrom(ScsiCdrom),
+}
+
+impl From<ScsiDisk> for Lun {
+    fn from(d: ScsiDisk) -> Lun {
+        Lun::Disk(d)
+    }
+}
+
+impl From<ScsiCdrom> for Lun {
+    fn from(d: ScsiCdrom) -> Lun {
+        Lun::Cdrom(d)
+    }
+}
+
+impl Lun {
+    /// The image behind the LUN (a DVD drive's medium, when it holds one).
+    pub fn image(&self) -> Option<&Disk> {
+        match self {
+            Lun::Disk(d) => Some(d.disk()),
+            Lun::Cdrom(c) => c.medium(),
+        }
+    }
+
+    pub fn execute(&mut self, cdb: &[u8], buf: &mut dyn DataBuffer) -> Completion {
+        match self {
+            Lun::Disk(d) => d.execute(cdb, buf),
+            Lun::Cdrom(c) => c.execute(cdb, buf),
+        }
+    }
+
+    pub fn as_cdrom_mut(&mut self) -> Option<&mut ScsiCdrom> {
+        match self {
+            Lun::Cdrom(c) => Some(c),
+            Lun::Disk(_) => None,
+        }
+    }
+}
+
 /// A SCSI controller: LUNs at path 0, target 0 (as Hyper-V places them for Linux).
+///
+/// LUNs can be added and removed at any time (hot-plug); each change sets a flag that the
+/// transport turns into a bus-change notice to the guest ([`Self::take_bus_changed`]).
 #[derive(Debug, Default)]
 pub struct ScsiController {
-    luns: BTreeMap<u8, ScsiDisk>,
+    luns: BTreeMap<u8, Lun>,
+    bus_changed: bool,
 }
 
 impl ScsiController {
@@ -686,27 +740,55 @@ impl ScsiController {
         Self::default()
     }
 
-    pub fn add_lun(&mut self, lun: u8, disk: ScsiDisk) -> Result<(), ScsiError> {
+    pub fn add_lun(&mut self, lun: u8, unit: impl Into<Lun>) -> Result<(), ScsiError> {
+        if lun > MAX_LUN {
+            return Err(ScsiError::LunOutOfRange(lun));
+        }
         if self.luns.contains_key(&lun) {
             return Err(ScsiError::DuplicateLun(lun));
         }
-        self.luns.insert(lun, disk);
+        self.luns.insert(lun, unit.into());
+        self.bus_changed = true;
         Ok(())
     }
 
-    /// Sets the maximum transfer size (VPD B0) of every LUN.
+    /// Takes a LUN off the bus. From now on it answers as a LUN that does not exist, so the
+    /// guest deletes its device on its next command or rescan. The caller flushes and closes
+    /// the returned unit's image.
+    pub fn remove_lun(&mut self, lun: u8) -> Option<Lun> {
+        let unit = self.luns.remove(&lun)?;
+        self.bus_changed = true;
+        Some(unit)
+    }
+
+    /// Whether LUNs were added or removed since the last call.
+    pub fn take_bus_changed(&mut self) -> bool {
+        std::mem::take(&mut self.bus_changed)
+    }
+
+    /// Sets the maximum transfer size (VPD B0) of every disk LUN.
     pub fn set_max_transfer(&mut self, bytes: u32) {
         for d in self.luns.values_mut() {
-            d.max_transfer = bytes.max(d.block_size);
+            if let Lun::Disk(d) = d {
+                d.max_transfer = bytes.max(d.block_size);
+            }
         }
     }
 
-    pub fn lun(&self, lun: u8) -> Option<&ScsiDisk> {
+    pub fn lun(&self, lun: u8) -> Option<&Lun> {
         self.luns.get(&lun)
     }
 
-    pub fn luns(&self) -> impl Iterator<Item = (u8, &ScsiDisk)> {
+    pub fn lun_mut(&mut self, lun: u8) -> Option<&mut Lun> {
+        self.luns.get_mut(&lun)
+    }
+
+    pub fn luns(&self) -> impl Iterator<Item = (u8, &Lun)> {
         self.luns.iter().map(|(l, d)| (*l, d))
+    }
+
+    pub fn luns_mut(&mut self) -> impl Iterator<Item = (u8, &mut Lun)> {
+        self.luns.iter_mut().map(|(l, d)| (*l, d))
     }
 
     /// Executes one command for (path, target, lun).

@@ -34,11 +34,19 @@ pub struct Args {
     /// Number of virtual CPUs.
     #[arg(long)]
     cpus: Option<u32>,
-    /// A disk: PATH[,ro][,undo][,format=raw|vhd|vhdx] (repeatable; LUN 0, 1, ... in order).
-    /// Without format= the format is probed, and a probed raw disk refuses guest writes that
-    /// would make it probe as VHD/VHDX; format=raw allows them.
+    /// A disk: PATH[,ro][,undo][,format=raw|vhd|vhdx][,media=cdrom] (repeatable; LUN 0, 1, ...
+    /// in order; DVD drives take the LUNs after the disks). Without format= the format is
+    /// probed, and a probed raw disk refuses guest writes that would make it probe as VHD/VHDX;
+    /// format=raw allows them.
     #[arg(long = "disk")]
     disks: Vec<String>,
+    /// A DVD drive with this image (an ISO, or a VHD/VHDX holding one) as its medium
+    /// (repeatable).
+    #[arg(long = "cdrom")]
+    cdroms: Vec<PathBuf>,
+    /// Serve the QMP-shaped control socket at this path (docs/qmp.md; `viridian vm`).
+    #[arg(long)]
+    qmp: Option<PathBuf>,
     /// What to do with undo disks when the guest ends.
     #[arg(long = "undo-end", value_enum, default_value_t = UndoEnd::Discard)]
     undo_end: UndoEnd,
@@ -137,8 +145,18 @@ struct VmFile {
     cmdline: Option<String>,
     #[serde(default)]
     disk: Vec<VmDisk>,
+    /// DVD drives: `[[dvd]] path = "x.iso"` (no path: an empty drive).
+    #[serde(default)]
+    dvd: Vec<VmDvd>,
     #[serde(default)]
     network: Vec<toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmDvd {
+    #[serde(default)]
+    path: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +188,7 @@ struct DiskSpec {
     read_only: bool,
     undo: bool,
     format: Option<chain::Format>,
+    cdrom: bool,
 }
 
 fn parse_disk_flag(s: &str) -> Result<DiskSpec> {
@@ -183,6 +202,7 @@ fn parse_disk_flag(s: &str) -> Result<DiskSpec> {
         read_only: false,
         undo: false,
         format: None,
+        cdrom: false,
     };
     for opt in parts {
         match opt.split_once('=') {
@@ -190,10 +210,14 @@ fn parse_disk_flag(s: &str) -> Result<DiskSpec> {
                 d.format = Some(common::parse_format(f).with_context(|| format!("--disk {s:?}"))?)
             }
             _ => match opt {
+                "media=cdrom" => d.cdrom = true,
+                "media=disk" => d.cdrom = false,
                 "ro" => d.read_only = true,
                 "rw" => d.read_only = false,
                 "undo" => d.undo = true,
-                other => bail!("--disk {s:?}: unknown option {other:?} (ro, undo, format=)"),
+                other => {
+                    bail!("--disk {s:?}: unknown option {other:?} (ro, undo, format=, media=cdrom)")
+                }
             },
         }
     }
@@ -260,6 +284,7 @@ fn disk_specs(file: &VmFile, base_dir: &Path, flags: &[String]) -> Result<Vec<Di
             read_only: d.read_only,
             undo: d.undo,
             format: d.format.as_deref().map(common::parse_format).transpose()?,
+            cdrom: false,
         });
     }
     for s in flags {
@@ -383,7 +408,30 @@ pub fn run(a: Args) -> Result<i32> {
         || (!a.no_stdin
             && a.console.is_none()
             && std::io::IsTerminal::is_terminal(&std::io::stdin()));
-    let specs = disk_specs(&file, &base_dir, &a.disks)?;
+    let mut specs = disk_specs(&file, &base_dir, &a.disks)?;
+    cfg.qmp = a.qmp.clone();
+    cfg.open_image = Some(crate::cmd_vm::open_image);
+    let dvd_paths = file
+        .dvd
+        .iter()
+        .map(|d| d.path.as_ref().map(|p| relative_to(&base_dir, p)));
+    let dvd_paths: Vec<Option<PathBuf>> = dvd_paths
+        .chain(a.cdroms.iter().map(|p| Some(p.clone())))
+        .chain(
+            specs
+                .iter()
+                .filter(|s| s.cdrom)
+                .map(|s| Some(s.path.clone())),
+        )
+        .collect();
+    specs.retain(|s| !s.cdrom);
+    for p in &dvd_paths {
+        let medium = match p {
+            Some(p) => Some(crate::cmd_vm::open_image(p, None, true).map_err(|e| anyhow!(e))?),
+            None => None,
+        };
+        cfg.dvds.push(medium);
+    }
     let mut undo_disks = Vec::new();
     for s in &specs {
         let disk = open_disk(s, &mut undo_disks)?;
@@ -391,6 +439,7 @@ pub fn run(a: Args) -> Result<i32> {
     }
     let name = file.name.clone().unwrap_or_else(|| "guest".into());
     let disks = cfg.disks.clone();
+    let cfg_dvds = cfg.dvds.clone();
     let deadline = cfg.timeout.map(|t| std::time::Instant::now() + t);
     let mut boots = 0u32;
     let result = loop {
@@ -438,6 +487,11 @@ pub fn run(a: Args) -> Result<i32> {
         }
     }
     drop(disks);
+    for d in cfg_dvds.iter().flatten() {
+        if let Err(e) = d.close() {
+            eprintln!("viridian: cannot close a DVD image: {e}");
+        }
+    }
     let ok = result.is_ok() && !close_failed;
     for u in undo_disks {
         let parent = u.parent_path().to_path_buf();
@@ -517,5 +571,17 @@ mod tests {
         assert!(parse_type_on("::x").is_err());
         assert!(parse_type_on("p::\\q").is_err());
         assert!(parse_type_on("p::\\xZZ").is_err());
+    }
+
+    #[test]
+    fn dvd_drives_from_flags_and_toml() {
+        assert!(parse_disk_flag("a.iso,media=cdrom").unwrap().cdrom);
+        assert!(!parse_disk_flag("a.img,ro").unwrap().cdrom);
+        assert!(parse_disk_flag("a.iso,media=tape").is_err());
+        let f: VmFile = toml::from_str("[[dvd]]\npath = \"x.iso\"\n[[dvd]]\n").unwrap();
+        assert_eq!(f.dvd.len(), 2);
+        assert_eq!(f.dvd[0].path.as_deref(), Some(Path::new("x.iso")));
+        assert!(f.dvd[1].path.is_none(), "an empty drive");
+        assert!(toml::from_str::<VmFile>("[[dvd]]\nfile = \"x\"\n").is_err());
     }
 }

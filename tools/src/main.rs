@@ -20,6 +20,7 @@ mod cmd_resize;
 mod cmd_run;
 mod cmd_serve;
 mod cmd_undo;
+mod cmd_vm;
 mod common;
 mod migrate;
 mod progress;
@@ -82,6 +83,8 @@ enum Command {
     Completions(cmd_docs::CompletionsArgs),
     /// Print the man page of viridian or of one verb (or write them all with --dir).
     Man(cmd_docs::ManArgs),
+    /// Send a command to a running VM's control socket (`run --qmp SOCKET`).
+    Vm(cmd_vm::Args),
 }
 
 fn main() {
@@ -112,6 +115,7 @@ fn main() {
             cmd_docs::run_completions(a, <Cli as clap::CommandFactory>::command())
         }
         Command::Man(a) => cmd_docs::run_man(a, <Cli as clap::CommandFactory>::command()),
+        Command::Vm(a) => cmd_vm::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

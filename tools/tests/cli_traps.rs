@@ -818,7 +818,7 @@ fn completions_and_man_pages_come_from_the_real_definitions() {
     let verbs = [
         "info", "create", "convert", "check", "compare", "map", "measure", "commit", "rebase",
         "resize", "compact", "snapshot", "io", "undo", "mount", "unmount", "serve", "migrate",
-        "run",
+        "run", "vm",
     ];
     for shell in ["bash", "zsh", "fish"] {
         let script = ok(&["completions", shell]);

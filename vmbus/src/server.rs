@@ -88,6 +88,11 @@ pub trait VmbusDevice: Send {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+    /// For downcasting from [`VmbusServer::device_mut`] (host-side changes such as hot-plug;
+    /// call [`VmbusServer::poll`] afterwards so the device can tell the guest).
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
     /// Called after each batch and from [`VmbusServer::poll`]: complete asynchronous work.
     fn poll(&mut self, io: &mut ChannelIo<'_>) -> Result<(), DeviceError> {
         let _ = io;
@@ -263,6 +268,16 @@ impl VmbusServer {
     /// The device behind `relid` (downcast it with [`VmbusDevice::as_any`]).
     pub fn device(&self, relid: u32) -> Option<&dyn VmbusDevice> {
         self.channels.get(&relid).map(|c| c.device.as_ref())
+    }
+
+    /// The device behind `relid`, mutable (downcast it with [`VmbusDevice::as_any_mut`]).
+    pub fn device_mut(&mut self, relid: u32) -> Option<&mut (dyn VmbusDevice + 'static)> {
+        self.channels.get_mut(&relid).map(|c| c.device.as_mut())
+    }
+
+    /// The relids of every device, in order.
+    pub fn relids(&self) -> Vec<u32> {
+        self.channels.keys().copied().collect()
     }
 
     /// The negotiated VMBus version, once connected.

@@ -66,6 +66,8 @@ pub enum StopReason {
     Stalled,
     /// The caller asked the run to stop (`VmConfig::interrupted`, e.g. Ctrl-C).
     Interrupted,
+    /// `quit` on the control socket.
+    Quit,
 }
 
 /// Shared stop flag with a condition variable for the main thread.

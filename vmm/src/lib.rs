@@ -32,6 +32,7 @@
 mod acpi;
 mod boot;
 pub mod console;
+pub mod control;
 mod cpuid;
 mod decode;
 mod events;
@@ -39,6 +40,7 @@ pub mod hv;
 mod layout;
 mod memory;
 pub mod probe;
+pub mod qmp;
 mod stats;
 mod vcpu;
 mod vm;
@@ -103,6 +105,12 @@ pub struct VmConfig {
     pub cpus: u32,
     /// SCSI LUNs 0, 1, ... of the one synthetic SCSI controller.
     pub disks: Vec<disk::Disk>,
+    /// DVD drives, the LUNs after the disks, each with its medium or empty.
+    pub dvds: Vec<Option<disk::Disk>>,
+    /// Serve the QMP-shaped control socket here (docs/qmp.md).
+    pub qmp: Option<PathBuf>,
+    /// Opens images for `device_add` / `blockdev-change-medium` (default: raw only).
+    pub open_image: Option<control::ImageOpener>,
     pub console: Console,
     /// Stop (as a failure) after this long.
     pub timeout: Option<Duration>,
@@ -159,6 +167,9 @@ impl VmConfig {
             memory: 256 << 20,
             cpus: 1,
             disks: Vec::new(),
+            dvds: Vec::new(),
+            qmp: None,
+            open_image: None,
             console: Console::Stdout,
             timeout: None,
             stall_timeout: None,
@@ -182,6 +193,8 @@ pub enum ExitReason {
     Reboot,
     /// The guest powered off (ACPI S5).
     Poweroff,
+    /// `quit` on the control socket (disks flushed, like every orderly end).
+    Quit,
 }
 
 /// The result of an orderly run.

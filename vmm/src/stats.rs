@@ -14,6 +14,9 @@ pub struct DiskCounters {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
+    /// Requests that failed: reads; writes, flushes and write-zeroes.
+    pub read_errors: AtomicU64,
+    pub write_errors: AtomicU64,
     /// Nanoseconds since `epoch` of the first and the latest data request (0 = none yet).
     pub first_io_ns: AtomicU64,
     pub last_io_ns: AtomicU64,
@@ -28,6 +31,8 @@ pub struct DiskStats {
     pub reads: u64,
     pub writes: u64,
     pub flushes: u64,
+    pub read_errors: u64,
+    pub write_errors: u64,
     /// When the first and the last data request arrived, from the start of the VM.
     pub first_io: Option<std::time::Duration>,
     pub last_io: Option<std::time::Duration>,
@@ -73,6 +78,8 @@ impl DiskCounters {
             reads: self.reads.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
             flushes: self.flushes.load(Ordering::Relaxed),
+            read_errors: self.read_errors.load(Ordering::Relaxed),
+            write_errors: self.write_errors.load(Ordering::Relaxed),
         }
     }
 }
@@ -89,6 +96,18 @@ impl CountingDisk {
             inner: inner.into(),
             counters: Arc::new(DiskCounters::with_epoch(epoch)),
         }
+    }
+
+    fn counted(&self, write: bool, r: disk::Result<()>) -> disk::Result<()> {
+        if r.is_err() {
+            let c = if write {
+                &self.counters.write_errors
+            } else {
+                &self.counters.read_errors
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 }
 
@@ -114,7 +133,7 @@ impl BlockDevice for CountingDisk {
         self.counters
             .read_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.inner.read_at(buf, offset)
+        self.counted(false, self.inner.read_at(buf, offset))
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> disk::Result<()> {
         self.counters.touch();
@@ -122,11 +141,11 @@ impl BlockDevice for CountingDisk {
         self.counters
             .write_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.inner.write_at(buf, offset)
+        self.counted(true, self.inner.write_at(buf, offset))
     }
     fn flush(&self) -> disk::Result<()> {
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        self.inner.flush()
+        self.counted(true, self.inner.flush())
     }
     fn discard(&self, offset: u64, len: u64) -> disk::Result<()> {
         self.inner.discard(offset, len)
@@ -135,7 +154,7 @@ impl BlockDevice for CountingDisk {
         self.counters.touch();
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
-        self.inner.write_zeroes(offset, len, flags)
+        self.counted(true, self.inner.write_zeroes(offset, len, flags))
     }
     fn block_status(&self, offset: u64, len: u64) -> disk::Result<Extent> {
         self.inner.block_status(offset, len)

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_regs, kvm_sregs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -35,6 +36,91 @@ pub struct Shared {
     pub fixups: AtomicU64,
     /// Set by the main thread (trace mode) to have vCPUs log RIP at their next kick.
     pub sample: std::sync::atomic::AtomicBool,
+    /// `stop`/`cont` from the control socket.
+    pub pause: Arc<PauseGate>,
+}
+
+/// Holds the vCPUs outside KVM_RUN while the VM is paused.
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    /// Fast path for every vCPU exit: no lock unless a pause was asked for.
+    requested: std::sync::atomic::AtomicBool,
+    state: Mutex<PauseState>,
+    cv: std::sync::Condvar,
+    /// The vCPU threads, to kick out of KVM_RUN.
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+#[derive(Debug, Default)]
+struct PauseState {
+    paused: bool,
+    /// vCPUs waiting at the gate.
+    parked: usize,
+}
+
+impl PauseGate {
+    pub fn set_threads(&self, t: Vec<libc::pthread_t>) {
+        *crate::hv::lock(&self.threads) = t;
+    }
+
+    pub fn paused(&self) -> bool {
+        crate::hv::lock(&self.state).paused
+    }
+
+    /// Pauses the vCPUs and waits (at most `wait`) until every one of them has left KVM_RUN;
+    /// false when some did not in time (they still stop at their next exit).
+    pub fn pause(&self, stop: &StopSignal, wait: Duration) -> bool {
+        crate::hv::lock(&self.state).paused = true;
+        self.requested.store(true, Ordering::Release);
+        let threads = crate::hv::lock(&self.threads).clone();
+        let deadline = Instant::now() + wait;
+        let mut st = crate::hv::lock(&self.state);
+        while st.parked < threads.len() && !stop.stopped() {
+            for &t in &threads {
+                // SAFETY: the vCPU threads are joined only after the control socket's thread
+                // (the only caller) has been joined, so each id is still a live or unjoined
+                // thread; the signal has a no-op handler and only interrupts KVM_RUN.
+                unsafe { libc::pthread_kill(t, vmm_sys_util::signal::SIGRTMIN()) };
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left.min(Duration::from_millis(10)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    pub fn resume(&self) {
+        crate::hv::lock(&self.state).paused = false;
+        self.requested.store(false, Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    /// Called by a vCPU before entering the guest: waits while paused (or until the VM stops).
+    fn gate(&self, stop: &StopSignal) {
+        if !self.requested.load(Ordering::Acquire) {
+            return;
+        }
+        let mut st = crate::hv::lock(&self.state);
+        if !st.paused {
+            return;
+        }
+        st.parked += 1;
+        self.cv.notify_all();
+        while st.paused && !stop.stopped() {
+            st = self
+                .cv
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.parked -= 1;
+    }
 }
 
 /// Registers and code bytes of a vCPU when it stopped.
@@ -140,6 +226,10 @@ pub fn run(vp: u32, mut vcpu: VcpuFd, sh: Arc<Shared>) {
         if sh.stop.stopped() {
             snapshot(vp, &vcpu, &sh, "stopped by the VMM".into());
             return;
+        }
+        sh.pause.gate(&sh.stop);
+        if sh.stop.stopped() {
+            continue;
         }
         let action = match vcpu.run() {
             Ok(exit) => {

@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -24,7 +25,7 @@ use crate::events::EventLog;
 use crate::hv::{lock, msr, Hv, InterruptSink};
 use crate::memory::GuestRam;
 use crate::stats::{CountingDisk, DiskCounters};
-use crate::vcpu::{Cmos, Shared};
+use crate::vcpu::{Cmos, PauseGate, Shared};
 use crate::{
     acpi, boot, cpuid, Console, ExitReason, ExitStatus, FailureReport, VmConfig, VmmError,
 };
@@ -62,8 +63,8 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
             cfg.cpus
         )));
     }
-    if cfg.disks.len() > 64 {
-        return Err(VmmError::Config("at most 64 disks".into()));
+    if cfg.disks.len() + cfg.dvds.len() > 64 {
+        return Err(VmmError::Config("at most 64 disks and DVD drives".into()));
     }
     let start = Instant::now();
     let kvm = Kvm::new().map_err(|e| VmmError::KvmUnavailable(format!("/dev/kvm: {e}")))?;
@@ -212,11 +213,29 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
         .iter()
         .map(|d| Arc::new(CountingDisk::new(d.clone(), start)))
         .collect();
+    let dvds: Vec<Option<Arc<CountingDisk>>> = cfg
+        .dvds
+        .iter()
+        .map(|m| {
+            m.as_ref()
+                .map(|d| Arc::new(CountingDisk::new(d.clone(), start)))
+        })
+        .collect();
     let counters: Vec<Arc<DiskCounters>> = counters
         .into_iter()
         .chain(disks.iter().map(|d| d.counters.clone()))
+        .chain(dvds.iter().flatten().map(|d| d.counters.clone()))
         .collect();
-    let vmbus = crate::vmbus_glue::attach(&hv, &ram, &disks, &events, cfg.io_thread)?;
+    let vmbus = crate::vmbus_glue::attach(
+        &hv,
+        &ram,
+        &disks,
+        &dvds,
+        cfg.qmp.is_some(),
+        &events,
+        cfg.io_thread,
+    )?;
+    let pause = Arc::new(PauseGate::default());
 
     let shared = Arc::new(Shared {
         ram: ram.clone(),
@@ -229,6 +248,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
         exits: AtomicU64::new(0),
         fixups: AtomicU64::new(0),
         sample: std::sync::atomic::AtomicBool::new(false),
+        pause: pause.clone(),
     });
 
     register_signal_handler(SIGRTMIN(), kick_handler)
@@ -242,6 +262,52 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
             .map_err(|e| VmmError::Io("spawning a vCPU thread".into(), e))?;
         threads.push(t);
     }
+    pause.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
+
+    // The control socket.
+    let qmp_events = Arc::new(crate::qmp::Events::default());
+    let qmp = match &cfg.qmp {
+        Some(path) => {
+            let mut table = crate::control::BlockTable::new(
+                start,
+                cfg.open_image.unwrap_or(crate::control::open_raw),
+            );
+            for (i, d) in disks.iter().enumerate() {
+                table.register(
+                    &format!("disk{i}"),
+                    i as u8,
+                    false,
+                    Some(d.counters.clone()),
+                );
+            }
+            for (j, m) in dvds.iter().enumerate() {
+                let lun = (disks.len() + j) as u8;
+                table.register(
+                    &format!("cd{j}"),
+                    lun,
+                    true,
+                    m.as_ref().map(|d| d.counters.clone()),
+                );
+            }
+            let control = Arc::new(crate::control::VmControl {
+                target: vmbus.target().clone(),
+                table: Mutex::new(table),
+                pause: pause.clone(),
+                stop: stop.clone(),
+                events: qmp_events.clone(),
+            });
+            let server = crate::qmp::QmpServer::start(path, control, qmp_events.clone())
+                .map_err(|e| VmmError::Io(format!("control socket {}", path.display()), e));
+            match server {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    stop.stop(StopReason::Failure(e.to_string()));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
 
     // Console input: a scripted conversation and/or the user's stdin. Both end within a poll
     // interval of the stop; the stdin thread is joined below so that it never reads input
@@ -326,13 +392,33 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
             last_io = io;
             last_io_at = Instant::now();
         }
-        if let Some(s) = cfg.stall_timeout {
+        if let Some(s) = cfg.stall_timeout.filter(|_| !pause.paused()) {
             let quiet = log.last_output().max(last_io_at);
             if quiet.elapsed() >= s {
                 stop.stop(StopReason::Stalled);
             }
         }
     };
+    // Tell the control client how the VM ended, before the socket goes.
+    if let Some(q) = qmp {
+        let (guest, why) = match &reason {
+            StopReason::Reboot => (true, "guest-reset"),
+            StopReason::Poweroff => (true, "guest-shutdown"),
+            StopReason::Quit => (false, "host-qmp-quit"),
+            StopReason::Interrupted => (false, "host-signal"),
+            StopReason::Marker(_) => (false, "host-marker"),
+            _ => (false, "host-error"),
+        };
+        if reason == StopReason::Reboot {
+            qmp_events.emit("RESET", serde_json::json!({"guest": true, "reason": why}));
+        }
+        qmp_events.emit(
+            "SHUTDOWN",
+            serde_json::json!({"guest": guest, "reason": why}),
+        );
+        q.shutdown();
+    }
+    pause.resume();
     // Kick the vCPUs out of KVM_RUN until they have all left.
     while threads.iter().any(|t| !t.is_finished()) {
         for t in threads.iter().filter(|t| !t.is_finished()) {
@@ -359,6 +445,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
         StopReason::Marker(m) => ExitReason::Marker(m),
         StopReason::Reboot => ExitReason::Reboot,
         StopReason::Poweroff => ExitReason::Poweroff,
+        StopReason::Quit => ExitReason::Quit,
         r => {
             let mut vcpus = lock(&shared.snapshots).clone();
             vcpus.sort_by_key(|s| s.vp);

@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use storvsc_backend::{ScsiController, ScsiDisk, StorvscDevice};
+use storvsc_backend::{ScsiCdrom, ScsiController, ScsiDisk, StorvscDevice};
 use vmbus::{Action, GuestMemory, MemoryError, VmbusServer};
 
 use crate::events::EventLog;
@@ -205,6 +205,42 @@ impl HypercallTarget for VmbusTarget {
 }
 
 impl VmbusTarget {
+    /// A target with no hypervisor behind it (its actions go nowhere), for tests of the
+    /// host-side paths.
+    #[cfg(test)]
+    pub(crate) fn detached(server: VmbusServer, ram: Arc<GuestRam>) -> Arc<VmbusTarget> {
+        Arc::new(VmbusTarget {
+            server: Mutex::new(server),
+            mem: VmbusMemory(ram),
+            hv: Weak::new(),
+            events: Arc::new(EventLog::new(false)),
+            announced_version: Mutex::new(None),
+            kicks: None,
+        })
+    }
+
+    /// Runs `f` on the SCSI controller (host-side changes: hot-plug, media), then lets the
+    /// device tell the guest (bus-change notice) and delivers what that produced. None when
+    /// the VM has no SCSI controller.
+    pub fn with_storvsc<R>(&self, f: impl FnOnce(&mut StorvscDevice) -> R) -> Option<R> {
+        let mut s = lock(&self.server);
+        let relids = s.relids();
+        let r = relids.into_iter().find_map(|relid| {
+            s.device_mut(relid)
+                .and_then(|d| d.as_any_mut())
+                .and_then(|a| a.downcast_mut::<StorvscDevice>())
+                .map(|_| relid)
+        })?;
+        let dev = s
+            .device_mut(r)
+            .and_then(|d| d.as_any_mut())
+            .and_then(|a| a.downcast_mut::<StorvscDevice>())?;
+        let out = f(dev);
+        s.poll(&self.mem);
+        self.run_actions(&mut s);
+        Some(out)
+    }
+
     fn serve_signal(&self, connection_id: u32) -> u16 {
         let mut s = lock(&self.server);
         let st = s.signal_event(&self.mem, connection_id);
@@ -246,6 +282,10 @@ pub struct VmbusHandle {
 }
 
 impl VmbusHandle {
+    pub fn target(&self) -> &Arc<VmbusTarget> {
+        &self.target
+    }
+
     /// Stops the VMBus side (after the vCPUs have stopped): the I/O thread finishes what the
     /// guest had already signalled, then ends, so every acknowledged write is in the disk
     /// layer before the caller flushes the disks.
@@ -261,17 +301,21 @@ impl VmbusHandle {
     }
 }
 
-/// Builds the VMBus server with one SCSI controller holding `disks` as LUNs 0.. and connects it
-/// to the hypercall path.
+/// Builds the VMBus server with one SCSI controller holding `disks` as LUNs 0.., then the DVD
+/// drives `dvds` (each with its medium, if any) as the next LUNs, and connects it to the
+/// hypercall path. With `always_controller` the controller is there even without LUNs (for
+/// hot-plug).
 pub fn attach(
     hv: &Arc<Hv>,
     ram: &Arc<GuestRam>,
     disks: &[Arc<CountingDisk>],
+    dvds: &[Option<Arc<CountingDisk>>],
+    always_controller: bool,
     events: &Arc<EventLog>,
     io_thread: bool,
 ) -> Result<VmbusHandle, VmmError> {
     let mut server = VmbusServer::new();
-    if !disks.is_empty() {
+    if !disks.is_empty() || !dvds.is_empty() || always_controller {
         let mut ctl = ScsiController::new();
         for (i, d) in disks.iter().enumerate() {
             let dev = disk::Disk::new(d.clone());
@@ -280,6 +324,19 @@ pub fn attach(
                 .with_serial(&format!("viridian-lun{i}"));
             ctl.add_lun(i as u8, sd)
                 .map_err(|e| VmmError::Config(format!("disk {i}: {e}")))?;
+        }
+        for (j, m) in dvds.iter().enumerate() {
+            let lun = disks.len() + j;
+            let serial = format!("viridian-lun{lun}");
+            let cd = match m {
+                Some(d) => ScsiCdrom::new(disk::Disk::new(d.clone()))
+                    .map_err(|e| VmmError::Config(format!("DVD {j}: {e}")))?,
+                None => ScsiCdrom::empty(),
+            }
+            .with_serial(&serial);
+            let lun = u8::try_from(lun).map_err(|_| VmmError::Config("too many LUNs".into()))?;
+            ctl.add_lun(lun, cd)
+                .map_err(|e| VmmError::Config(format!("DVD {j}: {e}")))?;
         }
         let instance = vmbus::Guid::parse(SCSI_INSTANCE)
             .ok_or_else(|| VmmError::Config("bad SCSI instance GUID".into()))?;

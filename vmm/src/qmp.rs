@@ -1,0 +1,813 @@
+//! The control socket: a QMP-shaped protocol (JSON lines over a Unix socket) so existing QMP
+//! clients can drive a running VM. The schema is in docs/qmp.md.
+//!
+//! This module is the protocol only: greeting, capability negotiation, request parsing and
+//! argument checking into a typed [`Command`], replies, errors and events. What a command does
+//! is up to the [`Machine`] it is given (the VMM's is in `control.rs`).
+//!
+//! One client at a time; a second one gets an error and is closed. A request line longer than
+//! [`MAX_LINE`] is answered with an error and skipped. Nothing a client sends stops the VM
+//! except `quit`.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+/// Longest request line accepted (bytes, without the newline).
+pub const MAX_LINE: usize = 64 * 1024;
+/// How often the server looks for events, new clients and the end of the VM.
+const POLL: Duration = Duration::from_millis(20);
+
+/// A QMP error: `{"error": {"class", "desc"}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QmpError {
+    pub class: &'static str,
+    pub desc: String,
+}
+
+impl QmpError {
+    pub fn generic(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: "GenericError",
+            desc: desc.into(),
+        }
+    }
+    pub fn not_found(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: "DeviceNotFound",
+            desc: desc.into(),
+        }
+    }
+    fn command_not_found(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: "CommandNotFound",
+            desc: desc.into(),
+        }
+    }
+    fn to_json(&self) -> Value {
+        json!({"error": {"class": self.class, "desc": self.desc}})
+    }
+}
+
+/// The kind of SCSI LUN `device_add` creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// A disk (`scsi-hd`).
+    Disk,
+    /// A DVD drive (`scsi-cd`).
+    Cdrom,
+}
+
+/// `device_add` arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceAdd {
+    pub driver: Driver,
+    pub id: String,
+    pub lun: u8,
+    /// Required for a disk; a DVD drive without one starts empty.
+    pub file: Option<PathBuf>,
+    pub format: Option<String>,
+    pub read_only: bool,
+}
+
+/// A request, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    QueryStatus,
+    QueryBlock,
+    QueryVersion,
+    QueryCommands,
+    DeviceAdd(DeviceAdd),
+    DeviceDel {
+        id: String,
+    },
+    ChangeMedium {
+        id: String,
+        file: PathBuf,
+        format: Option<String>,
+        force: bool,
+    },
+    Eject {
+        id: String,
+        force: bool,
+    },
+    Stop,
+    Cont,
+    SystemPowerdown,
+    Quit,
+}
+
+/// Every command name, for `query-commands` and for the CLI client.
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-status",
+    "query-block",
+    "query-version",
+    "query-commands",
+    "device_add",
+    "device_del",
+    "blockdev-change-medium",
+    "eject",
+    "stop",
+    "cont",
+    "system_powerdown",
+    "quit",
+];
+
+/// What the protocol drives.
+pub trait Machine: Send + Sync {
+    /// Carries out one command; the value is the reply's `return`.
+    fn run(&self, cmd: Command) -> Result<Value, QmpError>;
+    /// Called every few tens of milliseconds while a client listens: emit events for what
+    /// happened meanwhile (tray moved by the guest, I/O errors).
+    fn tick(&self) {}
+}
+
+/// Arguments of one request, taken one by one so that leftovers are reported.
+struct Args(Map<String, Value>);
+
+impl Args {
+    fn str(&mut self, key: &str) -> Result<Option<String>, QmpError> {
+        match self.0.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(QmpError::generic(format!(
+                "Invalid parameter type for '{key}', expected: string"
+            ))),
+        }
+    }
+    fn req_str(&mut self, key: &str) -> Result<String, QmpError> {
+        self.str(key)?
+            .ok_or_else(|| QmpError::generic(format!("Parameter '{key}' is missing")))
+    }
+    fn bool(&mut self, key: &str) -> Result<bool, QmpError> {
+        match self.0.remove(key) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(b),
+            Some(_) => Err(QmpError::generic(format!(
+                "Invalid parameter type for '{key}', expected: boolean"
+            ))),
+        }
+    }
+    fn lun(&mut self) -> Result<u8, QmpError> {
+        match self.0.remove("lun") {
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .filter(|&l| l <= u64::from(storvsc_backend::scsi::MAX_LUN))
+                .map(|l| l as u8)
+                .ok_or_else(|| {
+                    QmpError::generic(format!(
+                        "Parameter 'lun' must be 0..={}",
+                        storvsc_backend::scsi::MAX_LUN
+                    ))
+                }),
+            None => Err(QmpError::generic("Parameter 'lun' is missing")),
+            Some(_) => Err(QmpError::generic(
+                "Invalid parameter type for 'lun', expected: integer",
+            )),
+        }
+    }
+    /// The device id: `id`, or `device` as older QMP clients name it.
+    fn id(&mut self) -> Result<String, QmpError> {
+        let id = self.str("id")?;
+        let device = self.str("device")?;
+        match (id, device) {
+            (Some(i), None) | (None, Some(i)) => Ok(i),
+            (Some(_), Some(_)) => Err(QmpError::generic("give 'id' or 'device', not both")),
+            (None, None) => Err(QmpError::generic("Parameter 'id' is missing")),
+        }
+    }
+    fn done(self) -> Result<(), QmpError> {
+        match self.0.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+        }
+    }
+}
+
+fn check_id(id: &str) -> Result<(), QmpError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(QmpError::generic(format!(
+            "Parameter 'id' expects an identifier (a letter, then letters, digits, '-', '.', '_'; at most 64): {id:?}"
+        )))
+    }
+}
+
+/// Parses one command with its arguments.
+pub fn parse_command(name: &str, args: Map<String, Value>) -> Result<Command, QmpError> {
+    let mut a = Args(args);
+    let cmd = match name {
+        "query-status" => Command::QueryStatus,
+        "query-block" => Command::QueryBlock,
+        "query-version" => Command::QueryVersion,
+        "query-commands" => Command::QueryCommands,
+        "stop" => Command::Stop,
+        "cont" => Command::Cont,
+        "system_powerdown" => Command::SystemPowerdown,
+        "quit" => Command::Quit,
+        "device_add" => {
+            let driver = match a.req_str("driver")?.as_str() {
+                "scsi-hd" => Driver::Disk,
+                "scsi-cd" => Driver::Cdrom,
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "'driver' must be 'scsi-hd' or 'scsi-cd', not {other:?}"
+                    )))
+                }
+            };
+            let id = a.req_str("id")?;
+            check_id(&id)?;
+            let lun = a.lun()?;
+            let file = a.str("file")?.map(PathBuf::from);
+            let format = a.str("format")?;
+            let read_only = a.bool("read-only")?;
+            if driver == Driver::Disk && file.is_none() {
+                return Err(QmpError::generic("Parameter 'file' is missing"));
+            }
+            Command::DeviceAdd(DeviceAdd {
+                driver,
+                id,
+                lun,
+                file,
+                format,
+                read_only: read_only || driver == Driver::Cdrom,
+            })
+        }
+        "device_del" => Command::DeviceDel { id: a.id()? },
+        "blockdev-change-medium" => {
+            let id = a.id()?;
+            let file = PathBuf::from(a.req_str("filename")?);
+            let format = a.str("format")?;
+            let force = a.bool("force")?;
+            Command::ChangeMedium {
+                id,
+                file,
+                format,
+                force,
+            }
+        }
+        "eject" => {
+            let id = a.id()?;
+            let force = a.bool("force")?;
+            Command::Eject { id, force }
+        }
+        other => {
+            return Err(QmpError::command_not_found(format!(
+                "The command {other} has not been found"
+            )))
+        }
+    };
+    a.done()?;
+    Ok(cmd)
+}
+
+/// The greeting sent to each client.
+pub fn greeting() -> Value {
+    let (major, minor, micro) = version();
+    json!({"QMP": {
+        "version": {
+            "qemu": {"major": major, "minor": minor, "micro": micro},
+            "package": format!("viridian {}", env!("CARGO_PKG_VERSION")),
+        },
+        "capabilities": [],
+    }})
+}
+
+fn version() -> (u64, u64, u64) {
+    let mut v = env!("CARGO_PKG_VERSION")
+        .split('.')
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    (
+        v.next().unwrap_or(0),
+        v.next().unwrap_or(0),
+        v.next().unwrap_or(0),
+    )
+}
+
+/// Microseconds-resolution event timestamp.
+fn timestamp() -> Value {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    json!({"seconds": t.as_secs(), "microseconds": t.subsec_micros()})
+}
+
+/// One client's protocol state.
+#[derive(Debug, Default)]
+pub struct Session {
+    negotiated: bool,
+}
+
+impl Session {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether `qmp_capabilities` was accepted (events flow only then).
+    pub fn negotiated(&self) -> bool {
+        self.negotiated
+    }
+
+    /// Answers one request line.
+    pub fn handle_line(&mut self, line: &[u8], machine: &dyn Machine) -> Value {
+        let req: Value = match serde_json::from_slice(line) {
+            Ok(v) => v,
+            Err(e) => return QmpError::generic(format!("JSON parse error, {e}")).to_json(),
+        };
+        let Value::Object(mut req) = req else {
+            return QmpError::generic("QMP input must be a JSON object").to_json();
+        };
+        let id = req.remove("id");
+        let reply = |r: Result<Value, QmpError>| -> Value {
+            let mut v = match r {
+                Ok(ret) => json!({ "return": ret }),
+                Err(e) => e.to_json(),
+            };
+            if let Some(id) = &id {
+                v["id"] = id.clone();
+            }
+            v
+        };
+        let name = match req.remove("execute") {
+            Some(Value::String(s)) => s,
+            Some(_) => {
+                return reply(Err(QmpError::generic(
+                    "QMP input member 'execute' must be a string",
+                )))
+            }
+            None => return reply(Err(QmpError::generic("QMP input lacks member 'execute'"))),
+        };
+        let args = match req.remove("arguments") {
+            None => Map::new(),
+            Some(Value::Object(m)) => m,
+            Some(_) => {
+                return reply(Err(QmpError::generic(
+                    "QMP input member 'arguments' must be an object",
+                )))
+            }
+        };
+        if let Some(k) = req.keys().next() {
+            return reply(Err(QmpError::generic(format!(
+                "QMP input member '{k}' is unexpected"
+            ))));
+        }
+        if name == "qmp_capabilities" {
+            if self.negotiated {
+                return reply(Err(QmpError::command_not_found(
+                    "Capabilities negotiation is already complete, command ignored",
+                )));
+            }
+            if let Some(k) = args.keys().next() {
+                return reply(Err(QmpError::generic(format!(
+                    "Parameter '{k}' is unexpected"
+                ))));
+            }
+            self.negotiated = true;
+            return reply(Ok(json!({})));
+        }
+        if !self.negotiated {
+            return reply(Err(QmpError::command_not_found(
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            )));
+        }
+        let r = parse_command(&name, args).and_then(|c| match c {
+            Command::QueryCommands => Ok(Value::Array(
+                COMMANDS.iter().map(|n| json!({ "name": n })).collect(),
+            )),
+            Command::QueryVersion => Ok(greeting()["QMP"]["version"].clone()),
+            c => machine.run(c),
+        });
+        reply(r)
+    }
+}
+
+/// Asynchronous events waiting for the client (dropped when no client is connected, as QMP
+/// does; bounded so a stuck client cannot grow it without limit).
+#[derive(Debug, Default)]
+pub struct Events {
+    queue: Mutex<VecDeque<Value>>,
+    listening: AtomicBool,
+}
+
+const MAX_QUEUED_EVENTS: usize = 1024;
+
+impl Events {
+    pub fn emit(&self, event: &str, data: Value) {
+        if !self.listening.load(Ordering::Acquire) {
+            return;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= MAX_QUEUED_EVENTS {
+            q.pop_front();
+        }
+        q.push_back(json!({"event": event, "data": data, "timestamp": timestamp()}));
+    }
+
+    fn take(&self) -> Vec<Value> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.drain(..).collect()
+    }
+}
+
+/// A running control socket.
+pub struct QmpServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QmpServer {
+    /// Listens on `path` (a stale socket there is replaced; any other file is an error); the
+    /// socket is made mode 0600.
+    pub fn start(
+        path: &Path,
+        machine: Arc<dyn Machine>,
+        events: Arc<Events>,
+    ) -> std::io::Result<QmpServer> {
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("qmp".into())
+            .spawn(move || serve(listener, machine, events, s))?;
+        Ok(QmpServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sends what is queued (final events), closes the client and removes the socket.
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+struct Client {
+    stream: UnixStream,
+    session: Session,
+    buf: Vec<u8>,
+    /// Discarding the rest of an over-long line.
+    skipping: bool,
+}
+
+fn send(stream: &mut UnixStream, v: &Value) -> std::io::Result<()> {
+    let mut line = v.to_string();
+    line.push_str("\r\n");
+    stream.write_all(line.as_bytes())
+}
+
+fn serve(
+    listener: UnixListener,
+    machine: Arc<dyn Machine>,
+    events: Arc<Events>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut client: Option<Client> = None;
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        // New connections: the first becomes the client, others are told and closed.
+        loop {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    if client.is_some() {
+                        let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                        let _ = send(
+                            &mut s,
+                            &QmpError::generic("another QMP client is connected").to_json(),
+                        );
+                        continue;
+                    }
+                    let _ = s.set_read_timeout(Some(POLL));
+                    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+                    if send(&mut s, &greeting()).is_ok() {
+                        client = Some(Client {
+                            stream: s,
+                            session: Session::new(),
+                            buf: Vec::new(),
+                            skipping: false,
+                        });
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => break,
+            }
+        }
+        let Some(c) = client.as_mut() else {
+            if stopping {
+                return;
+            }
+            std::thread::sleep(POLL);
+            continue;
+        };
+        events
+            .listening
+            .store(c.session.negotiated(), Ordering::Release);
+        if c.session.negotiated() {
+            machine.tick();
+        }
+        let mut alive = true;
+        for ev in events.take() {
+            alive &= send(&mut c.stream, &ev).is_ok();
+        }
+        if stopping {
+            return;
+        }
+        let mut chunk = [0u8; 4096];
+        match c.stream.read(&mut chunk) {
+            Ok(0) => alive = false,
+            Ok(n) => {
+                alive &= feed(c, &chunk[..n], machine.as_ref());
+                events
+                    .listening
+                    .store(c.session.negotiated(), Ordering::Release);
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => alive = false,
+        }
+        if !alive {
+            client = None;
+            events.listening.store(false, Ordering::Release);
+            events.take();
+        }
+    }
+}
+
+/// Splits what arrived into lines and answers each; false when the client is gone.
+fn feed(c: &mut Client, mut data: &[u8], machine: &dyn Machine) -> bool {
+    while !data.is_empty() {
+        let nl = data.iter().position(|&b| b == b'\n');
+        let (part, rest, complete) = match nl {
+            Some(i) => (&data[..i], &data[i + 1..], true),
+            None => (data, &data[data.len()..], false),
+        };
+        data = rest;
+        if c.skipping {
+            c.skipping = !complete;
+            continue;
+        }
+        if c.buf.len() + part.len() > MAX_LINE {
+            c.buf.clear();
+            c.skipping = !complete;
+            let e = QmpError::generic(format!("request longer than {MAX_LINE} bytes"));
+            if send(&mut c.stream, &e.to_json()).is_err() {
+                return false;
+            }
+            continue;
+        }
+        c.buf.extend_from_slice(part);
+        if !complete {
+            continue;
+        }
+        let line = std::mem::take(&mut c.buf);
+        let line = line.strip_suffix(b"\r").unwrap_or(&line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let reply = c.session.handle_line(line, machine);
+        if send(&mut c.stream, &reply).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what it is asked and answers with the command's debug form.
+    struct Echo(Mutex<Vec<Command>>);
+
+    impl Machine for Echo {
+        fn run(&self, cmd: Command) -> Result<Value, QmpError> {
+            let s = format!("{cmd:?}");
+            self.0.lock().unwrap().push(cmd);
+            Ok(json!(s))
+        }
+    }
+
+    fn ask(s: &mut Session, m: &Echo, line: &str) -> Value {
+        s.handle_line(line.as_bytes(), m)
+    }
+
+    #[test]
+    fn negotiation_and_replies() {
+        let m = Echo(Mutex::new(Vec::new()));
+        let mut s = Session::new();
+        let r = ask(&mut s, &m, r#"{"execute":"query-status","id":1}"#);
+        assert_eq!(r["error"]["class"], "CommandNotFound");
+        assert_eq!(r["id"], 1);
+        let r = ask(&mut s, &m, r#"{"execute":"qmp_capabilities","id":"a"}"#);
+        assert_eq!(r, json!({"return": {}, "id": "a"}));
+        let r = ask(&mut s, &m, r#"{"execute":"qmp_capabilities"}"#);
+        assert_eq!(r["error"]["class"], "CommandNotFound");
+        let r = ask(&mut s, &m, r#"{"execute":"query-status","id":{"x":[1]}}"#);
+        assert_eq!(r["id"], json!({"x":[1]}));
+        assert!(r["return"].is_string());
+        assert_eq!(m.0.lock().unwrap().as_slice(), &[Command::QueryStatus]);
+    }
+
+    #[test]
+    fn bad_requests_are_errors() {
+        let m = Echo(Mutex::new(Vec::new()));
+        let mut s = Session::new();
+        ask(&mut s, &m, r#"{"execute":"qmp_capabilities"}"#);
+        for (line, class, needle) in [
+            ("{not json", "GenericError", "JSON parse error"),
+            ("[1,2]", "GenericError", "JSON object"),
+            (
+                r#"{"arguments":{}}"#,
+                "GenericError",
+                "lacks member 'execute'",
+            ),
+            (r#"{"execute":7}"#, "GenericError", "must be a string"),
+            (
+                r#"{"execute":"stop","arguments":[]}"#,
+                "GenericError",
+                "must be an object",
+            ),
+            (
+                r#"{"execute":"stop","extra":1}"#,
+                "GenericError",
+                "'extra' is unexpected",
+            ),
+            (
+                r#"{"execute":"frobnicate"}"#,
+                "CommandNotFound",
+                "frobnicate",
+            ),
+            (
+                r#"{"execute":"stop","arguments":{"now":true}}"#,
+                "GenericError",
+                "'now' is unexpected",
+            ),
+            (
+                r#"{"execute":"device_add","arguments":{"driver":"virtio-blk","id":"d","lun":1,"file":"x"}}"#,
+                "GenericError",
+                "driver",
+            ),
+            (
+                r#"{"execute":"device_add","arguments":{"driver":"scsi-hd","id":"d","lun":64,"file":"x"}}"#,
+                "GenericError",
+                "'lun'",
+            ),
+            (
+                r#"{"execute":"device_add","arguments":{"driver":"scsi-hd","id":"d","lun":-1,"file":"x"}}"#,
+                "GenericError",
+                "'lun'",
+            ),
+            (
+                r#"{"execute":"device_add","arguments":{"driver":"scsi-hd","id":"d","lun":"1","file":"x"}}"#,
+                "GenericError",
+                "'lun'",
+            ),
+            (
+                r#"{"execute":"device_add","arguments":{"driver":"scsi-hd","id":"d","lun":1}}"#,
+                "GenericError",
+                "'file' is missing",
+            ),
+            (
+                r#"{"execute":"device_add","arguments":{"driver":"scsi-hd","id":"9bad","lun":1,"file":"x"}}"#,
+                "GenericError",
+                "identifier",
+            ),
+            (
+                r#"{"execute":"device_add","arguments":{"driver":"scsi-hd","id":"d","lun":1,"file":"x","read-only":"yes"}}"#,
+                "GenericError",
+                "boolean",
+            ),
+            (
+                r#"{"execute":"eject","arguments":{}}"#,
+                "GenericError",
+                "'id' is missing",
+            ),
+            (
+                r#"{"execute":"eject","arguments":{"id":"a","device":"b"}}"#,
+                "GenericError",
+                "not both",
+            ),
+            (
+                r#"{"execute":"blockdev-change-medium","arguments":{"id":"cd0"}}"#,
+                "GenericError",
+                "'filename' is missing",
+            ),
+        ] {
+            let r = ask(&mut s, &m, line);
+            assert_eq!(r["error"]["class"], class, "{line}: {r}");
+            let desc = r["error"]["desc"].as_str().unwrap();
+            assert!(desc.contains(needle), "{line}: {desc}");
+        }
+        assert!(
+            m.0.lock().unwrap().is_empty(),
+            "nothing reached the machine"
+        );
+        let r = ask(
+            &mut s,
+            &m,
+            r#"{"execute":"device_add","arguments":{"driver":"scsi-cd","id":"cd1","lun":2}}"#,
+        );
+        assert!(r.get("return").is_some(), "{r}");
+        assert_eq!(
+            m.0.lock().unwrap()[0],
+            Command::DeviceAdd(DeviceAdd {
+                driver: Driver::Cdrom,
+                id: "cd1".into(),
+                lun: 2,
+                file: None,
+                format: None,
+                read_only: true
+            })
+        );
+    }
+
+    fn connect(path: &Path) -> (UnixStream, std::io::BufReader<UnixStream>) {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let r = std::io::BufReader::new(s.try_clone().unwrap());
+        (s, r)
+    }
+
+    fn recv(r: &mut std::io::BufReader<UnixStream>) -> Value {
+        let mut line = String::new();
+        std::io::BufRead::read_line(r, &mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    }
+
+    #[test]
+    fn socket_one_client_long_lines_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let events = Arc::new(Events::default());
+        let m = Arc::new(Echo(Mutex::new(Vec::new())));
+        let srv = QmpServer::start(&path, m.clone(), events.clone()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (mut w, mut r) = connect(&path);
+        assert!(recv(&mut r)["QMP"]["capabilities"].is_array());
+        // A second client is refused with an error, the first keeps working.
+        let (_w2, mut r2) = connect(&path);
+        assert_eq!(recv(&mut r2)["error"]["class"], "GenericError");
+        // Events before negotiation are not delivered.
+        events.emit("STOP", json!({}));
+        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+            .unwrap();
+        assert_eq!(recv(&mut r), json!({"return": {}}));
+        // An over-long line: one error, then the next request is served.
+        let mut big = vec![b' '; MAX_LINE + 10];
+        big.extend_from_slice(b"{}\n{\"execute\":\"stop\",\"id\":2}\n");
+        w.write_all(&big).unwrap();
+        let e = recv(&mut r);
+        assert!(
+            e["error"]["desc"].as_str().unwrap().contains("longer"),
+            "{e}"
+        );
+        assert_eq!(recv(&mut r)["id"], 2);
+        events.emit("RESUME", json!({}));
+        let ev = recv(&mut r);
+        assert_eq!(ev["event"], "RESUME");
+        assert!(ev["timestamp"]["seconds"].as_u64().unwrap() > 1_600_000_000);
+        assert!(ev["timestamp"]["microseconds"].as_u64().unwrap() < 1_000_000);
+        // The client goes; a new one can connect.
+        drop((w, r));
+        std::thread::sleep(Duration::from_millis(100));
+        let (_w3, mut r3) = connect(&path);
+        assert!(recv(&mut r3).get("QMP").is_some());
+        srv.shutdown();
+        assert!(!path.exists());
+        assert_eq!(m.0.lock().unwrap().as_slice(), &[Command::Stop]);
+    }
+}
