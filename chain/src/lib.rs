@@ -111,13 +111,27 @@ pub const RAW_RULE: &str = "no VHDX identifier, no VHD footer cookie at offset 0
 
 /// Determines the format from the bytes of a store, and says which rule decided.
 pub fn probe_explained(storage: &dyn Storage) -> Result<Probe> {
+    let vhd_rule = vhd::VhdDisk::probe_rule(storage)?;
     if vhdx::VhdxDisk::probe(storage)? {
+        // A fixed VHD's offset 0 is guest data, and so may be the last sector of a VHDX (its
+        // last block): each format's guest can forge the other's signature. A file that shows
+        // both is refused rather than guessed; an explicit format opens it.
+        if vhd_rule.is_some() {
+            let name = storage
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "the image".into());
+            return Err(Error::InvalidArgument(format!(
+                "{name}: ambiguous format: a VHDX identifier at offset 0 and a VHD footer at \
+                 the end; open it with an explicit format (-f vhdx or -f vhd)"
+            )));
+        }
         return Ok(Probe {
             format: Format::Vhdx,
             rule: "VHDX file type identifier 'vhdxfile' at offset 0",
         });
     }
-    if let Some(rule) = vhd::VhdDisk::probe_rule(storage)? {
+    if let Some(rule) = vhd_rule {
         return Ok(Probe {
             format: Format::Vhd,
             rule,

@@ -81,3 +81,34 @@ fn a_probed_raw_image_is_guarded_and_an_explicit_one_is_not() {
     }
     assert_eq!(chain::probe_path(&p).unwrap(), Format::Vhdx);
 }
+
+#[test]
+fn a_forged_signature_of_the_other_format_makes_probing_refuse() {
+    let d = tempfile::tempdir().unwrap();
+    // A fixed VHD whose guest wrote a VHDX identifier into its first sector (guest data).
+    let p = d.path().join("fixed.vhd");
+    let mut spec = CreateSpec::new(Format::Vhd, 4 << 20);
+    spec.fixed = true;
+    create(&p, &spec).unwrap().close().unwrap();
+    let mut rw = OpenOptions::read_write();
+    rw.format = Some(Format::Vhd);
+    let vhd = open(&p, &rw).unwrap();
+    let mut sector = vec![0u8; 512];
+    sector[..8].copy_from_slice(b"vhdxfile");
+    vhd.write_at(&sector, 0).unwrap();
+    vhd.close().unwrap();
+    drop(vhd);
+    match chain::probe_path(&p) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("ambiguous"), "{m}"),
+        other => panic!("a forged VHDX identifier in a fixed VHD probed as {other:?}"),
+    }
+    assert!(open(&p, &OpenOptions::read_only()).is_err());
+    // Stated, it is the fixed VHD it was, with the guest's bytes as data.
+    let mut ro = OpenOptions::read_only();
+    ro.format = Some(Format::Vhd);
+    let again = open(&p, &ro).unwrap();
+    assert_eq!(again.size(), 4 << 20);
+    let mut back = vec![0u8; 8];
+    again.read_at(&mut back, 0).unwrap();
+    assert_eq!(&back, b"vhdxfile");
+}
