@@ -55,7 +55,16 @@ pub fn open_raw_undo(path: &Path) -> Result<(PathBuf, CowOverlay)> {
 /// Copies what the raw undo file `path` holds into its base and makes the base durable; the
 /// caller removes the undo file afterwards. A kill half-way leaves the undo file complete, so
 /// the commit can simply run again. Returns (base path, bytes copied).
-pub fn commit_raw_undo(path: &Path, progress: &mut dyn FnMut(u64)) -> Result<(PathBuf, u64)> {
+///
+/// The base is written as a probed raw image, with the guard that refuses writes that would
+/// make it probe as VHD or VHDX (a guest of a raw disk must not turn it into another format
+/// through its undo session either), unless `explicit_raw` says the session was started with an
+/// explicit raw format.
+pub fn commit_raw_undo(
+    path: &Path,
+    explicit_raw: bool,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(PathBuf, u64)> {
     let scratch: Arc<dyn Storage> = Arc::new(FileStorage::open(path, Access::ReadOnly, true)?);
     let header = OverlayHeader::read(&*scratch)?.ok_or_else(|| Error::WrongFormat {
         format: "raw undo",
@@ -63,7 +72,15 @@ pub fn commit_raw_undo(path: &Path, progress: &mut dyn FnMut(u64)) -> Result<(Pa
     })?;
     let base_path = label_path(&header.label);
     let mut rw = OpenOptions::read_write();
-    rw.format = Some(Format::Raw);
+    if explicit_raw {
+        rw.format = Some(Format::Raw);
+    } else if crate::probe_path(&base_path)? != Format::Raw {
+        return Err(Error::InvalidArgument(format!(
+            "{} no longer probes as a raw image; not committing {} into it",
+            base_path.display(),
+            path.display()
+        )));
+    }
     let base = open(&base_path, &rw)?;
     let ov = CowOverlay::open(base.image().clone(), scratch)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -110,6 +127,8 @@ pub struct UndoDisk {
     /// The differencing child (VHD/VHDX) or the overlay's scratch file (raw).
     child_path: PathBuf,
     overlay: bool,
+    /// The session was opened with an explicit raw format (no probe guard on commit).
+    explicit_raw: bool,
 }
 
 /// Where a temporary child goes: beside the parent when that directory is writable (same file
@@ -183,6 +202,7 @@ impl UndoDisk {
                     parent_path: path.to_path_buf(),
                     child_path: scratch_path,
                     overlay: true,
+                    explicit_raw: opts.format == Some(Format::Raw),
                 })
             }
             Format::Vhd | Format::Vhdx => {
@@ -215,6 +235,7 @@ impl UndoDisk {
                     parent_path: path.to_path_buf(),
                     child_path,
                     overlay: false,
+                    explicit_raw: false,
                 })
             }
         }
@@ -252,6 +273,7 @@ impl UndoDisk {
             parent_path,
             child_path,
             overlay,
+            explicit_raw,
         } = self;
         if disk.handle_count() > 1 {
             let _ = disk.flush();
@@ -265,7 +287,7 @@ impl UndoDisk {
         disk.close()?;
         drop(disk);
         let merged = if overlay {
-            commit_raw_undo(&child_path, progress)?.1
+            commit_raw_undo(&child_path, explicit_raw, progress)?.1
         } else {
             commit_child(&child_path, &parent_path, progress)?
         };

@@ -112,3 +112,34 @@ fn a_forged_signature_of_the_other_format_makes_probing_refuse() {
     again.read_at(&mut back, 0).unwrap();
     assert_eq!(&back, b"vhdxfile");
 }
+
+#[test]
+fn an_undo_session_cannot_commit_a_probed_raw_disk_into_another_format() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("guest.img");
+    std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+    let before = std::fs::read(&p).unwrap();
+    // Probed raw: the guest's forged VHDX identifier lands in the undo file, but is refused
+    // when the session is committed into the image.
+    let u = chain::UndoDisk::open(&p, &OpenOptions::read_only(), None).unwrap();
+    let mut sector = vec![0u8; 512];
+    sector[..8].copy_from_slice(b"vhdxfile");
+    u.disk().write_at(&sector, 0).unwrap();
+    u.disk().flush().unwrap();
+    let kept = u.child_path().to_path_buf();
+    match u.commit(&mut |_| {}) {
+        Err(Error::ProbedRawGuard { .. }) => {}
+        other => panic!("a forged VHDX identifier was committed: {other:?}"),
+    }
+    assert_eq!(std::fs::read(&p).unwrap(), before, "the image changed");
+    assert!(kept.exists(), "the undo file is kept for the user to decide");
+    assert_eq!(chain::probe_path(&p).unwrap(), Format::Raw);
+    // Started with an explicit raw format, the guest owns every byte and the commit goes in.
+    std::fs::remove_file(&kept).unwrap();
+    let mut explicit = OpenOptions::read_only();
+    explicit.format = Some(Format::Raw);
+    let u = chain::UndoDisk::open(&p, &explicit, None).unwrap();
+    u.disk().write_at(&sector, 0).unwrap();
+    u.commit(&mut |_| {}).unwrap();
+    assert_eq!(&std::fs::read(&p).unwrap()[..8], b"vhdxfile");
+}

@@ -257,7 +257,7 @@ pub fn run(a: Args) -> Result<i32> {
             })?;
             let pb = progress::bar(f.size, progress, quiet);
             let merged = if chain::undo::raw_undo_base(&file)?.is_some() {
-                chain::undo::commit_raw_undo(&file, &mut |n| pb.inc(n)).map(|(_, n)| n)
+                chain::undo::commit_raw_undo(&file, false, &mut |n| pb.inc(n)).map(|(_, n)| n)
             } else {
                 chain::undo::commit_child(&file, &parent, &mut |n| pb.inc(n))
             }
