@@ -132,7 +132,10 @@ fn an_undo_session_cannot_commit_a_probed_raw_disk_into_another_format() {
         other => panic!("a forged VHDX identifier was committed: {other:?}"),
     }
     assert_eq!(std::fs::read(&p).unwrap(), before, "the image changed");
-    assert!(kept.exists(), "the undo file is kept for the user to decide");
+    assert!(
+        kept.exists(),
+        "the undo file is kept for the user to decide"
+    );
     assert_eq!(chain::probe_path(&p).unwrap(), Format::Raw);
     // Started with an explicit raw format, the guest owns every byte and the commit goes in.
     std::fs::remove_file(&kept).unwrap();

@@ -24,8 +24,11 @@ pub struct ManArgs {
 }
 
 pub fn run_completions(a: CompletionsArgs, mut cmd: clap::Command) -> Result<i32> {
-    clap_complete::generate(a.shell, &mut cmd, "viridian", &mut std::io::stdout());
-    Ok(0)
+    // Generated into memory first: clap_complete panics when its writer fails, and a reader
+    // that stops early (`| head`) must end us quietly like every other verb.
+    let mut script = Vec::new();
+    clap_complete::generate(a.shell, &mut cmd, "viridian", &mut script);
+    write_stdout(&script)
 }
 
 pub fn run_man(a: ManArgs, cmd: clap::Command) -> Result<i32> {
@@ -55,8 +58,15 @@ pub fn run_man(a: ManArgs, cmd: clap::Command) -> Result<i32> {
     };
     let mut out = Vec::new();
     clap_mangen::Man::new(page).render(&mut out)?;
-    std::io::stdout().write_all(&out)?;
-    Ok(0)
+    write_stdout(&out)
+}
+
+/// Writes a generated page or script; a reader that stopped early (`| head`) ends us quietly.
+fn write_stdout(bytes: &[u8]) -> Result<i32> {
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+        r => r.map(|()| 0).context("cannot write to standard output"),
+    }
 }
 
 /// clap names are `&'static str` without its "string" feature; this one-shot command leaks the

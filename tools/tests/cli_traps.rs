@@ -50,6 +50,9 @@ fn a_closed_stdout_ends_quietly_for_every_printing_verb() {
         vec!["measure", "-O", "vhdx", p(&img)],
         vec!["snapshot", "-l", p(&img)],
         vec!["--help"],
+        vec!["completions", "bash"],
+        vec!["completions", "fish"],
+        vec!["man"],
     ];
     for args in cases {
         let o = run_into_closed_pipe(&args);
