@@ -1,0 +1,75 @@
+//! In-place changes for `viridian amend`: metadata items and the identity children check.
+
+use super::*;
+
+impl VhdxDisk {
+    /// The DataWriteGuid: what a differencing child records as its parent's identity.
+    pub fn data_write_guid(&self) -> Guid {
+        lock(&self.header).current.data_write_guid
+    }
+
+    /// Gives this image the DataWriteGuid of another image with the same content, so children
+    /// made against that image open on this one. Only for a faithful copy (amend rewrites an
+    /// image into a new file and then puts it in the old one's place). Everything written
+    /// before is flushed first; a data write after this changes the GUID again, as it must.
+    pub fn adopt_data_write_guid(&self, guid: Guid) -> Result<()> {
+        self.ensure_session(false)?;
+        {
+            let mut wal = lock(&self.wal);
+            self.flush_locked(&mut wal)?;
+        }
+        let mut hs = lock(&self.header);
+        let mut nh = hs.current.clone();
+        nh.data_write_guid = guid;
+        write_header_pair(&*self.storage, &mut hs, nh)?;
+        // Data writes after this point must still get a fresh GUID.
+        self.data_guid_changed.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Changes the physical sector size metadata item (512 or 4096) through the log, as a
+    /// guest-visible fact that leaves the data and the DataWriteGuid alone (the content a child
+    /// reads through this parent does not change).
+    pub fn set_physical_sector_size(&self, size: u32) -> Result<()> {
+        if size != 512 && size != 4096 {
+            return Err(Error::InvalidArgument(format!(
+                "physical sector size {size} (512 or 4096)"
+            )));
+        }
+        self.usable()?;
+        self.ensure_session(false)?;
+        let mut wal = lock(&self.wal);
+        self.flush_locked(&mut wal)?;
+        let mo = self.rt().meta_offset;
+        let mut region = vec![0u8; self.rt().meta_length as usize];
+        self.read_meta_region(&wal, &mut region)?;
+        let count = rd16(&region, 10) as usize;
+        let mut found = false;
+        for i in 0..count {
+            let o = 32 + i * 32;
+            if rdguid(&region, o) != GUID_PHYSICAL_SECTOR {
+                continue;
+            }
+            let io = rd32(&region, o + 16) as u64;
+            let po = io / PAGE * PAGE;
+            if (io % PAGE) + 4 > PAGE || po + PAGE > region.len() as u64 {
+                return Err(Error::Unsupported(
+                    "physical sector size item straddles a page".into(),
+                ));
+            }
+            let mut page = region[po as usize..(po + PAGE) as usize].to_vec();
+            page[(io % PAGE) as usize..(io % PAGE) as usize + 4]
+                .copy_from_slice(&size.to_le_bytes());
+            wal.raw_dirty.insert(mo + po, page.into_boxed_slice());
+            found = true;
+        }
+        if !found {
+            return Err(Error::Unsupported(
+                "the image has no physical sector size item".into(),
+            ));
+        }
+        self.flush_locked(&mut wal)?;
+        wlock(&self.meta).physical_sector = size;
+        Ok(())
+    }
+}
