@@ -75,6 +75,16 @@ pub fn run(a: Args) -> Result<i32> {
         return Ok(1);
     }
     if a.options.iter().any(|o| o.split(',').any(|i| i == "help")) {
+        // As qemu-img: a raw image (named by -f or found in FILE) has nothing to amend.
+        let raw = match (&a.format, &a.file) {
+            (Some(f), _) => common::parse_format(f)? == Format::Raw,
+            (None, Some(file)) => chain::probe_path(file).ok() == Some(Format::Raw),
+            _ => false,
+        };
+        if raw {
+            eprintln!("viridian: Format driver 'raw' does not support option amendment");
+            return Ok(1);
+        }
         println!("{HELP}");
         return Ok(0);
     }

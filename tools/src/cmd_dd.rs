@@ -143,6 +143,18 @@ fn write_output(
     dst.close()
         .with_context(|| format!("cannot finish writing {}", output.display()))?;
     drop(dst);
+    if format == chain::Format::Raw {
+        // qemu-img dd's raw output is whole 512-byte sectors, zero-padded past the copy
+        // (bs=3 count=1000 makes 3072 bytes).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .and_then(|f| {
+                f.set_len(len.div_ceil(512) * 512)?;
+                f.sync_all()
+            })
+            .with_context(|| format!("cannot finish writing {}", output.display()))?;
+    }
     std::fs::rename(&tmp, output).with_context(|| format!("cannot create {}", output.display()))?;
     guard.disarm();
     let _ = std::fs::File::open(&dir).and_then(|d| d.sync_all());
