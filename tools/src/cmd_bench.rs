@@ -178,7 +178,7 @@ pub fn run(a: Args) -> Result<i32> {
                     };
                     let r = r.and_then(|()| {
                         let n = done.fetch_add(1, Ordering::SeqCst) + 1;
-                        if flush_interval > 0 && n % flush_interval == 0 {
+                        if flush_interval > 0 && n.is_multiple_of(flush_interval) {
                             d.flush()
                         } else {
                             Ok(())
