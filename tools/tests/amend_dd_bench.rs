@@ -260,3 +260,55 @@ fn io_prints_qemu_io_lines() {
         assert_eq!(q.status.code(), Some(0), "qemu-io does not read the zeroes");
     }
 }
+
+/// A rewrite that cannot finish (the file system fills up) leaves the original byte for byte
+/// and no temporary file; needs a small tmpfs (root).
+#[test]
+fn a_failed_amend_rewrite_leaves_the_original() {
+    let d = tmp();
+    let mnt = join(d.path(), "small");
+    std::fs::create_dir(&mnt).unwrap();
+    let m = tool(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=12m", "tmpfs", p(&mnt)],
+    );
+    if !m.status.success() {
+        assert!(
+            !require_all(),
+            "cannot mount a tmpfs (VIRIDIAN_REQUIRE_ALL=1)"
+        );
+        eprintln!(
+            "SKIP: cannot mount a tmpfs: {}",
+            String::from_utf8_lossy(&m.stderr)
+        );
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(mnt.clone());
+    let a = join(&mnt, "a.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&a), "8M"]);
+    ok(&["io", "-c", "write -P 0x77 0 5M", p(&a)]);
+    let before = read_all(&a);
+    // A fixed 8 MiB copy does not fit beside the 5 MiB of data in 12 MiB.
+    let o = viridian(&["amend", "-o", "subformat=fixed", p(&a)]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("it is unchanged"), "{e}");
+    assert!(read_all(&a) == before, "the original changed");
+    let names: Vec<_> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["a.vhdx".to_string()]);
+    ok(&["io", "-c", "read -P 0x77 0 5M", p(&a)]);
+}
