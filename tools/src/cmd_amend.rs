@@ -300,10 +300,12 @@ fn rewrite_image(
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("cannot flush {}", tmp.display()))?;
-    drop(hold);
+    // Renamed while the hold is still there: no writer can slip in between and write to the
+    // file that is about to be replaced.
     std::fs::rename(&tmp, file)
         .with_context(|| format!("cannot replace {} (it is unchanged)", file.display()))?;
     guard.disarm();
+    drop(hold);
     std::fs::File::open(&dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot flush the folder of {}", file.display()))?;

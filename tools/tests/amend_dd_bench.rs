@@ -312,3 +312,22 @@ fn a_failed_amend_rewrite_leaves_the_original() {
     assert_eq!(names, vec!["a.vhdx".to_string()]);
     ok(&["io", "-c", "read -P 0x77 0 5M", p(&a)]);
 }
+
+/// An image another process holds for writing is not amended, neither rewritten nor changed
+/// in place.
+#[test]
+fn amend_refuses_an_image_held_for_writing() {
+    let d = tmp();
+    let a = join(d.path(), "a.vhdx");
+    let sock = join(d.path(), "s.sock");
+    ok(&["create", "-q", "-f", "vhdx", p(&a), "8M"]);
+    let _server = serve_start(&["--socket", p(&sock), "--rw", p(&a)], &sock)
+        .unwrap_or_else(|(c, e)| panic!("serve --rw: exit {c}: {e}"));
+    for o in ["subformat=fixed", "physical_sector_size=512"] {
+        let (c, e) = stderr(&["amend", "-o", o, p(&a)]);
+        assert_eq!(c, 1, "{o}: {e}");
+        assert!(e.contains("locked"), "{o}: {e}");
+    }
+    let names = std::fs::read_dir(d.path()).unwrap().count();
+    assert_eq!(names, 2, "a temporary file was left");
+}
