@@ -5,7 +5,8 @@
 //! * `subformat` and `block_size` change the layout of the whole file, so the image is copied
 //!   into a new file beside it (`.NAME.amend-PID`), made durable, given the old image's identity
 //!   (VHD unique id and time stamp, VHDX DataWriteGuid: what differencing children check, so
-//!   they keep opening on it), and only then renamed over the original. A failure at any step
+//!   they keep opening on it; VHDX page 83 id: the disk the guest sees), and only then renamed
+//!   over the original. A failure at any step
 //!   before the rename removes the new file and leaves the original untouched.
 //!
 //! Options that only make sense at creation get qemu-img's answer ("Invalid parameter ...
@@ -323,10 +324,11 @@ fn rewrite_image(
 fn adopt_identity(file: &Path, tmp: &Path, format: Format) -> Result<()> {
     match format {
         Format::Vhdx => {
-            let old = vhdx::VhdxDisk::open_path(file, &vhdx::OpenOptions { read_only: true })?
-                .data_write_guid();
+            let old = vhdx::VhdxDisk::open_path(file, &vhdx::OpenOptions { read_only: true })?;
             let new = vhdx::VhdxDisk::open_path(tmp, &vhdx::OpenOptions { read_only: false })?;
-            new.adopt_data_write_guid(old)?;
+            // The guest keeps seeing the same disk (page 83), children the same parent.
+            new.set_page83(old.page83())?;
+            new.adopt_data_write_guid(old.data_write_guid())?;
             disk::BlockDevice::close(&new)?;
         }
         _ => {

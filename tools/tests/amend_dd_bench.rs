@@ -32,7 +32,14 @@ fn amend_rewrites_a_base_and_its_children_still_open() {
         ok(&["io", "-c", "write -P 0x5a 0x100000 64k", p(&base)]);
         ok(&["create", "-q", "-f", fmt, "-b", p(&base), p(&kid)]);
         ok(&["io", "-c", "write -P 0x33 0 4k", p(&kid)]);
+        let id_before = fmt_specific(&info_json(&base), "disk-identifier").clone();
+        assert!(id_before.is_string(), "{fmt}: {id_before}");
         ok(&["amend", "-q", "-o", "subformat=fixed", p(&base)]);
+        assert_eq!(
+            fmt_specific(&info_json(&base), "disk-identifier"),
+            &id_before,
+            "{fmt}"
+        );
         assert_eq!(
             fmt_specific(&info_json(&base), "vhd-type"),
             "fixed",

@@ -36,6 +36,27 @@ impl VhdxDisk {
                 "physical sector size {size} (512 or 4096)"
             )));
         }
+        self.set_metadata_item(&GUID_PHYSICAL_SECTOR, &size.to_le_bytes())?;
+        wlock(&self.meta).physical_sector = size;
+        Ok(())
+    }
+
+    /// The page 83 identifier (the SCSI serial the guest sees).
+    pub fn page83(&self) -> Guid {
+        rlock(&self.meta).page83
+    }
+
+    /// Sets the page 83 identifier: amend gives a rewritten image the old one, so the guest
+    /// keeps seeing the same disk.
+    pub fn set_page83(&self, id: Guid) -> Result<()> {
+        self.set_metadata_item(&GUID_PAGE83, &id)?;
+        wlock(&self.meta).page83 = id;
+        Ok(())
+    }
+
+    /// Overwrites the value of an existing fixed-size metadata item through the log (a crash
+    /// leaves the old or the new value, never a torn one).
+    fn set_metadata_item(&self, guid: &Guid, value: &[u8]) -> Result<()> {
         self.usable()?;
         self.ensure_session(false)?;
         let mut wal = lock(&self.wal);
@@ -47,29 +68,30 @@ impl VhdxDisk {
         let mut found = false;
         for i in 0..count {
             let o = 32 + i * 32;
-            if rdguid(&region, o) != GUID_PHYSICAL_SECTOR {
+            if o + 32 > region.len() || rdguid(&region, o) != *guid {
                 continue;
             }
             let io = rd32(&region, o + 16) as u64;
+            let len = rd32(&region, o + 20) as usize;
             let po = io / PAGE * PAGE;
-            if (io % PAGE) + 4 > PAGE || po + PAGE > region.len() as u64 {
-                return Err(Error::Unsupported(
-                    "physical sector size item straddles a page".into(),
-                ));
+            let at = (io % PAGE) as usize;
+            if len != value.len() || at + len > PAGE as usize || po + PAGE > region.len() as u64 {
+                return Err(Error::Unsupported(format!(
+                    "metadata item {} has an unexpected size or place",
+                    guid_fmt(guid)
+                )));
             }
             let mut page = region[po as usize..(po + PAGE) as usize].to_vec();
-            page[(io % PAGE) as usize..(io % PAGE) as usize + 4]
-                .copy_from_slice(&size.to_le_bytes());
+            page[at..at + len].copy_from_slice(value);
             wal.raw_dirty.insert(mo + po, page.into_boxed_slice());
             found = true;
         }
         if !found {
-            return Err(Error::Unsupported(
-                "the image has no physical sector size item".into(),
-            ));
+            return Err(Error::Unsupported(format!(
+                "the image has no metadata item {}",
+                guid_fmt(guid)
+            )));
         }
-        self.flush_locked(&mut wal)?;
-        wlock(&self.meta).physical_sector = size;
-        Ok(())
+        self.flush_locked(&mut wal)
     }
 }
