@@ -47,21 +47,19 @@ pub fn run(a: Args) -> Result<i32> {
             "of" => output = Some(PathBuf::from(v)),
             "bs" => {
                 let n = common::parse_size(v)
-                    .map_err(|_| usage(format!("Invalid bs specified: '{v}'.")))?;
+                    .map_err(|_| anyhow::anyhow!("Invalid bs specified: '{v}'."))?;
                 if n == 0 || n > i32::MAX as u64 {
-                    return Err(usage(
-                        "Invalid bs specified. Must be between 1 and 2147483647.".into(),
-                    ));
+                    bail!("Invalid bs specified. Must be between 1 and 2147483647.");
                 }
                 bs = n;
             }
             "count" => count = Some(block_count("count", v)?),
             "skip" => skip = block_count("skip", v)?,
-            _ => return Err(usage(format!("unrecognized operand {op}"))),
+            _ => bail!("unrecognized operand {op}"),
         }
     }
     let (Some(input), Some(output)) = (input, output) else {
-        return Err(usage("Must specify both input and output files".into()));
+        bail!("Must specify both input and output files");
     };
     let src = common::open_ro_shared(
         &input,
@@ -83,11 +81,6 @@ pub fn run(a: Args) -> Result<i32> {
         );
     }
     Ok(0)
-}
-
-/// A usage error: the message alone (qemu-img's words), exit 1.
-fn usage(msg: String) -> anyhow::Error {
-    anyhow::anyhow!(msg)
 }
 
 fn block_count(name: &str, v: &str) -> Result<u64> {
