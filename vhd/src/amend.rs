@@ -23,3 +23,36 @@ impl VhdDisk {
         self.write_footers(&m)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adopted_identity_survives_reopening() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("a.vhd");
+        let disk =
+            VhdDisk::create(&path, &CreateOptions::new(CreateKind::Dynamic, 8 << 20)).unwrap();
+        disk.close().unwrap();
+        drop(disk);
+        let rw = OpenOptions {
+            read_only: false,
+            size_rule: SizeRule::Auto,
+        };
+        let disk = VhdDisk::open_path(&path, &rw).unwrap();
+        disk.adopt_identity([4u8; 16], 12345).unwrap();
+        disk.close().unwrap();
+        drop(disk);
+        let ro = OpenOptions {
+            read_only: true,
+            ..rw
+        };
+        let disk = VhdDisk::open_path(&path, &ro).unwrap();
+        assert_eq!(disk.identity(), ([4u8; 16], 12345));
+        assert!(
+            disk.adopt_identity([5u8; 16], 1).is_err(),
+            "read-only handle wrote"
+        );
+    }
+}

@@ -95,3 +95,56 @@ impl VhdxDisk {
         self.flush_locked(&mut wal)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reopen(path: &Path, read_only: bool) -> VhdxDisk {
+        VhdxDisk::open_path(path, &OpenOptions { read_only }).unwrap()
+    }
+
+    #[test]
+    fn amended_items_survive_reopening_and_data_stays() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("a.vhdx");
+        let disk =
+            VhdxDisk::create(&path, &CreateOptions::new(CreateKind::Dynamic, 8 << 20)).unwrap();
+        disk.write_at(&[0x5a; 4096], 1 << 20).unwrap();
+        disk.close().unwrap();
+        drop(disk);
+
+        let disk = reopen(&path, false);
+        let guid = [7u8; 16];
+        disk.set_physical_sector_size(512).unwrap();
+        disk.set_page83([9u8; 16]).unwrap();
+        disk.adopt_data_write_guid(guid).unwrap();
+        assert!(disk.set_physical_sector_size(1000).is_err());
+        disk.close().unwrap();
+        drop(disk);
+
+        let disk = reopen(&path, true);
+        assert_eq!(disk.physical_sector_size(), 512);
+        assert_eq!(disk.page83(), [9u8; 16]);
+        assert_eq!(disk.data_write_guid(), guid);
+        let mut buf = [0u8; 4096];
+        disk.read_at(&mut buf, 1 << 20).unwrap();
+        assert_eq!(buf, [0x5a; 4096]);
+    }
+
+    #[test]
+    fn a_data_write_after_adopting_changes_the_guid_again() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("a.vhdx");
+        let disk =
+            VhdxDisk::create(&path, &CreateOptions::new(CreateKind::Dynamic, 8 << 20)).unwrap();
+        disk.close().unwrap();
+        drop(disk);
+        let disk = reopen(&path, false);
+        disk.adopt_data_write_guid([3u8; 16]).unwrap();
+        disk.write_at(&[1; 4096], 0).unwrap();
+        disk.close().unwrap();
+        drop(disk);
+        assert_ne!(reopen(&path, true).data_write_guid(), [3u8; 16]);
+    }
+}
