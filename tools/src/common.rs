@@ -166,10 +166,24 @@ pub fn shown_link_name(name: &str) -> String {
     shown_path(Path::new(&name.replace('\\', "/")))
 }
 
+/// A plain number, decimal or hexadecimal (`0x...`), as qemu-io and qemu-img take counts.
+pub fn parse_number(s: &str) -> Result<u64> {
+    let t = s.trim();
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => t.parse(),
+    }
+    .map_err(|_| anyhow!("invalid number {s:?}"))
+}
+
 /// Parses a size with qemu's suffixes (k, M, G, T, P, E; 1024-based; plain number = bytes;
-/// a trailing `b`/`B` ignored).
+/// a trailing `b`/`B` ignored). A `0x` prefix reads the number as hexadecimal (`0x10000`,
+/// `0x10k`), as qemu-io and qemu-img accept.
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
+    if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return parse_hex_size(s, h);
+    }
     let t = t
         .strip_suffix(['b', 'B'])
         .filter(|r| r.ends_with(|c: char| c.is_ascii_alphabetic()))
@@ -204,6 +218,27 @@ pub fn parse_size(s: &str) -> Result<u64> {
         bail!("invalid size {s:?}");
     }
     Ok((f * mult as f64) as u64)
+}
+
+/// `0x` sizes: hex digits, then an optional suffix (hex digits include b, so no `B` suffix).
+fn parse_hex_size(s: &str, h: &str) -> Result<u64> {
+    let (digits, mult) = match h.chars().last() {
+        Some(c) if !c.is_ascii_hexdigit() => {
+            let m: u32 = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                _ => bail!("invalid size {s:?}: unknown suffix {c:?}"),
+            };
+            (&h[..h.len() - 1], m)
+        }
+        _ => (h, 0),
+    };
+    let n = u64::from_str_radix(digits, 16).map_err(|_| anyhow!("invalid size {s:?}"))?;
+    n.checked_mul(1u64 << mult)
+        .ok_or_else(|| anyhow!("size {s:?} is too large"))
 }
 
 /// `-o key=value,key=value` (repeatable; later values win). `help` is handled by callers.
@@ -512,6 +547,15 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999E").is_err());
+        assert_eq!(parse_size("0x10000").unwrap(), 0x10000);
+        assert_eq!(parse_size("0X1f").unwrap(), 0x1f);
+        assert_eq!(parse_size("0x2k").unwrap(), 2048);
+        assert_eq!(parse_size("0xE").unwrap(), 14);
+        assert!(parse_size("0x").is_err());
+        assert!(parse_size("0xzz").is_err());
+        assert_eq!(parse_number("0x20").unwrap(), 32);
+        assert_eq!(parse_number("20").unwrap(), 20);
+        assert!(parse_number("2k").is_err());
     }
 
     #[test]

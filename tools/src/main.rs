@@ -4,11 +4,14 @@
 //! Every error is reported as one line on stderr (`viridian: what failed: why`) with exit code 1,
 //! except where qemu-img defines other codes (check, compare).
 
+mod cmd_amend;
+mod cmd_bench;
 mod cmd_check;
 mod cmd_commit;
 mod cmd_compare;
 mod cmd_convert;
 mod cmd_create;
+mod cmd_dd;
 mod cmd_docs;
 mod cmd_info;
 mod cmd_io;
@@ -59,6 +62,12 @@ enum Command {
     Commit(cmd_commit::Args),
     /// Change the parent of a differencing image (like Set-VHD -ParentPath).
     Rebase(cmd_rebase::Args),
+    /// Change an image in place: subformat, block size, physical sector size (qemu-img amend).
+    Amend(cmd_amend::Args),
+    /// Copy an image like dd: if=, of=, bs=, count=, skip= (qemu-img dd).
+    Dd(cmd_dd::Args),
+    /// Measure read or write speed through the request layer (qemu-img bench).
+    Bench(cmd_bench::Args),
     /// Grow (or shrink, VHDX) an image.
     Resize(cmd_resize::Args),
     /// Reclaim all-zero and trimmed blocks (like Optimize-VHD).
@@ -101,6 +110,9 @@ fn main() {
         Command::Measure(a) => cmd_measure::run(a),
         Command::Commit(a) => cmd_commit::run(a),
         Command::Rebase(a) => cmd_rebase::run(a),
+        Command::Amend(a) => cmd_amend::run(a),
+        Command::Dd(a) => cmd_dd::run(a),
+        Command::Bench(a) => cmd_bench::run(a),
         Command::Resize(a) => cmd_resize::run(a),
         Command::Compact(a) => cmd_resize::run_compact(a),
         Command::Snapshot(a) => cmd_create::run_snapshot(a),

@@ -42,6 +42,24 @@ const ROWS: &[(&str, Same)] = &[
     ("map {missing}", Same::Code),
     ("resize {missing} 1G", Same::Code),
     ("resize {dir}/r.raw 8M", Same::Code),
+    ("resize -f raw {dir}/r.raw 2M", Same::Code),
+    ("resize --shrink -f raw {dir}/r.raw 2M", Same::Code),
+    ("resize -f raw {dir}/r.raw +1M", Same::Code),
+    ("resize -f raw {dir}/r.raw 12X", Same::Code),
+    ("amend {a}", Same::Code),
+    ("amend -o help -f raw {raw}", Same::Code),
+    ("amend -o subformat=fixed -f raw {raw}", Same::Code),
+    ("amend -o nosuch=1 {missing}", Same::Code),
+    ("dd if={a} of={dir}/dd.raw bs=1M count=2", Same::Code),
+    ("dd if={a} of={dir}/dd.raw bs=64k skip=200", Same::Code),
+    ("dd if={a} of={dir}/dd.raw bs=0", Same::Code),
+    ("dd if={a} of={dir}/dd.raw bs=foo", Same::Code),
+    ("dd if={a} of={dir}/dd.raw count=1k", Same::Code),
+    ("dd if={a} of={dir}/dd.raw skip=-1", Same::Code),
+    ("dd if={a} of={dir}/dd.raw bogus=1", Same::Code),
+    ("dd if={a}", Same::Code),
+    ("dd if={missing} of={dir}/dd.raw", Same::Code),
+    ("dd -O nosuchformat if={a} of={dir}/dd.raw", Same::Code),
     ("commit {missing}", Same::Code),
     ("rebase -b {a} {missing}", Same::Code),
     ("convert {missing} {dir}/out.raw", Same::Code),
@@ -108,7 +126,9 @@ fn viridian_answers_like_qemu_img() {
             .replace("{dir}", p(dir));
         // Each tool gets a fresh target name where the row creates one.
         let (qc, qout) = run("qemu-img", &line);
-        for made in ["x.raw", "y.raw", "out.raw", "out2.raw", "out3.raw"] {
+        for made in [
+            "x.raw", "y.raw", "out.raw", "out2.raw", "out3.raw", "dd.raw",
+        ] {
             let _ = std::fs::remove_file(join(dir, made));
         }
         // The resize row changes r.raw: put it back for our turn.
@@ -125,7 +145,9 @@ fn viridian_answers_like_qemu_img() {
             ],
         );
         let (vc, vout) = run(env!("CARGO_BIN_EXE_viridian"), &line);
-        for made in ["x.raw", "y.raw", "out.raw", "out2.raw", "out3.raw"] {
+        for made in [
+            "x.raw", "y.raw", "out.raw", "out2.raw", "out3.raw", "dd.raw",
+        ] {
             let _ = std::fs::remove_file(join(dir, made));
         }
         if qc != vc {

@@ -21,6 +21,7 @@
 //!     EOF or on top of metadata, bad block size, too few table entries, locators out of range)
 //!     is a typed [`disk::Error::Corrupt`].
 
+mod amend;
 mod check;
 mod format;
 

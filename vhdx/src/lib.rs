@@ -2,6 +2,7 @@
 //! memory); crash-consistent writes through a write-ahead log (see [`log`] for the scheme);
 //! create, trim, block status, resize, compact, re-parenting, check and measure.
 
+mod amend;
 mod bat;
 mod check;
 pub mod format;
