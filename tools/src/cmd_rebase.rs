@@ -60,7 +60,9 @@ fn set_parent(
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    let new_parent = common::open_ro(&a.backing, a.backing_format.as_deref(), SizeRuleArg::Auto)?;
+    // A relative backing name is relative to the image's folder, as in qemu-img and `create -b`.
+    let backing = common::backing_relative_to(&a.file, &a.backing);
+    let new_parent = common::open_ro(&backing, a.backing_format.as_deref(), SizeRuleArg::Auto)?;
     let mut rw = OpenOptions::read_write();
     rw.no_parent = true;
     if let Some(f) = &a.format {
@@ -75,7 +77,7 @@ pub fn run(a: Args) -> Result<i32> {
     if new_parent.size() != child.size() {
         bail!(
             "{} has size {} but {} has {}",
-            a.backing.display(),
+            backing.display(),
             new_parent.size(),
             a.file.display(),
             child.size()
@@ -123,7 +125,7 @@ pub fn run(a: Args) -> Result<i32> {
     }
     set_parent(
         &child_image,
-        &a.backing,
+        &backing,
         new_parent.as_ref(),
         &a.windows.location(),
     )?;

@@ -850,3 +850,22 @@ fn completions_and_man_pages_come_from_the_real_definitions() {
     );
     assert_eq!(code(&["man", "no-such-verb"]), 1);
 }
+
+#[test]
+fn rebase_resolves_a_relative_backing_name_from_the_image_folder_as_qemu_img() {
+    let d = tmp();
+    let base = d.path().join("p/base");
+    let kids = d.path().join("p/kids");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::create_dir_all(&kids).unwrap();
+    let a = join(&base, "a.vhd");
+    let b = join(&base, "b.vhd");
+    let c = join(&kids, "c1.vhd");
+    ok(&["create", "-q", "-f", "vhd", p(&a), "4M"]);
+    ok(&["create", "-q", "-f", "vhd", p(&b), "4M"]);
+    ok(&["create", "-q", "-f", "vhd", "-b", "../base/a.vhd", p(&c)]);
+    // Run from elsewhere: "../base/b.vhd" means p/base/b.vhd (the child's folder), not the cwd.
+    ok(&["rebase", "-u", "-b", "../base/b.vhd", p(&c)]);
+    let out = ok(&["info", "--output", "json", p(&c)]);
+    assert!(out.contains("b.vhd"), "{out}");
+}
