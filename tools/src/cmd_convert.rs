@@ -307,7 +307,35 @@ pub fn run(a: Args) -> Result<i32> {
     if let Some(g) = guard {
         g.disarm();
     }
+    warn_if_raw_output_probes_otherwise(dst, out_format, a.quiet);
     Ok(0)
+}
+
+/// A raw output holds the guest's bytes as they are, so they can look like another format to
+/// a later open that probes (a VHD footer in the last sector, a VHDX identifier at offset 0).
+/// Say so, as the file's next reader would otherwise open something else.
+fn warn_if_raw_output_probes_otherwise(
+    dst: &std::path::Path,
+    format: Option<chain::Format>,
+    quiet: bool,
+) {
+    if quiet || format != Some(chain::Format::Raw) {
+        return;
+    }
+    match chain::probe_path_explained(dst) {
+        Ok(p) if p.format == chain::Format::Raw => {}
+        Ok(p) => eprintln!(
+            "viridian: warning: {} is raw, but its contents would probe as {} ({}); \
+             open it with -f raw",
+            dst.display(),
+            p.format.name(),
+            p.rule
+        ),
+        Err(e) => eprintln!(
+            "viridian: warning: {} is raw, but probing it fails ({e}); open it with -f raw",
+            dst.display()
+        ),
+    }
 }
 
 /// Refuses (unless --allow-sector-size-change) a copy that changes the logical sector size of
