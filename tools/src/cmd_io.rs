@@ -144,17 +144,26 @@ fn run_one(d: &dyn BlockDevice, cmd: &str) -> Result<i32> {
     if f.zeroes && f.pattern.is_some() {
         bail!("-z and -P cannot be specified at the same time");
     }
+    if !["write", "read", "zero", "discard", "flush"].contains(verb) {
+        bail!("unknown command {verb:?} (write, read, zero, discard, flush)");
+    }
     let start = std::time::Instant::now();
     let mut mismatch = false;
-    let r = match *verb {
+    // The whole request is checked before any piece of it is done (the pieces are bounded),
+    // so a request past the end changes nothing, as in qemu-io.
+    let r = if *verb == "flush" {
+        Ok(())
+    } else {
+        disk::check_range(off, len, d.size())
+    };
+    let r = r.and_then(|()| match *verb {
         "write" if f.zeroes => d.write_zeroes(off, len, ZeroFlags { may_unmap: f.unmap }),
         "write" => write_pattern(d, off, len, f.pattern.unwrap_or(0xcd)),
         "read" => read_checked(d, off, len, &f, &mut mismatch),
         "zero" => d.write_zeroes(off, len, ZeroFlags { may_unmap: true }),
         "discard" => d.discard(off, len),
-        "flush" => d.flush(),
-        other => bail!("unknown command {other:?} (write, read, zero, discard, flush)"),
-    };
+        _ => d.flush(),
+    });
     if let Err(e) = r {
         let what = match *verb {
             "zero" => "write",

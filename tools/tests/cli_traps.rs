@@ -869,3 +869,16 @@ fn rebase_resolves_a_relative_backing_name_from_the_image_folder_as_qemu_img() {
     let out = ok(&["info", "--output", "json", p(&c)]);
     assert!(out.contains("b.vhd"), "{out}");
 }
+
+#[test]
+fn io_changes_nothing_when_a_request_runs_past_the_end() {
+    let d = tmp();
+    let img = join(d.path(), "v.raw");
+    std::fs::write(&img, vec![0u8; 24 << 20]).unwrap();
+    let o = viridian(&["io", "-f", "raw", "-c", "write -P 0x55 8M 17M", p(&img)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert!(
+        std::fs::read(&img).unwrap().iter().all(|&b| b == 0),
+        "a refused write changed the image"
+    );
+}
