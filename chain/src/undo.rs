@@ -29,6 +29,42 @@ fn sync_parent_dir(path: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("cannot make {} durable", dir.display()), e))
 }
 
+/// The marker that says a commit of the undo file `undo` has started writing its base. While
+/// it exists the base may hold part of the session, so a discard cannot restore the base and
+/// is refused: the commit has to be run again to finish.
+pub fn commit_marker(undo: &Path) -> PathBuf {
+    let mut name = undo.file_name().unwrap_or_default().to_os_string();
+    name.push(".committing");
+    undo.with_file_name(name)
+}
+
+/// Whether a commit of `undo` was interrupted (see [`commit_marker`]).
+pub fn commit_interrupted(undo: &Path) -> bool {
+    commit_marker(undo).exists()
+}
+
+/// Puts the marker down, durably, before the base is first written.
+fn begin_commit(undo: &Path) -> Result<()> {
+    let m = commit_marker(undo);
+    std::fs::File::create(&m)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(format!("cannot create {}", m.display()), e))?;
+    sync_parent_dir(&m)
+}
+
+/// After a complete commit: removes the undo file, then the marker (a kill between the two
+/// leaves a marker whose commit simply runs again).
+pub fn finish_commit(undo: &Path) -> Result<()> {
+    std::fs::remove_file(undo)
+        .map_err(|e| Error::io(format!("cannot remove {}", undo.display()), e))?;
+    let m = commit_marker(undo);
+    match std::fs::remove_file(&m) {
+        Ok(()) => sync_parent_dir(&m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("cannot remove {}", m.display()), e)),
+    }
+}
+
 /// Whether `path` is a raw undo file; if so, the base it belongs to.
 pub fn raw_undo_base(path: &Path) -> Result<Option<PathBuf>> {
     let s = FileStorage::open(path, Access::ReadOnly, false)?;
@@ -83,6 +119,7 @@ pub fn commit_raw_undo(
     }
     let base = open(&base_path, &rw)?;
     let ov = CowOverlay::open(base.image().clone(), scratch)?;
+    begin_commit(path)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0;
     for (start, len) in ov.written_ranges() {
@@ -104,6 +141,7 @@ pub fn commit_raw_undo(
 /// Merges the differencing undo child `child` into `parent` (crash-safe, see `commit.rs`);
 /// the caller removes the child afterwards. Returns the bytes merged.
 pub fn commit_child(child: &Path, parent: &Path, progress: &mut dyn FnMut(u64)) -> Result<u64> {
+    begin_commit(child)?;
     let open_child = || {
         let mut alone = OpenOptions::read_only();
         alone.no_parent = true;
@@ -291,8 +329,7 @@ impl UndoDisk {
         } else {
             commit_child(&child_path, &parent_path, progress)?
         };
-        std::fs::remove_file(&child_path)
-            .map_err(|e| Error::io(format!("cannot remove {}", child_path.display()), e))?;
+        finish_commit(&child_path)?;
         Ok(merged)
     }
 

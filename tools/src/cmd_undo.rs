@@ -59,6 +59,9 @@ enum Action {
         /// Quiet: print no messages (errors are still printed).
         #[arg(short = 'q')]
         quiet: bool,
+        /// Discard even after an interrupted commit (the base keeps the part already written).
+        #[arg(long)]
+        force: bool,
         /// The undo disk's format (vhd or vhdx); probed when absent.
         #[arg(short = 'f', long = "format")]
         format: Option<String>,
@@ -270,8 +273,7 @@ pub fn run(a: Args) -> Result<i32> {
                 )
             })?;
             pb.finish_and_clear();
-            std::fs::remove_file(&file)
-                .with_context(|| format!("cannot remove {}", file.display()))?;
+            chain::undo::finish_commit(&file)?;
             if !quiet {
                 println!(
                     "Committed {merged} bytes into {}; removed {}",
@@ -283,9 +285,19 @@ pub fn run(a: Args) -> Result<i32> {
         }
         Action::Discard {
             quiet,
+            force,
             format,
             file,
         } => {
+            if chain::undo::commit_interrupted(&file) && !force {
+                bail!(
+                    "a commit of {} was interrupted: its base already holds part of the \
+                     session, so discarding cannot restore it; run `viridian undo commit` to \
+                     finish it (or `undo discard --force` to keep the base as it is)",
+                    file.display()
+                );
+            }
+            let _ = std::fs::remove_file(chain::undo::commit_marker(&file));
             if chain::undo::raw_undo_base(&file)
                 .with_context(|| format!("cannot open {}", file.display()))?
                 .is_some()

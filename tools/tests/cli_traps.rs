@@ -882,3 +882,30 @@ fn io_changes_nothing_when_a_request_runs_past_the_end() {
         "a refused write changed the image"
     );
 }
+
+#[test]
+fn undo_discard_refuses_after_an_interrupted_commit() {
+    let d = tmp();
+    let img = d.path().join("guest.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let undo = d.path().join("guest.undo");
+    let mut opts = chain::OpenOptions::read_only();
+    opts.format = Some(chain::Format::Raw);
+    let u = chain::UndoDisk::open(&img, &opts, Some(&undo)).unwrap();
+    u.disk().write_at(&[0xab; 4096], 0).unwrap();
+    let kept = u.keep().unwrap();
+    // What a commit killed after it started writing the base leaves behind.
+    std::fs::write(chain::undo::commit_marker(&kept), b"").unwrap();
+    let o = viridian(&["undo", "discard", p(&kept)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("interrupted"), "{}", stderr_of(&o));
+    assert!(
+        kept.exists(),
+        "the undo file must stay for the commit to finish"
+    );
+    // Running the commit again finishes it and clears the marker.
+    let o = viridian(&["undo", "commit", p(&kept)]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert!(!kept.exists() && !chain::undo::commit_marker(&kept).exists());
+    assert_eq!(&std::fs::read(&img).unwrap()[..4096], &[0xab; 4096][..]);
+}
