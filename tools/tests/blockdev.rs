@@ -271,7 +271,12 @@ fn a_full_device_refuses_growth_cleanly() {
             return;
         };
         let o = viridian(&["io", "-c", "write -P 0x11 0 4k", dev.path()]);
-        let err = String::from_utf8_lossy(&o.stderr);
+        // io prints a failed command's error as qemu-io does ("write failed: ..." on stdout).
+        let err = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert_eq!(o.status.code(), Some(1), "{fmt}: {err}");
         assert!(
             err.contains("block device of fixed size") || err.contains("No space left"),
