@@ -26,7 +26,7 @@
 //! # Multi-conn
 //!
 //! `NBD_FLAG_CAN_MULTI_CONN` is advertised (unless [`ServerConfig::multi_conn`] is off) because
-//! every connection to an export uses the *same* `Arc<dyn BlockDevice>`: there is no
+//! every connection to an export uses the *same* `disk::Disk`: there is no
 //! per-connection cache. A write that has been replied to is in the shared disk object, so any
 //! later read on any connection sees it, and `BlockDevice::flush` ("makes all completed writes
 //! durable") called for `FLUSH`/`FUA` on one connection covers writes completed on every

@@ -1,7 +1,7 @@
 //! The Hyper-V synthetic SCSI controller (StorVSP) for Viridian's VMM.
 //!
 //! Two layers, usable separately:
-//! * [`scsi`]: a SCSI target over any `Arc<dyn disk::BlockDevice>` ([`ScsiDisk`] per LUN,
+//! * [`scsi`]: a SCSI target over any `disk::Disk` ([`ScsiDisk`] per LUN,
 //!   [`ScsiController`] for LUNs at path 0 / target 0). It knows nothing about VMBus: a command
 //!   is a CDB plus a [`scsi::DataBuffer`], its result a [`scsi::Completion`].
 //! * [`StorvscDevice`]: the vstor protocol (VMM.md §4) as a [`vmbus::VmbusDevice`]: init

@@ -169,7 +169,13 @@ fn run_one(d: &dyn BlockDevice, cmd: &str) -> Result<i32> {
             "zero" => "write",
             v => v,
         };
+        // qemu-io's line on stdout; the image named on stderr for whoever reads the errors.
         println!("{what} failed: {e}");
+        let name = d
+            .path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the image".into());
+        eprintln!("viridian: {name}: {what} failed: {e}");
         return Ok(1);
     }
     if !f.quiet && *verb != "flush" {

@@ -5,9 +5,8 @@
 //! # Calling it (for the CLI)
 //!
 //! ```no_run
-//! use std::sync::Arc;
 //! use std::time::Duration;
-//! # fn open_disk() -> Arc<dyn disk::BlockDevice> { unimplemented!() }
+//! # fn open_disk() -> disk::Disk { unimplemented!() }
 //! let mut cfg = vmm::VmConfig::new("/path/to/vmlinux");
 //! cfg.cmdline = vmm::default_cmdline("root=/dev/sda1 rw rootfstype=ext4");
 //! cfg.memory = 256 << 20;
