@@ -47,7 +47,14 @@ pub fn run(a: Args) -> Result<i32> {
         let mut ran = Ok(());
         for c in &a.commands {
             match run_one(d.as_ref(), c) {
-                Ok(n) => code = code.max(n),
+                Ok(0) => {}
+                // A command that failed (qemu-io style: reported, exit code 1) fails the
+                // session too: it is never committed, and one meant to be keeps its file.
+                Ok(n) => {
+                    code = code.max(n);
+                    ran = Err(anyhow!("{}: command {c:?} failed", a.file.display()));
+                    break;
+                }
                 Err(e) => {
                     ran = Err(e.context(format!("{}: command {c:?}", a.file.display())));
                     break;
