@@ -251,7 +251,9 @@ pub fn serve_start(args: &[&str], socket: &Path) -> Result<ServeGuard, (i32, Str
             }
             return Err((st.code().unwrap_or(-1), e));
         }
-        if socket.exists() {
+        // The file appears at bind(), a moment before listen(): wait until a connection is
+        // accepted, or a client started right away can be refused.
+        if socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_ok() {
             return Ok(ServeGuard(child));
         }
         if std::time::Instant::now() > deadline {
