@@ -13,38 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn rounds() -> usize {
-    std::env::var("VIRIDIAN_KILL_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10)
-}
-
-/// A small xorshift generator; the seed comes from the clock and is printed.
-struct Rng(u64);
-impl Rng {
-    fn new(test: &str) -> Rng {
-        let seed = std::env::var("VIRIDIAN_KILL_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            | 1;
-        eprintln!("{test}: VIRIDIAN_KILL_SEED={seed}");
-        Rng(seed)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
 /// Runs viridian ARGS and SIGKILLs it after `delay` unless it finished first. Returns whether
 /// it was killed (false: it ended on its own, which must then be success).
 fn run_and_kill(args: &[&str], delay: Duration) -> bool {
@@ -75,7 +43,7 @@ fn run_and_kill(args: &[&str], delay: Duration) -> bool {
 /// When to kill in round `round` of a command that took `dur` once: the first round early
 /// (so at least one kill lands mid-run even when `dur` was measured on a cold cache), the
 /// others anywhere in it.
-fn kill_delay(rng: &mut Rng, dur: Duration, round: usize) -> Duration {
+fn kill_delay(rng: &mut KillRng, dur: Duration, round: usize) -> Duration {
     if round == 0 {
         dur / 4
     } else {
@@ -167,13 +135,13 @@ fn assert_reads(img: &Path, reference: &Path, what: &str) {
 
 #[test]
 fn commit_killed_anywhere_leaves_a_chain_that_opens_and_reads_the_same() {
-    let mut rng = Rng::new("commit");
+    let mut rng = KillRng::new("commit");
     for fmt in ["vhdx", "vhd"] {
         let d = tmp();
         let (_, child, reference) = chain(d.path(), fmt);
         let dur = timed(&["commit", "-q", p(&child)]);
         let mut killed = 0;
-        for round in 0..rounds() {
+        for round in 0..kill_rounds() {
             let d = tmp();
             let (base, child, reference) = chain(d.path(), fmt);
             let delay = kill_delay(&mut rng, dur, round);
@@ -191,20 +159,23 @@ fn commit_killed_anywhere_leaves_a_chain_that_opens_and_reads_the_same() {
             assert_clean(&base, &what);
         }
         let _ = reference;
-        eprintln!("{fmt}: {killed} of {} rounds killed mid-commit", rounds());
+        eprintln!(
+            "{fmt}: {killed} of {} rounds killed mid-commit",
+            kill_rounds()
+        );
         assert!(killed > 0, "{fmt}: no round was killed mid-commit");
     }
 }
 
 #[test]
 fn undo_commit_killed_anywhere_leaves_an_undo_disk_that_commits_later() {
-    let mut rng = Rng::new("undo commit");
+    let mut rng = KillRng::new("undo commit");
     for fmt in ["vhdx", "vhd"] {
         let d = tmp();
         let (_, child, _) = chain(d.path(), fmt);
         let dur = timed(&["undo", "commit", "-q", p(&child)]);
         let mut killed = 0;
-        for round in 0..rounds() {
+        for round in 0..kill_rounds() {
             let d = tmp();
             let (base, child, reference) = chain(d.path(), fmt);
             let delay = kill_delay(&mut rng, dur, round);
@@ -220,7 +191,10 @@ fn undo_commit_killed_anywhere_leaves_an_undo_disk_that_commits_later() {
             assert_reads(&base, &reference, &what);
             assert_clean(&base, &what);
         }
-        eprintln!("{fmt}: {killed} of {} rounds killed mid-commit", rounds());
+        eprintln!(
+            "{fmt}: {killed} of {} rounds killed mid-commit",
+            kill_rounds()
+        );
         assert!(killed > 0, "{fmt}: no round was killed mid-commit");
     }
 }
@@ -256,12 +230,12 @@ fn raw_undo(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 
 #[test]
 fn raw_undo_commit_killed_anywhere_can_be_run_again() {
-    let mut rng = Rng::new("raw undo commit");
+    let mut rng = KillRng::new("raw undo commit");
     let d = tmp();
     let (_, undo, _) = raw_undo(d.path());
     let dur = timed(&["undo", "commit", "-q", p(&undo)]);
     let mut killed = 0;
-    for round in 0..rounds() {
+    for round in 0..kill_rounds() {
         let d = tmp();
         let (base, undo, reference) = raw_undo(d.path());
         let listed = ok(&["undo", "show", p(&undo)]);
@@ -279,13 +253,16 @@ fn raw_undo_commit_killed_anywhere_can_be_run_again() {
             "{what}: base differs"
         );
     }
-    eprintln!("raw: {killed} of {} rounds killed mid-commit", rounds());
+    eprintln!(
+        "raw: {killed} of {} rounds killed mid-commit",
+        kill_rounds()
+    );
     assert!(killed > 0, "raw: no round was killed mid-commit");
 }
 
 #[test]
 fn rebase_killed_anywhere_leaves_a_chain_that_reads_the_same() {
-    let mut rng = Rng::new("rebase");
+    let mut rng = KillRng::new("rebase");
     for fmt in ["vhdx", "vhd"] {
         let setup = |dir: &Path| {
             let (_, child, reference) = chain(dir, fmt);
@@ -298,7 +275,7 @@ fn rebase_killed_anywhere_leaves_a_chain_that_reads_the_same() {
         let (child, other, _) = setup(d.path());
         let dur = timed(&["rebase", "-q", "-b", p(&other), p(&child)]);
         let mut killed = 0;
-        for round in 0..rounds() {
+        for round in 0..kill_rounds() {
             let d = tmp();
             let (child, other, reference) = setup(d.path());
             let delay = kill_delay(&mut rng, dur, round);
@@ -311,7 +288,10 @@ fn rebase_killed_anywhere_leaves_a_chain_that_reads_the_same() {
             let info = ok(&["info", "--output", "json", p(&child)]);
             assert!(info.contains("other."), "{what}: not re-parented: {info}");
         }
-        eprintln!("{fmt}: {killed} of {} rounds killed mid-rebase", rounds());
+        eprintln!(
+            "{fmt}: {killed} of {} rounds killed mid-rebase",
+            kill_rounds()
+        );
         assert!(killed > 0, "{fmt}: no round was killed mid-rebase");
     }
 }

@@ -20,37 +20,6 @@ const CHUNK: u64 = 64 << 10;
 const CHUNKS: u64 = 128;
 const OLD: u8 = 0x41;
 
-fn rounds() -> usize {
-    std::env::var("VIRIDIAN_KILL_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn new(test: &str) -> Rng {
-        let seed = std::env::var("VIRIDIAN_KILL_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            | 1;
-        eprintln!("{test}: VIRIDIAN_KILL_SEED={seed}");
-        Rng(seed)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
 /// The byte chunk `i` is written with (never OLD).
 fn pattern(i: u64) -> u8 {
     0x80 | (i % 100) as u8
@@ -163,7 +132,7 @@ fn serve_killed_under_a_flushing_writer_keeps_every_acknowledged_write() {
     if !have("qemu-io") {
         return;
     }
-    let mut rng = Rng::new("serve");
+    let mut rng = KillRng::new("serve");
     for fmt in ["raw", "vhd", "vhdx"] {
         // How long a whole run takes, to spread the kills over it.
         let d = tmp();
@@ -176,7 +145,7 @@ fn serve_killed_under_a_flushing_writer_keeps_every_acknowledged_write() {
         assert_eq!(acked_from(&String::from_utf8_lossy(&w.stdout)), CHUNKS - 1);
         drop(g);
         let mut partial = 0;
-        for round in 0..rounds() {
+        for round in 0..kill_rounds() {
             let d = tmp();
             let img = image(d.path(), fmt);
             let sock = d.path().join("s.sock");
@@ -193,7 +162,10 @@ fn serve_killed_under_a_flushing_writer_keeps_every_acknowledged_write() {
             assert_durable(&img, acked, &what);
             assert_clean(&img, &what);
         }
-        eprintln!("{fmt}: {partial} of {} rounds killed mid-write", rounds());
+        eprintln!(
+            "{fmt}: {partial} of {} rounds killed mid-write",
+            kill_rounds()
+        );
         assert!(partial > 0, "{fmt}: no round was killed mid-write");
     }
 }
@@ -203,10 +175,10 @@ fn mount_killed_under_an_fsyncing_writer_keeps_every_acknowledged_write() {
     if !fuse_usable() {
         return;
     }
-    let mut rng = Rng::new("mount");
+    let mut rng = KillRng::new("mount");
     for fmt in ["raw", "vhd", "vhdx"] {
         let mut partial = 0;
-        for round in 0..rounds() {
+        for round in 0..kill_rounds() {
             let d = tmp();
             let img = image(d.path(), fmt);
             let mp = d.path().join("mp");
@@ -267,7 +239,10 @@ fn mount_killed_under_an_fsyncing_writer_keeps_every_acknowledged_write() {
             assert_durable(&img, acked, &what);
             assert_clean(&img, &what);
         }
-        eprintln!("{fmt}: {partial} of {} rounds killed mid-write", rounds());
+        eprintln!(
+            "{fmt}: {partial} of {} rounds killed mid-write",
+            kill_rounds()
+        );
         assert!(partial > 0, "{fmt}: no round was killed mid-write");
     }
 }

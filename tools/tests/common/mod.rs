@@ -284,3 +284,38 @@ impl ServeGuard {
         }
     }
 }
+
+/// Kill loops (crash_commit.rs, crash_writers.rs): rounds per test, VIRIDIAN_KILL_ROUNDS for
+/// more (scripts/kill-soak.sh).
+pub fn kill_rounds() -> usize {
+    std::env::var("VIRIDIAN_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+}
+
+/// A small xorshift generator for kill delays; the seed comes from the clock (or
+/// VIRIDIAN_KILL_SEED) and is printed so a failing round can be replayed.
+pub struct KillRng(u64);
+impl KillRng {
+    pub fn new(test: &str) -> KillRng {
+        let seed = std::env::var("VIRIDIAN_KILL_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            })
+            | 1;
+        eprintln!("{test}: VIRIDIAN_KILL_SEED={seed}");
+        KillRng(seed)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
