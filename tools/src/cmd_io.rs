@@ -98,6 +98,9 @@ pub fn run(a: Args) -> Result<i32> {
     Ok(code)
 }
 
+/// Longest request one io command takes (qemu-io's limit, 2 GiB less one 512-byte sector).
+const IO_MAX_LEN: u64 = (2 << 30) - 512;
+
 /// Largest buffer one command uses; longer ranges are done in pieces.
 const CHUNK: u64 = 16 << 20;
 
@@ -148,6 +151,11 @@ fn run_one(d: &dyn BlockDevice, cmd: &str) -> Result<i32> {
         (_, [o, l]) => (*o, *l),
         _ => bail!("expected OFFSET LENGTH"),
     };
+    // One command moves at most what qemu-io allows (just under 2 GiB): a huge length would
+    // otherwise run for hours in bounded pieces.
+    if len > IO_MAX_LEN {
+        bail!("length {len} is larger than the most one command takes ({IO_MAX_LEN})");
+    }
     if f.zeroes && f.pattern.is_some() {
         bail!("-z and -P cannot be specified at the same time");
     }
