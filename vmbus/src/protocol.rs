@@ -323,8 +323,12 @@ impl Message {
                 let mut user_defined = [0u8; 120];
                 user_defined.copy_from_slice(&b[60..180]);
                 Message::OfferChannel(Box::new(OfferChannel {
-                    interface_type: Guid(b[8..24].try_into().unwrap_or_default()),
-                    interface_instance: Guid(b[24..40].try_into().unwrap_or_default()),
+                    interface_type: Guid::from_windows_bytes(
+                        b[8..24].try_into().unwrap_or_default(),
+                    ),
+                    interface_instance: Guid::from_windows_bytes(
+                        b[24..40].try_into().unwrap_or_default(),
+                    ),
                     chn_flags: rd16(b, 56),
                     mmio_megabytes: rd16(b, 58),
                     user_defined,
@@ -425,8 +429,8 @@ impl Message {
         wr32(&mut b, 0, self.msgtype());
         match self {
             Message::OfferChannel(o) => {
-                b[8..24].copy_from_slice(&o.interface_type.0);
-                b[24..40].copy_from_slice(&o.interface_instance.0);
+                b[8..24].copy_from_slice(&o.interface_type.to_windows_bytes());
+                b[24..40].copy_from_slice(&o.interface_instance.to_windows_bytes());
                 wr16(&mut b, 56, o.chn_flags);
                 wr16(&mut b, 58, o.mmio_megabytes);
                 b[60..180].copy_from_slice(&o.user_defined);
@@ -539,8 +543,8 @@ mod tests {
     fn all() -> Vec<Message> {
         vec![
             Message::OfferChannel(Box::new(OfferChannel {
-                interface_type: Guid([1; 16]),
-                interface_instance: Guid([2; 16]),
+                interface_type: Guid::from_windows_bytes([1; 16]),
+                interface_instance: Guid::from_windows_bytes([2; 16]),
                 chn_flags: 0,
                 mmio_megabytes: 0,
                 user_defined: [3; 120],
