@@ -81,12 +81,16 @@ fn ranged(what: &str, v: &str, min: u64, max: u64, sized: bool) -> Result<u64> {
 
 pub fn run(a: Args) -> Result<i32> {
     const IMAX: u64 = i32::MAX as u64;
-    let count = ranged("request count", &a.count, 0, IMAX, false)?;
+    let count = ranged("request count", &a.count, 1, IMAX, false)?;
     let depth = ranged("queue depth", &a.depth, 1, IMAX, false)?;
     let size = ranged("buffer size", &a.size, 1, IMAX, true)?;
     let offset = ranged("offset", &a.offset, 0, i64::MAX as u64, true)?;
     let step = match &a.step {
-        Some(s) => ranged("step size", s, 0, i64::MAX as u64, true)?,
+        // As in qemu-img, a step of 0 means the default: one request size.
+        Some(s) => match ranged("step size", s, 0, i64::MAX as u64, true)? {
+            0 => size,
+            n => n,
+        },
         None => size,
     };
     let pattern = match &a.pattern {

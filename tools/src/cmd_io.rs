@@ -154,7 +154,7 @@ fn run_one(d: &dyn BlockDevice, cmd: &str) -> Result<i32> {
     // One command moves at most what qemu-io allows (just under 2 GiB): a huge length would
     // otherwise run for hours in bounded pieces.
     if len > IO_MAX_LEN {
-        bail!("length {len} is larger than the most one command takes ({IO_MAX_LEN})");
+        bail!("length cannot exceed {IO_MAX_LEN}, given {len}");
     }
     if f.zeroes && f.pattern.is_some() {
         bail!("-z and -P cannot be specified at the same time");

@@ -211,6 +211,15 @@ pub fn parse_size(s: &str) -> Result<u64> {
             .checked_mul(mult)
             .ok_or_else(|| anyhow!("size {s:?} is too large"));
     }
+    // qemu-img's rule: a fraction needs a unit ("1.5G"); "1.5" bytes is no size at all.
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || !digits(frac) || int.is_empty() && frac.is_empty() {
+        bail!("invalid size {s:?}: not a number");
+    }
+    if mult == 1 {
+        bail!("invalid size {s:?}: a fraction needs a unit (k, M, G, T, P or E)");
+    }
     let f: f64 = num
         .parse()
         .map_err(|_| anyhow!("invalid size {s:?}: not a number"))?;
@@ -547,6 +556,14 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999E").is_err());
+        // qemu-img refuses fractions of a byte and anything that is not plain decimal.
+        for bad in [
+            "1.5", "0.5", "1e3", "1e3G", "inf", "NaN", "-1", ".G", "1.5.5G",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_size("1.7M").unwrap(), 1782579);
+        assert_eq!(parse_size(".5k").unwrap(), 512);
         assert_eq!(parse_size("0x10000").unwrap(), 0x10000);
         assert_eq!(parse_size("0X1f").unwrap(), 0x1f);
         assert_eq!(parse_size("0x2k").unwrap(), 2048);

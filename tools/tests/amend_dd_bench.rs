@@ -224,6 +224,48 @@ fn bench_prints_qemu_img_lines_and_fails_past_the_end() {
         1
     );
     assert_eq!(code(&["bench", "-c", "4", "-d", "0", p(&a)]), 1);
+    // As qemu-img: no request is no benchmark; a step of 0 is the default step (the size).
+    let (c, e) = stderr(&["bench", "-c", "0", p(&a)]);
+    assert_eq!(c, 1, "{e}");
+    assert!(e.contains("Invalid request count"), "{e}");
+    let out = ok(&["bench", "-c", "3", "-d", "1", "-s", "4k", "-S", "0", p(&a)]);
+    assert!(out.contains("step size 4096"), "{out}");
+}
+
+/// qemu-io's limit on one command (2 GiB less a sector) holds before any I/O: a huge length
+/// fails at once instead of running in pieces for hours.
+#[test]
+fn io_refuses_a_command_longer_than_qemu_io_allows() {
+    let d = tmp();
+    let a = join(d.path(), "a.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&a), "8T"]);
+    let t = std::time::Instant::now();
+    for cmd in ["read 0 2G", "write 0 0x7ffffe01", "read 0 4T"] {
+        let (c, e) = stderr(&["io", "-c", cmd, p(&a)]);
+        assert_eq!(c, 1, "{cmd}: {e}");
+        assert!(e.contains("cannot exceed 2147483136"), "{cmd}: {e}");
+    }
+    assert!(
+        t.elapsed().as_secs() < 20,
+        "refusing took {:?}",
+        t.elapsed()
+    );
+    // The largest allowed length itself is accepted (as a zero write: no buffer to fill).
+    ok(&["io", "-c", "write -z 0 0x7ffffe00", p(&a)]);
+}
+
+/// Sizes follow qemu-img: a fraction needs a unit, anything but plain decimal is refused.
+#[test]
+fn sizes_with_a_fraction_need_a_unit() {
+    let d = tmp();
+    let a = join(d.path(), "a.raw");
+    for bad in ["1.5", "1e6", "0x1.8"] {
+        let (c, e) = stderr(&["create", "-q", "-f", "raw", p(&a), bad]);
+        assert_eq!(c, 1, "{bad}: {e}");
+        assert!(!a.exists(), "{bad}: an image was made");
+    }
+    ok(&["create", "-q", "-f", "raw", p(&a), "1.5k"]);
+    assert_eq!(std::fs::metadata(&a).unwrap().len(), 1536);
 }
 
 #[test]
@@ -318,6 +360,60 @@ fn a_failed_amend_rewrite_leaves_the_original() {
         .collect();
     assert_eq!(names, vec!["a.vhdx".to_string()]);
     ok(&["io", "-c", "read -P 0x77 0 5M", p(&a)]);
+}
+
+/// A rewrite through a symbolic link rewrites the link's target and keeps the link; the owner
+/// and mode survive; a file with several hard links is refused; a temporary file left by a
+/// killed amend is cleaned up by the next one.
+#[test]
+fn amend_rewrites_the_real_file_and_keeps_its_names() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let d = tmp();
+    let real = join(d.path(), "real.vhdx");
+    let link = join(d.path(), "link.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&real), "8M"]);
+    ok(&["io", "-c", "write -P 0x33 1M 64k", p(&real)]);
+    std::os::unix::fs::symlink("real.vhdx", &link).unwrap();
+    std::os::unix::fs::chown(&real, Some(4321), Some(8765)).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let stale = join(d.path(), ".real.vhdx.amend-2147483646");
+    std::fs::write(&stale, b"left by a killed amend").unwrap();
+
+    ok(&["amend", "-q", "-o", "subformat=fixed", p(&link)]);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        std::path::Path::new("real.vhdx")
+    );
+    let m = std::fs::metadata(&real).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (4321, 8765, 0o640));
+    assert_eq!(fmt_specific(&info_json(&real), "vhd-type"), "fixed");
+    ok(&[
+        "io",
+        "-c",
+        "read -P 0x33 1M 64k",
+        "-c",
+        "read -P 0 0 1M",
+        p(&link),
+    ]);
+    assert!(!stale.exists(), "the stale temporary file is still there");
+    let names = std::fs::read_dir(d.path()).unwrap().count();
+    assert_eq!(names, 2, "a temporary file was left");
+
+    let hard = join(d.path(), "hard.vhdx");
+    std::fs::hard_link(&real, &hard).unwrap();
+    let before = read_all(&real);
+    let (c, e) = stderr(&["amend", "-o", "subformat=dynamic", p(&hard)]);
+    assert_eq!(c, 1, "{e}");
+    assert!(e.contains("hard links"), "{e}");
+    assert!(read_all(&real) == before, "the image changed");
+    assert_eq!(
+        std::fs::metadata(&real).unwrap().ino(),
+        std::fs::metadata(&hard).unwrap().ino()
+    );
 }
 
 /// An image another process holds for writing is not amended, neither rewritten nor changed
