@@ -76,6 +76,9 @@ struct UndoFacts {
     parent_error: Option<String>,
     size: u64,
     changed: Vec<(u64, u64)>,
+    /// A commit started and did not finish: the base holds part of the changes, so the undo
+    /// disk must be committed again, not discarded.
+    commit_interrupted: bool,
 }
 
 /// Whether a directory entry looks like an undo disk: `*.vud`, or the hidden `.NAME.undo-*`
@@ -98,6 +101,7 @@ fn raw_facts(file: &Path) -> Result<UndoFacts> {
         parent_error: None,
         size: disk::BlockDevice::size(&ov),
         changed: ov.written_ranges(),
+        commit_interrupted: chain::undo::commit_interrupted(file),
     })
 }
 
@@ -144,6 +148,7 @@ fn facts(file: &Path, format: Option<&str>) -> Result<UndoFacts> {
         parent_error,
         size,
         changed,
+        commit_interrupted: chain::undo::commit_interrupted(file),
     })
 }
 
@@ -155,6 +160,7 @@ fn facts_json(f: &UndoFacts) -> serde_json::Value {
         "virtual-size": f.size,
         "changed-bytes": f.changed.iter().map(|(_, l)| l).sum::<u64>(),
         "changed-ranges": f.changed.iter().map(|(s, l)| json!({"start": s, "length": l})).collect::<Vec<_>>(),
+        "commit-interrupted": f.commit_interrupted,
     })
 }
 
@@ -193,7 +199,7 @@ pub fn run(a: Args) -> Result<i32> {
                     for f in &found {
                         let changed: u64 = f.changed.iter().map(|(_, l)| l).sum();
                         println!(
-                            "{}\tparent: {}\tchanged: {}",
+                            "{}\tparent: {}\tchanged: {}{}",
                             f.path.display(),
                             f.parent
                                 .as_ref()
@@ -202,7 +208,12 @@ pub fn run(a: Args) -> Result<i32> {
                                     "NOT FOUND ({})",
                                     f.parent_error.clone().unwrap_or_default()
                                 )),
-                            common::human_size(changed)
+                            common::human_size(changed),
+                            if f.commit_interrupted {
+                                "\tCOMMIT INTERRUPTED (run undo commit again)"
+                            } else {
+                                ""
+                            }
                         );
                     }
                 }
@@ -219,6 +230,13 @@ pub fn run(a: Args) -> Result<i32> {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&facts_json(&f))?),
                 Output::Human => {
                     println!("undo disk: {}", f.path.display());
+                    if f.commit_interrupted {
+                        println!(
+                            "state: a commit was interrupted; the base holds part of these \
+                             changes: run `viridian undo commit {}` again to finish it",
+                            f.path.display()
+                        );
+                    }
                     match &f.parent {
                         Some(p) => println!("parent: {}", p.display()),
                         None => println!(

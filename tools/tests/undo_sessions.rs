@@ -162,3 +162,34 @@ fn killed_serve_undo_session_is_committed_or_discarded_with_viridian_undo() {
         }
     }
 }
+
+/// `undo list` and `undo show` say when a commit of an undo disk was interrupted, in words and
+/// in JSON, so nobody discards an undo disk whose changes are half in the base.
+#[test]
+fn undo_list_and_show_report_an_interrupted_commit() {
+    let d = tmp();
+    let img = d.path().join("guest.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let undo = d.path().join("guest.vud");
+    let mut opts = chain::OpenOptions::read_only();
+    opts.format = Some(chain::Format::Raw);
+    let u = chain::UndoDisk::open(&img, &opts, Some(&undo)).unwrap();
+    u.disk().write_at(&[0xab; 4096], 0).unwrap();
+    let kept = u.keep().unwrap();
+
+    let listed = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&ok(&["undo", "list", "--output", "json", p(dir)])).unwrap()
+    };
+    assert_eq!(listed(d.path())[0]["commit-interrupted"], false);
+    assert!(!ok(&["undo", "show", p(&kept)]).contains("interrupted"));
+
+    // What a commit killed after it started writing the base leaves behind.
+    std::fs::write(chain::undo::commit_marker(&kept), b"").unwrap();
+    assert_eq!(listed(d.path())[0]["commit-interrupted"], true);
+    let shown = ok(&["undo", "show", p(&kept)]);
+    assert!(shown.contains("commit was interrupted"), "{shown}");
+    assert!(ok(&["undo", "list", p(d.path())]).contains("COMMIT INTERRUPTED"));
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&["undo", "show", "--output", "json", p(&kept)])).unwrap();
+    assert_eq!(j["commit-interrupted"], true);
+}
