@@ -14,6 +14,7 @@ pub mod guid;
 pub mod map;
 pub mod overlay;
 mod paths;
+mod qemu_lock;
 mod raw;
 mod request;
 pub mod sticky;
