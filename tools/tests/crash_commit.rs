@@ -243,8 +243,20 @@ fn raw_undo_commit_killed_anywhere_can_be_run_again() {
         let what = format!("raw round {round} (kill after {delay:?})");
         killed += run_and_kill(&["undo", "commit", "-q", p(&undo)], delay) as usize;
         if undo.exists() {
-            // Still whole: it shows the same changes and commits now.
-            assert_eq!(ok(&["undo", "show", p(&undo)]), listed, "{what}");
+            // Still whole: it shows the same changes (and, once the commit had begun, says
+            // it was interrupted) and commits now.
+            let shown = ok(&["undo", "show", p(&undo)]);
+            let changes: String = shown
+                .lines()
+                .filter(|l| !l.starts_with("state: "))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            assert_eq!(changes, listed, "{what}");
+            assert_eq!(
+                shown.contains("commit was interrupted"),
+                chain::undo::commit_interrupted(&undo),
+                "{what}"
+            );
             ok(&["undo", "commit", "-q", p(&undo)]);
         }
         assert!(!undo.exists(), "{what}: undo file not removed");
