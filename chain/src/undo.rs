@@ -71,9 +71,72 @@ pub fn raw_undo_base(path: &Path) -> Result<Option<PathBuf>> {
     Ok(OverlayHeader::read(&s)?.map(|h| label_path(&h.label)))
 }
 
+/// The label of a raw undo file: the base's absolute path, then a NUL and the base's stamp
+/// (older files hold the path alone).
 fn label_path(label: &[u8]) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
-    PathBuf::from(std::ffi::OsStr::from_bytes(label))
+    let path = label.split(|&b| b == 0).next().unwrap_or_default();
+    PathBuf::from(std::ffi::OsStr::from_bytes(path))
+}
+
+/// What a raw base file looked like when an undo session started on it: the session never
+/// writes its base, so a different stamp at commit time means someone else wrote the base
+/// since, and committing the session's older changes over it would undo theirs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BaseStamp {
+    inode: u64,
+    size: u64,
+    modified_ns: i128,
+}
+
+impl BaseStamp {
+    fn of(path: &Path) -> Result<BaseStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)
+            .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+        Ok(BaseStamp {
+            inode: m.ino(),
+            size: m.size(),
+            modified_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        })
+    }
+
+    fn encode(&self) -> String {
+        format!(
+            "inode={},size={},modified-ns={}",
+            self.inode, self.size, self.modified_ns
+        )
+    }
+
+    fn from_label(label: &[u8]) -> Option<BaseStamp> {
+        let tail = std::str::from_utf8(label.splitn(2, |&b| b == 0).nth(1)?).ok()?;
+        let mut stamp = BaseStamp {
+            inode: 0,
+            size: 0,
+            modified_ns: 0,
+        };
+        for field in tail.split(',') {
+            let (k, v) = field.split_once('=')?;
+            match k {
+                "inode" => stamp.inode = v.parse().ok()?,
+                "size" => stamp.size = v.parse().ok()?,
+                "modified-ns" => stamp.modified_ns = v.parse().ok()?,
+                _ => {}
+            }
+        }
+        Some(stamp)
+    }
+}
+
+fn raw_undo_label(base: &Path) -> Result<Vec<u8>> {
+    let abs = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+    let mut label = abs.as_os_str().as_encoded_bytes().to_vec();
+    // Block devices have no meaningful modification time: only the path is kept.
+    if std::fs::metadata(base).is_ok_and(|m| m.is_file()) {
+        label.push(0);
+        label.extend_from_slice(BaseStamp::of(base)?.encode().as_bytes());
+    }
+    Ok(label)
 }
 
 /// Opens a raw undo file over its base (read-only): the view of the interrupted session.
@@ -96,9 +159,14 @@ pub fn open_raw_undo(path: &Path) -> Result<(PathBuf, CowOverlay)> {
 /// make it probe as VHD or VHDX (a guest of a raw disk must not turn it into another format
 /// through its undo session either), unless `explicit_raw` says the session was started with an
 /// explicit raw format.
+///
+/// A base written by someone else since the session started (its stamp differs) is refused
+/// unless `base_changed_ok`, because the session's older changes would overwrite the newer
+/// data; after an interrupted commit the base is expected to differ and is not checked.
 pub fn commit_raw_undo(
     path: &Path,
     explicit_raw: bool,
+    base_changed_ok: bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(PathBuf, u64)> {
     let scratch: Arc<dyn Storage> = Arc::new(FileStorage::open(path, Access::ReadOnly, true)?);
@@ -107,6 +175,18 @@ pub fn commit_raw_undo(
         detail: format!("{} is not a raw undo file", path.display()),
     })?;
     let base_path = label_path(&header.label);
+    if let Some(then) = BaseStamp::from_label(&header.label) {
+        let now = BaseStamp::of(&base_path)?;
+        if now != then && !commit_interrupted(path) && !base_changed_ok {
+            return Err(Error::InvalidArgument(format!(
+                "{} changed after the undo session {} started (it was replaced or written \
+                 since); committing would overwrite the newer data with the session's older \
+                 changes (commit with --force to do it anyway)",
+                base_path.display(),
+                path.display()
+            )));
+        }
+    }
     let mut rw = OpenOptions::read_write();
     if explicit_raw {
         rw.format = Some(Format::Raw);
@@ -220,14 +300,10 @@ impl UndoDisk {
                 let scratch_path = child
                     .map(Path::to_path_buf)
                     .unwrap_or_else(|| temp_child_path(path, "undo"));
-                let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+                let label = raw_undo_label(path)?;
                 let scratch = Arc::new(FileStorage::create(&scratch_path)?);
-                let ov = CowOverlay::create(
-                    base.image().clone(),
-                    scratch,
-                    abs.as_os_str().as_encoded_bytes(),
-                )
-                .and_then(|ov| sync_parent_dir(&scratch_path).map(|()| ov));
+                let ov = CowOverlay::create(base.image().clone(), scratch, &label)
+                    .and_then(|ov| sync_parent_dir(&scratch_path).map(|()| ov));
                 let ov = match ov {
                     Ok(ov) => ov,
                     Err(e) => {
@@ -325,7 +401,7 @@ impl UndoDisk {
         disk.close()?;
         drop(disk);
         let merged = if overlay {
-            commit_raw_undo(&child_path, explicit_raw, progress)?.1
+            commit_raw_undo(&child_path, explicit_raw, false, progress)?.1
         } else {
             commit_child(&child_path, &parent_path, progress)?
         };

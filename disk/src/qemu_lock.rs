@@ -32,18 +32,10 @@ const PERM_WRITE: i64 = 1;
 #[derive(Debug)]
 pub(crate) enum Conflict {
     /// Another process has the image open in a way this open must not share.
-    Held(&'static str),
+    Held,
     /// Locks do not work here (old kernel, file system without them): no conflict can be seen.
     Unsupported,
     Io(io::Error),
-}
-
-fn perm_name(p: i64) -> &'static str {
-    if p == PERM_WRITE {
-        "write"
-    } else {
-        "read"
-    }
 }
 
 fn lock_struct(kind: libc::c_int, byte: i64) -> libc::flock {
@@ -131,7 +123,7 @@ fn try_lock(file: &File, access: Access) -> Result<(), Conflict> {
         let mut l = lock_struct(libc::F_RDLCK, byte);
         fcntl_lock(file, libc::F_OFD_SETLK, &mut l).map_err(|e| {
             if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
-                Conflict::Held(perm_name((byte - PERM_BASE) % 100))
+                Conflict::Held
             } else {
                 io_err(e)
             }
@@ -139,7 +131,7 @@ fn try_lock(file: &File, access: Access) -> Result<(), Conflict> {
     }
     for &byte in must_be_free {
         if held_by_other(file, byte).map_err(io_err)? {
-            return Err(Conflict::Held(perm_name(byte % 100)));
+            return Err(Conflict::Held);
         }
     }
     Ok(())
@@ -167,23 +159,14 @@ mod tests {
         lock(&r1, Access::ReadOnly).unwrap();
         lock(&r2, Access::ReadOnly).unwrap();
         let w = open(&p, true);
-        assert!(matches!(
-            lock(&w, Access::ReadWrite),
-            Err(Conflict::Held(_))
-        ));
+        assert!(matches!(lock(&w, Access::ReadWrite), Err(Conflict::Held)));
         drop((r1, r2, w));
         let w = open(&p, true);
         lock(&w, Access::ReadWrite).unwrap();
         let r = open(&p, false);
-        assert!(matches!(
-            lock(&r, Access::ReadOnly),
-            Err(Conflict::Held("write"))
-        ));
+        assert!(matches!(lock(&r, Access::ReadOnly), Err(Conflict::Held)));
         let w2 = open(&p, true);
-        assert!(matches!(
-            lock(&w2, Access::ReadWrite),
-            Err(Conflict::Held(_))
-        ));
+        assert!(matches!(lock(&w2, Access::ReadWrite), Err(Conflict::Held)));
         drop(w);
         // The refused opens released what they had taken although they are still open.
         let r3 = open(&p, false);

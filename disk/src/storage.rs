@@ -273,7 +273,7 @@ fn lock_file(file: &File, path: &Path, access: Access) -> crate::Result<()> {
     // The same rule again in the bytes QEMU's tools lock, so they and we see each other.
     match crate::qemu_lock::lock(file, access) {
         Ok(()) | Err(crate::qemu_lock::Conflict::Unsupported) => Ok(()),
-        Err(crate::qemu_lock::Conflict::Held(_)) => Err(crate::Error::Locked {
+        Err(crate::qemu_lock::Conflict::Held) => Err(crate::Error::Locked {
             path: path.to_path_buf(),
         }),
         Err(crate::qemu_lock::Conflict::Io(e)) => Err(crate::Error::io(

@@ -47,6 +47,10 @@ enum Action {
         /// Quiet: print no messages (errors are still printed).
         #[arg(short = 'q')]
         quiet: bool,
+        /// Commit a raw undo file even though its base was written after the session started
+        /// (the 64 KiB pieces the session changed then overwrite the newer data in them).
+        #[arg(long)]
+        force: bool,
         /// The undo disk's format (vhd or vhdx); probed when absent. Its parent is always
         /// opened as the same format.
         #[arg(short = 'f', long = "format")]
@@ -265,6 +269,7 @@ pub fn run(a: Args) -> Result<i32> {
         Action::Commit {
             progress,
             quiet,
+            force,
             format,
             file,
         } => {
@@ -278,7 +283,8 @@ pub fn run(a: Args) -> Result<i32> {
             })?;
             let pb = progress::bar(f.size, progress, quiet);
             let merged = if chain::undo::raw_undo_base(&file)?.is_some() {
-                chain::undo::commit_raw_undo(&file, false, &mut |n| pb.inc(n)).map(|(_, n)| n)
+                chain::undo::commit_raw_undo(&file, false, force, &mut |n| pb.inc(n))
+                    .map(|(_, n)| n)
             } else {
                 chain::undo::commit_child(&file, &parent, &mut |n| pb.inc(n))
             }

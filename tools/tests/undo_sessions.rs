@@ -193,3 +193,37 @@ fn undo_list_and_show_report_an_interrupted_commit() {
         serde_json::from_str(&ok(&["undo", "show", "--output", "json", p(&kept)])).unwrap();
     assert_eq!(j["commit-interrupted"], true);
 }
+
+/// A kept raw undo file whose base was written after the session started is not committed
+/// over the newer data unless forced; an unchanged base commits as before.
+#[test]
+fn a_raw_undo_commit_refuses_a_base_written_since() {
+    let d = tmp();
+    let img = d.path().join("guest.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let undo = d.path().join("guest.vud");
+    let mut opts = chain::OpenOptions::read_only();
+    opts.format = Some(chain::Format::Raw);
+    let u = chain::UndoDisk::open(&img, &opts, Some(&undo)).unwrap();
+    u.disk().write_at(&[0xab; 4096], 0).unwrap();
+    let kept = u.keep().unwrap();
+    // Someone else writes the base afterwards (a later session, another tool).
+    ok(&["io", "-f", "raw", "-c", "write -P 0x55 512k 8k", p(&img)]);
+    let before = read_all(&img);
+    let o = viridian(&["undo", "commit", p(&kept)]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("changed after the undo session"), "{e}");
+    assert!(
+        read_all(&img) == before,
+        "the refused commit wrote the base"
+    );
+    assert!(kept.exists(), "the refused commit removed the undo file");
+    ok(&["undo", "commit", "--force", p(&kept)]);
+    let after = read_all(&img);
+    assert!(after[..4096].iter().all(|&b| b == 0xab));
+    assert!(after[512 << 10..(512 << 10) + 8192]
+        .iter()
+        .all(|&b| b == 0x55));
+    assert!(!kept.exists());
+}
