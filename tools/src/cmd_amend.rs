@@ -12,7 +12,6 @@
 //! Options that only make sense at creation get qemu-img's answer ("Invalid parameter ...
 //! This option is only supported for image creation"), exit 1.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -147,6 +146,12 @@ pub fn run(a: Args) -> Result<i32> {
             }
         }
     }
+    // What an amend killed before its rename left behind goes, whatever this amend does.
+    if let Ok(real) = std::fs::canonicalize(file) {
+        if let (Some(dir), Some(name)) = (real.parent(), real.file_name()) {
+            crate::replace::remove_stale(dir, &format!(".{}.amend-", name.to_string_lossy()));
+        }
+    }
     let cur = current(file, format)?;
     let target_fixed = want_fixed.unwrap_or(cur.fixed);
     if want_block.is_some() && target_fixed {
@@ -240,30 +245,10 @@ fn rewrite_image(
     // A shared hold on the original for the whole rewrite: a writer (serve --rw, a VM) cannot
     // open it meanwhile, so the copy is the content that the rename then replaces.
     let hold = common::open_ro(file, Some(format.name()), SizeRuleArg::Auto)?;
-    // The rename replaces a directory entry: it must be the image's own entry, not a symbolic
-    // link to it (the link would become a regular file and its target would keep the old
-    // layout), and not one of several hard links (the others would keep the old file).
-    let real = std::fs::canonicalize(file)
-        .with_context(|| format!("cannot resolve {}", file.display()))?;
-    let meta = std::fs::metadata(&real)
-        .with_context(|| format!("cannot read the attributes of {}", file.display()))?;
-    if meta.nlink() > 1 {
-        bail!(
-            "{} has {} hard links: rewriting it would leave the other names on the old              layout; convert it to a new name instead",
-            file.display(),
-            meta.nlink()
-        );
-    }
-    let name = real
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let dir = match real.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    remove_stale_rewrites(&dir, &name);
-    let tmp = dir.join(format!(".{name}.amend-{}", std::process::id()));
+    // The rename replaces a directory entry: the image's own (not a symbolic link to it, not
+    // one of several hard links), and only if we may write it.
+    let plan = crate::replace::Replacement::plan(file, "amend", &[])?;
+    let tmp = plan.temp.clone();
     let guard = common::RemoveOnFailure::new(&tmp);
 
     let fixed = want_fixed.unwrap_or(cur.fixed);
@@ -310,23 +295,12 @@ fn rewrite_image(
 
     adopt_identity(file, &tmp, format)
         .with_context(|| format!("cannot rewrite {} (it is unchanged)", file.display()))?;
-    // The original's owner and permissions, then durable data and name.
-    std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))
-        .with_context(|| format!("cannot give {} its owner", tmp.display()))?;
-    std::fs::set_permissions(&tmp, meta.permissions())
-        .with_context(|| format!("cannot give {} its permissions", tmp.display()))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot flush {}", tmp.display()))?;
-    // Renamed while the hold is still there: no writer can slip in between and write to the
-    // file that is about to be replaced.
-    std::fs::rename(&tmp, &real)
+    // The original's owner and mode, durable data, then the rename, done while the hold is
+    // still there: no writer can slip in between and write to the file being replaced.
+    plan.commit()
         .with_context(|| format!("cannot replace {} (it is unchanged)", file.display()))?;
     guard.disarm();
     drop(hold);
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot flush the folder of {}", file.display()))?;
     if !a.quiet {
         eprintln!(
             "viridian: rewrote {} as a {} image",
@@ -335,31 +309,6 @@ fn rewrite_image(
         );
     }
     Ok(())
-}
-
-/// Removes `.NAME.amend-PID` files that an amend killed before its rename left behind (their
-/// process is gone). A live amend's file is left alone.
-fn remove_stale_rewrites(dir: &Path, name: &str) {
-    let prefix = format!(".{name}.amend-");
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let file_name = e.file_name();
-        let Some(pid) = file_name
-            .to_str()
-            .and_then(|n| n.strip_prefix(&prefix))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() && std::fs::remove_file(e.path()).is_ok() {
-            eprintln!(
-                "viridian: removed {}, left by an amend that did not finish",
-                e.path().display()
-            );
-        }
-    }
 }
 
 /// Gives the copy at `tmp` the identity of `file`, which it is about to replace.

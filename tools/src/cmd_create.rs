@@ -151,7 +151,7 @@ pub fn preallocation_of(spec: &CreateSpec, options: &[String]) -> Result<common:
 }
 
 /// Rejects values the writers would refuse, before any file exists, with the option's name.
-fn validate_spec(format: Format, spec: &CreateSpec) -> Result<()> {
+pub(crate) fn validate_spec(format: Format, spec: &CreateSpec) -> Result<()> {
     for (name, v) in [
         ("logical_sector_size", spec.logical_sector_size),
         ("physical_sector_size", spec.physical_sector_size),
@@ -173,12 +173,50 @@ fn validate_spec(format: Format, spec: &CreateSpec) -> Result<()> {
             _ => {}
         }
     }
+    if let Some(parent) = &spec.parent {
+        if spec.fixed {
+            bail!("subformat=fixed with a backing file: a differencing image is never fixed");
+        }
+        if spec.logical_sector_size.is_some() {
+            bail!(
+                "logical_sector_size with a backing file: a differencing image has its \
+                 parent's logical sector size"
+            );
+        }
+        if parent.as_os_str().as_encoded_bytes().contains(&b'\\') {
+            bail!(
+                "backing file name {} contains '\\', which the image's Windows parent \
+                 locators would read as a folder separator",
+                parent.display()
+            );
+        }
+    }
+    if let (Some(l), Some(p)) = (spec.logical_sector_size, spec.physical_sector_size) {
+        if p < l {
+            bail!("physical_sector_size={p} is smaller than logical_sector_size={l}");
+        }
+    }
+    if let Some(l) = spec.log_size {
+        if l == 0 || l % (1 << 20) != 0 {
+            bail!("log_size={l}: the log size must be a non-zero multiple of 1 MiB");
+        }
+    }
     if format == Format::Vhdx && spec.size > vhdx::format::MAX_SIZE {
         bail!(
             "size {} exceeds the VHDX maximum of 64 TiB ({} bytes)",
             spec.size,
             vhdx::format::MAX_SIZE
         );
+    }
+    if format == Format::Vhd && spec.parent.is_none() {
+        let (max, what) = if spec.fixed {
+            (vhd::MAX_FIXED_SIZE, "a fixed VHD's maximum of 32 TiB")
+        } else {
+            (vhd::MAX_DYNAMIC_SIZE, "a dynamic VHD's maximum of 2040 GiB")
+        };
+        if spec.size > max {
+            bail!("size {} exceeds {what} ({max} bytes)", spec.size);
+        }
     }
     Ok(())
 }
@@ -235,6 +273,8 @@ pub fn run(a: Args) -> Result<i32> {
             }
         }
         spec.parent = Some(b.clone());
+        // Again, now that the options meet the backing file.
+        validate_spec(format, &spec)?;
     }
     let prealloc = preallocation_of(&spec, &a.options)?;
     let (d, guard) = common::create_image(&file, &spec)?;

@@ -72,7 +72,7 @@ pub fn run(a: Args) -> Result<i32> {
     let start = skip.saturating_mul(bs);
     let out_format = common::parse_format(a.out_format.as_deref().unwrap_or("raw"))?;
     let len = end.saturating_sub(start);
-    write_output(&src, &output, out_format, start, len)?;
+    write_output(&src, &input, &output, out_format, start, len)?;
     if start > end {
         // qemu-img's message and exit code: the (empty) output exists, nothing was copied.
         eprintln!(
@@ -98,20 +98,14 @@ fn block_count(name: &str, v: &str) -> Result<u64> {
 /// `src` from `start`; writes only non-zero pieces (the new image reads zeros elsewhere).
 fn write_output(
     src: &disk::Disk,
+    input: &Path,
     output: &Path,
     format: chain::Format,
     start: u64,
     len: u64,
 ) -> Result<()> {
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .with_context(|| format!("{}: not a file name", output.display()))?;
-    let dir = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(".{name}.dd-{}", std::process::id()));
+    let plan = crate::replace::Replacement::plan(output, "dd", &[input])?;
+    let tmp = plan.temp.clone();
     let mut spec = chain::CreateSpec::new(format, len);
     spec.fixed = false;
     let (dst, guard) = common::create_image(&tmp, &spec)
@@ -148,8 +142,8 @@ fn write_output(
             })
             .with_context(|| format!("cannot finish writing {}", output.display()))?;
     }
-    std::fs::rename(&tmp, output).with_context(|| format!("cannot create {}", output.display()))?;
+    plan.commit()
+        .with_context(|| format!("cannot create {}", output.display()))?;
     guard.disarm();
-    let _ = std::fs::File::open(&dir).and_then(|d| d.sync_all());
     Ok(())
 }

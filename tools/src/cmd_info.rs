@@ -128,11 +128,14 @@ pub fn run(a: Args) -> Result<i32> {
             }
         }
     }
-    // The image's own facts are shown above; a chain that cannot be opened is still an error
-    // (as in qemu-img info), so scripts notice a missing or wrong parent.
+    // As in qemu-img: the image's own facts are the answer (exit 0; the human form names the
+    // parent's problem), but a --backing-chain that cannot be followed is an error.
     if let Some(e) = chain_error {
-        eprintln!("viridian: {}", common::one_line(&e));
-        return Ok(1);
+        if a.backing_chain {
+            eprintln!("viridian: {}", common::one_line(&e));
+            return Ok(1);
+        }
+        eprintln!("viridian: warning: {}", common::one_line(&e));
     }
     Ok(0)
 }

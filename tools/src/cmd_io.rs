@@ -126,6 +126,12 @@ fn run_one(d: &dyn BlockDevice, cmd: &str) -> Result<i32> {
     let (verb, rest) = words
         .split_first()
         .ok_or_else(|| anyhow!("empty command"))?;
+    if !["write", "read", "zero", "discard", "flush"].contains(verb) {
+        bail!("command \"{verb}\" not found (write, read, zero, discard, flush)");
+    }
+    if *verb == "flush" && !rest.is_empty() {
+        bail!("flush takes no arguments");
+    }
     let mut f = Flags::default();
     let mut args = Vec::new();
     let mut it = rest.iter();
@@ -145,6 +151,9 @@ fn run_one(d: &dyn BlockDevice, cmd: &str) -> Result<i32> {
             _ => args.push(common::parse_size(w)?),
         }
     }
+    if f.unmap && !f.zeroes {
+        bail!("-u requires -z to be specified");
+    }
     let (off, len) = match (*verb, args.as_slice()) {
         ("flush", []) => (0, 0),
         ("flush", _) => bail!("flush takes no arguments"),
@@ -158,9 +167,6 @@ fn run_one(d: &dyn BlockDevice, cmd: &str) -> Result<i32> {
     }
     if f.zeroes && f.pattern.is_some() {
         bail!("-z and -P cannot be specified at the same time");
-    }
-    if !["write", "read", "zero", "discard", "flush"].contains(verb) {
-        bail!("unknown command {verb:?} (write, read, zero, discard, flush)");
     }
     let start = std::time::Instant::now();
     let mut mismatch = false;

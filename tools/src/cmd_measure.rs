@@ -74,6 +74,8 @@ pub fn run(a: Args) -> Result<i32> {
     };
     let mut spec = spec0;
     spec.size = size;
+    // No number for an image `create` would refuse.
+    crate::cmd_create::validate_spec(format, &spec)?;
     let (required, full) = match format {
         // A raw file needs its whole size (sparse files may use less, as qemu-img says too).
         Format::Raw => (size, size),

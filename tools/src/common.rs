@@ -82,9 +82,21 @@ pub fn finish_undo(u: chain::UndoDisk, end: UndoEnd, session_ok: bool) -> Result
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The signal that interrupted us (SIGINT or SIGTERM), for the exit code 128 + signal.
+static INTERRUPT_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
-extern "C" fn on_signal(_: libc::c_int) {
+extern "C" fn on_signal(signal: libc::c_int) {
+    INTERRUPT_SIGNAL.store(signal, Ordering::SeqCst);
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// The exit code a shell reports for a command stopped by the signal that interrupted us:
+/// 130 for Ctrl-C, 143 for SIGTERM.
+pub fn interrupted_exit_code() -> i32 {
+    match INTERRUPT_SIGNAL.load(Ordering::SeqCst) {
+        0 => 130,
+        s => 128 + s,
+    }
 }
 
 /// Ctrl-C and SIGTERM set a flag that long operations poll, so they can stop cleanly (remove a
@@ -110,8 +122,16 @@ pub fn quiet_on_broken_pipe() {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("");
-        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
-            std::process::exit(0);
+        if let Some(why) = msg.strip_prefix("failed printing to stdout") {
+            if why.contains("Broken pipe") {
+                std::process::exit(0);
+            }
+            // A full disk or a closed terminal: one line and exit 1, not a panic.
+            eprintln!(
+                "viridian: cannot write to standard output{}",
+                why.trim_end()
+            );
+            std::process::exit(1);
         }
         default(info);
     }));
@@ -184,9 +204,10 @@ pub fn parse_size(s: &str) -> Result<u64> {
     if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         return parse_hex_size(s, h);
     }
+    // "10b" is 10 bytes (qemu-img); "10GB" is 10 GiB, as PowerShell's Hyper-V cmdlets write it.
     let t = t
         .strip_suffix(['b', 'B'])
-        .filter(|r| r.ends_with(|c: char| c.is_ascii_alphabetic()))
+        .filter(|r| !r.is_empty())
         .unwrap_or(t);
     let (num, mult) = match t.chars().last() {
         Some(c) if c.is_ascii_alphabetic() => {
@@ -564,6 +585,9 @@ mod tests {
         }
         assert_eq!(parse_size("1.7M").unwrap(), 1782579);
         assert_eq!(parse_size(".5k").unwrap(), 512);
+        assert_eq!(parse_size("10b").unwrap(), 10);
+        assert_eq!(parse_size("10B").unwrap(), 10);
+        assert!(parse_size("1.5b").is_err());
         assert_eq!(parse_size("0x10000").unwrap(), 0x10000);
         assert_eq!(parse_size("0X1f").unwrap(), 0x1f);
         assert_eq!(parse_size("0x2k").unwrap(), 2048);

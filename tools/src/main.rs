@@ -27,6 +27,7 @@ mod cmd_vm;
 mod common;
 mod migrate;
 mod progress;
+mod replace;
 
 use clap::{Parser, Subcommand};
 
@@ -133,8 +134,12 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("viridian: {}", common::one_line(&e));
-            // 130 = 128 + SIGINT, as a shell reports a command stopped by Ctrl-C.
-            std::process::exit(if common::interrupted() { 130 } else { 1 });
+            // 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), as a shell reports it.
+            std::process::exit(if common::interrupted() {
+                common::interrupted_exit_code()
+            } else {
+                1
+            });
         }
     }
 }

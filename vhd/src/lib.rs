@@ -36,7 +36,7 @@ use serde::Serialize;
 
 pub use check::check;
 use format::*;
-pub use format::{chs_for_sectors, DiskType};
+pub use format::{chs_for_sectors, DiskType, MAX_DYNAMIC_SIZE, MAX_FIXED_SIZE};
 
 /// Which size authority to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

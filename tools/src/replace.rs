@@ -1,0 +1,143 @@
+//! Writing a new file that replaces a name, the way the verbs that build an output beside its
+//! final name (`dd`, `amend`) need it: the new file is written under a hidden temporary name
+//! in the same folder and renamed over the final name only when it is complete and durable.
+//!
+//! A rename replaces a directory entry, so before the first byte is written [`Replacement::plan`]
+//! makes sure that entry is the one the user means and may replace:
+//! * a symbolic link is followed: the file it points to is replaced, the link stays;
+//! * a name that is not a regular file (a device node, a FIFO, a folder) is refused: replacing
+//!   `/dev/full` with a regular file is never what was meant;
+//! * a file with several hard links is refused: the other names would keep the old file;
+//! * a file the caller may not write is refused, as writing it in place would be;
+//! * a file that is also an input is refused: the copy would read what it replaces.
+//!
+//! The new file gets the old one's owner and mode.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// Where a new file goes and what it replaces.
+pub struct Replacement {
+    /// The name the rename replaces (symbolic links resolved).
+    pub target: PathBuf,
+    /// The temporary name the new file is written under, in the target's folder.
+    pub temp: PathBuf,
+    /// The replaced file's attributes, when it exists.
+    pub old: Option<std::fs::Metadata>,
+}
+
+impl Replacement {
+    /// Plans replacing `output` (as named by the user) by a file written first under
+    /// `.NAME.<tag>-PID`. `inputs` are the files the new content is read from.
+    pub fn plan(output: &Path, tag: &str, inputs: &[&Path]) -> Result<Replacement> {
+        let shown = output.display();
+        let (target, old) = match std::fs::metadata(output) {
+            Ok(m) => {
+                let real = std::fs::canonicalize(output)
+                    .with_context(|| format!("cannot resolve {shown}"))?;
+                (real, Some(m))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if std::fs::symlink_metadata(output).is_ok() {
+                    bail!("{shown} is a symbolic link to nothing; name the file itself");
+                }
+                (output.to_path_buf(), None)
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {shown}")),
+        };
+        if let Some(m) = &old {
+            if !m.file_type().is_file() {
+                bail!(
+                    "{shown} exists and is not a regular file (a device, FIFO or folder); \
+                     not replacing it"
+                );
+            }
+            if m.nlink() > 1 {
+                bail!(
+                    "{shown} has {} hard links: replacing it would leave the other names on \
+                     the old file",
+                    m.nlink()
+                );
+            }
+            // The same permission check writing it in place would meet.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&target)
+                .with_context(|| format!("cannot write {shown}"))?;
+            for input in inputs {
+                if let Ok(i) = std::fs::metadata(input) {
+                    if (i.dev(), i.ino()) == (m.dev(), m.ino()) {
+                        bail!(
+                            "{shown} is also the input {}: refusing to overwrite what is read",
+                            input.display()
+                        );
+                    }
+                }
+            }
+        }
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .with_context(|| format!("{shown}: not a file name"))?;
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        remove_stale(&dir, &format!(".{name}.{tag}-"));
+        let temp = dir.join(format!(".{name}.{tag}-{}", std::process::id()));
+        Ok(Replacement { target, temp, old })
+    }
+
+    /// The folder both names are in.
+    pub fn dir(&self) -> PathBuf {
+        match self.target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    /// Gives the finished temporary file the old file's owner and mode, makes it durable and
+    /// renames it over the target, then makes the folder durable.
+    pub fn commit(&self) -> Result<()> {
+        if let Some(m) = &self.old {
+            std::os::unix::fs::chown(&self.temp, Some(m.uid()), Some(m.gid()))
+                .with_context(|| format!("cannot give {} its owner", self.temp.display()))?;
+            std::fs::set_permissions(&self.temp, m.permissions())
+                .with_context(|| format!("cannot give {} its mode", self.temp.display()))?;
+        }
+        std::fs::File::open(&self.temp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot flush {}", self.temp.display()))?;
+        std::fs::rename(&self.temp, &self.target)
+            .with_context(|| format!("cannot replace {}", self.target.display()))?;
+        std::fs::File::open(self.dir())
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot flush the folder of {}", self.target.display()))
+    }
+}
+
+/// Removes temporary files with `prefix` and a process id that no longer runs: what a killed
+/// run left behind. A live run's file is left alone.
+pub fn remove_stale(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() && std::fs::remove_file(e.path()).is_ok() {
+            eprintln!(
+                "viridian: removed {}, left by a run that did not finish",
+                e.path().display()
+            );
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Where the CLI's results go: output files that replace a name (`dd`, `amend`), standard
+//! output that cannot be written, and numbers and images nobody could make (`measure`,
+//! `create`). Each case is one an outside tester found wrong.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+fn stderr(args: &[&str]) -> (i32, String) {
+    let o = viridian(args);
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// dd never turns a device node or FIFO into a regular file, never overwrites its own input,
+/// writes through a symbolic link into its target, and keeps the target's owner and mode.
+#[test]
+fn dd_replaces_only_the_regular_file_it_names() {
+    let d = tmp();
+    let src = join(d.path(), "s.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&src), "8M"]);
+    ok(&["io", "-c", "write -P 0x42 0 8M", p(&src)]);
+
+    let fifo = join(d.path(), "fifo");
+    assert!(tool("mkfifo", &[p(&fifo)]).status.success());
+    let null = join(d.path(), "mynull");
+    assert!(tool("mknod", &[p(&null), "c", "1", "3"]).status.success());
+    for dev in [&fifo, &null] {
+        let of = format!("of={}", p(dev));
+        let (c, e) = stderr(&["dd", &format!("if={}", p(&src)), &of, "bs=1M", "count=1"]);
+        assert_eq!(c, 1, "{e}");
+        assert!(e.contains("not a regular file"), "{e}");
+        let t = std::fs::symlink_metadata(dev).unwrap().file_type();
+        assert!(!t.is_file(), "{} became a regular file", dev.display());
+    }
+
+    // Its own input, by name and through a symbolic link.
+    let before = read_all(&src);
+    let alias = join(d.path(), "alias.vhdx");
+    std::os::unix::fs::symlink("s.vhdx", &alias).unwrap();
+    for of in [&src, &alias] {
+        let (c, e) = stderr(&[
+            "dd",
+            &format!("if={}", p(&src)),
+            &format!("of={}", p(of)),
+            "bs=1M",
+            "count=3",
+        ]);
+        assert_eq!(c, 1, "{e}");
+        assert!(e.contains("also the input"), "{e}");
+    }
+    assert!(read_all(&src) == before, "dd changed its own input");
+
+    // A symbolic link to an older output: the target is replaced, the link stays.
+    let out = join(d.path(), "out.raw");
+    std::fs::write(&out, b"old").unwrap();
+    std::os::unix::fs::chown(&out, Some(4321), Some(8765)).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let link = join(d.path(), "link.raw");
+    std::os::unix::fs::symlink("out.raw", &link).unwrap();
+    ok(&[
+        "dd",
+        &format!("if={}", p(&src)),
+        &format!("of={}", p(&link)),
+        "bs=1M",
+        "count=2",
+    ]);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let m = std::fs::metadata(&out).unwrap();
+    assert_eq!(m.len(), 2 << 20);
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (4321, 8765, 0o640));
+    assert!(read_all(&out).iter().all(|&b| b == 0x42));
+    // Nothing temporary left beside it.
+    let hidden: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "left behind: {hidden:?}");
+}
+
+/// An output the user may not write is refused, as writing it in place would be (run as an
+/// unprivileged user; skipped when `setpriv` is missing).
+#[test]
+fn dd_and_amend_respect_a_read_only_file() {
+    if !have("setpriv") {
+        assert!(!require_all(), "setpriv missing (VIRIDIAN_REQUIRE_ALL=1)");
+        eprintln!("SKIP: setpriv missing");
+        return;
+    }
+    let d = tmp();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let src = join(d.path(), "s.vhdx");
+    let img = join(d.path(), "u.vhdx");
+    let out = join(d.path(), "ro.raw");
+    ok(&["create", "-q", "-f", "vhdx", p(&src), "4M"]);
+    ok(&["create", "-q", "-f", "vhdx", p(&img), "4M"]);
+    std::fs::write(&out, b"keep").unwrap();
+    for f in [&src, &img, &out] {
+        std::os::unix::fs::chown(f, Some(65534), Some(65534)).unwrap();
+    }
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut all = vec![
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_viridian"),
+        ];
+        all.extend_from_slice(args);
+        tool("setpriv", &all)
+    };
+    let o = as_nobody(&[
+        "dd",
+        &format!("if={}", p(&src)),
+        &format!("of={}", p(&out)),
+        "bs=1M",
+        "count=1",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+    let before = read_all(&img);
+    let o = as_nobody(&["amend", "-o", "subformat=fixed", p(&img)]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(read_all(&img) == before, "amend rewrote a read-only image");
+}
+
+/// A full standard output is one line and exit 1, never a panic.
+#[test]
+fn a_full_standard_output_is_an_error_not_a_panic() {
+    let d = tmp();
+    let img = join(d.path(), "a.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    for args in [
+        vec!["info", p(&img)],
+        vec!["info", "--output", "json", p(&img)],
+        vec!["map", p(&img)],
+        vec!["check", p(&img)],
+        vec!["measure", "-O", "vhdx", "--size", "1G"],
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .args(&args)
+            .stdout(full.try_clone().unwrap())
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+        assert_eq!(e.lines().count(), 1, "{args:?}: {e}");
+        assert!(e.contains("standard output"), "{args:?}: {e}");
+    }
+}
+
+/// measure and create refuse what the format cannot hold, and options that contradict each
+/// other or the backing file.
+#[test]
+fn impossible_images_are_refused_by_measure_and_create() {
+    let d = tmp();
+    for args in [
+        vec!["measure", "-O", "vhdx", "--size", "65T"],
+        vec!["measure", "-O", "vhdx", "--size", "8E"],
+        vec!["measure", "-O", "vpc", "--size", "3T"],
+        vec![
+            "measure",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            "--size",
+            "33T",
+        ],
+    ] {
+        let (c, e) = stderr(&args);
+        assert_eq!(c, 1, "{args:?}: {e}");
+        assert!(e.contains("exceeds"), "{args:?}: {e}");
+    }
+    ok(&[
+        "measure",
+        "-O",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        "--size",
+        "3T",
+    ]);
+
+    let base = join(d.path(), "b.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&base), "8M"]);
+    let odd = join(d.path(), "a\\b.vhdx");
+    std::fs::copy(&base, &odd).unwrap();
+    let kid = join(d.path(), "k.vhdx");
+    for (opts, backing, why) in [
+        ("log_size=0", None, "log size"),
+        (
+            "physical_sector_size=512,logical_sector_size=4096",
+            None,
+            "smaller",
+        ),
+        ("subformat=fixed", Some(&base), "never fixed"),
+        ("logical_sector_size=4096", Some(&base), "parent's logical"),
+        ("subformat=dynamic", Some(&odd), "separator"),
+    ] {
+        let mut args = vec!["create", "-f", "vhdx", "-o", opts];
+        if let Some(b) = backing {
+            args.extend(["-b", p(b)]);
+        }
+        args.push(p(&kid));
+        if backing.is_none() {
+            args.push("8M");
+        }
+        let (c, e) = stderr(&args);
+        assert_eq!(c, 1, "{opts}: {e}");
+        assert!(e.contains(why), "{opts}: {e}");
+        assert!(!kid.exists(), "{opts}: an image was made");
+    }
+}
+
+/// SIGTERM during a long convert exits 143 (128 + SIGTERM) and removes the partial target.
+#[test]
+fn sigterm_exits_143_and_cleans_up() {
+    let d = tmp();
+    let src = join(d.path(), "s.raw");
+    let dst = join(d.path(), "d.vhdx");
+    std::fs::write(&src, vec![0x5a; 256 << 20]).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vhdx",
+            "-t",
+            "writeback",
+            p(&src),
+            p(&dst),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the target exists the copy is under way.
+    let t = std::time::Instant::now();
+    while !dst.exists() && t.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = tool("kill", &["-TERM", &child.id().to_string()]);
+    let o = child.wait_with_output().unwrap();
+    if o.status.code() == Some(0) {
+        eprintln!("convert finished before SIGTERM arrived; nothing to check");
+        return;
+    }
+    assert_eq!(
+        o.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!dst.exists(), "the partial target was left");
+}
