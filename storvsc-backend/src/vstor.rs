@@ -1,4 +1,4 @@
-//! The storvsc/storvsp wire protocol (`vstor_packet`, VMM.md §4.2).
+//! The storvsc/storvsp wire protocol (`vstor_packet`, docs/vmm.md, "Storvsc (vstor) protocol").
 //!
 //! Every packet is 64 bytes for the protocol versions we accept (WIN8 5.1 and WIN8_1 6.0):
 //! `{u32 operation; u32 flags; u32 status; union[0x34]}`.

@@ -1,5 +1,5 @@
 //! The `.vmc` model: what Virtual PC 2004/2007 and Virtual Server 2005 record about a VM
-//! (ECOSYSTEM.md 5.2). Unknown elements are ignored; values that do not parse become warnings,
+//! (docs/vmc.md). Unknown elements are ignored; values that do not parse become warnings,
 //! never guesses.
 
 use std::path::Path;
