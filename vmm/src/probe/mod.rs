@@ -8,10 +8,10 @@
 //! user segments in the layout `STAR` needs, a TSS, an IDT that reports every exception), starts
 //! the vCPU directly in ring 3 and lets it execute `syscall` (first VM) and `int $0x80` (second
 //! VM). Each handler reports the CS it runs with and then reads CR0, which only ring 0 may: a
-//! call "works" when that read succeeds. All guest code is hand-assembled (in [`guest`]); it reports to
-//! the VMM with 32-bit stores to an MMIO page: a store to `PROBE_VALUE` queues a value, a store
-//! to `PROBE_TAG` ends a report whose meaning the tag gives (`TAG_*`); the queued values belong
-//! to it.
+//! call "works" when that read succeeds. All guest code is hand-assembled (in [`guest`]); it
+//! reports to the VMM with 32-bit stores to an MMIO page: a store to `PROBE_VALUE` queues a
+//! value, a store to `PROBE_TAG` ends a report whose meaning the tag gives (`TAG_*`); the
+//! queued values belong to it.
 //!
 //! Measured on a `kvm_pvm` host: "syscall: entered LSTAR in CPL 3 (CS 0x33, not the GDT's user
 //! CS 0x2b), then #GP at its mov from CR0 from CPL 3, error 0x0; int $0x80: #UD at the int
