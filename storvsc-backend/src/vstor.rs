@@ -233,7 +233,7 @@ mod tests {
         assert_eq!(p.0[28], 0x28);
         assert_eq!(p.u32(52) & 0x40, 0x40);
         assert_eq!(
-            SCSI_CLASS_ID.0[..4],
+            SCSI_CLASS_ID.to_windows_bytes()[..4],
             [0xd9, 0x63, 0x61, 0xba],
             "GUID in wire order"
         );
