@@ -1,5 +1,5 @@
 //! The probing step: everything a migration needs to know from the file system, collected
-//! into plain values ([`Facts`]) for [`crate::plan`] to decide on. It finds the disks a `.vmc`
+//! into plain values ([`Facts`]) for [`crate::plan()`] to decide on. It finds the disks a `.vmc`
 //! names, opens their chains and undo disks read-only, measures the data in use, and lists
 //! saved-state files and the target directory. Nothing here decides or fails: a file that
 //! cannot be opened is a fact (its error), for the plan to report in its order.

@@ -8,7 +8,7 @@
 //! user segments in the layout `STAR` needs, a TSS, an IDT that reports every exception), starts
 //! the vCPU directly in ring 3 and lets it execute `syscall` (first VM) and `int $0x80` (second
 //! VM). Each handler reports the CS it runs with and then reads CR0, which only ring 0 may: a
-//! call "works" when that read succeeds. All guest code is hand-assembled (in [`guest`]); it
+//! call "works" when that read succeeds. All guest code is hand-assembled (in `guest`); it
 //! reports to the VMM with 32-bit stores to an MMIO page: a store to `PROBE_VALUE` queues a
 //! value, a store to `PROBE_TAG` ends a report whose meaning the tag gives (`TAG_*`); the
 //! queued values belong to it.
@@ -18,9 +18,9 @@
 //! $0x80 instruction from CPL 3" (0x33 is the host's own user CS: the handler ran natively in
 //! host ring 3). A ring-3 `out` there raises #GP even with IOPL 3, hence MMIO.
 //!
-//! Parts: [`guest`] is the micro-guest itself (memory layout, descriptor tables, hand-assembled
-//! code, the report protocol), [`run`] builds a VM around it and runs it with a time limit, and
-//! [`report`] turns what each phase did into the answer and its one-line description.
+//! Parts: `guest` is the micro-guest itself (memory layout, descriptor tables, hand-assembled
+//! code, the report protocol), `run` builds a VM around it and runs it with a time limit, and
+//! `report` turns what each phase did into the answer and its one-line description.
 
 mod guest;
 mod report;
