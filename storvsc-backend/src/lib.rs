@@ -4,7 +4,7 @@
 //! * [`scsi`]: a SCSI target over any `disk::Disk` ([`ScsiDisk`] per LUN,
 //!   [`ScsiController`] for LUNs at path 0 / target 0). It knows nothing about VMBus: a command
 //!   is a CDB plus a [`scsi::DataBuffer`], its result a [`scsi::Completion`].
-//! * [`StorvscDevice`]: the vstor protocol (VMM.md §4) as a [`vmbus::VmbusDevice`]: init
+//! * [`StorvscDevice`]: the vstor protocol (docs/vmm.md) as a [`vmbus::VmbusDevice`]: init
 //!   sequence (BEGIN_INITIALIZATION, QUERY_PROTOCOL_VERSION accepting 6.0 and 5.1 and answering
 //!   REVISION_MISMATCH to 6.2, QUERY_PROPERTIES without sub-channels, END_INITIALIZATION), and
 //!   EXECUTE_SRB with data in GPA-direct ranges. Every completion is a 64-byte vstor packet

@@ -1,4 +1,4 @@
-//! The storvsc/storvsp wire protocol (`vstor_packet`, VMM.md §4.2).
+//! The storvsc/storvsp wire protocol (`vstor_packet`, docs/vmm.md, "Storvsc (vstor) protocol").
 //!
 //! Every packet is 64 bytes for the protocol versions we accept (WIN8 5.1 and WIN8_1 6.0):
 //! `{u32 operation; u32 flags; u32 status; union[0x34]}`.
@@ -233,7 +233,7 @@ mod tests {
         assert_eq!(p.0[28], 0x28);
         assert_eq!(p.u32(52) & 0x40, 0x40);
         assert_eq!(
-            SCSI_CLASS_ID.0[..4],
+            SCSI_CLASS_ID.to_windows_bytes()[..4],
             [0xd9, 0x63, 0x61, 0xba],
             "GUID in wire order"
         );

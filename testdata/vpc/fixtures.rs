@@ -1,9 +1,8 @@
 //! Test-time generator for Virtual PC 2004/2007 style VMs (`viridian migrate` fixtures).
 //!
-//! Included with `#[path]` by `tools/src/migrate` (unit tests) and `tools/tests/migrate.rs`;
-//! std only, so it needs nothing the tests do not already have. Every byte of the VHD images is
-//! written here from the VHD 1.0 specification (FORMATS.md section 3), not by the code under
-//! test:
+//! The `vpc-fixtures` crate, a dev-dependency of `migrate` and `viridian`; std only. Every
+//! byte of the VHD images is written here from the VHD 1.0 layout (the Virtual PC facts it
+//! relies on are in docs/vmc.md), not by the code under test:
 //!
 //! * a dynamic VHD with creator `vpc `, host `Wi2k`, 2 MiB blocks, whose footer `current_size`
 //!   (20 MiB) is larger than the capacity of its CHS geometry (602/4/17 = 20 959 232 bytes),
@@ -19,8 +18,6 @@
 //! The generator also returns the guest-visible bytes (base alone, and merged with the undo
 //! disk) so tests can compare converted images with them.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 
 pub const SECTOR: u64 = 512;
@@ -28,7 +25,7 @@ pub const BLOCK: u64 = 2 << 20;
 /// The footer's current_size.
 pub const CURRENT_SIZE: u64 = 20 << 20;
 
-/// VHD spec CHS algorithm (FORMATS 3.2), written independently of the vhd crate.
+/// The VHD CHS algorithm (docs/vmc.md, "Disk size"), written independently of the vhd crate.
 pub fn chs(total_sectors: u64) -> (u16, u8, u8) {
     let total = total_sectors.min(65535 * 16 * 255);
     let (spt, heads, cth);
@@ -405,7 +402,7 @@ pub fn encode(text: &str, e: Encoding) -> Vec<u8> {
     }
 }
 
-/// A Virtual PC 2007 style `.vmc` (structure from ECOSYSTEM.md 5.2): 512 MB, one NIC, the hard
+/// A Virtual PC 2007 style `.vmc` (structure in docs/vmc.md): 512 MB, one NIC, the hard
 /// disk on IDE 0:0, a CD drive on IDE 1:0, undo disks enabled.
 pub fn vmc_xml(absolute: &str, relative: &str, mac_hex: &str) -> String {
     format!(

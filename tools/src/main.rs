@@ -17,6 +17,7 @@ mod cmd_info;
 mod cmd_io;
 mod cmd_map;
 mod cmd_measure;
+mod cmd_migrate;
 mod cmd_mount;
 mod cmd_rebase;
 mod cmd_resize;
@@ -25,7 +26,6 @@ mod cmd_serve;
 mod cmd_undo;
 mod cmd_vm;
 mod common;
-mod migrate;
 mod progress;
 mod replace;
 
@@ -86,7 +86,7 @@ enum Command {
     /// Serve images over NBD.
     Serve(cmd_serve::Args),
     /// Migrate a Virtual PC / Virtual Server VM (.vmc) to VHDX/VHD and a VM TOML.
-    Migrate(migrate::Args),
+    Migrate(cmd_migrate::Args),
     /// Boot a Linux kernel under KVM with the disks on a Hyper-V synthetic SCSI controller.
     Run(cmd_run::Args),
     /// Print shell completions (bash, zsh, fish, ...) generated from these definitions.
@@ -122,7 +122,7 @@ fn main() {
         Command::Mount(a) => cmd_mount::run(a),
         Command::Unmount(a) => cmd_mount::run_unmount(a),
         Command::Serve(a) => cmd_serve::run(a),
-        Command::Migrate(a) => migrate::run(a),
+        Command::Migrate(a) => cmd_migrate::run(a),
         Command::Run(a) => cmd_run::run(a),
         Command::Completions(a) => {
             cmd_docs::run_completions(a, <Cli as clap::CommandFactory>::command())

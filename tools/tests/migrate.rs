@@ -1,10 +1,9 @@
 //! `viridian migrate` end to end, driving the built binary on Virtual PC fixtures generated at
-//! test time (testdata/vpc/fixtures.rs writes the VHD/.vud bytes itself).
+//! test time (the `vpc-fixtures` crate in testdata/vpc writes the VHD/.vud bytes itself).
 
 mod common;
 
-#[path = "../../testdata/vpc/fixtures.rs"]
-mod fixtures;
+use vpc_fixtures as fixtures;
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;

@@ -1,5 +1,5 @@
 //! VMBus, host side: channel management, GPADLs, ring buffers and a channel server that
-//! routes packets to devices (see `docs/VMM.md` §3 in the shared design notes).
+//! routes packets to devices (protocol facts: `docs/vmm.md` in this repository).
 //!
 //! The crate has no threads and no I/O of its own. The VMM feeds it the two guest→host
 //! events and carries out the [`Action`]s it returns:
@@ -28,7 +28,7 @@
 //! * [`GuestMemory`]: the guest-memory trait (the VMM implements it over `vm-memory`;
 //!   [`VecMemory`] is a plain buffer for tests). Every guest address is bounds-checked.
 //! * [`GpadlTable`], [`PageBuffer`]: GPADL assembly and scatter/gather access to page lists.
-//! * [`ring`]: ring-buffer reader/writer with the signalling rules of VMM.md §3.4.
+//! * [`ring`]: ring-buffer reader/writer with the signalling rules of docs/vmm.md, "VMBus ring buffers".
 //! * [`VmbusServer`] + [`VmbusDevice`]: the channel state machine and the device trait a
 //!   device (e.g. `storvsc-backend`) implements. A device sees packets through
 //!   [`ChannelIo`] (guest memory, completions, logging).

@@ -7,7 +7,7 @@
 //! (in range and 8-byte aligned); a bad value is a [`RingError`], after which the channel should
 //! be stopped.
 //!
-//! Signalling (VMM.md §3.4):
+//! Signalling (docs/vmm.md, "VMBus ring buffers"):
 //! * Reader: [`RingReader::commit`] returns `true` when the guest's writer is waiting for space
 //!   (`pending_send_sz`) and the read just freed enough of it: signal the guest.
 //! * Writer: [`RingWriter::write`] returns `signal = true` when the ring was empty before the
@@ -179,7 +179,7 @@ impl Ring {
         Ok(value)
     }
 
-    /// Bytes a writer at `w` may still use with the reader at `r` (VMM.md §3.4).
+    /// Bytes a writer at `w` may still use with the reader at `r` (docs/vmm.md, "VMBus ring buffers").
     fn writable(&self, w: u32, r: u32) -> u32 {
         if w >= r {
             self.size - (w - r)

@@ -36,14 +36,14 @@ const MAX_LOG: usize = 1024;
 pub enum Action {
     /// Deliver a SynIC message (type `message_type`, ≤ 240 bytes) to slot `sint` of VP `vp`'s
     /// SIMP page and raise the SINT. Keep FIFO order per (vp, sint); when the slot is busy set
-    /// msg_pending and retry on EOM (VMM.md §2.3).
+    /// msg_pending and retry on EOM (docs/vmm.md, "SynIC messages").
     DeliverMessage {
         vp: u32,
         sint: u8,
         message_type: u32,
         payload: Vec<u8>,
     },
-    /// Set bit `relid` in VP `vp`'s SIEFP page for `sint` and raise the SINT (VMM.md §2.4).
+    /// Set bit `relid` in VP `vp`'s SIEFP page for `sint` and raise the SINT (docs/vmm.md, "Event flags").
     SignalGuest { vp: u32, sint: u8, relid: u32 },
     /// The channel stopped because of a guest error; the reason is also logged. It stays
     /// stopped until the guest closes and reopens it.

@@ -9,7 +9,7 @@
 #   vmm/guest/stock.sh --path     print the paths they would have, build nothing
 #
 # This guest needs a host whose KVM runs guest user space (ordinary hardware KVM). Our nested
-# `kvm_pvm` test hosts do not (shared/docs/VMM.md, "Facts about the machines we test on"):
+# `kvm_pvm` test hosts do not (docs/vmm.md, "Test hosts"):
 # there the kernel-only test of vmm/guest/build.sh is the one to use.
 #
 # The packages are fetched with `apt-get download` and unpacked with `dpkg-deb -x` into a work

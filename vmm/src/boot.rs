@@ -176,8 +176,8 @@ pub fn write_boot_data(
     // GDT: null, 64-bit code (0x08), data (0x10), TSS (0x18).
     let gdt: [u64; 4] = [
         0,
-        0x00af_9b00_0000_ffff,
-        0x00cf_9300_0000_ffff,
+        BOOT_CODE.descriptor(),
+        BOOT_DATA.descriptor(),
         0x008f_8b00_0000_ffff,
     ];
     for (i, d) in gdt.iter().enumerate() {
@@ -203,29 +203,71 @@ pub fn write_boot_data(
     Ok(())
 }
 
-fn segment(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db,
-        s: 1,
-        l,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
+/// A flat code or data segment (base 0, limit 4 GiB, 4 KiB granularity), described once for
+/// both forms the CPU needs: its GDT descriptor and the segment register state KVM loads. The
+/// boot GDT and the probe's micro-guest (`probe::guest`) both build theirs from this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FlatSegment {
+    /// Selector, with the requested privilege level in its low two bits.
+    pub selector: u16,
+    /// Descriptor type: 0xb execute/read code, 0x3 read/write data (both marked accessed).
+    pub type_: u8,
+    /// Descriptor privilege level: 0 kernel, 3 user.
+    pub dpl: u8,
+    /// 64-bit code.
+    pub l: u8,
+    /// 32-bit default operand size (data, and 32-bit code).
+    pub db: u8,
+}
+
+impl FlatSegment {
+    pub const fn new(selector: u16, type_: u8, dpl: u8, l: u8, db: u8) -> Self {
+        FlatSegment {
+            selector,
+            type_,
+            dpl,
+            l,
+            db,
+        }
+    }
+
+    /// The 8-byte GDT descriptor: limit 0xfffff, base 0, access byte P | DPL | S | type,
+    /// flags G | D/B | L.
+    pub const fn descriptor(self) -> u64 {
+        let access = 0x80 | ((self.dpl as u64 & 3) << 5) | 0x10 | (self.type_ as u64 & 0xf);
+        let flags = 0x8 | ((self.db as u64 & 1) << 2) | ((self.l as u64 & 1) << 1);
+        0xffff | (access << 40) | (0xf << 48) | (flags << 52)
+    }
+
+    /// The same segment as KVM's segment register state.
+    pub fn register(self) -> kvm_segment {
+        kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: self.selector,
+            type_: self.type_,
+            present: 1,
+            dpl: self.dpl,
+            db: self.db,
+            s: 1,
+            l: self.l,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        }
     }
 }
 
+/// The boot GDT's code and data segments (the TSS slot at 0x18 follows them).
+const BOOT_CODE: FlatSegment = FlatSegment::new(0x08, 0xb, 0, 1, 0);
+const BOOT_DATA: FlatSegment = FlatSegment::new(0x10, 0x3, 0, 0, 1);
+
 /// Long-mode segment and control registers for the BSP.
 pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    let code = segment(0x08, 0xb, 1, 0);
-    let data = segment(0x10, 0x3, 0, 1);
-    let mut tss = segment(0x18, 0xb, 0, 0);
+    let code = BOOT_CODE.register();
+    let data = BOOT_DATA.register();
+    let mut tss = FlatSegment::new(0x18, 0xb, 0, 0, 0).register();
     tss.s = 0;
     tss.limit = 0xfffff;
     sregs.cs = code;
@@ -269,6 +311,27 @@ pub fn boot_fpu() -> kvm_fpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flat_segment_descriptors() {
+        // The boot GDT's descriptors as they were written by hand before.
+        assert_eq!(BOOT_CODE.descriptor(), 0x00af_9b00_0000_ffff);
+        assert_eq!(BOOT_DATA.descriptor(), 0x00cf_9300_0000_ffff);
+        // User 64-bit code and user data (DPL 3).
+        assert_eq!(
+            FlatSegment::new(0x2b, 0xb, 3, 1, 0).descriptor(),
+            0x00af_fb00_0000_ffff
+        );
+        assert_eq!(
+            FlatSegment::new(0x23, 0x3, 3, 0, 1).descriptor(),
+            0x00cf_f300_0000_ffff
+        );
+        let r = FlatSegment::new(0x2b, 0xb, 3, 1, 0).register();
+        assert_eq!(
+            (r.selector, r.type_, r.dpl, r.l, r.db, r.s, r.g),
+            (0x2b, 0xb, 3, 1, 0, 1, 1)
+        );
+    }
 
     #[test]
     fn zero_page_and_tables() {

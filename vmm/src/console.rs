@@ -18,7 +18,7 @@ pub const COM1_IRQ: u32 = 4;
 /// Console lines kept for reports.
 pub const TAIL_LINES: usize = 60;
 
-/// A boot milestone recognised on the console (VMM.md §10).
+/// A boot milestone recognised on the console (docs/vmm.md, "Boot milestones").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Milestone {
     /// Short name, see [`MILESTONES`].

@@ -1,5 +1,5 @@
 //! Just enough x86-64 decoding to finish the instructions KVM's emulator on our nested hosts
-//! gives up on (VMM.md: int3, fwait, ldmxcsr).
+//! gives up on (int3, fwait, ldmxcsr: docs/vmm.md, "Test hosts").
 
 /// What the VMM can do for a failed instruction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -55,7 +55,7 @@ pub use stats::DiskStats;
 pub use vcpu::VcpuSnapshot;
 pub use vm::run;
 
-/// Kernel command-line switches our nested-KVM hosts need (VMM.md, first section): features
+/// Kernel command-line switches our nested-KVM hosts need (docs/vmm.md, "Test hosts"): features
 /// the guest would otherwise use through KVM's instruction emulator, which fails on them.
 /// `clearcpuid` numbers (6.1 takes numbers only): 137 SSSE3, 141 CX16, 151 POPCNT, 154 XSAVE,
 /// 308 SMAP (its `clac`/`stac` on every user copy fail in the emulator).

@@ -4,7 +4,7 @@
 //! sequence, SCSI scan, queued I/O with GPA-direct scatter/gather lists).
 //!
 //! The guest side of the ring buffer is written here independently of the host's code, from
-//! the layout in VMM.md §3.4.
+//! the layout in docs/vmm.md, "VMBus ring buffers".
 #![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};

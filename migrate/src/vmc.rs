@@ -1,13 +1,22 @@
 //! The `.vmc` model: what Virtual PC 2004/2007 and Virtual Server 2005 record about a VM
-//! (ECOSYSTEM.md 5.2). Unknown elements are ignored; values that do not parse become warnings,
+//! (docs/vmc.md). Unknown elements are ignored; values that do not parse become warnings,
 //! never guesses.
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::xml::{self, Element, TextEncoding};
+use crate::xml::{self, Element, TextEncoding, XmlError};
+use crate::Error;
+
+/// Why `.vmc` bytes are not a VM configuration.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VmcError {
+    #[error(transparent)]
+    Xml(#[from] XmlError),
+    #[error("the root element is <{0}>, not <preferences>: not a Virtual PC / Virtual Server configuration")]
+    NotPreferences(String),
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -79,24 +88,27 @@ pub struct Vmc {
 }
 
 /// Reads and parses a `.vmc` file (read-only).
-pub fn load(path: &Path) -> Result<Vmc> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+pub fn load(path: &Path) -> Result<Vmc, Error> {
+    let bytes = std::fs::read(path).map_err(|source| Error::ReadVmc {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "vm".into());
-    parse(&bytes, &name).with_context(|| format!("{} is not a readable .vmc", path.display()))
+    parse(&bytes, &name).map_err(|source| Error::BadVmc {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Parses `.vmc` bytes; `name` is the VM's name (Virtual PC uses the file name).
-pub fn parse(bytes: &[u8], name: &str) -> Result<Vmc> {
+pub fn parse(bytes: &[u8], name: &str) -> Result<Vmc, VmcError> {
     let (text, encoding) = xml::decode(bytes)?;
     let root = xml::parse(&text)?;
     if !root.name.eq_ignore_ascii_case("preferences") {
-        anyhow::bail!(
-            "the root element is <{}>, not <preferences>: not a Virtual PC / Virtual Server configuration",
-            root.name
-        );
+        return Err(VmcError::NotPreferences(root.name));
     }
     let mut warnings = Vec::new();
     let hw = root.child("hardware");
@@ -312,7 +324,7 @@ pub fn mac_from_hex(hex: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    use super::super::fixtures;
+    use vpc_fixtures as fixtures;
 
     fn sample() -> String {
         fixtures::vmc_xml("C:\\VMs\\xp\\xp.vhd", ".\\xp.vhd", "0003ff123456")

@@ -2,8 +2,10 @@
 
 use serde::Serialize;
 
-use super::plan::{Plan, UndoChoice};
-use crate::common::human_size;
+use disk::human_size;
+
+use crate::plan::{Plan, UndoChoice};
+use crate::vmc::Bus;
 
 /// Per-disk outcome of `--apply`.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -97,7 +99,7 @@ pub fn guest_actions(plan: &Plan) -> Vec<String> {
         "All disks are served as synthetic SCSI (storvsc) LUNs: the guest needs the Hyper-V storage driver (integration services) to boot; on Windows XP/2003 prepare the IDE/HDC driver first to avoid STOP 0x7B.".to_string(),
     ];
     match plan.disks.first() {
-        Some(d) if d.controller == super::vmc::Bus::Ide && d.channel == 0 && d.slot == 0 => v.push(format!(
+        Some(d) if d.controller == Bus::Ide && d.channel == 0 && d.slot == 0 => v.push(format!(
             "The boot disk is {} (IDE 0:0 in the .vmc); it is listed first in the TOML.",
             d.output
         )),

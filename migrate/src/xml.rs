@@ -5,7 +5,28 @@
 //! The parser is iterative (no recursion), so a hostile file cannot overflow the stack; depth
 //! is still capped because a `.vmc` is a few levels deep.
 
-use anyhow::{anyhow, bail, Result};
+/// Why a `.vmc` is not readable XML.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum XmlError {
+    #[error("not valid UTF-8 at byte {0}")]
+    Utf8(usize),
+    #[error("{} text has an odd number of bytes", .0.name())]
+    OddLength(TextEncoding),
+    #[error("not valid {} (unpaired surrogate)", .0.name())]
+    UnpairedSurrogate(TextEncoding),
+    #[error("XML error at line {line}, column {column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("unexpected end of document: <{0}> is not closed")]
+    Unclosed(String),
+    #[error("no root element")]
+    NoRoot,
+}
+
+type Result<T> = std::result::Result<T, XmlError>;
 
 /// Deepest nesting accepted.
 const MAX_DEPTH: usize = 256;
@@ -44,11 +65,11 @@ pub fn decode(bytes: &[u8]) -> Result<(String, TextEncoding)> {
     };
     let text = match enc {
         TextEncoding::Utf8 => std::str::from_utf8(body)
-            .map_err(|e| anyhow!("not valid UTF-8 at byte {}", e.valid_up_to()))?
+            .map_err(|e| XmlError::Utf8(e.valid_up_to()))?
             .to_string(),
         TextEncoding::Utf16Le | TextEncoding::Utf16Be => {
             if body.len() % 2 != 0 {
-                bail!("{} text has an odd number of bytes", enc.name());
+                return Err(XmlError::OddLength(enc));
             }
             let units: Vec<u16> = body
                 .chunks_exact(2)
@@ -57,8 +78,7 @@ pub fn decode(bytes: &[u8]) -> Result<(String, TextEncoding)> {
                     _ => u16::from_be_bytes([c[0], c[1]]),
                 })
                 .collect();
-            let mut s = String::from_utf16(&units)
-                .map_err(|_| anyhow!("not valid {} (unpaired surrogate)", enc.name()))?;
+            let mut s = String::from_utf16(&units).map_err(|_| XmlError::UnpairedSurrogate(enc))?;
             // Some writers end the file with a NUL.
             while s.ends_with('\0') {
                 s.pop();
@@ -211,9 +231,9 @@ pub fn parse(text: &str) -> Result<Element> {
         }
     }
     if let Some(open) = stack.last() {
-        bail!("unexpected end of document: <{}> is not closed", open.name);
+        return Err(XmlError::Unclosed(open.name.clone()));
     }
-    root.ok_or_else(|| anyhow!("no root element"))
+    root.ok_or(XmlError::NoRoot)
 }
 
 struct Parser<'a> {
@@ -240,12 +260,16 @@ impl Parser<'_> {
             + 1;
         (line, col)
     }
-    fn error(&self, msg: &str) -> anyhow::Error {
+    fn error(&self, msg: &str) -> XmlError {
         self.error_at(self.pos, msg)
     }
-    fn error_at(&self, at: usize, msg: &str) -> anyhow::Error {
-        let (l, c) = self.line_col(at);
-        anyhow!("XML error at line {l}, column {c}: {msg}")
+    fn error_at(&self, at: usize, msg: &str) -> XmlError {
+        let (line, column) = self.line_col(at);
+        XmlError::Syntax {
+            line,
+            column,
+            message: msg.to_string(),
+        }
     }
     fn skip_past(&mut self, end: &str, what: &str) -> Result<()> {
         match self.rest().find(end) {

@@ -9,7 +9,18 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use crate::Error;
+
+/// What is wrong with a `--path-map` value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathMapError {
+    #[error("expected WINDOWS_PREFIX=LOCAL_DIR, e.g. 'C:\\VMs=/srv/vms'")]
+    NoEquals,
+    #[error("{0:?} is not an absolute Windows path (C:\\dir or \\\\server\\share)")]
+    NotWindows(String),
+    #[error("the local directory is empty")]
+    EmptyLocal,
+}
 
 /// One `--path-map FROM=TO`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,17 +33,19 @@ pub struct PathMap {
 }
 
 impl PathMap {
-    pub fn parse(s: &str) -> Result<PathMap> {
+    pub fn parse(s: &str) -> Result<PathMap, Error> {
+        let bad = |problem| Error::PathMap {
+            spec: s.to_string(),
+            problem,
+        };
         let Some((from, to)) = s.split_once('=') else {
-            bail!("--path-map {s:?}: expected WINDOWS_PREFIX=LOCAL_DIR, e.g. 'C:\\VMs=/srv/vms'");
+            return Err(bad(PathMapError::NoEquals));
         };
         let Some(w) = WinPath::parse(from.trim()) else {
-            bail!(
-                "--path-map {s:?}: {from:?} is not an absolute Windows path (C:\\dir or \\\\server\\share)"
-            );
+            return Err(bad(PathMapError::NotWindows(from.to_string())));
         };
         if to.trim().is_empty() {
-            bail!("--path-map {s:?}: the local directory is empty");
+            return Err(bad(PathMapError::EmptyLocal));
         }
         Ok(PathMap {
             root: w.root.to_ascii_lowercase(),
