@@ -65,9 +65,9 @@ pub fn run(a: Args) -> Result<i32> {
         (first, None)
     };
     match a.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Json if !a.quiet => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Human if !a.quiet => print_human(&report, after.as_ref().map(|(s, _)| s)),
-        Output::Human => {}
+        _ => {}
     }
     Ok(match after {
         Some((_, code)) => code,

@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
     /// The new parent.
-    #[arg(short = 'b', long = "backing", required = true)]
+    #[arg(short = 'b', long = "backing", required = true, value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from))]
     backing: PathBuf,
     /// The new parent's format: opened as that instead of being probed.
     #[arg(short = 'F', long = "backing-format")]
@@ -60,9 +60,33 @@ fn set_parent(
 }
 
 pub fn run(a: Args) -> Result<i32> {
+    if a.backing.as_os_str().is_empty() {
+        bail!(
+            "rebase -b \"\" (making {} standalone) is not supported: a VHD or VHDX cannot drop \
+             its parent in place; `viridian convert` writes a standalone copy",
+            a.file.display()
+        );
+    }
     // A relative backing name is relative to the image's folder, as in qemu-img and `create -b`.
     let backing = common::backing_relative_to(&a.file, &a.backing);
     let new_parent = common::open_ro(&backing, a.backing_format.as_deref(), SizeRuleArg::Auto)?;
+    // The new parent's chain must not lead back to the image itself.
+    let me = std::fs::canonicalize(&a.file).unwrap_or_else(|_| a.file.clone());
+    let mut layer: Option<&dyn disk::BlockDevice> = Some(&new_parent);
+    while let Some(l) = layer {
+        if l.path()
+            .and_then(|p| std::fs::canonicalize(p).ok())
+            .as_ref()
+            == Some(&me)
+        {
+            bail!(
+                "{} is in the backing chain of {}: rebasing onto it would make a loop",
+                a.file.display(),
+                backing.display()
+            );
+        }
+        layer = l.backing().map(|b| b.as_ref());
+    }
     let mut rw = OpenOptions::read_write();
     rw.no_parent = true;
     if let Some(f) = &a.format {
