@@ -339,6 +339,19 @@ pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
             None => chain::probe_path(&a.file)
                 .with_context(|| format!("cannot open {}", a.file.display()))?,
         };
+        if let Some(by_name) = common::format_of_extension(child) {
+            if by_name != format && format != Format::Raw {
+                bail!(
+                    "snapshot -c {}: the child of a {} image is a {} file, but the name says {}; \
+                     name it with a .{} extension",
+                    child.display(),
+                    format.name(),
+                    format.name(),
+                    by_name.name(),
+                    format.name()
+                );
+            }
+        }
         if format == Format::Raw {
             bail!(
                 "{} is raw; snapshots need a vhd or vhdx parent (convert it first)",

@@ -267,3 +267,39 @@ fn sigterm_exits_143_and_cleans_up() {
     );
     assert!(!dst.exists(), "the partial target was left");
 }
+
+/// Refusals an outside tester found missing or misleading: each is refused with a message
+/// that says what is wrong, and leaves nothing behind.
+#[test]
+fn odd_requests_get_the_right_refusal() {
+    let d = tmp();
+    let a = join(d.path(), "a.vhdx");
+    let b = join(d.path(), "b.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&a), "8M"]);
+    ok(&["create", "-q", "-f", "vhdx", "-b", p(&a), p(&b)]);
+    for (args, why) in [
+        (vec!["amend", "-o", "", p(&a)], "Invalid option list"),
+        (vec!["amend", "-o", ",", p(&a)], "Invalid option list"),
+        (vec!["rebase", "-b", p(&b), p(&a)], "loop"),
+        (vec!["rebase", "-u", "-b", p(&b), p(&a)], "loop"),
+        (vec!["rebase", "-b", "", p(&b)], "standalone"),
+    ] {
+        let (c, e) = stderr(&args);
+        assert_eq!(c, 1, "{args:?}: {e}");
+        assert!(e.contains(why), "{args:?}: {e}");
+        assert!(!e.contains("locked"), "{args:?}: {e}");
+    }
+    let wrong = join(d.path(), "s.vhd");
+    let (c, e) = stderr(&["snapshot", "-c", p(&wrong), p(&a)]);
+    assert_eq!(c, 1, "{e}");
+    assert!(e.contains(".vhdx extension"), "{e}");
+    assert!(!wrong.exists());
+    // check -q: the exit code is the answer, nothing is printed, in either output form.
+    let o = viridian(&["check", "-q", "--output", "json", p(&a)]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
