@@ -367,9 +367,17 @@ pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
             .with_context(|| format!("cannot finish {}", child.display()))?;
         guard.disarm();
         if !a.quiet {
+            // A VHDX parent's identity changes on its next write, which the child detects; a
+            // VHD has no such mark, so a written VHD parent silently changes what the child reads.
+            let consequence = if format == Format::Vhdx {
+                "would change its identity and break the child"
+            } else {
+                "would silently change what the child reads (a VHD records nothing the child \
+                 could check)"
+            };
             println!(
                 "Created differencing child {} ({}) on top of {}.\n\
-                 Write to {} from now on: writing {} would change its identity and break the child.",
+                 Write to {} from now on: writing {} {consequence}.",
                 child.display(),
                 format.name(),
                 a.file.display(),
