@@ -1,10 +1,12 @@
 //! In-place changes for `viridian amend` that touch only the footer.
 
-use super::*;
+use disk::{Error, Guid, Result};
+
+use crate::VhdDisk;
 
 impl VhdDisk {
     /// The footer's unique id and time stamp: what a differencing child records of its parent.
-    pub fn identity(&self) -> ([u8; 16], u32) {
+    pub fn identity(&self) -> (Guid, u32) {
         let m = self.m();
         (m.footer.unique_id, m.footer.timestamp)
     }
@@ -13,20 +15,26 @@ impl VhdDisk {
     /// content, so children made against that image open on this one. Only for a faithful copy
     /// (amend rewrites an image into a new file and then puts it in the old one's place); used
     /// on anything else it would let a child read the wrong parent.
-    pub fn adopt_identity(&self, unique_id: [u8; 16], timestamp: u32) -> Result<()> {
+    pub fn adopt_identity(&self, unique_id: Guid, timestamp: u32) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
         let mut m = self.mw();
-        m.footer.unique_id = unique_id;
-        m.footer.timestamp = timestamp;
-        self.write_footers(&m)
+        let mut footer = m.footer.clone();
+        footer.unique_id = unique_id;
+        footer.timestamp = timestamp;
+        // Memory takes the new identity once both footers carry it.
+        self.write_footers(&footer, m.footer_pos)?;
+        m.footer = footer;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{CreateKind, CreateOptions, OpenOptions, SizeRule};
+    use disk::BlockDevice;
 
     #[test]
     fn an_adopted_identity_survives_reopening() {
@@ -41,7 +49,8 @@ mod tests {
             size_rule: SizeRule::Auto,
         };
         let disk = VhdDisk::open_path(&path, &rw).unwrap();
-        disk.adopt_identity([4u8; 16], 12345).unwrap();
+        disk.adopt_identity(Guid::from_rfc_bytes([4u8; 16]), 12345)
+            .unwrap();
         disk.close().unwrap();
         drop(disk);
         let ro = OpenOptions {
@@ -49,9 +58,10 @@ mod tests {
             ..rw
         };
         let disk = VhdDisk::open_path(&path, &ro).unwrap();
-        assert_eq!(disk.identity(), ([4u8; 16], 12345));
+        assert_eq!(disk.identity(), (Guid::from_rfc_bytes([4u8; 16]), 12345));
         assert!(
-            disk.adopt_identity([5u8; 16], 1).is_err(),
+            disk.adopt_identity(Guid::from_rfc_bytes([5u8; 16]), 1)
+                .is_err(),
             "read-only handle wrote"
         );
     }

@@ -5,8 +5,13 @@ use std::sync::Arc;
 use disk::check::Repair;
 use disk::{CheckReport, Error, Result, Storage};
 
-use crate::format::*;
-use crate::{flush_storage, load, write_all, SizeRule};
+use crate::bat::UNALLOCATED;
+use crate::dynamic_header::HEADER_SIZE;
+use crate::footer::{DiskType, FOOTER_SIZE};
+use crate::io::{flush_storage, write_all};
+use crate::limits::SECTOR;
+use crate::open::load;
+use crate::SizeRule;
 
 /// Checks a VHD. `Repair::Leaks` trims trailing leaked space (footer moved first, then the file
 /// truncated); `Repair::All` also rewrites bad footers/header checksums and the footer copy.
@@ -73,19 +78,19 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
         }
         let slot = meta.bitmap + meta.block_size as u64;
         let mut meta_end = meta.header_offset + HEADER_SIZE as u64;
-        meta_end = meta_end.max(h.table_offset + meta.bat.len() as u64 * 4);
+        meta_end = meta_end.max(meta.bat.entry_offset(meta.bat.len()));
         for l in &meta.locators {
             meta_end = meta_end.max(l.data_offset + l.data_length as u64);
         }
-        let mut blocks: Vec<(u64, usize)> = meta
+        let mut blocks: Vec<(u64, u64)> = meta
             .bat
-            .iter()
-            .enumerate()
-            .filter(|(_, &e)| e != UNALLOCATED)
-            .map(|(i, &e)| (e as u64 * SECTOR, i))
+            .allocated()?
+            .into_iter()
+            .filter(|&(_, e)| e != UNALLOCATED)
+            .map(|(i, e)| (e as u64 * SECTOR, i))
             .collect();
         blocks.sort_unstable();
-        r.total_clusters = Some(meta.bat.len() as u64);
+        r.total_clusters = Some(meta.bat.len());
         r.allocated_clusters = Some(blocks.len() as u64);
         let mut frag = 0;
         for w in blocks.windows(2) {
