@@ -3,7 +3,7 @@
 
 use disk::{Error, Result};
 
-use crate::bat::UNALLOCATED;
+use crate::bat::{Bat, UNALLOCATED};
 use crate::bitmap::SectorBitmap;
 use crate::footer::FOOTER_SIZE;
 use crate::io::{flush_storage, io_err, write_all};
@@ -17,17 +17,20 @@ pub fn block_position(free: u64, bitmap: u64) -> u64 {
 }
 
 impl VhdDisk {
-    /// Writes BAT entry `i` (value `new`, was `old`) to the file; if that fails, puts `old`
+    /// Writes BAT entry `i` of `bat` (value `new`, was `old`) to the file; if that fails, puts `old`
     /// back. Should the repair fail as well, the entry on disk is unknown (maybe torn, maybe
     /// new) and the handle stops: a later allocation reusing the place would give two entries
     /// one block.
-    pub(crate) fn write_bat_entry(&self, at: u64, new: u32, old: u32) -> Result<()> {
+    pub(crate) fn write_bat_entry(&self, bat: &Bat, i: u64, new: u32, old: u32) -> Result<()> {
         let s = &*self.storage;
+        let at = bat.entry_offset(i);
         if let Err(e) = write_all(s, &new.to_be_bytes(), at, "VHD BAT entry") {
             if let Err(e2) = s.write_at(&old.to_be_bytes(), at) {
                 self.failed.set(format!(
                     "BAT entry at offset {at} could not be written ({e}) nor restored ({e2})"
                 ));
+                // Reads go on seeing what memory had, not whatever the file now holds.
+                bat.pin(i, old);
             }
             return Err(e);
         }
@@ -49,7 +52,7 @@ impl VhdDisk {
     /// No crash point can leave a BAT entry pointing at unwritten space or a file without a
     /// footer at its end; the worst outcome is a leaked block, which `check -r leaks` trims.
     pub(crate) fn allocate(&self, blk: u64, inb: u64, data: &[u8]) -> Result<()> {
-        let (footer, footer_pos, bitmap, bs, entry_at, lsb) = {
+        let (footer, footer_pos, bitmap, bs, lsb) = {
             let m = self.m();
             if m.header.is_none() {
                 return Err(Error::corrupt(
@@ -63,7 +66,6 @@ impl VhdDisk {
                 m.footer_pos,
                 m.bitmap,
                 m.block_size as u64,
-                m.bat.entry_offset(blk),
                 m.bitmap_lsb,
             )
         };
@@ -102,9 +104,9 @@ impl VhdDisk {
         flush_storage(s)?;
         // A short write may have torn the entry: the old value goes back, so the block is
         // merely leaked (and reused by the next allocation). Memory changes only on success.
-        self.write_bat_entry(entry_at, sector as u32, UNALLOCATED)?;
+        self.write_bat_entry(&self.m().bat, blk, sector as u32, UNALLOCATED)?;
         let mut m = self.mw();
-        m.bat.set(blk, sector as u32);
+        m.bat.set(blk, sector as u32, UNALLOCATED);
         m.footer_pos = end;
         m.file_len = m.file_len.max(end + FOOTER_SIZE as u64);
         Ok(())

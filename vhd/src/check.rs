@@ -84,7 +84,7 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
         }
         let mut blocks: Vec<(u64, u64)> = meta
             .bat
-            .allocated()?
+            .allocated(s)?
             .into_iter()
             .filter(|&(_, e)| e != UNALLOCATED)
             .map(|(i, e)| (e as u64 * SECTOR, i))

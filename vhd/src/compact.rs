@@ -59,7 +59,7 @@ impl VhdDisk {
         let slot = bitmap + bs;
         let mut buf = vec![0u8; bs as usize];
         // 1. Unmap zero blocks (they read as zeros either way).
-        let allocated = self.m().bat.allocated()?;
+        let allocated = self.m().bat.allocated(s)?;
         let mut freed = Vec::new();
         let mut used = BTreeMap::new();
         for (i, e) in allocated {
@@ -67,9 +67,8 @@ impl VhdDisk {
             if disk::is_zero(&buf) {
                 // A short write may have torn the entry: the old value goes back, as
                 // allocation does.
-                let at = self.m().bat.entry_offset(i);
-                self.write_bat_entry(at, UNALLOCATED, e)?;
-                self.mw().bat.set(i, UNALLOCATED);
+                self.write_bat_entry(&self.m().bat, i, UNALLOCATED, e)?;
+                self.mw().bat.set(i, UNALLOCATED, e);
                 freed.push(e as u64 * SECTOR);
                 st.blocks_freed += 1;
             } else {
@@ -93,12 +92,9 @@ impl VhdDisk {
                 let mut m = self.mw();
                 // A torn entry would point nowhere: the old one goes back; the old copy of the
                 // block is still intact.
-                self.write_bat_entry(
-                    m.bat.entry_offset(last_i),
-                    (h / SECTOR) as u32,
-                    (last_off / SECTOR) as u32,
-                )?;
-                m.bat.set(last_i, (h / SECTOR) as u32);
+                let (new, old) = ((h / SECTOR) as u32, (last_off / SECTOR) as u32);
+                self.write_bat_entry(&m.bat, last_i, new, old)?;
+                m.bat.set(last_i, new, old);
             }
             flush_storage(s)?;
             holes.remove(&h);

@@ -119,7 +119,7 @@ impl VhdDisk {
     /// when needed.
     fn write_in_block(&self, blk: u64, inb: u64, data: &[u8]) -> Result<()> {
         let m = self.m();
-        let (entry, bitmap, lsb) = (m.bat.get(blk)?, m.bitmap, m.bitmap_lsb);
+        let (entry, bitmap, lsb) = (m.bat.get(&*self.storage, blk)?, m.bitmap, m.bitmap_lsb);
         // Whole sectors only: the request layer (disk::Disk) merged any partial sector.
         drop(m);
         if entry == UNALLOCATED {
@@ -163,7 +163,7 @@ impl VhdDisk {
             let blk = off / bs;
             let inb = off % bs;
             let n = ((bs - inb) as usize).min(buf.len() - done);
-            let entry = m.bat.get(blk)?;
+            let entry = m.bat.get(&*self.storage, blk)?;
             self.read_in_block(&m, blk, entry, inb, &mut buf[done..done + n])?;
             done += n;
         }
@@ -194,7 +194,7 @@ impl VhdDisk {
             let data = &buf[done..done + n];
             // Writing zeros into an unallocated block of a dynamic disk changes nothing.
             let skip = self.kind == DiskType::Dynamic
-                && self.m().bat.get(blk)? == UNALLOCATED
+                && self.m().bat.get(&*self.storage, blk)? == UNALLOCATED
                 && disk::is_zero(data);
             if !skip {
                 self.write_in_block(blk, inb, data)?;
@@ -219,13 +219,12 @@ impl VhdDisk {
         let bs = m.block_size as u64;
         let end = offset + len;
         let blk = offset / bs;
-        let entry = m.bat.get(blk)?;
+        let entry = m.bat.get(&*self.storage, blk)?;
         if entry == UNALLOCATED {
             // Merge following unallocated blocks.
-            let mut b = blk + 1;
-            while b * bs < end && b < m.bat.len() && m.bat.get(b)? == UNALLOCATED {
-                b += 1;
-            }
+            let b = m
+                .bat
+                .next_allocated(&*self.storage, blk + 1, end.div_ceil(bs))?;
             // A dynamic disk defines unallocated blocks as zeros (qemu-img map reports them
             // present+zero); only a differencing disk defers them to its parent.
             let allocation = if self.kind == DiskType::Dynamic {

@@ -65,7 +65,7 @@ pub use geometry::chs_for_sectors;
 pub use info::VhdInfo;
 pub use limits::{MAX_DYNAMIC_SIZE, MAX_FIXED_SIZE};
 pub use locator::LocatorInfo;
-pub use open::{OpenOptions, SizeRule};
+pub use open::{OpenOptions, SizeRule, DEFAULT_BAT_CACHE_BYTES};
 
 use bat::Bat;
 use dynamic_header::DynHeader;

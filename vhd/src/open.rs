@@ -18,6 +18,10 @@ use crate::limits::*;
 use crate::locator::{platform_name, LocatorInfo, PLAT_NONE};
 use crate::{Meta, VhdDisk};
 
+/// BAT pages a handle keeps in memory by default: 1 MiB of entries (all of a 512 GiB disk
+/// with 2 MiB blocks).
+pub const DEFAULT_BAT_CACHE_BYTES: usize = bat::DEFAULT_CACHE_BYTES;
+
 /// Which size authority to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -264,7 +268,7 @@ fn check_table(header: &DynHeader, hoff: u64, size: u64, len: u64) -> Result<u64
 }
 
 /// Step 6 (differencing): the parent locators and their payloads.
-fn read_locators(
+pub(crate) fn read_locators(
     storage: &dyn Storage,
     header: &DynHeader,
     hoff: u64,
@@ -311,6 +315,16 @@ fn read_locators(
 /// Parses footer, header, BAT and locators. `strict` refuses structural problems; otherwise they
 /// are collected in `Meta::errors` (for check) and the offending BAT entries are kept as is.
 pub(crate) fn load(storage: &dyn Storage, rule: SizeRule, strict: bool) -> Result<Meta> {
+    load_with(storage, rule, strict, bat::DEFAULT_CACHE_BYTES)
+}
+
+/// [`load`] with a bound on the BAT pages kept in memory.
+fn load_with(
+    storage: &dyn Storage,
+    rule: SizeRule,
+    strict: bool,
+    bat_cache_bytes: usize,
+) -> Result<Meta> {
     let len = storage
         .len()
         .map_err(|e| io_err("reading VHD file length", e))?;
@@ -383,24 +397,18 @@ pub(crate) fn load(storage: &dyn Storage, rule: SizeRule, strict: bool) -> Resul
     let entries = check_table(&header, hoff, size, len)?;
     let bs = header.block_size;
     let bitmap = bitmap_bytes(bs);
-    let bat = Bat::load(storage, header.table_offset, entries)?;
+    let bat_off = header.table_offset;
     let layout = Layout {
         metadata: [
             (0u64, 512u64),
             (hoff, hoff + HEADER_SIZE as u64),
-            (bat.offset(), bat.entry_offset(entries)),
+            (bat_off, bat_off + entries * bat::ENTRY_SIZE),
         ],
         data_end: footer_pos,
         file_len: len,
         slot: bitmap + bs as u64,
     };
-    let errors = bat::misplaced_entries(&bat, &layout)?;
-    if strict {
-        if let Some((off, msg)) = errors.first() {
-            return Err(Error::corrupt("VHD BAT", *off, msg.clone()));
-        }
-        bat::refuse_overlaps(&bat, layout.slot)?;
-    }
+    let (bat, errors) = Bat::open(storage, bat_off, entries, bat_cache_bytes, &layout, strict)?;
 
     if kind == DiskType::Differencing {
         meta.locators = read_locators(storage, &header, hoff, len)?;
@@ -508,7 +516,17 @@ impl VhdDisk {
     }
 
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<VhdDisk> {
-        let meta = load(&*storage, opts.size_rule, true)?;
+        Self::open_with_cache(storage, opts, DEFAULT_BAT_CACHE_BYTES)
+    }
+
+    /// [`VhdDisk::open`], keeping at most `bat_cache_bytes` of BAT pages in memory (4 KiB
+    /// each, at least one page is useful; 0 reads every lookup from the file).
+    pub fn open_with_cache(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        bat_cache_bytes: usize,
+    ) -> Result<VhdDisk> {
+        let meta = load_with(&*storage, opts.size_rule, true, bat_cache_bytes)?;
         let kind = meta.kind();
         Ok(VhdDisk {
             path: storage.path().map(Path::to_path_buf),

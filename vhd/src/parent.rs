@@ -12,8 +12,8 @@ use crate::io::{flush_storage, io_err, write_all};
 use crate::locator::{
     utf16le, LocatorEntry, PLAT_MACX, PLAT_W2KU, PLAT_W2RU, PLAT_WI2K, PLAT_WI2R,
 };
-use crate::open::load;
-use crate::{DiskType, SizeRule, VhdDisk};
+use crate::open::read_locators;
+use crate::{DiskType, VhdDisk};
 
 impl VhdDisk {
     /// Attaches the parent of a differencing disk (its size must equal ours).
@@ -173,10 +173,14 @@ impl VhdDisk {
         h.parent_name = link.name_units();
         h.locators = new_locs;
         self.write_header(&h, hoff)?;
-        let fresh = load(&*self.storage, SizeRule::CurrentSize, true)?;
+        let len = self
+            .storage
+            .len()
+            .map_err(|e| io_err("reading VHD file length", e))?;
+        let locators = read_locators(&*self.storage, &h, hoff, len)?;
         let mut m = self.mw();
         m.header = Some(h);
-        m.locators = fresh.locators;
+        m.locators = locators;
         Ok(())
     }
 }

@@ -117,9 +117,10 @@ impl VhdDisk {
         let limit = {
             let m = self.m();
             let mut lim = m.footer_pos;
-            for (_, e) in m.bat.allocated()? {
+            m.bat.for_each_allocated(s, |_, e| {
                 lim = lim.min(e as u64 * SECTOR);
-            }
+                Ok(())
+            })?;
             for l in &m.locators {
                 if l.data_offset >= old_off {
                     lim = lim.min(l.data_offset);
