@@ -550,3 +550,39 @@ impl VhdDisk {
         Self::open(Arc::new(s), opts)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk::Guid;
+
+    fn footer(app: &[u8; 4], geometry: (u16, u8, u8), current: u64) -> Footer {
+        let mut f = Footer::new(DiskType::Dynamic, current, Guid::NIL);
+        f.creator_app = *app;
+        f.geometry = geometry;
+        f
+    }
+
+    #[test]
+    fn size_rule_is_qemu_10s() {
+        let chs = (1000, 16, 63);
+        let chs_bytes = chs_sectors(chs) * SECTOR;
+        let mut w = Vec::new();
+        let size = |app: &[u8; 4], g, rule, w: &mut Vec<String>| {
+            size_by_rule(&footer(app, g, 1 << 30), rule, w).0
+        };
+        assert_eq!(size(b"qemu", chs, SizeRule::Auto, &mut w), chs_bytes);
+        assert_eq!(size(b"vpc ", chs, SizeRule::Auto, &mut w), chs_bytes);
+        assert_eq!(size(b"win ", chs, SizeRule::Auto, &mut w), 1 << 30);
+        assert_eq!(size(b"wa\0\0", chs, SizeRule::Auto, &mut w), 1 << 30);
+        assert_eq!(size(b"win ", chs, SizeRule::Chs, &mut w), chs_bytes);
+        assert_eq!(size(b"qemu", chs, SizeRule::CurrentSize, &mut w), 1 << 30);
+        // The 65535/16/255 marker means "use current_size", even when forced.
+        let max = (65535, 16, 255);
+        assert_eq!(size(b"qemu", max, SizeRule::Chs, &mut w), 1 << 30);
+        assert!(w.is_empty());
+        let odd = size_by_rule(&footer(b"win ", chs, 1000), SizeRule::Auto, &mut w).0;
+        assert_eq!(odd, 512);
+        assert_eq!(w.len(), 1, "rounding down is reported");
+    }
+}
