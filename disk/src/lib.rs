@@ -31,8 +31,8 @@ pub use raw::RawDisk;
 pub use request::Disk;
 pub use sticky::{FailLatch, StickyFlush};
 pub use storage::{
-    copy_file_range, file_data_run, set_skip_file_sync, write_zeros, Access, FileStorage,
-    MemStorage, Storage,
+    copy_file_range, file_data_run, write_zeros, Access, FileOptions, FileStorage, MemStorage,
+    Storage,
 };
 
 use std::path::Path;
