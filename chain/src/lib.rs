@@ -11,6 +11,8 @@
 //! (never probed), and its identity (VHD Unique ID, VHDX DataWriteGuid) must equal what the
 //! child recorded, else the open fails naming both files. Cycles and absurd depths are refused.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -6,6 +6,10 @@
 //! * [`RawDisk`]: a raw image over any storage, sparse-aware.
 //! * [`map`]: walking allocation across a chain (qemu-img map semantics).
 
+// unsafe only for Linux calls std has no wrapper for (flock, fallocate, lseek SEEK_DATA/
+// SEEK_HOLE, copy_file_range, block-device ioctls), each with a SAFETY comment.
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod blockdev;
 pub mod check;
 mod error;
