@@ -36,6 +36,7 @@
 pub mod cdrom;
 pub mod device;
 pub mod scsi;
+pub mod sense;
 pub mod vstor;
 
 pub use cdrom::{CdromError, MediaEvent, ScsiCdrom};
