@@ -586,3 +586,38 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
         (**self).file()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_options_are_per_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.img");
+        let unsafe_cache = FileOptions {
+            skip_file_sync: true,
+            ..FileOptions::default()
+        };
+        let created = FileStorage::create_with(&path, &unsafe_cache).unwrap();
+        assert!(created.skip_file_sync);
+        created.write_at(b"data", 0).unwrap();
+        created.flush().unwrap();
+        // The writer's exclusive lock refuses a second locked writer; an unlocked one opens,
+        // and it syncs: the option belongs to the handle it was given to, not the process.
+        assert!(matches!(
+            FileStorage::open(&path, Access::ReadWrite, true),
+            Err(crate::Error::Locked { .. })
+        ));
+        let unlocked = FileOptions {
+            lock: false,
+            ..FileOptions::default()
+        };
+        let other = FileStorage::open_with(&path, Access::ReadWrite, &unlocked).unwrap();
+        assert!(!other.skip_file_sync);
+        other.flush().unwrap();
+        let mut buf = [0u8; 4];
+        other.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"data");
+    }
+}
