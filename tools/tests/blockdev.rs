@@ -258,8 +258,7 @@ fn a_full_device_refuses_growth_cleanly() {
     }
     let d = tmp();
     for fmt in ["vhd", "vhdx"] {
-        let img = join(d.path(), &format!("empty.{fmt}"));
-        create(fmt, &img, "8M");
+        let img = image_in(d.path(), &format!("empty.{fmt}"), fmt, "8M");
         let Some(dev) = Loop::attach(&img, &[]) else {
             return;
         };

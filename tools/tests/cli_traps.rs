@@ -30,8 +30,7 @@ fn run_into_closed_pipe(args: &[&str]) -> std::process::Output {
 #[test]
 fn a_closed_stdout_ends_quietly_for_every_printing_verb() {
     let d = tmp();
-    let img = join(d.path(), "a.vhdx");
-    create("vhdx", &img, "8M");
+    let img = image_in(d.path(), "a.vhdx", "vhdx", "8M");
     ok(&["io", "-c", "write -P 7 0 1M", p(&img)]);
     let cases: Vec<Vec<&str>> = vec![
         vec!["info", p(&img)],
@@ -58,8 +57,7 @@ fn a_closed_stdout_ends_quietly_for_every_printing_verb() {
 #[test]
 fn usage_errors_exit_1_as_in_qemu_img_and_name_unsupported_flags() {
     let d = tmp();
-    let img = join(d.path(), "a.vhdx");
-    create("vhdx", &img, "8M");
+    let img = image_in(d.path(), "a.vhdx", "vhdx", "8M");
     // check's 2 means "corruption found": a typo must not look like that.
     for args in [
         vec!["check", "--bogus", p(&img)],
@@ -227,8 +225,7 @@ fn force_share_reads_an_image_that_serve_rw_holds() {
 #[test]
 fn snapshot_says_it_makes_an_external_child_and_a_broken_child_says_why() {
     let d = tmp();
-    let base = join(d.path(), "base.vhdx");
-    create("vhdx", &base, "8M");
+    let base = image_in(d.path(), "base.vhdx", "vhdx", "8M");
     // A qemu user's internal-snapshot name is refused, and no file is made.
     let o = viridian_in(d.path(), &["snapshot", "-c", "before-upgrade", "base.vhdx"]);
     assert_eq!(o.status.code(), Some(1));
@@ -266,8 +263,7 @@ fn mount_says_when_it_is_ready_and_warns_that_background_undo_discards() {
         return;
     }
     let d = tmp();
-    let img = join(d.path(), "a.vhdx");
-    create("vhdx", &img, "8M");
+    let img = image_in(d.path(), "a.vhdx", "vhdx", "8M");
     let mp = mount_point(d.path(), "mnt");
     let o = mount_background(&["--undo", p(&img), p(&mp)]);
     let _guard = MountGuard(mp.clone());
@@ -463,8 +459,7 @@ fn allocated(path: &Path) -> u64 {
 fn compact_never_allocates_more_and_keeps_the_holes_of_moved_blocks() {
     let d = tmp();
     for fmt in ["vhdx", "vhd"] {
-        let img = join(d.path(), &format!("c.{fmt}"));
-        create(fmt, &img, "64M");
+        let img = image_in(d.path(), &format!("c.{fmt}"), fmt, "64M");
         // 16 blocks holding 4 KiB each (the rest of each block a hole in the file)...
         let mut args = vec!["io".to_string()];
         for i in 0..16 {
@@ -538,8 +533,7 @@ fn forget_vhdx_block(path: &Path, block: u64) {
 #[test]
 fn check_repair_reports_what_is_left_and_the_repaired_end_offset() {
     let d = tmp();
-    let img = join(d.path(), "l.vhdx");
-    create("vhdx", &img, "8M");
+    let img = image_in(d.path(), "l.vhdx", "vhdx", "8M");
     ok(&[
         "io",
         "-c",
@@ -643,8 +637,7 @@ fn convert_salvage_turns_read_errors_into_zeros_and_keeps_the_rest() {
     // A real read error: a VHD served through `viridian mount`, truncated underneath the
     // mount so its last block's data is gone; the FUSE file answers EIO there.
     let d = tmp();
-    let img = join(d.path(), "damaged.vhd");
-    create("vhd", &img, "8M");
+    let img = image_in(d.path(), "damaged.vhd", "vhd", "8M");
     ok(&[
         "io",
         "-c",

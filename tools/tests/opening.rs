@@ -34,8 +34,7 @@ fn attacks(dir: &Path) -> Vec<Attack> {
     let exact_size = (DISK - 512).to_string();
     create_with("vhd", "subformat=fixed", &exact, &exact_size);
     // 3. A whole 2 MiB VHDX written from offset 0.
-    let vhdx = join(dir, "two.vhdx");
-    create("vhdx", &vhdx, "2M");
+    let vhdx = image_in(dir, "two.vhdx", "vhdx", "2M");
     // 4. A differencing VHD (footer copy + header + locators) naming a host file beside the
     //    disk as its parent, written from offset 0.
     let secret = join(dir, "secret.vhd");
@@ -356,8 +355,7 @@ fn a_size_mismatched_trailing_footer_reads_as_raw() {
 fn a_parent_is_opened_only_as_its_childs_format() {
     let d = tmp();
     // A raw file where a VHD child expects its parent: refused, never read as raw.
-    let base = join(d.path(), "base.vhd");
-    create("vhd", &base, "4M");
+    let base = image_in(d.path(), "base.vhd", "vhd", "4M");
     let child = join(d.path(), "child.vhd");
     ok(&["create", "-f", "vhd", "-b", p(&base), p(&child)]);
     std::fs::remove_file(&base).unwrap();

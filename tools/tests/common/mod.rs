@@ -327,6 +327,13 @@ pub fn create(fmt: &str, path: &Path, size: &str) {
     ok(&["create", "-q", "-f", fmt, p(path), size]);
 }
 
+/// A new FMT image `name` of `size` in `dir` (made by `viridian create`); its path.
+pub fn image_in(dir: &Path, name: &str, fmt: &str, size: &str) -> PathBuf {
+    let path = dir.join(name);
+    create(fmt, &path, size);
+    path
+}
+
 /// `viridian create -q -f FMT -o OPTIONS PATH SIZE`, insisting on success.
 pub fn create_with(fmt: &str, options: &str, path: &Path, size: &str) {
     ok(&["create", "-q", "-f", fmt, "-o", options, p(path), size]);
