@@ -150,9 +150,10 @@ pub enum Access {
 /// How [`FileStorage`] opens or creates a file, beyond read-only or read-write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileOptions {
-    /// Take an advisory `flock`: shared for read-only opens, exclusive for read-write opens and
-    /// new files, so two writers (or a writer and a reader) on one image are refused with
-    /// [`crate::Error::Locked`]. Default true.
+    /// Take an advisory `flock` (shared for read-only opens, exclusive for read-write opens and
+    /// new files) and the lock bytes QEMU checks (`qemu_lock.rs`), so two writers (or a
+    /// writer and a reader) on one image are refused with [`crate::Error::Locked`].
+    /// Default true.
     pub lock: bool,
     /// "cache=unsafe" (qemu-img's `-t unsafe`) for this file only: [`Storage::flush`] of this
     /// handle returns at once without `fdatasync`, so its writes stop at the page cache. Only
