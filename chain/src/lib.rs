@@ -11,6 +11,8 @@
 //! (never probed), and its identity (VHD Unique ID, VHDX DataWriteGuid) must equal what the
 //! child recorded, else the open fails naming both files. Cycles and absurd depths are refused.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +22,7 @@ mod image;
 pub mod undo;
 
 pub use commit::commit_into_base;
-use disk::{Access, BlockDevice, Disk, Error, FileStorage, RawDisk, Result, Storage};
+use disk::{Access, BlockDevice, Disk, Error, FileOptions, FileStorage, RawDisk, Result, Storage};
 pub use image::Image;
 pub use undo::UndoDisk;
 
@@ -71,6 +73,10 @@ pub struct OpenOptions {
     pub parents_writable: bool,
     /// Take advisory locks (shared for readers, exclusive for writers).
     pub lock: bool,
+    /// "cache=unsafe" for every file of the chain: flushes stop at the page cache (see
+    /// [`disk::FileOptions::skip_file_sync`] for exactly what is skipped). Only writable
+    /// layers ever flush. Default false.
+    pub skip_file_sync: bool,
 }
 
 impl Default for OpenOptions {
@@ -83,6 +89,7 @@ impl Default for OpenOptions {
             vhd_size_rule: vhd::SizeRule::Auto,
             parents_writable: false,
             lock: true,
+            skip_file_sync: false,
         }
     }
 }
@@ -214,7 +221,11 @@ fn open_layer(
     } else {
         Access::ReadOnly
     };
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, access, opts.lock)?);
+    let file_opts = FileOptions {
+        lock: opts.lock,
+        skip_file_sync: opts.skip_file_sync,
+    };
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open_with(path, access, &file_opts)?);
     let (format, probed) = match format {
         Some(f) => (f, false),
         None => (probe(&*storage)?, true),
@@ -419,6 +430,9 @@ pub struct CreateSpec {
     pub parent_format: Option<Format>,
     /// Where the parent is on Windows, for the absolute locators (see [`WindowsLocation`]).
     pub parent_windows: WindowsLocation,
+    /// "cache=unsafe" for the new file: its flushes stop at the page cache (see
+    /// [`disk::FileOptions::skip_file_sync`]). Default false.
+    pub skip_file_sync: bool,
 }
 
 /// How the Windows path of a parent is known, for the locators that need one: stated outright
@@ -482,6 +496,15 @@ impl CreateSpec {
             parent: None,
             parent_format: None,
             parent_windows: WindowsLocation::default(),
+            skip_file_sync: false,
+        }
+    }
+
+    /// How the new file is opened: always locked, synced unless `skip_file_sync`.
+    fn file_options(&self) -> FileOptions {
+        FileOptions {
+            lock: true,
+            skip_file_sync: self.skip_file_sync,
         }
     }
 }
@@ -520,7 +543,11 @@ pub fn create_image(path: &Path, spec: &CreateSpec) -> Result<Image> {
                     "raw images cannot have a backing file".into(),
                 ));
             }
-            Ok(Image::Raw(Arc::new(RawDisk::create(path, spec.size)?)))
+            Ok(Image::Raw(Arc::new(RawDisk::create_with(
+                path,
+                spec.size,
+                &spec.file_options(),
+            )?)))
         }
         Format::Vhd => {
             let kind = match parent {
@@ -577,6 +604,7 @@ pub fn vhd_options(spec: &CreateSpec, kind: Option<vhd::CreateKind>) -> vhd::Cre
         vhd::CreateKind::Dynamic
     });
     let mut o = vhd::CreateOptions::new(kind, spec.size);
+    o.file = spec.file_options();
     if let Some(b) = spec.block_size {
         o.block_size = b;
     }
@@ -593,6 +621,7 @@ pub fn vhdx_options(spec: &CreateSpec, kind: Option<vhdx::CreateKind>) -> vhdx::
         vhdx::CreateKind::Dynamic
     });
     let mut o = vhdx::CreateOptions::new(kind, spec.size);
+    o.file = spec.file_options();
     if let Some(b) = spec.block_size {
         o.block_size = b;
     }

@@ -6,6 +6,10 @@
 //! * [`RawDisk`]: a raw image over any storage, sparse-aware.
 //! * [`map`]: walking allocation across a chain (qemu-img map semantics).
 
+// unsafe only for Linux calls std has no wrapper for (flock, fallocate, lseek SEEK_DATA/
+// SEEK_HOLE, copy_file_range, block-device ioctls), each with a SAFETY comment.
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod blockdev;
 pub mod check;
 mod error;
@@ -31,8 +35,8 @@ pub use raw::RawDisk;
 pub use request::Disk;
 pub use sticky::{FailLatch, StickyFlush};
 pub use storage::{
-    copy_file_range, file_data_run, set_skip_file_sync, write_zeros, Access, FileStorage,
-    MemStorage, Storage,
+    copy_file_range, file_data_run, write_zeros, Access, FileOptions, FileStorage, MemStorage,
+    Storage,
 };
 
 use std::path::Path;

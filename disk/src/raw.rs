@@ -4,8 +4,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::{
-    check_aligned, check_range, Access, Allocation, BlockDevice, Error, Extent, FileStorage,
-    Result, Storage, ZeroFlags,
+    check_aligned, check_range, Access, Allocation, BlockDevice, Error, Extent, FileOptions,
+    FileStorage, Result, Storage, ZeroFlags,
 };
 
 /// A raw image over any [`Storage`]. Holes in a sparse file are reported as zero extents, and
@@ -40,7 +40,12 @@ impl RawDisk {
 
     /// Creates (or refuses to overwrite) a raw file of `size` bytes, sparse.
     pub fn create(path: &Path, size: u64) -> Result<Self> {
-        let s = FileStorage::create(path)?;
+        Self::create_with(path, size, &FileOptions::default())
+    }
+
+    /// Like [`RawDisk::create`], with the file opened as `opts` say.
+    pub fn create_with(path: &Path, size: u64, opts: &FileOptions) -> Result<Self> {
+        let s = FileStorage::create_with(path, opts)?;
         s.set_len(size)
             .map_err(|e| Error::io(format!("cannot size {}", path.display()), e))?;
         Self::new(Arc::new(s), false)

@@ -8,21 +8,9 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
 use crate::blockdev::{self, BlockGeometry};
-
-/// When set, [`FileStorage::flush`] does not call fsync (qemu-img's `-t unsafe` cache mode).
-static SKIP_FILE_SYNC: AtomicBool = AtomicBool::new(false);
-
-/// Process-wide "cache=unsafe": file flushes stop at the page cache. For tools whose whole
-/// output is worthless until they finish (qemu-img convert defaults to it): a killed process
-/// loses nothing (the kernel keeps its writes), only a power loss can. Never set it for
-/// servers or anything that acknowledges flushes to a guest.
-pub fn set_skip_file_sync(skip: bool) {
-    SKIP_FILE_SYNC.store(skip, Ordering::SeqCst);
-}
 
 /// Byte-addressed backing store of an image file. All methods take `&self` and must be safe to
 /// call from many threads at once (positional I/O, no shared cursor).
@@ -159,6 +147,34 @@ pub enum Access {
     ReadWrite,
 }
 
+/// How [`FileStorage`] opens or creates a file, beyond read-only or read-write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Take an advisory `flock` (shared for read-only opens, exclusive for read-write opens and
+    /// new files) and the lock bytes QEMU checks (`qemu_lock.rs`), so two writers (or a
+    /// writer and a reader) on one image are refused with [`crate::Error::Locked`].
+    /// Default true.
+    pub lock: bool,
+    /// "cache=unsafe" (qemu-img's `-t unsafe`) for this file only: [`Storage::flush`] of this
+    /// handle returns at once without `fdatasync`, so its writes stop at the page cache. Only
+    /// the sync is skipped: every write still reaches the kernel as it is made, formats still
+    /// write their metadata in the same order and call flush at the same points, and nothing
+    /// is latched (with no sync there is no failed sync to remember). A killed process loses
+    /// nothing (the kernel keeps its writes); a power loss or kernel crash can. For tools
+    /// whose whole output is worthless until they finish (qemu-img convert defaults to it);
+    /// never for servers or anything that acknowledges flushes to a guest. Default false.
+    pub skip_file_sync: bool,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            lock: true,
+            skip_file_sync: false,
+        }
+    }
+}
+
 /// A real file or block device. Reads and writes are `pread`/`pwrite`, so concurrent readers
 /// never serialise.
 #[derive(Debug)]
@@ -171,13 +187,26 @@ pub struct FileStorage {
     /// Set when the file is a block device: its length, zeroing and discarding go through
     /// ioctls, and it is never truncated or fallocated.
     block: Option<BlockGeometry>,
+    /// [`FileOptions::skip_file_sync`], fixed at open.
+    skip_file_sync: bool,
 }
 
 impl FileStorage {
-    /// Opens an existing file. When `lock` is true an advisory `flock` is taken: shared for
-    /// read-only opens, exclusive for read-write ones, so two writers (or a writer and a reader)
-    /// on one image are refused with [`crate::Error::Locked`].
+    /// Opens an existing file, locked when `lock` is true (see [`FileOptions::lock`]); its
+    /// flushes sync. [`FileStorage::open_with`] takes the other options.
     pub fn open(path: &Path, access: Access, lock: bool) -> crate::Result<Self> {
+        Self::open_with(
+            path,
+            access,
+            &FileOptions {
+                lock,
+                ..FileOptions::default()
+            },
+        )
+    }
+
+    /// Opens an existing file as `opts` say.
+    pub fn open_with(path: &Path, access: Access, opts: &FileOptions) -> crate::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(access == Access::ReadWrite)
@@ -192,7 +221,7 @@ impl FileStorage {
                 path.display()
             )));
         }
-        if lock {
+        if opts.lock {
             lock_file(&file, path, access)?;
         }
         let block = if meta.file_type().is_block_device() {
@@ -210,23 +239,33 @@ impl FileStorage {
             path: path.to_path_buf(),
             sync_failed: Default::default(),
             block,
+            skip_file_sync: opts.skip_file_sync,
         })
     }
 
-    /// Creates a new file; fails if it exists. Takes an exclusive lock.
+    /// Creates a new file; fails if it exists. Takes an exclusive lock; its flushes sync.
     pub fn create(path: &Path) -> crate::Result<Self> {
+        Self::create_with(path, &FileOptions::default())
+    }
+
+    /// Creates a new file as `opts` say (exclusively locked when `opts.lock`); fails if it
+    /// exists.
+    pub fn create_with(path: &Path, opts: &FileOptions) -> crate::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(path)
             .map_err(|e| crate::Error::io(format!("cannot create {}", path.display()), e))?;
-        lock_file(&file, path, Access::ReadWrite)?;
+        if opts.lock {
+            lock_file(&file, path, Access::ReadWrite)?;
+        }
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
             sync_failed: Default::default(),
             block: None,
+            skip_file_sync: opts.skip_file_sync,
         })
     }
 
@@ -291,7 +330,7 @@ impl Storage for FileStorage {
         self.file.write_all_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
-        if SKIP_FILE_SYNC.load(Ordering::Relaxed) {
+        if self.skip_file_sync {
             return Ok(());
         }
         crate::sticky::latched_flush(&self.sync_failed, Some(&self.path), || {
@@ -546,5 +585,40 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn file(&self) -> Option<&File> {
         (**self).file()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_options_are_per_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.img");
+        let unsafe_cache = FileOptions {
+            skip_file_sync: true,
+            ..FileOptions::default()
+        };
+        let created = FileStorage::create_with(&path, &unsafe_cache).unwrap();
+        assert!(created.skip_file_sync);
+        created.write_at(b"data", 0).unwrap();
+        created.flush().unwrap();
+        // The writer's exclusive lock refuses a second locked writer; an unlocked one opens,
+        // and it syncs: the option belongs to the handle it was given to, not the process.
+        assert!(matches!(
+            FileStorage::open(&path, Access::ReadWrite, true),
+            Err(crate::Error::Locked { .. })
+        ));
+        let unlocked = FileOptions {
+            lock: false,
+            ..FileOptions::default()
+        };
+        let other = FileStorage::open_with(&path, Access::ReadWrite, &unlocked).unwrap();
+        assert!(!other.skip_file_sync);
+        other.flush().unwrap();
+        let mut buf = [0u8; 4];
+        other.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"data");
     }
 }

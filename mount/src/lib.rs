@@ -16,6 +16,9 @@
 //! * Cache policy: see the `fs` module: `FOPEN_KEEP_CACHE` on read-only mounts,
 //!   `FOPEN_DIRECT_IO` for `O_DIRECT` opens.
 
+// unsafe only for getuid/getgid (no std wrapper), with a SAFETY comment.
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod fs;
 pub mod partition;
 

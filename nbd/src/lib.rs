@@ -86,6 +86,10 @@
 //! bound.run().unwrap(); // returns after shutdown, with in-flight requests finished and disks closed
 //! ```
 
+// unsafe only for socket calls std has no wrapper for (poll, setsockopt, send with
+// MSG_NOSIGNAL), each with a SAFETY comment.
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod conn;
 mod error;
 mod handshake;

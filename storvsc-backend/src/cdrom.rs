@@ -14,7 +14,7 @@
 
 use disk::Disk;
 
-use crate::scsi::{be16, be32, opcode::*, respond, Completion, DataBuffer, Sense};
+use crate::scsi::{be16, be32, opcode::*, read_to_buffer, respond, Completion, DataBuffer, Sense};
 
 /// Block size of the optical medium.
 pub const CD_BLOCK: u32 = 2048;
@@ -31,19 +31,6 @@ pub mod mmc {
     pub const PROFILE_CD_ROM: u16 = 0x0008;
 }
 use mmc::*;
-
-impl Sense {
-    /// 02/3A/01: no medium, tray open.
-    pub const MEDIUM_NOT_PRESENT_TRAY_OPEN: Sense = Sense::new(2, 0x3A, 0x01);
-    /// 02/3A/02: no medium, tray closed.
-    pub const MEDIUM_NOT_PRESENT_TRAY_CLOSED: Sense = Sense::new(2, 0x3A, 0x02);
-    /// 06/28/00: not ready to ready change, medium may have changed.
-    pub const MEDIUM_CHANGED: Sense = Sense::new(6, 0x28, 0x00);
-    /// 05/53/02: medium removal prevented.
-    pub const MEDIUM_REMOVAL_PREVENTED: Sense = Sense::new(5, 0x53, 0x02);
-    /// 05/30/02: cannot read medium, incompatible format (a medium of fewer than one block).
-    pub const INCOMPATIBLE_MEDIUM: Sense = Sense::new(5, 0x30, 0x02);
-}
 
 /// Media-class event codes of GET EVENT STATUS NOTIFICATION.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,7 +196,7 @@ impl ScsiCdrom {
                     Some(_) => Sense::NO_SENSE,
                     None => self.not_present(),
                 });
-                respond(buf, &s.fixed(), cdb[4] as usize)
+                s.respond_to_request(cdb, buf)
             }
             INQUIRY => self.inquiry(cdb, buf),
             MODE_SENSE_6 | MODE_SENSE_10 => self.mode_sense(cdb, buf),
@@ -260,27 +247,8 @@ impl ScsiCdrom {
             return Completion::check(Sense::INVALID_FIELD_IN_CDB);
         }
         let (off, len) = (lba * CD_BLOCK as u64, len as usize);
-        let chunk = 1 << 20;
         let disk = disk.clone();
-        self.scratch.resize(len.min(chunk), 0);
-        let mut done = 0;
-        while done < len {
-            let k = (len - done).min(chunk);
-            if disk
-                .read_at(&mut self.scratch[..k], off + done as u64)
-                .is_err()
-            {
-                return Completion::Check {
-                    sense: Sense::UNRECOVERED_READ_ERROR,
-                    transferred: done,
-                };
-            }
-            if let Err(e) = buf.write_at(done, &self.scratch[..k]) {
-                return Completion::HostError(e.to_string());
-            }
-            done += k;
-        }
-        Completion::Good { transferred: len }
+        read_to_buffer(&disk, off, len, &mut self.scratch, buf)
     }
 
     fn start_stop(&mut self, cdb: &[u8]) -> Completion {

@@ -31,9 +31,12 @@
 //! Guest errors (bad CDB, bad lengths, GPA ranges outside guest memory, unknown operations)
 //! fail the request with a logged reason and never panic the host.
 
+#![forbid(unsafe_code)]
+
 pub mod cdrom;
 pub mod device;
 pub mod scsi;
+pub mod sense;
 pub mod vstor;
 
 pub use cdrom::{CdromError, MediaEvent, ScsiCdrom};

@@ -57,42 +57,7 @@ pub mod opcode {
 }
 use opcode::*;
 
-/// Sense key and additional sense code/qualifier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sense {
-    pub key: u8,
-    pub asc: u8,
-    pub ascq: u8,
-}
-
-impl Sense {
-    pub const NO_SENSE: Sense = Sense::new(0, 0, 0);
-    pub const INVALID_OPCODE: Sense = Sense::new(5, 0x20, 0);
-    pub const LBA_OUT_OF_RANGE: Sense = Sense::new(5, 0x21, 0);
-    pub const INVALID_FIELD_IN_CDB: Sense = Sense::new(5, 0x24, 0);
-    pub const LUN_NOT_SUPPORTED: Sense = Sense::new(5, 0x25, 0);
-    pub const INVALID_FIELD_IN_PARAMETER_LIST: Sense = Sense::new(5, 0x26, 0);
-    pub const PARAMETER_LIST_LENGTH_ERROR: Sense = Sense::new(5, 0x1A, 0);
-    pub const SAVING_PARAMETERS_NOT_SUPPORTED: Sense = Sense::new(5, 0x39, 0);
-    pub const WRITE_PROTECTED: Sense = Sense::new(7, 0x27, 0);
-    pub const UNRECOVERED_READ_ERROR: Sense = Sense::new(3, 0x11, 0);
-    pub const WRITE_ERROR: Sense = Sense::new(3, 0x0C, 0);
-
-    pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
-        Sense { key, asc, ascq }
-    }
-
-    /// Fixed-format sense data (response code 0x70), 18 bytes.
-    pub fn fixed(&self) -> [u8; 18] {
-        let mut s = [0u8; 18];
-        s[0] = 0x70;
-        s[2] = self.key & 0x0F;
-        s[7] = 10;
-        s[12] = self.asc;
-        s[13] = self.ascq;
-        s
-    }
-}
+pub use crate::sense::Sense;
 
 /// The result of one command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +163,34 @@ pub(crate) fn respond(buf: &mut dyn DataBuffer, data: &[u8], alloc: usize) -> Co
     }
 }
 
+/// Reads `len` bytes at byte offset `off` of `disk` into the data buffer, in chunks of at most
+/// 1 MiB through `scratch`. A failed read is CHECK CONDITION with its sense
+/// ([`Sense::of_disk_error`]) and the bytes moved before it.
+pub(crate) fn read_to_buffer(
+    disk: &Disk,
+    off: u64,
+    len: usize,
+    scratch: &mut Vec<u8>,
+    buf: &mut dyn DataBuffer,
+) -> Completion {
+    scratch.resize(len.min(CHUNK), 0);
+    let mut done = 0;
+    while done < len {
+        let k = (len - done).min(CHUNK);
+        if let Err(e) = disk.read_at(&mut scratch[..k], off + done as u64) {
+            return Completion::Check {
+                sense: Sense::of_disk_error(&e, false),
+                transferred: done,
+            };
+        }
+        if let Err(e) = buf.write_at(done, &scratch[..k]) {
+            return Completion::HostError(e.to_string());
+        }
+        done += k;
+    }
+    Completion::Good { transferred: len }
+}
+
 /// One logical unit backed by a block device.
 #[derive(Debug)]
 pub struct ScsiDisk {
@@ -298,15 +291,6 @@ impl ScsiDisk {
         }
     }
 
-    fn disk_sense(e: &disk::Error, write: bool) -> Sense {
-        match e {
-            disk::Error::ReadOnly => Sense::WRITE_PROTECTED,
-            disk::Error::OutOfRange { .. } => Sense::LBA_OUT_OF_RANGE,
-            _ if write => Sense::WRITE_ERROR,
-            _ => Sense::UNRECOVERED_READ_ERROR,
-        }
-    }
-
     /// Executes one command addressed to this LUN.
     pub fn execute(&mut self, cdb: &[u8], buf: &mut dyn DataBuffer) -> Completion {
         let Some(&op) = cdb.first() else {
@@ -319,7 +303,7 @@ impl ScsiDisk {
             TEST_UNIT_READY | START_STOP_UNIT | PREVENT_ALLOW => {
                 Completion::Good { transferred: 0 }
             }
-            REQUEST_SENSE => respond(buf, &Sense::NO_SENSE.fixed(), cdb[4] as usize),
+            REQUEST_SENSE => Sense::NO_SENSE.respond_to_request(cdb, buf),
             INQUIRY => self.inquiry(cdb, buf),
             MODE_SENSE_6 | MODE_SENSE_10 => self.mode_sense(cdb, buf),
             READ_CAPACITY_10 => {
@@ -363,7 +347,7 @@ impl ScsiDisk {
             }
             SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 => match self.disk.flush() {
                 Ok(()) => Completion::Good { transferred: 0 },
-                Err(e) => Completion::check(Self::disk_sense(&e, true)),
+                Err(e) => Completion::check(Sense::of_disk_error(&e, true)),
             },
             UNMAP => self.unmap(cdb, buf),
             WRITE_SAME_10 | WRITE_SAME_16 => self.write_same(cdb, buf),
@@ -403,22 +387,7 @@ impl ScsiDisk {
             Ok(x) => x,
             Err(s) => return Completion::check(s),
         };
-        self.scratch.resize(len.min(CHUNK), 0);
-        let mut done = 0;
-        while done < len {
-            let k = (len - done).min(CHUNK);
-            if let Err(e) = self.disk.read_at(&mut self.scratch[..k], off + done as u64) {
-                return Completion::Check {
-                    sense: Self::disk_sense(&e, false),
-                    transferred: done,
-                };
-            }
-            if let Err(e) = buf.write_at(done, &self.scratch[..k]) {
-                return Completion::HostError(e.to_string());
-            }
-            done += k;
-        }
-        Completion::Good { transferred: len }
+        read_to_buffer(&self.disk, off, len, &mut self.scratch, buf)
     }
 
     fn write(&mut self, lba: u64, n: u64, fua: bool, buf: &mut dyn DataBuffer) -> Completion {
@@ -438,7 +407,7 @@ impl ScsiDisk {
             }
             if let Err(e) = self.disk.write_at(&self.scratch[..k], off + done as u64) {
                 return Completion::Check {
-                    sense: Self::disk_sense(&e, true),
+                    sense: Sense::of_disk_error(&e, true),
                     transferred: done,
                 };
             }
@@ -446,7 +415,7 @@ impl ScsiDisk {
         }
         if fua {
             if let Err(e) = self.disk.flush() {
-                return Completion::check(Self::disk_sense(&e, true));
+                return Completion::check(Sense::of_disk_error(&e, true));
             }
         }
         Completion::Good { transferred: len }
@@ -497,7 +466,7 @@ impl ScsiDisk {
                 .disk
                 .write_zeroes(off, len, ZeroFlags { may_unmap: true })
             {
-                return Completion::check(Self::disk_sense(&e, true));
+                return Completion::check(Sense::of_disk_error(&e, true));
             }
         }
         Completion::Good { transferred: plen }
@@ -548,7 +517,7 @@ impl ScsiDisk {
         };
         match r {
             Ok(()) => Completion::Good { transferred },
-            Err(e) => Completion::check(Self::disk_sense(&e, true)),
+            Err(e) => Completion::check(Sense::of_disk_error(&e, true)),
         }
     }
 
@@ -831,7 +800,7 @@ impl ScsiController {
                 )
             }
             INQUIRY => Completion::check(Sense::INVALID_FIELD_IN_CDB),
-            REQUEST_SENSE => respond(buf, &Sense::LUN_NOT_SUPPORTED.fixed(), cdb[4] as usize),
+            REQUEST_SENSE => Sense::LUN_NOT_SUPPORTED.respond_to_request(cdb, buf),
             _ => Completion::NoLun,
         }
     }

@@ -107,17 +107,20 @@ pub fn run(a: Args) -> Result<i32> {
     if a.no_drain && a.flush_interval.is_none() {
         bail!("--no-drain requires --flush-interval");
     }
-    match a.cache.as_str() {
-        "unsafe" => disk::set_skip_file_sync(true),
-        "writeback" | "none" | "directsync" | "writethrough" => {}
+    let skip_file_sync = match a.cache.as_str() {
+        "unsafe" => true,
+        "writeback" | "none" | "directsync" | "writethrough" => false,
         _ => bail!("Invalid cache mode"),
-    }
+    };
     let d = if a.write {
         common::open_with(
             &a.file,
             a.format.as_deref(),
             SizeRuleArg::Auto,
-            OpenOptions::read_write(),
+            OpenOptions {
+                skip_file_sync,
+                ..OpenOptions::read_write()
+            },
         )?
     } else {
         common::open_ro_shared(

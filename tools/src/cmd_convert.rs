@@ -173,11 +173,13 @@ pub fn run(a: Args) -> Result<i32> {
     if a.target_is_zero && a.backing.is_some() {
         bail!("--target-is-zero cannot be used with a backing file");
     }
-    match a.cache.as_str() {
-        "unsafe" => disk::set_skip_file_sync(true),
-        "writeback" | "none" | "directsync" | "writethrough" => {}
+    // -t unsafe: the target's flushes stop at the page cache (the sources are read-only and
+    // never flush).
+    let skip_file_sync = match a.cache.as_str() {
+        "unsafe" => true,
+        "writeback" | "none" | "directsync" | "writethrough" => false,
         other => bail!("-t {other}: expected unsafe, writeback, none, directsync or writethrough"),
-    }
+    };
     if a.copy_range && a.sparse_size.is_some() {
         bail!("cannot enable copy offloading when -S is used");
     }
@@ -232,7 +234,10 @@ pub fn run(a: Args) -> Result<i32> {
             dst,
             out_format.map(|f| f.name()),
             SizeRuleArg::Auto,
-            chain::OpenOptions::read_write(),
+            chain::OpenOptions {
+                skip_file_sync,
+                ..chain::OpenOptions::read_write()
+            },
         )?;
         check_sector_size_change(&sources, srcs, t.logical_sector_size(), &a)?;
         if t.size() < total {
@@ -248,6 +253,7 @@ pub fn run(a: Args) -> Result<i32> {
         let format = out_format.unwrap_or(chain::Format::Raw);
         let mut spec = crate::cmd_create::spec_from_options(format, total, &a.options)?;
         crate::cmd_create::merge_windows(&mut spec, &a.windows);
+        spec.skip_file_sync = skip_file_sync;
         keep_sector_sizes(&mut spec, &sources, &a.options)?;
         let target_sector = match format {
             chain::Format::Vhdx => spec.logical_sector_size.unwrap_or(512),

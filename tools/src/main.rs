@@ -4,6 +4,10 @@
 //! Every error is reported as one line on stderr (`viridian: what failed: why`) with exit code 1,
 //! except where qemu-img defines other codes (check, compare).
 
+// unsafe only for Linux calls std has no wrapper for (signal handler, fallocate, lseek
+// SEEK_HOLE/SEEK_DATA), each with a SAFETY comment.
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod cmd_amend;
 mod cmd_bench;
 mod cmd_check;

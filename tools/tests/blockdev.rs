@@ -22,12 +22,12 @@ impl Loop {
         let o = std::process::Command::new("losetup").args(&args).output();
         match o {
             Ok(o) if o.status.success() => {
-                let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                let dev = stdout_of(&o).trim().to_string();
                 Some(Loop(PathBuf::from(dev)))
             }
             other => {
                 let why = match other {
-                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                    Ok(o) => stderr_of(&o).trim().to_string(),
                     Err(e) => e.to_string(),
                 };
                 if require_all() {
@@ -49,10 +49,6 @@ impl Drop for Loop {
             .args(["-d", p(&self.0)])
             .status();
     }
-}
-
-fn info(args: &[&str]) -> Value {
-    serde_json::from_str(&ok(args)).unwrap()
 }
 
 fn sector_sizes(v: &Value) -> (u64, u64) {
@@ -96,7 +92,7 @@ fn raw_loop_device_is_a_source_and_a_target() {
     let Some(dev) = Loop::attach(&back, &[]) else {
         return;
     };
-    let v = info(&["info", "--output", "json", dev.path()]);
+    let v = ok_json(&["info", "--output", "json", dev.path()]);
     assert_eq!(v["format"], "raw", "{v}");
     assert_eq!(v["virtual-size"], 8u64 << 20, "{v}");
     assert_eq!(v["block-device"], true, "{v}");
@@ -136,8 +132,7 @@ fn raw_loop_device_is_a_source_and_a_target() {
     }
     // mount shows the device's bytes.
     if fuse_usable() {
-        let mp = join(d.path(), "mnt");
-        std::fs::create_dir_all(&mp).unwrap();
+        let mp = mount_point(d.path(), "mnt");
         ok(&["mount", dev.path(), p(&mp)]);
         let seen = {
             let _m = MountGuard(mp.clone());
@@ -201,14 +196,13 @@ fn vhd_and_vhdx_on_loop_devices_open_with_their_true_size() {
         let Some(dev) = Loop::attach(&img, &[]) else {
             return;
         };
-        let v = info(&["info", "--output", "json", dev.path()]);
+        let v = ok_json(&["info", "--output", "json", dev.path()]);
         let want = if fmt == "vhd" { "vpc" } else { "vhdx" };
         assert_eq!(v["format"], want, "{fmt} {opts}: {v}");
         assert_eq!(v["virtual-size"], 6u64 << 20, "{v}");
         // Read-write open with the true size: a write into allocated data, read back.
         ok(&["io", "-c", "write -P 0x3d 4096 4096", dev.path()]);
-        let out = join(d.path(), "read.raw");
-        let _ = std::fs::remove_file(&out);
+        let out = fresh_path(d.path(), "read.raw");
         ok(&["convert", "-O", "raw", dev.path(), p(&out)]);
         let mut want_bytes = read_all(&src);
         want_bytes[4096..8192].fill(0x3d);
@@ -218,8 +212,7 @@ fn vhd_and_vhdx_on_loop_devices_open_with_their_true_size() {
         );
         // mount shows the virtual disk.
         if fuse_usable() {
-            let mp = join(d.path(), "mnt");
-            std::fs::create_dir_all(&mp).unwrap();
+            let mp = mount_point(d.path(), "mnt");
             ok(&["mount", dev.path(), p(&mp)]);
             let seen = {
                 let _m = MountGuard(mp.clone());
@@ -244,11 +237,11 @@ fn a_4096_byte_sector_device_keeps_its_geometry() {
     let Some(dev) = Loop::attach(&back, &["-b", "4096"]) else {
         return;
     };
-    let v = info(&["info", "--output", "json", dev.path()]);
+    let v = ok_json(&["info", "--output", "json", dev.path()]);
     assert_eq!(sector_sizes(&v).0, 4096, "{v}");
     let x = join(d.path(), "4k.vhdx");
     ok(&["convert", "-O", "vhdx", dev.path(), p(&x)]);
-    let v = info(&["info", "--output", "json", p(&x)]);
+    let v = ok_json(&["info", "--output", "json", p(&x)]);
     assert_eq!(sector_sizes(&v).0, 4096, "{v}");
     // (qemu-img cannot open VHDX with 4096-byte logical sectors: "Operation not supported".)
     let out = join(d.path(), "4k.out");
@@ -265,18 +258,13 @@ fn a_full_device_refuses_growth_cleanly() {
     }
     let d = tmp();
     for fmt in ["vhd", "vhdx"] {
-        let img = join(d.path(), &format!("empty.{fmt}"));
-        ok(&["create", "-f", fmt, p(&img), "8M"]);
+        let img = image_in(d.path(), &format!("empty.{fmt}"), fmt, "8M");
         let Some(dev) = Loop::attach(&img, &[]) else {
             return;
         };
         let o = viridian(&["io", "-c", "write -P 0x11 0 4k", dev.path()]);
         // io prints a failed command's error as qemu-io does ("write failed: ..." on stdout).
-        let err = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let err = format!("{}{}", stdout_of(&o), stderr_of(&o));
         assert_eq!(o.status.code(), Some(1), "{fmt}: {err}");
         assert!(
             err.contains("block device of fixed size") || err.contains("No space left"),
@@ -287,8 +275,7 @@ fn a_full_device_refuses_growth_cleanly() {
             0,
             "{fmt}: check after the failed write"
         );
-        let v: Value =
-            serde_json::from_str(&ok(&["info", "--output", "json", dev.path()])).unwrap();
+        let v = ok_json(&["info", "--output", "json", dev.path()]);
         assert_eq!(v["virtual-size"], 8u64 << 20);
     }
 }

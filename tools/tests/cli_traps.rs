@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn stderr_of(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout_of(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// Runs viridian with stdout on a pipe whose reader is already gone: every write gets EPIPE.
 fn run_into_closed_pipe(args: &[&str]) -> std::process::Output {
     let mut fds = [0i32; 2];
@@ -38,8 +30,7 @@ fn run_into_closed_pipe(args: &[&str]) -> std::process::Output {
 #[test]
 fn a_closed_stdout_ends_quietly_for_every_printing_verb() {
     let d = tmp();
-    let img = join(d.path(), "a.vhdx");
-    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
+    let img = image_in(d.path(), "a.vhdx", "vhdx", "8M");
     ok(&["io", "-c", "write -P 7 0 1M", p(&img)]);
     let cases: Vec<Vec<&str>> = vec![
         vec!["info", p(&img)],
@@ -66,8 +57,7 @@ fn a_closed_stdout_ends_quietly_for_every_printing_verb() {
 #[test]
 fn usage_errors_exit_1_as_in_qemu_img_and_name_unsupported_flags() {
     let d = tmp();
-    let img = join(d.path(), "a.vhdx");
-    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
+    let img = image_in(d.path(), "a.vhdx", "vhdx", "8M");
     // check's 2 means "corruption found": a typo must not look like that.
     for args in [
         vec!["check", "--bogus", p(&img)],
@@ -116,7 +106,7 @@ fn a_failed_create_or_convert_leaves_no_target_so_the_retry_works() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr_of(&o).contains("64 TiB"), "{}", stderr_of(&o));
     assert!(!t.exists());
-    ok(&["create", "-q", "-f", "vhdx", p(&t), "64M"]);
+    create("vhdx", &t, "64M");
 
     let src = join(d.path(), "s.raw");
     patterned_raw(&src, 8 << 20, 3);
@@ -181,8 +171,8 @@ fn force_share_reads_an_image_that_serve_rw_holds() {
     let d = tmp();
     let img = join(d.path(), "a.vhdx");
     let other = join(d.path(), "b.vhdx");
-    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
-    ok(&["create", "-q", "-f", "vhdx", p(&other), "8M"]);
+    create("vhdx", &img, "8M");
+    create("vhdx", &other, "8M");
     ok(&["io", "-c", "write -P 9 1M 1M", p(&img)]);
     let sock = join(d.path(), "nbd.sock");
     let (_server, said) = Server::start(
@@ -235,14 +225,9 @@ fn force_share_reads_an_image_that_serve_rw_holds() {
 #[test]
 fn snapshot_says_it_makes_an_external_child_and_a_broken_child_says_why() {
     let d = tmp();
-    let base = join(d.path(), "base.vhdx");
-    ok(&["create", "-q", "-f", "vhdx", p(&base), "8M"]);
+    let base = image_in(d.path(), "base.vhdx", "vhdx", "8M");
     // A qemu user's internal-snapshot name is refused, and no file is made.
-    let o = Command::new(env!("CARGO_BIN_EXE_viridian"))
-        .current_dir(d.path())
-        .args(["snapshot", "-c", "before-upgrade", "base.vhdx"])
-        .output()
-        .unwrap();
+    let o = viridian_in(d.path(), &["snapshot", "-c", "before-upgrade", "base.vhdx"]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr_of(&o);
     assert!(err.contains("no internal snapshots"), "{err}");
@@ -278,10 +263,8 @@ fn mount_says_when_it_is_ready_and_warns_that_background_undo_discards() {
         return;
     }
     let d = tmp();
-    let img = join(d.path(), "a.vhdx");
-    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
-    let mp = join(d.path(), "mnt");
-    std::fs::create_dir(&mp).unwrap();
+    let img = image_in(d.path(), "a.vhdx", "vhdx", "8M");
+    let mp = mount_point(d.path(), "mnt");
     let o = mount_background(&["--undo", p(&img), p(&mp)]);
     let _guard = MountGuard(mp.clone());
     assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
@@ -405,8 +388,7 @@ fn a_sector_size_change_under_a_partition_table_is_refused_without_the_flag() {
     if !fuse_usable() {
         return;
     }
-    let mp = join(d.path(), "mnt");
-    std::fs::create_dir(&mp).unwrap();
+    let mp = mount_point(d.path(), "mnt");
     let o = mount_background(&["--partitions", p(&out), p(&mp)]);
     let _guard = MountGuard(mp.clone());
     assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
@@ -449,36 +431,20 @@ fn convert_without_o_follows_the_target_name_and_measure_assumes_raw() {
 fn a_relative_backing_file_is_relative_to_the_child_as_in_qemu_img() {
     let d = tmp();
     std::fs::create_dir(d.path().join("sub")).unwrap();
-    ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        p(&d.path().join("sub/p.vhdx")),
-        "8M",
-    ]);
-    let o = Command::new(env!("CARGO_BIN_EXE_viridian"))
-        .current_dir(d.path())
-        .args(["create", "-f", "vhdx", "-b", "p.vhdx", "sub/c.vhdx"])
-        .output()
-        .unwrap();
+    create("vhdx", &d.path().join("sub/p.vhdx"), "8M");
+    let o = viridian_in(
+        d.path(),
+        &["create", "-f", "vhdx", "-b", "p.vhdx", "sub/c.vhdx"],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
     let info = ok(&["info", p(&d.path().join("sub/c.vhdx"))]);
     assert!(info.contains("sub/p.vhdx"), "{info}");
     // A same-named file in the working directory is not what the child links to.
-    ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        p(&d.path().join("p.vhdx")),
-        "16M",
-    ]);
-    let o = Command::new(env!("CARGO_BIN_EXE_viridian"))
-        .current_dir(d.path())
-        .args(["create", "-f", "vhdx", "-b", "p.vhdx", "sub/c2.vhdx"])
-        .output()
-        .unwrap();
+    create("vhdx", &d.path().join("p.vhdx"), "16M");
+    let o = viridian_in(
+        d.path(),
+        &["create", "-f", "vhdx", "-b", "p.vhdx", "sub/c2.vhdx"],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
     let info = ok(&["info", p(&d.path().join("sub/c2.vhdx"))]);
     assert!(info.contains("(8388608 bytes)"), "{info}");
@@ -493,8 +459,7 @@ fn allocated(path: &Path) -> u64 {
 fn compact_never_allocates_more_and_keeps_the_holes_of_moved_blocks() {
     let d = tmp();
     for fmt in ["vhdx", "vhd"] {
-        let img = join(d.path(), &format!("c.{fmt}"));
-        ok(&["create", "-q", "-f", fmt, p(&img), "64M"]);
+        let img = image_in(d.path(), &format!("c.{fmt}"), fmt, "64M");
         // 16 blocks holding 4 KiB each (the rest of each block a hole in the file)...
         let mut args = vec!["io".to_string()];
         for i in 0..16 {
@@ -533,16 +498,7 @@ fn compact_never_allocates_more_and_keeps_the_holes_of_moved_blocks() {
         }
     }
     let fixed = join(d.path(), "f.vhdx");
-    ok(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "subformat=fixed",
-        p(&fixed),
-        "8M",
-    ]);
+    create_with("vhdx", "subformat=fixed", &fixed, "8M");
     let said = ok(&["compact", p(&fixed)]);
     assert!(said.contains("Nothing to do"), "{said}");
 }
@@ -577,8 +533,7 @@ fn forget_vhdx_block(path: &Path, block: u64) {
 #[test]
 fn check_repair_reports_what_is_left_and_the_repaired_end_offset() {
     let d = tmp();
-    let img = join(d.path(), "l.vhdx");
-    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
+    let img = image_in(d.path(), "l.vhdx", "vhdx", "8M");
     ok(&[
         "io",
         "-c",
@@ -631,8 +586,8 @@ fn messages_say_things_once_and_in_qemu_img_words() {
     assert!(err.contains("No such file"), "{err}");
 
     let (a, b) = (join(d.path(), "a.vhdx"), join(d.path(), "b.vhdx"));
-    ok(&["create", "-q", "-f", "vhdx", p(&a), "8M"]);
-    ok(&["create", "-q", "-f", "vhdx", p(&b), "16M"]);
+    create("vhdx", &a, "8M");
+    create("vhdx", &b, "16M");
     let ours = viridian(&["compare", p(&a), p(&b)]);
     assert_eq!(ours.status.code(), Some(0));
     assert!(stdout_of(&ours).contains("Warning: Image size mismatch!"));
@@ -643,11 +598,7 @@ fn messages_say_things_once_and_in_qemu_img_words() {
 
     // Paths read as typed: no "././base.vhdx", no Windows ".\\base.vhdx" on Linux.
     let run_in = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_viridian"))
-            .current_dir(d.path())
-            .args(args)
-            .output()
-            .unwrap();
+        let o = viridian_in(d.path(), args);
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr_of(&o));
         stdout_of(&o)
     };
@@ -686,8 +637,7 @@ fn convert_salvage_turns_read_errors_into_zeros_and_keeps_the_rest() {
     // A real read error: a VHD served through `viridian mount`, truncated underneath the
     // mount so its last block's data is gone; the FUSE file answers EIO there.
     let d = tmp();
-    let img = join(d.path(), "damaged.vhd");
-    ok(&["create", "-q", "-f", "vhd", p(&img), "8M"]);
+    let img = image_in(d.path(), "damaged.vhd", "vhd", "8M");
     ok(&[
         "io",
         "-c",
@@ -700,8 +650,7 @@ fn convert_salvage_turns_read_errors_into_zeros_and_keeps_the_rest() {
     let map: serde_json::Value =
         serde_json::from_str(&ok(&["map", "--output", "json", p(&img)])).unwrap();
     let first_data_end = map[0]["offset"].as_u64().unwrap() + (2 << 20);
-    let mp = join(d.path(), "mnt");
-    std::fs::create_dir(&mp).unwrap();
+    let mp = mount_point(d.path(), "mnt");
     ok(&["mount", p(&img), p(&mp)]);
     let _guard = MountGuard(mp.clone());
     std::fs::OpenOptions::new()
@@ -865,8 +814,8 @@ fn rebase_resolves_a_relative_backing_name_from_the_image_folder_as_qemu_img() {
     let a = join(&base, "a.vhd");
     let b = join(&base, "b.vhd");
     let c = join(&kids, "c1.vhd");
-    ok(&["create", "-q", "-f", "vhd", p(&a), "4M"]);
-    ok(&["create", "-q", "-f", "vhd", p(&b), "4M"]);
+    create("vhd", &a, "4M");
+    create("vhd", &b, "4M");
     ok(&["create", "-q", "-f", "vhd", "-b", "../base/a.vhd", p(&c)]);
     // Run from elsewhere: "../base/b.vhd" means p/base/b.vhd (the child's folder), not the cwd.
     ok(&["rebase", "-u", "-b", "../base/b.vhd", p(&c)]);

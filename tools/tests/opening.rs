@@ -7,7 +7,6 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 const DISK: u64 = 16 << 20;
@@ -28,31 +27,14 @@ fn last_512(path: &Path) -> Vec<u8> {
 fn attacks(dir: &Path) -> Vec<Attack> {
     // 1. A fixed-VHD footer for 1 MiB in the last sector (turned 16 MiB raw into 1 MiB VHD).
     let small = join(dir, "small-fixed.vhd");
-    ok(&[
-        "create",
-        "-f",
-        "vhd",
-        "-o",
-        "subformat=fixed",
-        p(&small),
-        "1M",
-    ]);
+    create_with("vhd", "subformat=fixed", &small, "1M");
     // 2. A footer that agrees with the disk's size (16 MiB - 512 + 512): the strict probe rule
     //    would accept it, so only the write guard stands in its way.
     let exact = join(dir, "exact-fixed.vhd");
     let exact_size = (DISK - 512).to_string();
-    ok(&[
-        "create",
-        "-f",
-        "vhd",
-        "-o",
-        "subformat=fixed",
-        p(&exact),
-        &exact_size,
-    ]);
+    create_with("vhd", "subformat=fixed", &exact, &exact_size);
     // 3. A whole 2 MiB VHDX written from offset 0.
-    let vhdx = join(dir, "two.vhdx");
-    ok(&["create", "-f", "vhdx", p(&vhdx), "2M"]);
+    let vhdx = image_in(dir, "two.vhdx", "vhdx", "2M");
     // 4. A differencing VHD (footer copy + header + locators) naming a host file beside the
     //    disk as its parent, written from offset 0.
     let secret = join(dir, "secret.vhd");
@@ -131,7 +113,7 @@ fn nbdsh_ready() -> bool {
     }
     let o = nbdsh(&["-c", "pass"]);
     if !o.status.success() {
-        let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
+        let why = stderr_of(&o).trim().to_string();
         if require_all() {
             panic!("nbdsh is required (VIRIDIAN_REQUIRE_ALL=1) but does not run: {why}");
         }
@@ -147,33 +129,27 @@ fn qemu_io_write(socket: &Path, a: &Attack, dir: &Path) -> bool {
     std::fs::write(&payload, &a.data).unwrap();
     let cmd = format!("write -s {} {} {}", p(&payload), a.offset, a.data.len());
     let o = tool("qemu-io", &["-f", "raw", "-c", &cmd, &uri(socket)]);
-    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    let out = stdout_of(&o) + &stderr_of(&o);
     o.status.success() && !out.contains("failed")
-}
-
-fn info_json(args: &[&str]) -> Value {
-    serde_json::from_str(&ok(args)).unwrap()
 }
 
 /// Everything that opens the disk by probing sees the same raw disk of the same size, and
 /// the bytes are the guest's own (no other file is read into it).
 fn assert_still_raw(dir: &Path, img: &Path, expected: &[u8]) {
-    let v = info_json(&["info", "--output", "json", p(img)]);
+    let v = ok_json(&["info", "--output", "json", p(img)]);
     assert_eq!(v["format"], "raw", "{v}");
     assert_eq!(v["virtual-size"], DISK, "{v}");
     assert_eq!(v["format-probed"], true, "{v}");
     assert!(v.get("backing-filename").is_none(), "{v}");
     // convert reads exactly the disk's bytes.
-    let out = join(dir, "converted.raw");
-    let _ = std::fs::remove_file(&out);
+    let out = fresh_path(dir, "converted.raw");
     ok(&["convert", "-O", "raw", p(img), p(&out)]);
     assert!(
         read_all(&out) == expected,
         "convert did not copy the raw disk as it is"
     );
     // serve exports the raw size.
-    let sock = join(dir, "check.sock");
-    let _ = std::fs::remove_file(&sock);
+    let sock = fresh_path(dir, "check.sock");
     {
         let _s = serve_start(&["--socket", p(&sock), p(img)], &sock).expect("serve");
         let size = tool_ok("nbdinfo", &["--size", &uri(&sock)]);
@@ -183,11 +159,7 @@ fn assert_still_raw(dir: &Path, img: &Path, expected: &[u8]) {
     let child = join(dir, "snap.vhd");
     let o = viridian(&["snapshot", "-c", p(&child), p(img)]);
     assert!(!o.status.success());
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("is raw"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(stderr_of(&o).contains("is raw"), "{}", stderr_of(&o));
     assert!(!child.exists());
     // run opens it as the same raw disk.
     let disk_arg = p(img).to_string();
@@ -205,8 +177,7 @@ fn guest_writes_through_nbd_cannot_change_a_probed_raw_disk() {
         for client in ["nbdsh", "qemu-io"] {
             let img = raw_disk(d.path(), "guest.raw");
             let before = read_all(&img);
-            let sock = join(d.path(), "g.sock");
-            let _ = std::fs::remove_file(&sock);
+            let sock = fresh_path(d.path(), "g.sock");
             {
                 let _s = serve_start(&["--socket", p(&sock), "--rw", p(&img)], &sock)
                     .expect("serve --rw");
@@ -248,8 +219,7 @@ fn the_same_writes_with_an_explicit_raw_format_succeed() {
     let d = tmp();
     for a in attacks(d.path()) {
         let img = raw_disk(d.path(), "explicit.raw");
-        let sock = join(d.path(), "e.sock");
-        let _ = std::fs::remove_file(&sock);
+        let sock = fresh_path(d.path(), "e.sock");
         {
             let _s = serve_start(&["--socket", p(&sock), "--rw", "-f", "raw", p(&img)], &sock)
                 .expect("serve -f raw --rw");
@@ -266,7 +236,7 @@ fn the_same_writes_with_an_explicit_raw_format_succeed() {
             "{} did not land",
             a.name
         );
-        let v = info_json(&["info", "--output", "json", "-f", "raw", p(&img)]);
+        let v = ok_json(&["info", "--output", "json", "-f", "raw", p(&img)]);
         assert_eq!(v["virtual-size"], DISK);
         assert_eq!(v["format-probed"], false);
         // run's format=raw opens it as raw whatever the bytes now say.
@@ -298,8 +268,7 @@ fn guest_writes_through_mount_cannot_change_a_probed_raw_disk() {
         for explicit in [false, true] {
             let img = raw_disk(d.path(), "m.raw");
             let before = read_all(&img);
-            let mp = join(d.path(), "mnt");
-            std::fs::create_dir_all(&mp).unwrap();
+            let mp = mount_point(d.path(), "mnt");
             let mut args = vec!["mount", "--rw"];
             if explicit {
                 args.extend(["-f", "raw"]);
@@ -353,22 +322,14 @@ fn a_size_mismatched_trailing_footer_reads_as_raw() {
     let img = join(d.path(), "big.raw");
     patterned_raw(&img, 64 << 20, 9);
     let ten = join(d.path(), "ten.vhd");
-    ok(&[
-        "create",
-        "-f",
-        "vhd",
-        "-o",
-        "subformat=fixed",
-        p(&ten),
-        "10M",
-    ]);
+    create_with("vhd", "subformat=fixed", &ten, "10M");
     let footer = last_512(&ten);
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
         f.write_all_at(&footer, (64 << 20) - 512).unwrap();
     }
-    let v = info_json(&["info", "--output", "json", p(&img)]);
+    let v = ok_json(&["info", "--output", "json", p(&img)]);
     assert_eq!(v["format"], "raw", "{v}");
     assert_eq!(v["virtual-size"], 64u64 << 20);
     assert!(v["format-rule"].as_str().unwrap().contains("raw"), "{v}");
@@ -376,10 +337,10 @@ fn a_size_mismatched_trailing_footer_reads_as_raw() {
     ok(&["convert", "-O", "raw", p(&img), p(&out)]);
     assert!(read_all(&out) == read_all(&img), "convert dropped data");
     // Stated as VHD it still reads (tolerant reading when the user says so).
-    let v = info_json(&["info", "--output", "json", "-f", "vhd", p(&img)]);
+    let v = ok_json(&["info", "--output", "json", "-f", "vhd", p(&img)]);
     assert_eq!(v["format"], "vpc");
     // A real fixed VHD is still recognised, and info says by which rule.
-    let v = info_json(&["info", "--output", "json", p(&ten)]);
+    let v = ok_json(&["info", "--output", "json", p(&ten)]);
     assert_eq!(v["format"], "vpc");
     assert!(
         v["format-rule"]
@@ -394,19 +355,20 @@ fn a_size_mismatched_trailing_footer_reads_as_raw() {
 fn a_parent_is_opened_only_as_its_childs_format() {
     let d = tmp();
     // A raw file where a VHD child expects its parent: refused, never read as raw.
-    let base = join(d.path(), "base.vhd");
-    ok(&["create", "-f", "vhd", p(&base), "4M"]);
+    let base = image_in(d.path(), "base.vhd", "vhd", "4M");
     let child = join(d.path(), "child.vhd");
     ok(&["create", "-f", "vhd", "-b", p(&base), p(&child)]);
     std::fs::remove_file(&base).unwrap();
     std::fs::write(&base, vec![0x11u8; 4 << 20]).unwrap();
-    let o = viridian(&["info", p(&child)]);
+    // Following the chain is what fails (plain `info` shows the child's own facts and only
+    // warns, as qemu-img does).
+    let o = viridian(&["info", "--backing-chain", p(&child)]);
     assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr_of(&o);
     assert!(err.contains("needs a vhd parent"), "{err}");
     // A VHDX where a VHD parent should be: refused likewise.
     std::fs::remove_file(&base).unwrap();
-    ok(&["create", "-f", "vhdx", p(&base), "4M"]);
-    let o = viridian(&["info", p(&child)]);
+    create("vhdx", &base, "4M");
+    let o = viridian(&["info", "--backing-chain", p(&child)]);
     assert!(!o.status.success());
 }

@@ -260,12 +260,8 @@ fn run_py(py: &Path, cwd: &Path, script: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
-    assert!(
-        o.status.success(),
-        "python peer failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    assert!(o.status.success(), "python peer failed: {}", stderr_of(&o));
+    stdout_of(&o)
 }
 
 /// Path of `target` as seen from `cwd` (both under one temp root): "../kids/child.vhdx".
@@ -304,11 +300,7 @@ fn check_chain(py: &Path, fmt: &str, maker: Maker, layout: Layout) {
             .args([&child_arg, p(&mp)])
             .output()
             .unwrap();
-        assert!(
-            o.status.success(),
-            "vhdimount {what}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "vhdimount {what}: {}", stderr_of(&o));
         let seen = {
             let _m = MountGuard(mp.clone());
             read_top_layer(&mp)
@@ -389,7 +381,7 @@ fn vhdx_locators_hold_windows_paths_only_when_known() {
     let d = tmp();
     let root = std::fs::canonicalize(d.path()).unwrap();
     let base = root.join("base.vhdx");
-    ok(&["create", "-f", "vhdx", p(&base), "4M"]);
+    create("vhdx", &base, "4M");
     let locator = |img: &Path| -> serde_json::Value {
         let v: serde_json::Value =
             serde_json::from_str(&ok(&["info", "--output", "json", p(img)])).unwrap();

@@ -58,6 +58,8 @@ pub struct CreateOptions {
     pub azure: bool,
     /// Differencing: the parent's Windows path, when known (W2ku locator, header parent name).
     pub parent_windows: disk::ParentWindowsPaths,
+    /// How the new file is opened (lock, skip_file_sync).
+    pub file: disk::FileOptions,
 }
 
 impl CreateOptions {
@@ -69,6 +71,7 @@ impl CreateOptions {
             size_rule: SizeRule::CurrentSize,
             azure: false,
             parent_windows: disk::ParentWindowsPaths::default(),
+            file: disk::FileOptions::default(),
         }
     }
 }
@@ -91,7 +94,7 @@ impl VhdDisk {
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<VhdDisk> {
         // Validate before touching the file system.
         resolve_size(opts)?;
-        let s = FileStorage::create(path)?;
+        let s = FileStorage::create_with(path, &opts.file)?;
         match Self::create_on(Arc::new(s), opts) {
             Ok(d) => Ok(d),
             Err(e) => {
@@ -288,6 +291,7 @@ pub fn measure(size: u64, allocated: u64, opts: &CreateOptions) -> (u64, u64) {
         size_rule: opts.size_rule,
         azure: opts.azure,
         parent_windows: disk::ParentWindowsPaths::default(),
+        file: opts.file,
     };
     let size = resolve_size(&probe).unwrap_or(size.div_ceil(SECTOR) * SECTOR);
     if matches!(opts.kind, CreateKind::Fixed) {

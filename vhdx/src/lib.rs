@@ -52,6 +52,8 @@ pub struct CreateOptions {
     /// Differencing: the parent's Windows paths when known (`absolute_win32_path`,
     /// `volume_path`); the relative path is always written.
     pub parent_windows: disk::ParentWindowsPaths,
+    /// How the new file is opened (lock, skip_file_sync).
+    pub file: disk::FileOptions,
 }
 
 pub const DEFAULT_BLOCK_SIZE: u32 = 1 << 20;
@@ -70,6 +72,7 @@ impl CreateOptions {
             logical_sector_size: 512,
             physical_sector_size: 4096,
             parent_windows: disk::ParentWindowsPaths::default(),
+            file: disk::FileOptions::default(),
         }
     }
 }
@@ -1282,7 +1285,7 @@ impl VhdxDisk {
 
     /// Creates an image at `path` (which must not exist).
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<VhdxDisk> {
-        let s = FileStorage::create(path)?;
+        let s = FileStorage::create_with(path, &opts.file)?;
         let mut opts = opts.clone();
         Self::create_impl(Arc::new(s), &mut opts, Some(path))
     }

@@ -55,6 +55,8 @@
 //! Guest errors never panic: malformed messages are logged and dropped (or answered with a
 //! failure status), and a malformed ring stops its channel with [`Action::ChannelFailed`].
 
+#![forbid(unsafe_code)]
+
 pub mod gpadl;
 pub mod guid;
 pub mod memory;

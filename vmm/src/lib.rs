@@ -28,6 +28,11 @@
 //! registers (RIP, CR0, CR3, CR4, EFER), the code bytes at RIP, milestones reached, VMM
 //! events and the last console lines.
 
+// unsafe only where a VMM cannot do without: KVM memory-region registration and the kvm_run
+// exit union, atomic views of the mapped guest RAM, and libc calls std has no wrapper for
+// (pthread_kill to interrupt KVM_RUN, gmtime_r, termios, poll), each with a SAFETY comment.
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod acpi;
 mod boot;
 pub mod console;

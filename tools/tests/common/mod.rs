@@ -319,3 +319,58 @@ impl KillRng {
         self.0 % n.max(1)
     }
 }
+
+// ---- per-case setup shared by the CLI test files ----
+
+/// `viridian create -q -f FMT PATH SIZE`, insisting on success.
+pub fn create(fmt: &str, path: &Path, size: &str) {
+    ok(&["create", "-q", "-f", fmt, p(path), size]);
+}
+
+/// A new FMT image `name` of `size` in `dir` (made by `viridian create`); its path.
+pub fn image_in(dir: &Path, name: &str, fmt: &str, size: &str) -> PathBuf {
+    let path = dir.join(name);
+    create(fmt, &path, size);
+    path
+}
+
+/// `viridian create -q -f FMT -o OPTIONS PATH SIZE`, insisting on success.
+pub fn create_with(fmt: &str, options: &str, path: &Path, size: &str) {
+    ok(&["create", "-q", "-f", fmt, "-o", options, p(path), size]);
+}
+
+/// Runs viridian with `dir` as its working directory (relative paths resolve there).
+pub fn viridian_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run viridian")
+}
+
+pub fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `viridian ARGS` (an `--output json` command), parsed.
+pub fn ok_json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&ok(args)).expect("viridian printed JSON")
+}
+
+/// The path `name` in `dir` with no file at it (a socket or output left by an earlier round).
+pub fn fresh_path(dir: &Path, name: &str) -> PathBuf {
+    let sock = dir.join(name);
+    let _ = std::fs::remove_file(&sock);
+    sock
+}
+
+/// The directory `name` in `dir`, made if missing, to mount on.
+pub fn mount_point(dir: &Path, name: &str) -> PathBuf {
+    let mp = dir.join(name);
+    std::fs::create_dir_all(&mp).unwrap();
+    mp
+}
