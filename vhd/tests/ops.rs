@@ -265,11 +265,11 @@ fn resize_grows_fixed_and_dynamic_and_refuses_shrink() {
     let r = check_file(&p, Repair::None);
     assert_eq!(r.corruptions, 0, "{r:?}");
     if common::have_tool("qemu-img") {
-        let out = std::process::Command::new("qemu-img")
-            .args(["info", "--output", "json", "-f", "vpc"])
-            .arg(&p)
-            .output()
-            .unwrap();
+        let out = common::qemu_output(
+            &mut std::process::Command::new("qemu-img")
+                .args(["info", "--output", "json", "-f", "vpc"])
+                .arg(&p),
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["virtual-size"].as_u64(), Some(8 * MIB));
     }

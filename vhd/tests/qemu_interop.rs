@@ -165,12 +165,12 @@ fn us_to_qemu(kind: CreateKind, size: u64, rule: SizeRule) {
     drop(d);
     drop(rf);
     assert_eq!(qemu_size(&img), vsize, "qemu sees a different size");
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "vpc", "-F", "raw"])
-        .arg(&img)
-        .arg(&raw)
-        .output()
-        .unwrap();
+    let out = common::qemu_output(
+        &mut Command::new("qemu-img")
+            .args(["compare", "-f", "vpc", "-F", "raw"])
+            .arg(&img)
+            .arg(&raw),
+    );
     assert!(
         out.status.success(),
         "qemu-img compare: {}{}",
@@ -179,11 +179,11 @@ fn us_to_qemu(kind: CreateKind, size: u64, rule: SizeRule) {
     );
     // qemu 10 has no `check` for vpc (exit 63, "does not support checks"): accept that or a
     // clean result; our own check must be clean either way.
-    let qc = Command::new("qemu-img")
-        .args(["check", "-f", "vpc"])
-        .arg(&img)
-        .output()
-        .unwrap();
+    let qc = common::qemu_output(
+        &mut Command::new("qemu-img")
+            .args(["check", "-f", "vpc"])
+            .arg(&img),
+    );
     assert!(
         matches!(qc.status.code(), Some(0) | Some(63)),
         "qemu-img check: {}",
@@ -292,12 +292,12 @@ fn compact_qemu_image_keeps_data_for_qemu() {
     assert!(st.blocks_moved >= 1, "{st:?}");
     let after = std::fs::metadata(&img).unwrap().len();
     assert!(after < before && after == st.file_size_after);
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "vpc", "-F", "raw"])
-        .arg(&img)
-        .arg(&raw)
-        .output()
-        .unwrap();
+    let out = common::qemu_output(
+        &mut Command::new("qemu-img")
+            .args(["compare", "-f", "vpc", "-F", "raw"])
+            .arg(&img)
+            .arg(&raw),
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -352,12 +352,12 @@ fn resize_qemu_image_relocates_bat() {
     f.set_len(new).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x7e; 4096], new - 4096).unwrap();
     drop(f);
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "vpc", "-F", "raw"])
-        .arg(&img)
-        .arg(&raw)
-        .output()
-        .unwrap();
+    let out = common::qemu_output(
+        &mut Command::new("qemu-img")
+            .args(["compare", "-f", "vpc", "-F", "raw"])
+            .arg(&img)
+            .arg(&raw),
+    );
     assert!(
         out.status.success(),
         "{}",

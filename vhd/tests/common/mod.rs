@@ -38,9 +38,25 @@ pub fn have_tool(tool: &str) -> bool {
     available(tool, ok)
 }
 
+/// Runs a QEMU tool and returns its output. A run refused for a lock is tried again for a
+/// moment: a file this test process just closed may still be open in a child that another
+/// test thread is starting (between its fork and exec it holds copies of every descriptor,
+/// and with them their locks).
+pub fn qemu_output(cmd: &mut Command) -> std::process::Output {
+    let mut out = cmd.output().expect("spawn");
+    for _ in 0..50 {
+        if out.status.success() || !String::from_utf8_lossy(&out.stderr).contains("lock") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        out = cmd.output().expect("spawn");
+    }
+    out
+}
+
 /// Runs a command, panicking with its output on failure; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
+    let out = qemu_output(cmd);
     assert!(
         out.status.success(),
         "{:?} failed: {}\n{}",
