@@ -9,6 +9,7 @@
 //! (a raw file, a fully present VHDX block) are copied by the kernel (`copy_file_range`), without
 //! passing through a user buffer or a zero scan; other runs take the read/write path.
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -284,8 +285,11 @@ pub fn run(a: Args) -> Result<i32> {
         let b = t.backing().cloned().map(Disk::new);
         (t, b)
     };
+    // Ordered writes only matter where the target allocates blocks as writes arrive (VHD,
+    // VHDX); a raw file's layout does not depend on write order, so its workers never wait.
+    let in_order = !a.out_of_order && target.format() != "raw";
     let plan = Arc::new(Plan {
-        in_order: !a.out_of_order,
+        in_order,
         turnstile: Turnstile::default(),
         failed: AtomicBool::new(false),
         sources,
@@ -587,11 +591,15 @@ fn worker(plan: &Plan, rx: &Mutex<Receiver<Job>>, pb: &indicatif::ProgressBar) -
                 }
                 let data = &mut buf[..len as usize];
                 let source = plan.sources[src].as_ref();
-                if plan.salvage {
+                let holes = if plan.salvage {
                     read_salvaging(source, data, src_off, src);
+                    Vec::new()
                 } else {
-                    read_source(plan, src, data, src_off)?;
-                }
+                    // Writers that take bytes as they are (-S 0, or a differing backing
+                    // file's range, written whole) need the holes as real zeros.
+                    let fill = plan.granule == 0 || plan.backing.is_some();
+                    read_source(plan, src, data, src_off, fill)?
+                };
                 let base = match &plan.backing {
                     Some(b) => {
                         let bb = &mut base_buf[..len as usize];
@@ -603,7 +611,7 @@ fn worker(plan: &Plan, rx: &Mutex<Receiver<Job>>, pb: &indicatif::ProgressBar) -
                     None => None,
                 };
                 my_turn()?;
-                write_runs(plan, data, base, dst_off)?;
+                write_runs(plan, data, &holes, base, dst_off)?;
                 pb.inc(len);
             }
         }
@@ -656,13 +664,22 @@ fn read_salvaging(src: &dyn BlockDevice, buf: &mut [u8], off: u64, index: usize)
     report(&mut bad);
 }
 
-/// Reads `buf` from source `src` at `off`. Where the bytes are a plain file's and the file has a
-/// hole there (a VHDX block allocated but never written, a sparse raw file), the buffer is
-/// zeroed instead: a hole reads as zeros, and this spares the kernel filling page-cache pages
-/// with zeros only for the zero scan to skip them.
-fn read_source(plan: &Plan, src: usize, buf: &mut [u8], off: u64) -> Result<()> {
+/// Reads `buf` from source `src` at `off` and returns the ranges of `buf` (sorted, disjoint)
+/// that are holes of the source file: where the bytes are a plain file's and the file has a
+/// hole (a VHD or VHDX block allocated but never fully written, a sparse raw file), nothing is
+/// read, since a hole reads as zeros. That spares the kernel filling page-cache pages with zeros
+/// and the zero scan reading them. The hole ranges are filled with zeros only when `fill` is set
+/// (a writer that takes the buffer as it is); otherwise they hold stale bytes.
+fn read_source(
+    plan: &Plan,
+    src: usize,
+    buf: &mut [u8],
+    off: u64,
+    fill: bool,
+) -> Result<Vec<Range<usize>>> {
     let source = &plan.sources[src];
     let ctx = || format!("cannot read source {} at offset {off}", src + 1);
+    let mut holes: Vec<Range<usize>> = Vec::new();
     let mut done = 0usize;
     while done < buf.len() {
         let s = off + done as u64;
@@ -674,15 +691,22 @@ fn read_source(plan: &Plan, src: usize, buf: &mut [u8], off: u64) -> Result<()> 
             }
             None => (false, left),
         };
-        let piece = &mut buf[done..done + n as usize];
+        let piece = done..done + n as usize;
         if hole {
-            piece.fill(0);
+            if fill {
+                buf[piece.clone()].fill(0);
+            }
+            // Adjacent holes (two blocks) make one range.
+            match holes.last_mut() {
+                Some(last) if last.end == piece.start => last.end = piece.end,
+                _ => holes.push(piece),
+            }
         } else {
-            source.read_at(piece, s).with_context(ctx)?;
+            source.read_at(&mut buf[piece], s).with_context(ctx)?;
         }
         done += n as usize;
     }
-    Ok(())
+    Ok(holes)
 }
 
 /// -C: copies a data run piece by piece, by `copy_file_range` where both sides are plain file
@@ -758,9 +782,17 @@ fn copy_offloaded(
 }
 
 /// Writes `data` at `dst_off`, skipping granules the target already has (zeros on a zeroed
-/// target, or bytes equal to the backing file's) and coalescing the rest into runs.
-fn write_runs(plan: &Plan, data: &[u8], base: Option<&[u8]>, dst_off: u64) -> Result<()> {
+/// target, or bytes equal to the backing file's) and coalescing the rest into runs. `holes`
+/// (sorted, disjoint ranges of `data`) are known zeros: taken whole, neither read nor scanned.
+fn write_runs(
+    plan: &Plan,
+    data: &[u8],
+    holes: &[Range<usize>],
+    base: Option<&[u8]>,
+    dst_off: u64,
+) -> Result<()> {
     if plan.granule == 0 {
+        // The caller filled the holes with zeros: everything is written.
         plan.target
             .write_at(data, dst_off)
             .with_context(|| format!("cannot write the target at offset {dst_off}"))?;
@@ -769,6 +801,7 @@ fn write_runs(plan: &Plan, data: &[u8], base: Option<&[u8]>, dst_off: u64) -> Re
     let g = plan.granule as usize;
     let mut run_start: Option<usize> = None;
     let mut zero_run: Option<usize> = None;
+    let mut holes = holes.iter().peekable();
     let mut i = 0;
     let flush_write = |start: usize, end: usize| -> Result<()> {
         plan.target
@@ -790,13 +823,34 @@ fn write_runs(plan: &Plan, data: &[u8], base: Option<&[u8]>, dst_off: u64) -> Re
             .context("cannot write zeros to the target")
     };
     while i < data.len() {
-        let end = (i + g).min(data.len());
-        let piece = &data[i..end];
-        let skip = match base {
-            Some(b) => piece == &b[i..end],
-            None => plan.target_zero && disk::is_zero(piece),
+        // The next piece: a whole hole, or a granule of read data (cut short at a hole).
+        let (end, known_zero) = match holes.peek() {
+            Some(h) if h.start == i => {
+                let end = h.end;
+                holes.next();
+                (end, true)
+            }
+            Some(h) => ((i + g).min(h.start), false),
+            None => ((i + g).min(data.len()), false),
         };
-        let zero_needed = !skip && base.is_none() && disk::is_zero(piece);
+        let skip;
+        let zero_needed;
+        match base {
+            Some(b) => {
+                let b = &b[i..end];
+                skip = if known_zero {
+                    disk::is_zero(b)
+                } else {
+                    &data[i..end] == b
+                };
+                zero_needed = false;
+            }
+            None => {
+                let zero = known_zero || disk::is_zero(&data[i..end]);
+                skip = plan.target_zero && zero;
+                zero_needed = !skip && zero;
+            }
+        }
         if skip || zero_needed {
             if let Some(s) = run_start.take() {
                 flush_write(s, i)?;

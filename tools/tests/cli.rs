@@ -637,3 +637,109 @@ fn convert_copy_offloading_keeps_bytes_and_holes() {
         0
     );
 }
+
+/// Sources whose allocated blocks are partly file holes (qemu-img writes only the non-zero
+/// parts of a block, and a fixed image is one sparse file): convert reads nothing for the holes
+/// (they read as zeros) and neither fills nor scans them, and the result must still be the
+/// source's bytes, with the holes kept holes in every target format, with and without -C.
+#[test]
+fn convert_from_blocks_with_file_holes_keeps_bytes_and_holes() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmp();
+    let src = join(d.path(), "src.raw");
+    patterned_raw(&src, 48 << 20, 5);
+    let on_disk = |path: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).expect("stat").blocks() * 512
+    };
+    for (name, qfmt, opts) in [
+        ("dyn.vhd", "vpc", "subformat=dynamic,force_size=on"),
+        ("fixed.vhd", "vpc", "subformat=fixed,force_size=on"),
+        ("dyn.vhdx", "vhdx", "block_size=8M"),
+        ("fixed.vhdx", "vhdx", "subformat=fixed"),
+    ] {
+        let img = join(d.path(), name);
+        tool_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                qfmt,
+                "-o",
+                opts,
+                p(&src),
+                p(&img),
+            ],
+        );
+        for (out_fmt, extra) in [("raw", ""), ("raw", "-C"), ("vhdx", ""), ("vhd", "")] {
+            let out = join(d.path(), &format!("out-{name}{extra}.{out_fmt}"));
+            let mut args = vec!["convert", "-O", out_fmt];
+            if !extra.is_empty() {
+                args.push(extra);
+            }
+            args.extend([p(&img), p(&out)]);
+            ok(&args);
+            assert_eq!(
+                code(&["compare", "-F", out_fmt, p(&src), p(&out)]),
+                0,
+                "{name} -> {out_fmt} {extra}: bytes differ"
+            );
+            let qf = if out_fmt == "vhd" { "vpc" } else { out_fmt };
+            let cmp = tool(
+                "qemu-img",
+                &["compare", "-f", "raw", "-F", qf, p(&src), p(&out)],
+            );
+            assert!(cmp.status.success(), "qemu-img compare {name} -> {out_fmt}");
+            // Holes stay holes: no more allocated than the source's data plus metadata.
+            assert!(
+                on_disk(&out) <= on_disk(&src) + (4 << 20),
+                "{name} -> {out_fmt} {extra}: {} bytes allocated, the source {}",
+                on_disk(&out),
+                on_disk(&src)
+            );
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+}
+
+/// A source's file holes are zeros even where the backing file of a `-B` target has data:
+/// the target must then hold zeros there, not skip the range (and not write stale bytes).
+#[test]
+fn convert_with_backing_writes_zeros_over_source_holes() {
+    let d = tmp();
+    let base = join(d.path(), "base.vhdx");
+    ok(&["create", "-f", "vhdx", p(&base), "8M"]);
+    ok(&["io", "-c", "write -P 0x55 0 8M", p(&base)]);
+    // A sparse raw source: data in the first and third MiB, holes elsewhere.
+    let src = join(d.path(), "src.raw");
+    std::fs::File::create(&src)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    ok(&[
+        "io",
+        "-c",
+        "write -P 0x66 0 1M",
+        "-c",
+        "write -P 0x55 2M 1M",
+        p(&src),
+    ]);
+    for extra in ["", "-S0"] {
+        let out = join(d.path(), &format!("out{extra}.vhdx"));
+        let mut args = vec!["convert", "-O", "vhdx", "-B", p(&base), "-F", "vhdx"];
+        if !extra.is_empty() {
+            args.push(extra);
+        }
+        args.extend([p(&src), p(&out)]);
+        ok(&args);
+        assert_eq!(
+            code(&["compare", "-F", "vhdx", p(&src), p(&out)]),
+            0,
+            "convert -B {extra}: the target does not read as the source"
+        );
+    }
+}

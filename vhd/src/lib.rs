@@ -250,6 +250,31 @@ impl BlockDevice for VhdDisk {
     fn format_specific(&self) -> Option<serde_json::Value> {
         self.info_json()
     }
+
+    /// Fixed disks and allocated blocks of dynamic disks are file bytes as they are (a dynamic
+    /// block's bitmap is not consulted, as in `read_in_block`); differencing blocks mix in the
+    /// parent, so they are not. Lets a copy skip the file's holes and use copy_file_range.
+    fn file_run(&self, offset: u64, len: u64) -> Option<(&std::fs::File, u64, u64)> {
+        let m = self.m();
+        if len == 0 || offset.checked_add(len)? > m.size {
+            return None;
+        }
+        match self.kind {
+            DiskType::Fixed => Some((self.storage.file()?, offset, len)),
+            DiskType::Dynamic => {
+                let bs = m.block_size as u64;
+                // A BAT page that cannot be read: no file run (the read path reports it).
+                let entry = m.bat.get(&*self.storage, offset / bs).ok()?;
+                if entry == bat::UNALLOCATED {
+                    return None;
+                }
+                let inb = offset % bs;
+                let at = entry as u64 * SECTOR + m.bitmap + inb;
+                Some((self.storage.file()?, at, len.min(bs - inb)))
+            }
+            DiskType::Differencing => None,
+        }
+    }
 }
 
 impl Drop for VhdDisk {
