@@ -285,11 +285,8 @@ pub fn run(a: Args) -> Result<i32> {
         let b = t.backing().cloned().map(Disk::new);
         (t, b)
     };
-    // Ordered writes only matter where the target allocates blocks as writes arrive (VHD,
-    // VHDX); a raw file's layout does not depend on write order, so its workers never wait.
-    let in_order = !a.out_of_order && target.format() != "raw";
     let plan = Arc::new(Plan {
-        in_order,
+        in_order: !a.out_of_order,
         turnstile: Turnstile::default(),
         failed: AtomicBool::new(false),
         sources,
