@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# Convert benchmark: viridian vs qemu-img, side by side in one run, page cache warm.
+# Convert benchmark: viridian beside qemu-img and beside the copy limit, every direction.
 #
-# Source: a 2 GiB raw file, half random data (in 1 MiB pieces) and half holes.
-# Cases: raw->vhdx, vhdx->raw, vhd->vhdx, and vhdx->raw / raw->raw with -C (copy offloading).
-# Reports wall time, the ratio viridian/qemu-img, the ratio viridian/cp (the copy limit: `cp
-# --sparse=always` of the raw source, the same data bytes read, zero-scanned and written, timed in
-# the same rounds) and peak RSS. Both tools run with their default target cache mode (unsafe: no
-# fsync at the end). bench/setup.sh installs qemu-img and GNU time.
-# Usage: bench/convert/run.sh [WORKDIR]   (needs ~6 GiB free in WORKDIR; default a temp dir)
+# Source: a raw file (SIZE_MIB, default 1024), half random data (in 1 MiB pieces, distinct per
+# MiB so nothing dedups) and half holes; qemu-img makes the VHD/VHDX inputs from it once, so
+# both tools read the same files. The page cache is warm (every input is read once first).
+#
+# Directions: raw<->VHD and raw<->VHDX (dynamic and fixed on the image side), VHD<->VHDX
+# (dynamic), and the copy-offloading variants (-C) VHDX->raw and raw->raw.
+#
+# Each direction runs RUNS times (default 5); in each round the three commands run in a rotated
+# order (so a load change does not always hit the same one) with `sync` before each, so no run
+# pays for another's writeback. Reported: the median wall time of viridian, of qemu-img, and of
+# `cp --sparse=always` of the raw source (the copy limit: the same data bytes read, scanned for
+# zeros and written, by a single plain-file copier), the ratios viridian/qemu-img and
+# viridian/cp, the median CPU time (user+system) of each, and viridian's peak RSS. Both
+# converters run with their default target cache mode (unsafe: no fsync at the end).
+#
+# Every output is checked: `qemu-img compare` and `viridian compare` against the raw source.
+#
+# Usage: bench/convert/run.sh [WORKDIR]   (needs ~5x SIZE_MIB free in WORKDIR; default a temp
+#        dir under /var/tmp); env: SIZE_MIB, RUNS, CASES (a grep -E filter on direction names).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash bench/setup.sh
@@ -16,7 +28,9 @@ V="$PWD/target/release/viridian"
 W="${1:-$(mktemp -d /var/tmp/viridian-bench.XXXXXX)}"
 mkdir -p "$W"
 trap 'rm -rf "$W"' EXIT
-SIZE_MIB=${SIZE_MIB:-2048}
+SIZE_MIB=${SIZE_MIB:-1024}
+RUNS=${RUNS:-5}
+CASES=${CASES:-.}
 
 python3 - "$W/src.raw" "$SIZE_MIB" <<'PY'
 import os, sys
@@ -31,56 +45,84 @@ with open(path, "wb") as f:
             f.write(rnd[i % 4096:] + rnd[: i % 4096])
 PY
 
-# Inputs for the non-raw cases, made once by qemu-img so both tools read the same file.
-qemu-img convert -O vhdx "$W/src.raw" "$W/src.vhdx"
-qemu-img convert -O vpc -o subformat=dynamic,force_size=on "$W/src.raw" "$W/src.vhd"
-cat "$W"/src.* >/dev/null  # warm the page cache
+qemu-img convert -f raw -O vhdx "$W/src.raw" "$W/src.vhdx"
+qemu-img convert -f raw -O vhdx -o subformat=fixed "$W/src.raw" "$W/src-fixed.vhdx"
+qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$W/src.raw" "$W/src.vhd"
+qemu-img convert -f raw -O vpc -o subformat=fixed,force_size=on "$W/src.raw" "$W/src-fixed.vhd"
+cat "$W"/src* >/dev/null # warm the page cache
 
-ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
-
-run_case() { # name srcfile srcfmt dstfmt [extra convert flags, e.g. -C]
-    local name=$1 src=$2 sf=$3 df=$4 extra=${5:-}
-    local qf=$df; [ "$qf" = vhd ] && qf=vpc
-    local sq=$sf; [ "$sq" = vhd ] && sq=vpc
-    local best_v=999999 best_q=999999 best_c=999999 rss_v=0 rss_q=0 q_ok=1
-    for i in 1 2 3; do
-        rm -f "$W/out.v" "$W/out.q" "$W/out.c"
-        sync # let no run pay for another's writeback
-        local t0 tv tq tc
-        t0=$(date +%s%N)
-        # shellcheck disable=SC2086
-        /usr/bin/time -f '%M' -o "$W/rss.v" "$V" convert $extra -f "$sf" -O "$df" "$src" "$W/out.v"
-        tv=$(ms_since "$t0")
-        sync
-        t0=$(date +%s%N)
-        # shellcheck disable=SC2086
-        if /usr/bin/time -f '%M' -o "$W/rss.q" qemu-img convert $extra -f "$sq" -O "$qf" "$src" "$W/out.q" 2>"$W/q.err"; then
-            tq=$(ms_since "$t0")
-            [ $tq -lt $best_q ] && best_q=$tq
-            rss_q=$(cat "$W/rss.q")
-        else
-            q_ok=0
-        fi
-        sync
-        t0=$(date +%s%N)
-        cp --sparse=always "$W/src.raw" "$W/out.c"
-        tc=$(ms_since "$t0")
-        [ $tv -lt $best_v ] && best_v=$tv
-        [ $tc -lt $best_c ] && best_c=$tc
-        rss_v=$(cat "$W/rss.v")
-    done
-    if [ $q_ok = 1 ]; then
-        qemu-img compare -f "$qf" -F "$qf" "$W/out.v" "$W/out.q" >/dev/null
-        python3 -c "print(f'$name: viridian {$best_v} ms (peak RSS {$rss_v//1024} MiB), qemu-img {$best_q} ms (peak RSS {$rss_q//1024} MiB), cp {$best_c} ms; ratio to qemu-img {$best_v/$best_q:.2f}, to cp {$best_v/$best_c:.2f}')"
-    else
-        qemu-img compare -f raw -F "$qf" "$W/src.raw" "$W/out.v" >/dev/null
-        python3 -c "print(f'$name: viridian {$best_v} ms (peak RSS {$rss_v//1024} MiB), qemu-img failed ($(head -1 "$W/q.err")), cp {$best_c} ms; ratio to cp {$best_v/$best_c:.2f}')"
-    fi
+# One timed command: appends "wall_ms cpu_ms peak_rss_kib" to the file $1.
+timed() {
+    local log=$1
+    shift
+    sync
+    local t0 t1
+    t0=$(date +%s%N)
+    /usr/bin/time -f '%U %S %M' -o "$W/time.out" "$@" >/dev/null 2>"$W/cmd.err" || {
+        echo "FAILED: $* ($(head -1 "$W/cmd.err"))" >&2
+        return 1
+    }
+    t1=$(date +%s%N)
+    read -r u s m <"$W/time.out"
+    python3 -c "print(($t1 - $t0) // 1000000, round(($u + $s) * 1000), $m)" >>"$log"
 }
 
-echo "source: ${SIZE_MIB} MiB raw, half data; best of 3 runs each; $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
-run_case "raw->vhdx" "$W/src.raw" raw vhdx
-run_case "vhdx->raw" "$W/src.vhdx" vhdx raw
-run_case "vhd->vhdx" "$W/src.vhd" vhd vhdx
-run_case "vhdx->raw -C" "$W/src.vhdx" vhdx raw -C
-run_case "raw->raw -C" "$W/src.raw" raw raw -C
+median() { # column file
+    python3 -c "
+import statistics, sys
+v = [float(l.split()[$1]) for l in open('$2') if l.strip()]
+print(int(statistics.median(v)))"
+}
+
+# name src srcfmt(ours) srcfmt(qemu) dstfmt(ours) dstfmt(qemu) our-opts qemu-opts [extra]
+run_case() {
+    local name=$1 src=$2 sf=$3 sq=$4 df=$5 dq=$6 vo=$7 qo=$8 extra=${9:-}
+    echo "$name" | grep -Eq -- "$CASES" || return 0
+    rm -f "$W"/log.*
+    # shellcheck disable=SC2206 # $extra is empty or one flag
+    local vargs=(convert $extra -f "$sf" -O "$df") qargs=(convert $extra -f "$sq" -O "$dq")
+    [ -n "$vo" ] && vargs+=(-o "$vo")
+    [ -n "$qo" ] && qargs+=(-o "$qo")
+    for i in $(seq 1 "$RUNS"); do
+        for k in 0 1 2; do
+            rm -f "$W/out.v" "$W/out.q" "$W/out.c"
+            case $(((i + k) % 3)) in
+            0) timed "$W/log.v" "$V" "${vargs[@]}" "$src" "$W/out.v" ;;
+            1) timed "$W/log.q" qemu-img "${qargs[@]}" "$src" "$W/out.q" ;;
+            2) timed "$W/log.c" cp --sparse=always "$W/src.raw" "$W/out.c" ;;
+            esac
+        done
+    done
+    # Fresh outputs for the checks (the timing loop removes each before the next command).
+    rm -f "$W/out.v" "$W/out.q"
+    "$V" "${vargs[@]}" "$src" "$W/out.v"
+    qemu-img "${qargs[@]}" "$src" "$W/out.q"
+    qemu-img compare -f raw -F "$dq" "$W/src.raw" "$W/out.v" >/dev/null ||
+        { echo "$name: qemu-img compare: output differs from the source" >&2; exit 1; }
+    "$V" compare -f raw -F "$df" "$W/src.raw" "$W/out.v" >/dev/null ||
+        { echo "$name: viridian compare: output differs from the source" >&2; exit 1; }
+    local tv tq tc cv cq cc rss
+    tv=$(median 0 "$W/log.v") tq=$(median 0 "$W/log.q") tc=$(median 0 "$W/log.c")
+    cv=$(median 1 "$W/log.v") cq=$(median 1 "$W/log.q") cc=$(median 1 "$W/log.c")
+    rss=$(median 2 "$W/log.v")
+    python3 -c "print(f'| {\"$name\":<16} | {$tv:>6} | {$tq:>6} | {$tc:>6} | {$tv/$tq:>5.2f} | {$tv/$tc:>5.2f} | {$cv:>5} / {$cq:>5} / {$cc:>5} | {$rss//1024:>4} |')"
+}
+
+echo "source: ${SIZE_MIB} MiB raw, half data; median of $RUNS runs; $(nproc) CPUs;" \
+    "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "| direction        | ours ms | qemu ms | cp ms | /qemu | /cp  | CPU ms ours / qemu / cp | RSS MiB |"
+echo "|------------------|--------:|--------:|------:|------:|-----:|-------------------------|--------:|"
+D=dynamic F=fixed
+run_case "raw->vhd" "$W/src.raw" raw raw vhd vpc "" "subformat=$D,force_size=on"
+run_case "raw->vhd fixed" "$W/src.raw" raw raw vhd vpc "subformat=$F" "subformat=$F,force_size=on"
+run_case "raw->vhdx" "$W/src.raw" raw raw vhdx vhdx "" ""
+run_case "raw->vhdx fixed" "$W/src.raw" raw raw vhdx vhdx "subformat=$F" "subformat=$F"
+run_case "vhd->raw" "$W/src.vhd" vhd vpc raw raw "" ""
+run_case "vhd fixed->raw" "$W/src-fixed.vhd" vhd vpc raw raw "" ""
+run_case "vhdx->raw" "$W/src.vhdx" vhdx vhdx raw raw "" ""
+run_case "vhdx fixed->raw" "$W/src-fixed.vhdx" vhdx vhdx raw raw "" ""
+run_case "vhd->vhdx" "$W/src.vhd" vhd vpc vhdx vhdx "" ""
+run_case "vhdx->vhd" "$W/src.vhdx" vhdx vhdx vhd vpc "" "subformat=$D,force_size=on"
+run_case "vhdx->raw -C" "$W/src.vhdx" vhdx vhdx raw raw "" "" -C
+run_case "raw->raw -C" "$W/src.raw" raw raw raw raw "" "" -C
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
