@@ -266,7 +266,7 @@ fn resize_grows_fixed_and_dynamic_and_refuses_shrink() {
     assert_eq!(r.corruptions, 0, "{r:?}");
     if common::have_tool("qemu-img") {
         let out = common::qemu_output(
-            &mut std::process::Command::new("qemu-img")
+            std::process::Command::new("qemu-img")
                 .args(["info", "--output", "json", "-f", "vpc"])
                 .arg(&p),
         );

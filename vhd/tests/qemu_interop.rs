@@ -166,7 +166,7 @@ fn us_to_qemu(kind: CreateKind, size: u64, rule: SizeRule) {
     drop(rf);
     assert_eq!(qemu_size(&img), vsize, "qemu sees a different size");
     let out = common::qemu_output(
-        &mut Command::new("qemu-img")
+        Command::new("qemu-img")
             .args(["compare", "-f", "vpc", "-F", "raw"])
             .arg(&img)
             .arg(&raw),
@@ -180,7 +180,7 @@ fn us_to_qemu(kind: CreateKind, size: u64, rule: SizeRule) {
     // qemu 10 has no `check` for vpc (exit 63, "does not support checks"): accept that or a
     // clean result; our own check must be clean either way.
     let qc = common::qemu_output(
-        &mut Command::new("qemu-img")
+        Command::new("qemu-img")
             .args(["check", "-f", "vpc"])
             .arg(&img),
     );
@@ -293,7 +293,7 @@ fn compact_qemu_image_keeps_data_for_qemu() {
     let after = std::fs::metadata(&img).unwrap().len();
     assert!(after < before && after == st.file_size_after);
     let out = common::qemu_output(
-        &mut Command::new("qemu-img")
+        Command::new("qemu-img")
             .args(["compare", "-f", "vpc", "-F", "raw"])
             .arg(&img)
             .arg(&raw),
@@ -353,7 +353,7 @@ fn resize_qemu_image_relocates_bat() {
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x7e; 4096], new - 4096).unwrap();
     drop(f);
     let out = common::qemu_output(
-        &mut Command::new("qemu-img")
+        Command::new("qemu-img")
             .args(["compare", "-f", "vpc", "-F", "raw"])
             .arg(&img)
             .arg(&raw),
