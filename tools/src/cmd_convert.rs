@@ -230,6 +230,7 @@ pub fn run(a: Args) -> Result<i32> {
     };
 
     let mut guard = None;
+    let mut replacement: Option<crate::replace::Replacement> = None;
     let (target, backing) = if a.no_create {
         let t = common::open_with(
             dst,
@@ -271,9 +272,22 @@ pub fn run(a: Args) -> Result<i32> {
             spec.parent = Some(b.clone());
         }
         let prealloc = crate::cmd_create::preallocation_of(&spec, &a.options)?;
-        let (t, g) = common::create_image(dst, &spec)?;
+        // A new file is written under a temporary name and renamed when complete, so a killed
+        // convert never leaves a partial image under the name asked for (it would open as a
+        // valid image with data missing). An existing name keeps create's refusal.
+        let build_at = if std::fs::symlink_metadata(dst).is_err() {
+            let inputs: Vec<&std::path::Path> = srcs.iter().map(|p| p.as_path()).collect();
+            let r = crate::replace::Replacement::plan(dst, "convert", &inputs)?;
+            let at = r.temp.clone();
+            replacement = Some(r);
+            at
+        } else {
+            dst.to_path_buf()
+        };
+        let (t, g) = common::create_image(&build_at, &spec)
+            .with_context(|| format!("cannot create {}", dst.display()))?;
         guard = Some(g);
-        common::preallocate(dst, prealloc)?;
+        common::preallocate(&build_at, prealloc)?;
         if t.size() < total {
             bail!(
                 "the {} target rounds the size down to {} bytes, below the source's {total}; \
@@ -311,6 +325,10 @@ pub fn run(a: Args) -> Result<i32> {
     pb.finish_and_clear();
     drop(plan);
     drop(target);
+    if let Some(r) = &replacement {
+        r.commit_with(!skip_file_sync)
+            .with_context(|| format!("cannot create {}", dst.display()))?;
+    }
     if let Some(g) = guard {
         g.disarm();
     }

@@ -101,20 +101,62 @@ impl Replacement {
     /// Gives the finished temporary file the old file's owner and mode, makes it durable and
     /// renames it over the target, then makes the folder durable.
     pub fn commit(&self) -> Result<()> {
+        self.commit_with(true)
+    }
+
+    /// [`Replacement::commit`], with the flushes only when `sync` (`-t unsafe` skips them). A
+    /// target that did not exist when planned is never overwritten: if one appeared meanwhile,
+    /// the rename fails and the new file stays under its temporary name for the caller to remove.
+    pub fn commit_with(&self, sync: bool) -> Result<()> {
         if let Some(m) = &self.old {
             std::os::unix::fs::chown(&self.temp, Some(m.uid()), Some(m.gid()))
                 .with_context(|| format!("cannot give {} its owner", self.temp.display()))?;
             std::fs::set_permissions(&self.temp, m.permissions())
                 .with_context(|| format!("cannot give {} its mode", self.temp.display()))?;
         }
-        std::fs::File::open(&self.temp)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("cannot flush {}", self.temp.display()))?;
-        std::fs::rename(&self.temp, &self.target)
-            .with_context(|| format!("cannot replace {}", self.target.display()))?;
+        if sync {
+            std::fs::File::open(&self.temp)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("cannot flush {}", self.temp.display()))?;
+        }
+        if self.old.is_some() {
+            std::fs::rename(&self.temp, &self.target)
+        } else {
+            rename_no_replace(&self.temp, &self.target)
+        }
+        .with_context(|| format!("cannot replace {}", self.target.display()))?;
+        if !sync {
+            return Ok(());
+        }
         std::fs::File::open(self.dir())
             .and_then(|d| d.sync_all())
             .with_context(|| format!("cannot flush the folder of {}", self.target.display()))
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists (Linux `renameat2` with `RENAME_NOREPLACE`).
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call; AT_FDCWD
+    // makes them relative to the working folder, as std::fs::rename does.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -554,12 +554,21 @@ fn interrupted_convert_removes_the_target_and_keeps_the_source() {
         ])
         .spawn()
         .unwrap();
+    // The target is written under a temporary name beside it until it is complete.
+    let partial_len = || {
+        std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".out.vhdx.convert-")
+            })
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .max()
+    };
     let start = Instant::now();
-    while std::fs::metadata(&out)
-        .map(|m| m.len() < 64 << 20)
-        .unwrap_or(true)
-        && start.elapsed() < Duration::from_secs(20)
-    {
+    while partial_len().unwrap_or(0) < 64 << 20 && start.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(10));
     }
     // SAFETY: signalling our own child.
@@ -571,6 +580,11 @@ fn interrupted_convert_removes_the_target_and_keeps_the_source() {
         "convert should stop with 130 (128 + SIGINT) when interrupted"
     );
     assert!(!out.exists(), "half-written target left behind");
+    assert_eq!(
+        partial_len(),
+        None,
+        "half-written temporary file left behind"
+    );
     assert_eq!(std::fs::metadata(&src).unwrap().modified().unwrap(), before);
     ok(&["io", "-r", "-c", "read -P 0x33 0 1M", p(&src)]);
 }

@@ -248,9 +248,16 @@ fn sigterm_exits_143_and_cleans_up() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Once the target exists the copy is under way.
+    // Once the target's temporary file exists the copy is under way.
+    let started = || {
+        std::fs::read_dir(d.path()).unwrap().flatten().any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".d.vhdx.convert-")
+        })
+    };
     let t = std::time::Instant::now();
-    while !dst.exists() && t.elapsed().as_secs() < 20 {
+    while !started() && t.elapsed().as_secs() < 20 {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let _ = tool("kill", &["-TERM", &child.id().to_string()]);
@@ -266,6 +273,7 @@ fn sigterm_exits_143_and_cleans_up() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(!dst.exists(), "the partial target was left");
+    assert!(!started(), "the temporary file was left");
 }
 
 /// Refusals an outside tester found missing or misleading: each is refused with a message
@@ -302,4 +310,45 @@ fn odd_requests_get_the_right_refusal() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
+}
+
+/// A convert killed with SIGKILL leaves no image under the name asked for (a partial image
+/// there would open as valid with data missing); the next convert to that name removes the
+/// temporary file the killed one left.
+#[test]
+fn a_killed_convert_leaves_no_partial_target() {
+    let d = tmp();
+    let src = join(d.path(), "s.raw");
+    let dst = join(d.path(), "d.vhdx");
+    std::fs::write(&src, vec![0x5a; 256 << 20]).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_viridian"))
+        .args(["convert", "-f", "raw", "-O", "vhdx", p(&src), p(&dst)])
+        .spawn()
+        .unwrap();
+    let hidden = || {
+        std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".d.vhdx.convert-")
+            })
+            .count()
+    };
+    let t = std::time::Instant::now();
+    while hidden() == 0 && t.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    if status.success() {
+        eprintln!("convert finished before the kill; nothing to check");
+        return;
+    }
+    assert!(!dst.exists(), "a killed convert left {}", dst.display());
+    assert_eq!(hidden(), 1, "the killed convert's temporary file");
+    ok(&["convert", "-q", "-f", "raw", "-O", "vhdx", p(&src), p(&dst)]);
+    assert_eq!(hidden(), 0, "the stale temporary file was not removed");
+    ok(&["compare", "-f", "raw", "-F", "vhdx", p(&src), p(&dst)]);
 }
