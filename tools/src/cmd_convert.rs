@@ -181,6 +181,14 @@ pub fn run(a: Args) -> Result<i32> {
         "writeback" | "none" | "directsync" | "writethrough" => false,
         other => bail!("-t {other}: expected unsafe, writeback, none, directsync or writethrough"),
     };
+    if let Some(t) = a.src_cache.as_deref() {
+        if !["unsafe", "writeback", "none", "directsync", "writethrough"].contains(&t) {
+            bail!("Invalid source cache option: {t}");
+        }
+    }
+    if !(1..=16).contains(&a.workers) {
+        bail!("Invalid number of coroutines specified. Must be between 1 and 16.");
+    }
     if a.copy_range && a.sparse_size.is_some() {
         bail!("cannot enable copy offloading when -S is used");
     }

@@ -291,6 +291,18 @@ fn odd_requests_get_the_right_refusal() {
         (vec!["rebase", "-b", p(&b), p(&a)], "loop"),
         (vec!["rebase", "-u", "-b", p(&b), p(&a)], "loop"),
         (vec!["rebase", "-b", "", p(&b)], "standalone"),
+        (
+            vec!["convert", "-m", "0", p(&a), "/nonexistent/x.raw"],
+            "coroutines",
+        ),
+        (
+            vec!["convert", "-m", "17", p(&a), "/nonexistent/x.raw"],
+            "coroutines",
+        ),
+        (
+            vec!["convert", "-T", "bogus", p(&a), "/nonexistent/x.raw"],
+            "source cache",
+        ),
     ] {
         let (c, e) = stderr(&args);
         assert_eq!(c, 1, "{args:?}: {e}");
