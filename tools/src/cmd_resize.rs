@@ -17,6 +17,10 @@ pub struct Args {
     /// Allow making the image smaller.
     #[arg(long)]
     shrink: bool,
+    /// How the new space of a growing fixed image (or raw file) is allocated: off, metadata,
+    /// falloc or full. Fixed images default to falloc, as `create` makes them fully allocated.
+    #[arg(long, value_name = "MODE")]
+    preallocation: Option<String>,
     /// Quiet: print no messages (errors are still printed).
     #[arg(short = 'q')]
     quiet: bool,
@@ -51,6 +55,30 @@ pub fn run(a: Args) -> Result<i32> {
             a.file.display()
         );
     }
+    let prealloc = a
+        .preallocation
+        .as_deref()
+        .map(common::Prealloc::parse)
+        .transpose()?;
+    let fixed = d.facts().disk_type == Some("fixed");
+    // A fixed image is fully allocated from creation; its new space is too unless told off.
+    let fill = match prealloc {
+        Some(p) => p,
+        None if fixed => common::Prealloc::Falloc,
+        None => common::Prealloc::Off,
+    };
+    if new > cur && !fixed && !matches!(image, chain::Image::Raw(_)) {
+        if let Some(p @ (common::Prealloc::Falloc | common::Prealloc::Full)) = prealloc {
+            bail!(
+                "--preallocation={}: a dynamic image allocates blocks as they are written",
+                if p == common::Prealloc::Falloc {
+                    "falloc"
+                } else {
+                    "full"
+                }
+            );
+        }
+    }
     match &image {
         chain::Image::Vhd(v) => v.resize(new)?,
         chain::Image::Vhdx(v) => v.resize(new)?,
@@ -65,6 +93,9 @@ pub fn run(a: Args) -> Result<i32> {
             f.set_len(new)
                 .with_context(|| format!("cannot resize {}", a.file.display()))?;
             f.sync_all()?;
+            if new > cur {
+                common::preallocate(&a.file, fill)?;
+            }
             if !a.quiet {
                 println!("Image resized.");
             }
@@ -73,6 +104,11 @@ pub fn run(a: Args) -> Result<i32> {
     }
     d.close()
         .with_context(|| format!("cannot finish writing {}", a.file.display()))?;
+    drop(d);
+    drop(image);
+    if new > cur && fixed {
+        common::preallocate(&a.file, fill)?;
+    }
     if !a.quiet {
         println!("Image resized.");
     }
@@ -102,10 +138,7 @@ pub fn run_compact(a: CompactArgs) -> Result<i32> {
     let rw = OpenOptions::read_write();
     let image = common::open_image_with(&a.file, a.format.as_deref(), SizeRuleArg::Auto, rw)?;
     let d = image.disk();
-    let fixed = d.format_specific().is_some_and(|v| {
-        v.get("disk_type").and_then(|t| t.as_str()) == Some("fixed")
-            || v.get("leave_blocks_allocated").and_then(|b| b.as_bool()) == Some(true)
-    });
+    let fixed = d.facts().disk_type == Some("fixed");
     if fixed {
         d.close()?;
         if !a.quiet {

@@ -364,3 +364,52 @@ fn a_killed_convert_leaves_no_partial_target() {
     assert_eq!(hidden(), 0, "the stale temporary file was not removed");
     ok(&["compare", "-f", "raw", "-F", "vhdx", p(&src), p(&dst)]);
 }
+
+/// Growing a fixed image allocates the new space, as `create` allocates a fixed image;
+/// `--preallocation=off` keeps it sparse, and a dynamic image refuses falloc.
+#[test]
+fn growing_a_fixed_image_allocates_the_new_space() {
+    let d = tmp();
+    for fmt in ["vhd", "vhdx"] {
+        let f = join(d.path(), &format!("f.{fmt}"));
+        ok(&[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-o",
+            "subformat=fixed",
+            p(&f),
+            "16M",
+        ]);
+        ok(&["resize", "-q", p(&f), "32M"]);
+        let m = std::fs::metadata(&f).unwrap();
+        assert!(
+            m.blocks() * 512 >= 32 << 20,
+            "{fmt}: {} of {} bytes allocated",
+            m.blocks() * 512,
+            m.len()
+        );
+        ok(&["check", p(&f)]);
+        let s = join(d.path(), &format!("s.{fmt}"));
+        ok(&[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-o",
+            "subformat=fixed",
+            p(&s),
+            "16M",
+        ]);
+        ok(&["resize", "-q", "--preallocation=off", p(&s), "64M"]);
+        assert!(
+            std::fs::metadata(&s).unwrap().blocks() * 512 < 40 << 20,
+            "{fmt}: off"
+        );
+        let g = join(d.path(), &format!("g.{fmt}"));
+        ok(&["create", "-q", "-f", fmt, p(&g), "16M"]);
+        let (c, e) = stderr(&["resize", "--preallocation=falloc", p(&g), "32M"]);
+        assert_eq!(c, 1, "{fmt}: {e}");
+    }
+}
