@@ -452,7 +452,7 @@ impl ScsiCdrom {
         d[5] = 1; // first track in the last session (LSB)
         d[6] = 1; // last track in the last session (LSB)
         d[8] = 0x00; // disc type: CD-DA or CD-ROM (DVD media report 0 too)
-        // Last session lead-in start and last possible lead-out start: not recorded (FFh).
+                     // Last session lead-in start and last possible lead-out start: not recorded (FFh).
         d[16..24].fill(0xFF);
         respond(buf, &d, alloc)
     }

@@ -46,4 +46,6 @@ async def main(socket: str, steps: list) -> list:
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))))
+    # qemu.qmp hands back its own Message objects for some values: serialize them as JSON.
+    print(json.dumps(asyncio.run(main(sys.argv[1], json.loads(sys.argv[2]))),
+                     default=lambda m: json.loads(bytes(m))))

@@ -15,8 +15,8 @@ use storvsc_backend::{CdromError, Lun, ScsiCdrom, ScsiController, ScsiDisk, Stor
 
 use crate::console::{StopReason, StopSignal};
 use crate::hv::lock;
-use crate::shutdown_ic::ShutdownIc;
 use crate::qmp::{Command, DeviceAdd, Driver, Events, Machine, QmpError, UndoEnd};
+use crate::shutdown_ic::ShutdownIc;
 use crate::stats::{CountingDisk, DiskCounters};
 use crate::vcpu::PauseGate;
 use crate::vmbus_glue::VmbusTarget;
@@ -34,8 +34,7 @@ pub trait UndoSession: Send + std::fmt::Debug {
 
 /// Opens an image in undo mode: (path, format or None to detect) → the disk the guest gets
 /// (writes go to a child) and the session that ends it.
-pub type UndoOpener =
-    fn(&Path, Option<&str>) -> Result<(disk::Disk, Box<dyn UndoSession>), String>;
+pub type UndoOpener = fn(&Path, Option<&str>) -> Result<(disk::Disk, Box<dyn UndoSession>), String>;
 
 /// Opens raw images only.
 pub fn open_raw(path: &Path, format: Option<&str>, read_only: bool) -> Result<disk::Disk, String> {
@@ -258,11 +257,7 @@ impl BlockTable {
     }
 
     /// `device_del`: the LUN goes off the bus, its image is flushed and closed.
-    pub fn device_del(
-        &mut self,
-        id: &str,
-        ctl: &mut ScsiController,
-    ) -> Result<Removed, QmpError> {
+    pub fn device_del(&mut self, id: &str, ctl: &mut ScsiController) -> Result<Removed, QmpError> {
         let e = self.entries.get(id).ok_or_else(|| entry_not_found(id))?;
         let unit = ctl
             .remove_lun(e.lun)

@@ -84,9 +84,9 @@ impl ShutdownIc {
                  driver?)"
                     .into(),
             ),
-            IcState::Failed => Err(
-                "the guest refused the shutdown integration service's versions".into(),
-            ),
+            IcState::Failed => {
+                Err("the guest refused the shutdown integration service's versions".into())
+            }
             _ => {
                 self.pending = true;
                 Ok(())
@@ -207,7 +207,9 @@ impl VmbusDevice for ShutdownIc {
             MSG_SHUTDOWN => self.answers.push(if status == 0 {
                 Ok(())
             } else {
-                Err(format!("the guest refused to shut down (status {status:#x})"))
+                Err(format!(
+                    "the guest refused to shut down (status {status:#x})"
+                ))
             }),
             _ => io.log(format!("shutdown IC: unexpected response type {ty}")),
         }
