@@ -917,6 +917,6 @@ mod tests {
         srv.shutdown();
         assert!(!path.exists());
         // ids 2, 3, 4 and 6; neither the over-long request nor the broken line ran.
-        assert_eq!(m.0.lock().unwrap().as_slice(), &[Command::Stop; 4]);
+        assert_eq!(*m.0.lock().unwrap(), vec![Command::Stop; 4]);
     }
 }
