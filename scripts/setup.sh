@@ -18,6 +18,8 @@ have python3 || need+=(python3)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 # a static busybox for the VMM's guest /init script (vmm/tests/boot_e2e.rs)
 dpkg-query -W -f='${Status}\n' busybox-static 2>/dev/null | grep -q 'install ok installed' || need+=(busybox-static)
+# ISO 9660 images for the DVD-drive boot test (tools/tests/vm_control.rs)
+have genisoimage || need+=(genisoimage)
 have md5sum || need+=(coreutils)
 [ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
 have pkg-config || need+=(pkg-config)
@@ -49,15 +51,16 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
-# Python peers (dissect.hypervisor reads VHDX chains; libvhdi-python is libvhdi's own binding)
+# Python peers (dissect.hypervisor reads VHDX chains; libvhdi-python is libvhdi's own binding;
+# qemu.qmp is QEMU's own QMP client, driving `viridian run --qmp` in tools/tests/vm_control.rs)
 # go into a venv inside the project's target/ directory: it works the same whether python3 is
 # Debian's (which refuses system-wide pip installs, PEP 668) or another one, needs no
 # --break-system-packages, and is removed with the build output.
 venv="$(dirname "$0")/../target/peer-venv"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import dissect.hypervisor, pyvhdi' 2>/dev/null; then
-    echo "setup: installing dissect.hypervisor and libvhdi-python into $venv" >&2
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import dissect.hypervisor, pyvhdi, qemu.qmp' 2>/dev/null; then
+    echo "setup: installing dissect.hypervisor, libvhdi-python and qemu.qmp into $venv" >&2
     python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q dissect.hypervisor libvhdi-python
+    "$venv/bin/python" -m pip install -q dissect.hypervisor libvhdi-python qemu.qmp
 fi
 
 qemu-img --version | head -1 >&2

@@ -43,6 +43,15 @@ pub enum MediaEvent {
     MediaRemoval = 3,
 }
 
+/// How many media events of each kind the guest has fetched (each is delivered once): shows
+/// the host that the guest saw a medium change or an eject request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MediaEventCounts {
+    pub eject_request: u64,
+    pub new_media: u64,
+    pub media_removal: u64,
+}
+
 /// Why a host-side medium operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CdromError {
@@ -62,6 +71,8 @@ pub struct ScsiCdrom {
     event: Option<MediaEvent>,
     /// Tray movements the guest made (true = opened), for the host to report.
     tray_moves: Vec<bool>,
+    /// Media events the guest has fetched with GET EVENT STATUS NOTIFICATION, by kind.
+    fetched: MediaEventCounts,
     serial: String,
     scratch: Vec<u8>,
 }
@@ -82,6 +93,7 @@ impl ScsiCdrom {
             unit_attention: None,
             event: None,
             tray_moves: Vec::new(),
+            fetched: MediaEventCounts::default(),
             serial: "VIRIDIANDVD0".into(),
             scratch: Vec::new(),
         }
@@ -120,6 +132,11 @@ impl ScsiCdrom {
     /// Blocks of the loaded medium (0 when none is loaded).
     pub fn blocks(&self) -> u64 {
         self.loaded().map_or(0, |d| d.size() / CD_BLOCK as u64)
+    }
+
+    /// The media events the guest has fetched so far.
+    pub fn media_events_fetched(&self) -> MediaEventCounts {
+        self.fetched
     }
 
     /// Tray movements made by the guest since the last call (true = opened).
@@ -225,6 +242,7 @@ impl ScsiCdrom {
                 self.read(lba, n, buf)
             }
             READ_TOC => self.read_toc(cdb, buf),
+            READ_DISC_INFORMATION => self.disc_information(cdb, buf),
             GET_CONFIGURATION => self.get_configuration(cdb, buf),
             GET_EVENT_STATUS_NOTIFICATION => self.event_status(cdb, buf),
             SYNCHRONIZE_CACHE_10 => Completion::Good { transferred: 0 },
@@ -416,6 +434,29 @@ impl ScsiCdrom {
         respond(buf, &d, alloc)
     }
 
+    /// READ DISC INFORMATION (standard disc information, data type 0): a finalized disc with
+    /// one complete session holding track 1. Linux's cdrom layer asks on every open.
+    fn disc_information(&self, cdb: &[u8], buf: &mut dyn DataBuffer) -> Completion {
+        if cdb[1] & 0x07 != 0 {
+            return Completion::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        if self.loaded().is_none() {
+            return Completion::check(self.not_present());
+        }
+        let alloc = be16(cdb, 7) as usize;
+        let mut d = [0u8; 34];
+        d[0..2].copy_from_slice(&32u16.to_be_bytes()); // length after these two bytes
+        d[2] = 0x0C | 0x02; // last session complete, disc complete (finalized, not erasable)
+        d[3] = 1; // first track on the disc
+        d[4] = 1; // sessions (LSB)
+        d[5] = 1; // first track in the last session (LSB)
+        d[6] = 1; // last track in the last session (LSB)
+        d[8] = 0x00; // disc type: CD-DA or CD-ROM (DVD media report 0 too)
+                     // Last session lead-in start and last possible lead-out start: not recorded (FFh).
+        d[16..24].fill(0xFF);
+        respond(buf, &d, alloc)
+    }
+
     fn get_configuration(&self, cdb: &[u8], buf: &mut dyn DataBuffer) -> Completion {
         let rt = cdb[1] & 0x03;
         let start = be16(cdb, 2);
@@ -492,7 +533,14 @@ impl ScsiCdrom {
         }
         d[1] = 6;
         d[2] = 4; // media class
-        let code = self.event.take().map_or(0, |e| e as u8);
+        let event = self.event.take();
+        match event {
+            Some(MediaEvent::EjectRequest) => self.fetched.eject_request += 1,
+            Some(MediaEvent::NewMedia) => self.fetched.new_media += 1,
+            Some(MediaEvent::MediaRemoval) => self.fetched.media_removal += 1,
+            None => {}
+        }
+        let code = event.map_or(0, |e| e as u8);
         let status = (self.tray_open as u8) | ((self.loaded().is_some() as u8) << 1);
         d.extend_from_slice(&[code, status, 0, 0]);
         respond(buf, &d, alloc)

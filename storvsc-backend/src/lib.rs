@@ -39,7 +39,7 @@ pub mod scsi;
 pub mod sense;
 pub mod vstor;
 
-pub use cdrom::{CdromError, MediaEvent, ScsiCdrom};
+pub use cdrom::{CdromError, MediaEvent, MediaEventCounts, ScsiCdrom};
 pub use device::{StorvscDevice, StorvscStats};
 pub use scsi::{Completion, Lun, ScsiController, ScsiDisk, ScsiError, Sense};
 pub use vstor::{VstorPacket, SCSI_CLASS_ID};

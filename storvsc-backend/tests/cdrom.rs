@@ -306,6 +306,14 @@ fn prevented_removal() {
     assert_eq!(c.host_eject(false).unwrap_err(), CdromError::Locked);
     assert!(c.medium().is_some());
     assert_eq!(media_event(&mut c), (1, 0x02), "eject request");
+    assert_eq!(
+        c.media_events_fetched(),
+        storvsc_backend::MediaEventCounts {
+            eject_request: 1,
+            ..Default::default()
+        },
+        "the host sees that the guest fetched it"
+    );
     good(&mut c, &TUR, 0);
     // Allowed again: the guest ejects.
     good(&mut c, &ALLOW, 0);
@@ -331,6 +339,9 @@ fn host_medium_change_raises_unit_attention() {
     // INQUIRY and GET EVENT STATUS pass a pending unit attention by...
     good(&mut c, &[INQUIRY, 0, 0, 0, 36, 0], 36);
     assert_eq!(media_event(&mut c), (2, 0x02), "new media");
+    assert_eq!(c.media_events_fetched().new_media, 1);
+    assert_eq!(media_event(&mut c), (0, 0x02));
+    assert_eq!(c.media_events_fetched().new_media, 1, "counted once");
     // ...the next other command gets it, once.
     assert_eq!(sense(&mut c, &TUR), Sense::MEDIUM_CHANGED);
     good(&mut c, &TUR, 0);
@@ -430,4 +441,22 @@ fn vhdx_holding_an_iso() {
     assert!(d[..2048].iter().all(|&b| b == 0xA3));
     assert!(d[2048..].iter().all(|&b| b == 0xA4));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn read_disc_information_reports_a_finalized_disc() {
+    let rdi = [0x51u8, 0, 0, 0, 0, 0, 0, 0, 34, 0];
+    let mut c = ScsiCdrom::new(medium(32)).unwrap();
+    let d = good(&mut c, &rdi, 34);
+    assert_eq!(u16::from_be_bytes([d[0], d[1]]), 32);
+    assert_eq!(d[2] & 0x03, 2, "disc status: complete");
+    assert_eq!((d[2] >> 2) & 0x03, 3, "last session: complete");
+    assert_eq!((d[3], d[4], d[5], d[6]), (1, 1, 1, 1));
+    // Other data types are not supported; an empty drive has no disc.
+    assert_eq!(
+        sense(&mut c, &[0x51, 1, 0, 0, 0, 0, 0, 0, 34, 0]),
+        Sense::INVALID_FIELD_IN_CDB
+    );
+    let mut e = ScsiCdrom::empty();
+    assert_eq!(sense(&mut e, &rdi), Sense::MEDIUM_NOT_PRESENT_TRAY_CLOSED);
 }

@@ -411,6 +411,11 @@ pub fn run(a: Args) -> Result<i32> {
     let mut specs = disk_specs(&file, &base_dir, &a.disks)?;
     cfg.qmp = a.qmp.clone();
     cfg.open_image = Some(crate::cmd_vm::open_image);
+    cfg.open_undo = Some(crate::cmd_vm::open_undo);
+    cfg.hotplug_undo_end = match a.undo_end {
+        UndoEnd::Commit => vmm::qmp::UndoEnd::Commit,
+        UndoEnd::Discard => vmm::qmp::UndoEnd::Discard,
+    };
     let dvd_paths = file
         .dvd
         .iter()

@@ -193,6 +193,41 @@ pub fn open_image(
     common::open_with(path, format, SizeRuleArg::Auto, opts).map_err(|e| common::one_line(&e))
 }
 
+/// An undo session of a hot-plugged LUN (`device_add ... undo=true`).
+#[derive(Debug)]
+struct HotUndo(chain::UndoDisk);
+
+impl vmm::control::UndoSession for HotUndo {
+    fn end(self: Box<Self>, how: vmm::qmp::UndoEnd) -> Result<String, String> {
+        let child = self.0.child_path().display().to_string();
+        let parent = self.0.parent_path().display().to_string();
+        let r = match how {
+            vmm::qmp::UndoEnd::Discard => self.0.discard().map(|()| format!("discarded {child}")),
+            vmm::qmp::UndoEnd::Commit => self
+                .0
+                .commit(&mut |_| {})
+                .map(|n| format!("committed {n} bytes into {parent}")),
+            vmm::qmp::UndoEnd::Keep => self.0.keep().map(|p| format!("kept {}", p.display())),
+        };
+        r.map_err(|e| format!("ending the undo session of {parent} (changes in {child}): {e}"))
+    }
+}
+
+/// The VMM's opener for `device_add ... undo=true`: the image read-only under a fresh child.
+pub fn open_undo(
+    path: &Path,
+    format: Option<&str>,
+) -> Result<(disk::Disk, Box<dyn vmm::control::UndoSession>), String> {
+    let mut opts = chain::OpenOptions::read_only();
+    opts.format = format
+        .map(common::parse_format)
+        .transpose()
+        .map_err(|e| common::one_line(&e))?;
+    let u = chain::UndoDisk::open(path, &opts, None)
+        .map_err(|e| format!("cannot open {} in undo mode: {e}", path.display()))?;
+    Ok((u.disk(), Box::new(HotUndo(u))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

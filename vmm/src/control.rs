@@ -15,7 +15,8 @@ use storvsc_backend::{CdromError, Lun, ScsiCdrom, ScsiController, ScsiDisk, Stor
 
 use crate::console::{StopReason, StopSignal};
 use crate::hv::lock;
-use crate::qmp::{Command, DeviceAdd, Driver, Events, Machine, QmpError};
+use crate::qmp::{Command, DeviceAdd, Driver, Events, Machine, QmpError, UndoEnd};
+use crate::shutdown_ic::ShutdownIc;
 use crate::stats::{CountingDisk, DiskCounters};
 use crate::vcpu::PauseGate;
 use crate::vmbus_glue::VmbusTarget;
@@ -23,6 +24,17 @@ use crate::vmbus_glue::VmbusTarget;
 /// Opens an image for a LUN: (path, format or None to detect, read-only) → disk. The CLI gives
 /// one that knows every format; [`open_raw`] is the fallback.
 pub type ImageOpener = fn(&Path, Option<&str>, bool) -> Result<disk::Disk, String>;
+
+/// An undo session over a hot-plugged LUN's image (the CLI's wraps `chain::UndoDisk`).
+pub trait UndoSession: Send + std::fmt::Debug {
+    /// Ends the session. Every user of its disk must be gone (the LUN is off the bus and its
+    /// image flushed and dropped). Ok is what was done, for the log.
+    fn end(self: Box<Self>, how: UndoEnd) -> Result<String, String>;
+}
+
+/// Opens an image in undo mode: (path, format or None to detect) → the disk the guest gets
+/// (writes go to a child) and the session that ends it.
+pub type UndoOpener = fn(&Path, Option<&str>) -> Result<(disk::Disk, Box<dyn UndoSession>), String>;
 
 /// Opens raw images only.
 pub fn open_raw(path: &Path, format: Option<&str>, read_only: bool) -> Result<disk::Disk, String> {
@@ -52,6 +64,41 @@ struct Entry {
     counters: Option<Arc<DiskCounters>>,
     /// Errors already reported as BLOCK_IO_ERROR (reads, writes).
     reported_errors: (u64, u64),
+    /// Added by `device_add` (the VM's end releases it; boot LUNs are the VM's own).
+    hot: bool,
+    /// The undo session of an undo LUN.
+    undo: Option<Box<dyn UndoSession>>,
+}
+
+/// A unit built by [`BlockTable::prepare_add`], not yet on the bus.
+pub struct Prepared {
+    unit: Lun,
+    counters: Option<Arc<DiskCounters>>,
+    undo: Option<Box<dyn UndoSession>>,
+}
+
+/// What [`BlockTable::device_del`] took off the bus: release it with [`Removed::release`].
+#[derive(Debug)]
+pub struct Removed {
+    image: Option<disk::Disk>,
+    undo: Option<Box<dyn UndoSession>>,
+}
+
+impl Removed {
+    /// Flushes and closes the image; an undo session ends as `how` says. Ok says what
+    /// happened to an undo session.
+    pub fn release(self, how: UndoEnd) -> Result<Option<String>, String> {
+        match self.undo {
+            None => release(self.image).map(|()| None),
+            Some(u) => {
+                // The session closes the child itself; here only flush and let go of it.
+                if let Some(d) = self.image {
+                    d.flush().map_err(|e| format!("flushing: {e}"))?;
+                }
+                u.end(how).map(Some)
+            }
+        }
+    }
 }
 
 /// The LUNs by device id, and the operations on them.
@@ -60,6 +107,7 @@ pub struct BlockTable {
     entries: BTreeMap<String, Entry>,
     epoch: Instant,
     opener: ImageOpener,
+    undo_opener: Option<UndoOpener>,
 }
 
 fn entry_not_found(id: &str) -> QmpError {
@@ -81,7 +129,14 @@ impl BlockTable {
             entries: BTreeMap::new(),
             epoch,
             opener,
+            undo_opener: None,
         }
+    }
+
+    /// Lets `device_add` open disks in undo mode.
+    pub fn with_undo(mut self, opener: Option<UndoOpener>) -> Self {
+        self.undo_opener = opener;
+        self
     }
 
     /// Records a LUN that was there at boot.
@@ -99,6 +154,8 @@ impl BlockTable {
                 cdrom,
                 counters,
                 reported_errors: (0, 0),
+                hot: false,
+                undo: None,
             },
         );
     }
@@ -109,16 +166,19 @@ impl BlockTable {
         format: Option<&str>,
         read_only: bool,
     ) -> Result<(disk::Disk, Arc<DiskCounters>), QmpError> {
-        let d = (self.opener)(path, format, read_only)
-            .map_err(|e| QmpError::generic(format!("Could not open '{}': {e}", path.display())))?;
+        let d = (self.opener)(path, format, read_only).map_err(|e| could_not_open(path, e))?;
+        Ok(self.counted(d))
+    }
+
+    fn counted(&self, d: disk::Disk) -> (disk::Disk, Arc<DiskCounters>) {
         let c = Arc::new(CountingDisk::new(d, self.epoch));
         let counters = c.counters.clone();
-        Ok((disk::Disk::new(c), counters))
+        (disk::Disk::new(c), counters)
     }
 
     /// `device_add`, first half: checks the id and LUN, opens the image and builds the unit,
     /// all without touching the controller (opening can take a while).
-    pub fn prepare_add(&self, a: &DeviceAdd) -> Result<(Lun, Option<Arc<DiskCounters>>), QmpError> {
+    pub fn prepare_add(&self, a: &DeviceAdd) -> Result<Prepared, QmpError> {
         if self.entries.contains_key(&a.id) {
             return Err(QmpError::generic(format!("Duplicate device ID '{}'", a.id)));
         }
@@ -128,7 +188,17 @@ impl BlockTable {
                 a.lun
             )));
         }
+        let mut undo = None;
         let opened = match &a.file {
+            Some(f) if a.undo => {
+                let opener = self
+                    .undo_opener
+                    .ok_or_else(|| QmpError::generic("this VM cannot open disks in undo mode"))?;
+                let (d, session) =
+                    opener(f, a.format.as_deref()).map_err(|e| could_not_open(f, e))?;
+                undo = Some(session);
+                Some(self.counted(d))
+            }
             Some(f) => Some(self.open(f, a.format.as_deref(), a.read_only)?),
             None => None,
         };
@@ -146,20 +216,33 @@ impl BlockTable {
             (Driver::Cdrom, None) => ScsiCdrom::empty().with_serial(&serial).into(),
             (Driver::Disk, None) => return Err(QmpError::generic("Parameter 'file' is missing")),
         };
-        Ok((unit, counters))
+        Ok(Prepared {
+            unit,
+            counters,
+            undo,
+        })
     }
 
     /// `device_add`, second half: puts the unit on the bus.
     pub fn finish_add(
         &mut self,
         a: &DeviceAdd,
-        unit: Lun,
-        counters: Option<Arc<DiskCounters>>,
+        p: Prepared,
         ctl: &mut ScsiController,
     ) -> Result<Value, QmpError> {
-        ctl.add_lun(a.lun, unit)
+        ctl.add_lun(a.lun, p.unit)
             .map_err(|e| QmpError::generic(format!("LUN {}: {e}", a.lun)))?;
-        self.register(&a.id, a.lun, a.driver == Driver::Cdrom, counters);
+        self.entries.insert(
+            a.id.clone(),
+            Entry {
+                lun: a.lun,
+                cdrom: a.driver == Driver::Cdrom,
+                counters: p.counters,
+                reported_errors: (0, 0),
+                hot: true,
+                undo: p.undo,
+            },
+        );
         Ok(json!({}))
     }
 
@@ -169,22 +252,47 @@ impl BlockTable {
         a: &DeviceAdd,
         ctl: &mut ScsiController,
     ) -> Result<Value, QmpError> {
-        let (unit, counters) = self.prepare_add(a)?;
-        self.finish_add(a, unit, counters, ctl)
+        let p = self.prepare_add(a)?;
+        self.finish_add(a, p, ctl)
     }
 
     /// `device_del`: the LUN goes off the bus, its image is flushed and closed.
-    pub fn device_del(
-        &mut self,
-        id: &str,
-        ctl: &mut ScsiController,
-    ) -> Result<Option<disk::Disk>, QmpError> {
+    pub fn device_del(&mut self, id: &str, ctl: &mut ScsiController) -> Result<Removed, QmpError> {
         let e = self.entries.get(id).ok_or_else(|| entry_not_found(id))?;
         let unit = ctl
             .remove_lun(e.lun)
             .ok_or_else(|| QmpError::generic(format!("LUN {} is not on the bus", e.lun)))?;
-        self.entries.remove(id);
-        Ok(unit.image().cloned())
+        let e = self.entries.remove(id).expect("looked up above");
+        let image = unit.image().cloned();
+        drop(unit);
+        Ok(Removed {
+            image,
+            undo: e.undo,
+        })
+    }
+
+    /// The end of the VM: takes every hot-plugged LUN off the bus and releases it (undo
+    /// sessions end as `how` says). Returns what happened, one line per LUN.
+    pub fn release_hot(&mut self, how: UndoEnd, ctl: &mut ScsiController) -> Vec<String> {
+        let hot: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.hot)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut out = Vec::new();
+        for id in hot {
+            let line = match self.device_del(&id, ctl) {
+                Ok(r) => match r.release(how) {
+                    Ok(Some(done)) => format!("'{id}': {done}"),
+                    Ok(None) => format!("'{id}': flushed and closed"),
+                    Err(e) => format!("'{id}': {e}"),
+                },
+                Err(e) => format!("'{id}': {}", e.desc),
+            };
+            out.push(line);
+        }
+        out
     }
 
     fn cdrom<'c>(
@@ -263,6 +371,12 @@ impl BlockTable {
             if let Some(Lun::Cdrom(c)) = unit {
                 v["locked"] = json!(c.locked());
                 v["tray_open"] = json!(c.tray_open());
+                let f = c.media_events_fetched();
+                v["media-events-fetched"] = json!({
+                    "eject-request": f.eject_request,
+                    "new-media": f.new_media,
+                    "media-removal": f.media_removal,
+                });
             } else {
                 v["locked"] = json!(false);
             }
@@ -324,6 +438,10 @@ impl BlockTable {
     }
 }
 
+fn could_not_open(path: &Path, e: String) -> QmpError {
+    QmpError::generic(format!("Could not open '{}': {e}", path.display()))
+}
+
 fn locked(id: &str, e: CdromError) -> QmpError {
     match e {
         CdromError::Locked => QmpError::generic(format!(
@@ -347,6 +465,13 @@ pub struct VmControl {
 }
 
 impl VmControl {
+    /// The end of the VM (after the vCPUs stopped): releases the hot-plugged LUNs.
+    pub fn finish(&self, how: UndoEnd) -> Vec<String> {
+        let mut table = lock(&self.table);
+        self.with_ctl(|ctl| table.release_hot(how, ctl))
+            .unwrap_or_default()
+    }
+
     fn with_ctl<R>(&self, f: impl FnOnce(&mut ScsiController) -> R) -> Result<R, QmpError> {
         self.target
             .with_storvsc(|d: &mut StorvscDevice| f(d.controller_mut()))
@@ -365,13 +490,13 @@ impl VmControl {
         match cmd {
             Command::QueryBlock => self.with_ctl(|ctl| table.query(ctl)),
             Command::DeviceAdd(a) => {
-                let (unit, counters) = table.prepare_add(&a)?;
-                self.with_ctl(|ctl| table.finish_add(&a, unit, counters, ctl))?
+                let p = table.prepare_add(&a)?;
+                self.with_ctl(|ctl| table.finish_add(&a, p, ctl))?
             }
-            Command::DeviceDel { id } => {
-                let image = self.with_ctl(|ctl| table.device_del(&id, ctl))??;
+            Command::DeviceDel { id, undo_end } => {
+                let removed = self.with_ctl(|ctl| table.device_del(&id, ctl))??;
                 drop(table);
-                let r = release(image);
+                let r = removed.release(undo_end.unwrap_or_default());
                 self.events.emit(
                     "DEVICE_DELETED",
                     json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
@@ -455,10 +580,19 @@ impl Machine for VmControl {
                 self.pause.resume();
                 Ok(json!({}))
             }
-            Command::SystemPowerdown => Err(QmpError::generic(
-                "system_powerdown is not available: this VM's hardware-reduced ACPI has no \
-                 power button device yet (use quit, or have the guest power off)",
-            )),
+            Command::SystemPowerdown => {
+                // Hyper-V guests are shut down through the VMBus shutdown integration
+                // service (Linux: hv_utils), not ACPI. Like QEMU, the reply does not wait for
+                // the guest; SHUTDOWN follows when it powers off.
+                let r = self
+                    .target
+                    .with_device(|ic: &mut ShutdownIc| ic.request_shutdown())
+                    .ok_or_else(|| {
+                        QmpError::generic("this VM has no shutdown integration service")
+                    })?;
+                r.map_err(|e| QmpError::generic(format!("system_powerdown: {e}")))?;
+                Ok(json!({}))
+            }
             c => self.run_block(c),
         }
     }
@@ -507,6 +641,7 @@ mod tests {
             file: file.map(Path::to_path_buf),
             format: None,
             read_only: driver == Driver::Cdrom,
+            undo: false,
         }
     }
 
@@ -595,7 +730,7 @@ mod tests {
         // device_del takes the LUN off the bus; the id and LUN are free again.
         ctl.take_bus_changed();
         let img = t.device_del("d1", &mut ctl).unwrap();
-        release(img).unwrap();
+        assert_eq!(img.release(UndoEnd::Discard), Ok(None));
         assert!(ctl.take_bus_changed());
         assert!(ctl.lun(1).is_none());
         assert_eq!(

@@ -45,6 +45,7 @@ mod layout;
 mod memory;
 pub mod probe;
 pub mod qmp;
+pub mod shutdown_ic;
 mod stats;
 mod vcpu;
 mod vm;
@@ -115,6 +116,10 @@ pub struct VmConfig {
     pub qmp: Option<PathBuf>,
     /// Opens images for `device_add` / `blockdev-change-medium` (default: raw only).
     pub open_image: Option<control::ImageOpener>,
+    /// Opens disks in undo mode for `device_add ... undo=true` (default: refused).
+    pub open_undo: Option<control::UndoOpener>,
+    /// What the VM's end does with hot-plugged undo LUNs still attached.
+    pub hotplug_undo_end: qmp::UndoEnd,
     pub console: Console,
     /// Stop (as a failure) after this long.
     pub timeout: Option<Duration>,
@@ -174,6 +179,8 @@ impl VmConfig {
             dvds: Vec::new(),
             qmp: None,
             open_image: None,
+            open_undo: None,
+            hotplug_undo_end: qmp::UndoEnd::Discard,
             console: Console::Stdout,
             timeout: None,
             stall_timeout: None,

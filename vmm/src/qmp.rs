@@ -76,6 +76,32 @@ pub struct DeviceAdd {
     pub file: Option<PathBuf>,
     pub format: Option<String>,
     pub read_only: bool,
+    /// Open a disk in undo mode: the guest's writes go to a child; `device_del` (or the end of
+    /// the VM) discards, commits or keeps them.
+    pub undo: bool,
+}
+
+/// How a hot-plugged undo LUN's session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UndoEnd {
+    /// Throw the guest's writes away (the image is as before).
+    #[default]
+    Discard,
+    /// Merge them into the image.
+    Commit,
+    /// Leave the child file for a later `viridian undo commit|discard`.
+    Keep,
+}
+
+impl UndoEnd {
+    pub fn parse(s: &str) -> Option<UndoEnd> {
+        match s {
+            "discard" => Some(UndoEnd::Discard),
+            "commit" => Some(UndoEnd::Commit),
+            "keep" => Some(UndoEnd::Keep),
+            _ => None,
+        }
+    }
 }
 
 /// A request, checked.
@@ -88,6 +114,8 @@ pub enum Command {
     DeviceAdd(DeviceAdd),
     DeviceDel {
         id: String,
+        /// For an undo LUN: what happens to the guest's writes (default discard).
+        undo_end: Option<UndoEnd>,
     },
     ChangeMedium {
         id: String,
@@ -237,8 +265,14 @@ pub fn parse_command(name: &str, args: Map<String, Value>) -> Result<Command, Qm
             let file = a.str("file")?.map(PathBuf::from);
             let format = a.str("format")?;
             let read_only = a.bool("read-only")?;
+            let undo = a.bool("undo")?;
             if driver == Driver::Disk && file.is_none() {
                 return Err(QmpError::generic("Parameter 'file' is missing"));
+            }
+            if undo && (driver == Driver::Cdrom || read_only) {
+                return Err(QmpError::generic(
+                    "'undo' is for writable disks (scsi-hd without read-only)",
+                ));
             }
             Command::DeviceAdd(DeviceAdd {
                 driver,
@@ -247,9 +281,21 @@ pub fn parse_command(name: &str, args: Map<String, Value>) -> Result<Command, Qm
                 file,
                 format,
                 read_only: read_only || driver == Driver::Cdrom,
+                undo,
             })
         }
-        "device_del" => Command::DeviceDel { id: a.id()? },
+        "device_del" => {
+            let id = a.id()?;
+            let undo_end = match a.str("undo-end")? {
+                None => None,
+                Some(s) => Some(UndoEnd::parse(&s).ok_or_else(|| {
+                    QmpError::generic(format!(
+                        "'undo-end' must be 'discard', 'commit' or 'keep', not {s:?}"
+                    ))
+                })?),
+            };
+            Command::DeviceDel { id, undo_end }
+        }
         "blockdev-change-medium" => {
             let id = a.id()?;
             let file = PathBuf::from(a.req_str("filename")?);
@@ -497,6 +543,47 @@ fn serve(
     let mut client: Option<Client> = None;
     loop {
         let stopping = stop.load(Ordering::Acquire);
+        // The client first, so that one which has left is noticed before the next connects.
+        if let Some(c) = client.as_mut() {
+            events
+                .listening
+                .store(c.session.negotiated(), Ordering::Release);
+            if c.session.negotiated() {
+                machine.tick();
+            }
+            let mut alive = true;
+            for ev in events.take() {
+                alive &= send(&mut c.stream, &ev).is_ok();
+            }
+            if stopping {
+                return;
+            }
+            // Read until nothing more is there (at most one POLL of waiting).
+            let mut chunk = [0u8; 4096];
+            while alive {
+                match c.stream.read(&mut chunk) {
+                    Ok(0) => alive = false,
+                    Ok(n) => {
+                        alive &= feed(c, &chunk[..n], machine.as_ref());
+                        events
+                            .listening
+                            .store(c.session.negotiated(), Ordering::Release);
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        break
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => alive = false,
+                }
+            }
+            if !alive {
+                client = None;
+                events.listening.store(false, Ordering::Release);
+                events.take();
+            }
+        } else if stopping {
+            return;
+        }
         // New connections: the first becomes the client, others are told and closed.
         loop {
             match listener.accept() {
@@ -525,84 +612,80 @@ fn serve(
                 Err(_) => break,
             }
         }
-        let Some(c) = client.as_mut() else {
-            if stopping {
-                return;
-            }
+        if client.is_none() {
             std::thread::sleep(POLL);
-            continue;
-        };
-        events
-            .listening
-            .store(c.session.negotiated(), Ordering::Release);
-        if c.session.negotiated() {
-            machine.tick();
-        }
-        let mut alive = true;
-        for ev in events.take() {
-            alive &= send(&mut c.stream, &ev).is_ok();
-        }
-        if stopping {
-            return;
-        }
-        let mut chunk = [0u8; 4096];
-        match c.stream.read(&mut chunk) {
-            Ok(0) => alive = false,
-            Ok(n) => {
-                alive &= feed(c, &chunk[..n], machine.as_ref());
-                events
-                    .listening
-                    .store(c.session.negotiated(), Ordering::Release);
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => alive = false,
-        }
-        if !alive {
-            client = None;
-            events.listening.store(false, Ordering::Release);
-            events.take();
         }
     }
 }
 
-/// Splits what arrived into lines and answers each; false when the client is gone.
+/// Takes the JSON requests out of what arrived and answers each; false when the client is
+/// gone. Requests are a stream of JSON objects, as QEMU reads them: a newline after each is
+/// usual but not needed (QEMU's own Python client, `qemu.qmp`, sends none). After a syntax
+/// error the rest of that line is dropped; a request still incomplete after [`MAX_LINE`]
+/// bytes is refused and skipped up to its newline.
 fn feed(c: &mut Client, mut data: &[u8], machine: &dyn Machine) -> bool {
-    while !data.is_empty() {
-        let nl = data.iter().position(|&b| b == b'\n');
-        let (part, rest, complete) = match nl {
-            Some(i) => (&data[..i], &data[i + 1..], true),
-            None => (data, &data[data.len()..], false),
-        };
-        data = rest;
-        if c.skipping {
-            c.skipping = !complete;
-            continue;
-        }
-        if c.buf.len() + part.len() > MAX_LINE {
-            c.buf.clear();
-            c.skipping = !complete;
-            let e = QmpError::generic(format!("request longer than {MAX_LINE} bytes"));
-            if send(&mut c.stream, &e.to_json()).is_err() {
-                return false;
+    if c.skipping {
+        match data.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                c.skipping = false;
+                data = &data[i + 1..];
             }
-            continue;
+            None => return true,
         }
-        c.buf.extend_from_slice(part);
-        if !complete {
-            continue;
+    }
+    c.buf.extend_from_slice(data);
+    loop {
+        let start = c
+            .buf
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(c.buf.len());
+        c.buf.drain(..start);
+        if c.buf.is_empty() {
+            return true;
         }
-        let line = std::mem::take(&mut c.buf);
-        let line = line.strip_suffix(b"\r").unwrap_or(&line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
+        let mut values = serde_json::Deserializer::from_slice(&c.buf).into_iter::<Value>();
+        // (reply, bytes used; None = a bad request, dropped to the end of its line)
+        let (reply, consumed) = match values.next() {
+            Some(Ok(_)) if values.byte_offset() > MAX_LINE => {
+                let e = QmpError::generic(format!("request longer than {MAX_LINE} bytes"));
+                (e.to_json(), Some(values.byte_offset()))
+            }
+            Some(Ok(_)) => {
+                let end = values.byte_offset();
+                (c.session.handle_line(&c.buf[..end], machine), Some(end))
+            }
+            Some(Err(e)) if e.is_eof() => {
+                if c.buf.len() <= MAX_LINE {
+                    return true; // wait for the rest
+                }
+                let e = QmpError::generic(format!("request longer than {MAX_LINE} bytes"));
+                (e.to_json(), None)
+            }
+            Some(Err(e)) => {
+                let e = QmpError::generic(format!("JSON parse error, {e}"));
+                (e.to_json(), None)
+            }
+            None => return true,
+        };
+        match consumed {
+            Some(n) => {
+                c.buf.drain(..n);
+            }
+            None => match c.buf.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    c.buf.drain(..=i);
+                }
+                None => {
+                    c.buf.clear();
+                    c.skipping = true;
+                }
+            },
         }
-        let reply = c.session.handle_line(line, machine);
         if send(&mut c.stream, &reply).is_err() {
             return false;
         }
     }
-    true
 }
 
 #[cfg(test)]
@@ -711,6 +794,16 @@ mod tests {
                 "boolean",
             ),
             (
+                r#"{"execute":"device_add","arguments":{"driver":"scsi-cd","id":"d","lun":1,"undo":true}}"#,
+                "GenericError",
+                "'undo' is for writable disks",
+            ),
+            (
+                r#"{"execute":"device_del","arguments":{"id":"d","undo-end":"maybe"}}"#,
+                "GenericError",
+                "'undo-end' must be",
+            ),
+            (
                 r#"{"execute":"eject","arguments":{}}"#,
                 "GenericError",
                 "'id' is missing",
@@ -749,7 +842,8 @@ mod tests {
                 lun: 2,
                 file: None,
                 format: None,
-                read_only: true
+                read_only: true,
+                undo: false,
             })
         );
     }
@@ -786,9 +880,10 @@ mod tests {
         w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
             .unwrap();
         assert_eq!(recv(&mut r), json!({"return": {}}));
-        // An over-long line: one error, then the next request is served.
-        let mut big = vec![b' '; MAX_LINE + 10];
-        big.extend_from_slice(b"{}\n{\"execute\":\"stop\",\"id\":2}\n");
+        // An over-long request: one error, then the next request is served.
+        let mut big = b"{\"execute\":\"stop\",\"arguments\":{\"x\":\"".to_vec();
+        big.resize(MAX_LINE + 10, b'a');
+        big.extend_from_slice(b"\"}}\n{\"execute\":\"stop\",\"id\":2}\n");
         w.write_all(&big).unwrap();
         let e = recv(&mut r);
         assert!(
@@ -796,6 +891,19 @@ mod tests {
             "{e}"
         );
         assert_eq!(recv(&mut r)["id"], 2);
+        // Requests without newlines (as qemu.qmp sends them), and a syntax error that drops
+        // the rest of its line only.
+        w.write_all(b"{\"execute\":\"stop\",\"id\":3}{\"execute\":\"stop\",\"id\":4}")
+            .unwrap();
+        assert_eq!(recv(&mut r)["id"], 3);
+        assert_eq!(recv(&mut r)["id"], 4);
+        w.write_all(b"{oops} {\"execute\":\"stop\",\"id\":5}\n{\"execute\":\"stop\",\"id\":6}")
+            .unwrap();
+        assert!(recv(&mut r)["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("JSON parse error"));
+        assert_eq!(recv(&mut r)["id"], 6);
         events.emit("RESUME", json!({}));
         let ev = recv(&mut r);
         assert_eq!(ev["event"], "RESUME");
@@ -808,6 +916,7 @@ mod tests {
         assert!(recv(&mut r3).get("QMP").is_some());
         srv.shutdown();
         assert!(!path.exists());
-        assert_eq!(m.0.lock().unwrap().as_slice(), &[Command::Stop]);
+        // ids 2, 3, 4 and 6; neither the over-long request nor the broken line ran.
+        assert_eq!(*m.0.lock().unwrap(), vec![Command::Stop; 4]);
     }
 }

@@ -266,12 +266,14 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
 
     // The control socket.
     let qmp_events = Arc::new(crate::qmp::Events::default());
+    let mut hot_control = None;
     let qmp = match &cfg.qmp {
         Some(path) => {
             let mut table = crate::control::BlockTable::new(
                 start,
                 cfg.open_image.unwrap_or(crate::control::open_raw),
-            );
+            )
+            .with_undo(cfg.open_undo);
             for (i, d) in disks.iter().enumerate() {
                 table.register(
                     &format!("disk{i}"),
@@ -296,6 +298,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
                 stop: stop.clone(),
                 events: qmp_events.clone(),
             });
+            hot_control = Some(control.clone());
             let server = crate::qmp::QmpServer::start(path, control, qmp_events.clone())
                 .map_err(|e| VmmError::Io(format!("control socket {}", path.display()), e));
             match server {
@@ -428,6 +431,12 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
     }
     for t in threads {
         let _ = t.join();
+    }
+    // LUNs the control socket added are flushed and closed like the boot disks.
+    if let Some(c) = hot_control {
+        for line in c.finish(cfg.hotplug_undo_end) {
+            events.note(format!("hot-plugged LUN at exit: {line}"));
+        }
     }
     vmbus.shutdown();
     if let Some(t) = stdin_thread {

@@ -223,18 +223,24 @@ impl VmbusTarget {
     /// device tell the guest (bus-change notice) and delivers what that produced. None when
     /// the VM has no SCSI controller.
     pub fn with_storvsc<R>(&self, f: impl FnOnce(&mut StorvscDevice) -> R) -> Option<R> {
+        self.with_device(f)
+    }
+
+    /// Runs `f` on the first VMBus device of type `T`, then polls the server and delivers
+    /// what that produced. None when there is no such device.
+    pub fn with_device<T: 'static, R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
         let mut s = lock(&self.server);
         let relids = s.relids();
         let r = relids.into_iter().find_map(|relid| {
             s.device_mut(relid)
                 .and_then(|d| d.as_any_mut())
-                .and_then(|a| a.downcast_mut::<StorvscDevice>())
+                .and_then(|a| a.downcast_mut::<T>())
                 .map(|_| relid)
         })?;
         let dev = s
             .device_mut(r)
             .and_then(|d| d.as_any_mut())
-            .and_then(|a| a.downcast_mut::<StorvscDevice>())?;
+            .and_then(|a| a.downcast_mut::<T>())?;
         let out = f(dev);
         s.poll(&self.mem);
         self.run_actions(&mut s);
@@ -342,6 +348,18 @@ pub fn attach(
             .ok_or_else(|| VmmError::Config("bad SCSI instance GUID".into()))?;
         if server
             .add_device(Box::new(StorvscDevice::new(instance, ctl)))
+            .is_none()
+        {
+            return Err(VmmError::Config("VMBus has no free channel".into()));
+        }
+    }
+    // A controllable VM (the control socket) also offers the shutdown integration service,
+    // for `system_powerdown`.
+    if always_controller {
+        let instance = vmbus::Guid::parse(crate::shutdown_ic::SHUTDOWN_IC_INSTANCE)
+            .ok_or_else(|| VmmError::Config("bad shutdown IC instance GUID".into()))?;
+        if server
+            .add_device(Box::new(crate::shutdown_ic::ShutdownIc::new(instance)))
             .is_none()
         {
             return Err(VmmError::Config("VMBus has no free channel".into()));
