@@ -128,71 +128,17 @@ pub fn new_guid() -> Guid {
     b
 }
 
-// ---- CRC-32C (Castagnoli), slice-by-8 ----
-
-const fn crc_tables() -> [[u32; 256]; 8] {
-    let mut t = [[0u32; 256]; 8];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[0][i] = c;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 256 {
-        let mut j = 1;
-        while j < 8 {
-            let prev = t[j - 1][i];
-            t[j][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
-            j += 1;
-        }
-        i += 1;
-    }
-    t
-}
-
-static CRC_T: [[u32; 256]; 8] = crc_tables();
-
-fn crc_update(mut c: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(8);
-    for ch in &mut chunks {
-        let lo = u32::from_le_bytes([ch[0], ch[1], ch[2], ch[3]]) ^ c;
-        let hi = u32::from_le_bytes([ch[4], ch[5], ch[6], ch[7]]);
-        c = CRC_T[7][(lo & 0xff) as usize]
-            ^ CRC_T[6][((lo >> 8) & 0xff) as usize]
-            ^ CRC_T[5][((lo >> 16) & 0xff) as usize]
-            ^ CRC_T[4][(lo >> 24) as usize]
-            ^ CRC_T[3][(hi & 0xff) as usize]
-            ^ CRC_T[2][((hi >> 8) & 0xff) as usize]
-            ^ CRC_T[1][((hi >> 16) & 0xff) as usize]
-            ^ CRC_T[0][(hi >> 24) as usize];
-    }
-    for &b in chunks.remainder() {
-        c = (c >> 8) ^ CRC_T[0][((c ^ b as u32) & 0xff) as usize];
-    }
-    c
-}
+// ---- CRC-32C (Castagnoli), from the crc32c crate ----
 
 /// CRC-32C of `data` with the 4 bytes at `skip` treated as zero (the checksum field).
 pub fn crc32c_skip(data: &[u8], skip: usize) -> u32 {
-    let mut c = !0u32;
-    c = crc_update(c, &data[..skip]);
-    c = crc_update(c, &[0u8; 4]);
-    c = crc_update(c, &data[skip + 4..]);
-    !c
+    let c = crc32c::crc32c(&data[..skip]);
+    let c = crc32c::crc32c_append(c, &[0u8; 4]);
+    crc32c::crc32c_append(c, &data[skip + 4..])
 }
 
 pub fn crc32c(data: &[u8]) -> u32 {
-    !crc_update(!0u32, data)
+    crc32c::crc32c(data)
 }
 
 pub fn rd16(b: &[u8], o: usize) -> u16 {
