@@ -36,7 +36,7 @@ impl VhdxDisk {
                 "physical sector size {size} (512 or 4096)"
             )));
         }
-        self.set_metadata_item(&GUID_PHYSICAL_SECTOR, &size.to_le_bytes())?;
+        self.set_metadata_item(&GUID_PHYSICAL_SECTOR, &metadata::sector_size_item(size))?;
         wlock(&self.meta).physical_sector = size;
         Ok(())
     }
@@ -49,7 +49,7 @@ impl VhdxDisk {
     /// Sets the page 83 identifier: amend gives a rewritten image the old one, so the guest
     /// keeps seeing the same disk.
     pub fn set_page83(&self, id: Guid) -> Result<()> {
-        self.set_metadata_item(&GUID_PAGE83, &id)?;
+        self.set_metadata_item(&GUID_PAGE83, &metadata::page83_item(id))?;
         wlock(&self.meta).page83 = id;
         Ok(())
     }
@@ -64,21 +64,18 @@ impl VhdxDisk {
         let mo = self.rt().meta_offset;
         let mut region = vec![0u8; self.rt().meta_length as usize];
         self.read_meta_region(&wal, &mut region)?;
-        let count = rd16(&region, 10) as usize;
         let mut found = false;
-        for i in 0..count {
-            let o = 32 + i * 32;
-            if o + 32 > region.len() || rdguid(&region, o) != *guid {
+        for e in metadata::read_table(&region) {
+            if e.guid != *guid {
                 continue;
             }
-            let io = rd32(&region, o + 16) as u64;
-            let len = rd32(&region, o + 20) as usize;
+            let io = e.offset as u64;
+            let len = e.length as usize;
             let po = io / PAGE * PAGE;
             let at = (io % PAGE) as usize;
             if len != value.len() || at + len > PAGE as usize || po + PAGE > region.len() as u64 {
                 return Err(Error::Unsupported(format!(
-                    "metadata item {} has an unexpected size or place",
-                    guid_fmt(guid)
+                    "metadata item {guid} has an unexpected size or place"
                 )));
             }
             let mut page = region[po as usize..(po + PAGE) as usize].to_vec();
@@ -88,8 +85,7 @@ impl VhdxDisk {
         }
         if !found {
             return Err(Error::Unsupported(format!(
-                "the image has no metadata item {}",
-                guid_fmt(guid)
+                "the image has no metadata item {guid}"
             )));
         }
         self.flush_locked(&mut wal)
@@ -115,9 +111,10 @@ mod tests {
         drop(disk);
 
         let disk = reopen(&path, false);
-        let guid = [7u8; 16];
+        let guid = Guid::from_windows_bytes([7u8; 16]);
         disk.set_physical_sector_size(512).unwrap();
-        disk.set_page83([9u8; 16]).unwrap();
+        disk.set_page83(Guid::from_windows_bytes([9u8; 16]))
+            .unwrap();
         disk.adopt_data_write_guid(guid).unwrap();
         assert!(disk.set_physical_sector_size(1000).is_err());
         disk.close().unwrap();
@@ -125,7 +122,7 @@ mod tests {
 
         let disk = reopen(&path, true);
         assert_eq!(disk.physical_sector_size(), 512);
-        assert_eq!(disk.page83(), [9u8; 16]);
+        assert_eq!(disk.page83(), Guid::from_windows_bytes([9u8; 16]));
         assert_eq!(disk.data_write_guid(), guid);
         let mut buf = [0u8; 4096];
         disk.read_at(&mut buf, 1 << 20).unwrap();
@@ -141,10 +138,14 @@ mod tests {
         disk.close().unwrap();
         drop(disk);
         let disk = reopen(&path, false);
-        disk.adopt_data_write_guid([3u8; 16]).unwrap();
+        disk.adopt_data_write_guid(Guid::from_windows_bytes([3u8; 16]))
+            .unwrap();
         disk.write_at(&[1; 4096], 0).unwrap();
         disk.close().unwrap();
         drop(disk);
-        assert_ne!(reopen(&path, true).data_write_guid(), [3u8; 16]);
+        assert_ne!(
+            reopen(&path, true).data_write_guid(),
+            Guid::from_windows_bytes([3u8; 16])
+        );
     }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::format::{wr64, Geometry};
+use crate::geometry::Geometry;
 
 /// Entries per 4 KiB BAT page.
 pub(crate) const PER_PAGE: usize = 512;
@@ -144,7 +144,7 @@ impl Bat {
         if let Some(Some(page)) = self.pages.get(p as usize) {
             let n = self.len.saturating_sub(p as usize * PER_PAGE).min(PER_PAGE);
             for (k, e) in page.iter().take(n).enumerate() {
-                wr64(&mut img, k * 8, *e);
+                img[k * 8..k * 8 + 8].copy_from_slice(&e.to_le_bytes());
             }
         }
         img

@@ -6,7 +6,9 @@ use disk::check::Repair;
 use disk::{CheckReport, Error, Result, Storage};
 
 use crate::format::*;
-use crate::{read_headers, Lenient, VhdxDisk};
+use crate::header::read_headers;
+use crate::open::Lenient;
+use crate::VhdxDisk;
 
 /// Checks an image. With `repair` other than `None` a dirty log is replayed in place; with
 /// `Leaks` or `All` unreferenced space at the end of the file is truncated.
@@ -42,7 +44,7 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
     }
     // The log.
     let mut replay_rw = false;
-    if hs.current.log_guid != [0; 16] {
+    if !hs.current.log_guid.is_nil() {
         let probe = VhdxDisk::open_inner(storage.clone(), true, Lenient { bat: true });
         match probe {
             Ok(d) if d.dirty_at_open => {
@@ -130,7 +132,7 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
         used.push((
             e.offset,
             e.offset + e.length as u64,
-            format!("region {}", guid_fmt(&e.guid)),
+            format!("region {}", e.guid),
         ));
     }
     let fixed_n = used.len();

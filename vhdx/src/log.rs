@@ -49,13 +49,70 @@
 
 use std::collections::BTreeMap;
 
-use crate::format::*;
-use disk::{Error, Result};
+use binrw::binrw;
+use disk::{Error, Guid, Result};
 
-pub const SIG_LOGE: &[u8; 4] = b"loge";
-pub const SIG_DESC: &[u8; 4] = b"desc";
-pub const SIG_ZERO: &[u8; 4] = b"zero";
-pub const SIG_DATA: &[u8; 4] = b"data";
+use crate::checksum;
+use crate::codec::{decode, encode, guid_from_disk, guid_to_disk};
+use crate::format::{MAX_SIZE, PAGE, RT1_OFFSET};
+
+/// An entry's first 64 bytes (the entry is checksummed over its whole length).
+#[binrw]
+#[brw(little, magic = b"loge")]
+struct LogEntryHeader {
+    /// CRC-32C of the whole entry (see checksum.rs), filled in after writing.
+    #[br(temp)]
+    #[bw(calc = 0u32)]
+    checksum: u32,
+    entry_length: u32,
+    tail: u32,
+    sequence: u64,
+    descriptor_count: u32,
+    reserved: u32,
+    #[br(map = guid_from_disk)]
+    #[bw(map = guid_to_disk)]
+    log_guid: Guid,
+    flushed_file_offset: u64,
+    last_file_offset: u64,
+}
+
+/// A 32-byte descriptor; descriptors follow the entry header.
+#[binrw]
+#[brw(little)]
+enum Descriptor {
+    /// Zero `zero_length` bytes at `file_offset`.
+    #[brw(magic = b"zero")]
+    Zero {
+        reserved: u32,
+        zero_length: u64,
+        file_offset: u64,
+        sequence: u64,
+    },
+    /// Write a 4 KiB page at `file_offset`: its first 8 and last 4 bytes are here, the rest in
+    /// the matching data sector.
+    #[brw(magic = b"desc")]
+    Data {
+        trailing_bytes: [u8; 4],
+        leading_bytes: [u8; 8],
+        file_offset: u64,
+        sequence: u64,
+    },
+}
+
+/// A 4 KiB data sector: the middle 4084 bytes of a page, framed by the sequence number's halves.
+#[binrw]
+#[brw(little, magic = b"data")]
+struct DataSector {
+    sequence_high: u32,
+    #[br(count = PAGE_MIDDLE)]
+    data: Vec<u8>,
+    sequence_low: u32,
+}
+
+const ENTRY_HEADER_SIZE: usize = 64;
+const DESCRIPTOR_SIZE: usize = 32;
+/// The bytes of a page that a data sector carries (8..4092).
+const PAGE_MIDDLE: usize = 4084;
 
 /// One operation of a log entry.
 #[derive(Clone, Debug)]
@@ -124,18 +181,15 @@ pub fn desc_sectors(n: u64) -> u64 {
 /// Validates and decodes the entry at ring offset `off`; None when it is not a valid entry.
 fn parse_entry(log: &[u8], off: u64, guid: &Guid) -> Option<LogEntry> {
     let n = log.len() as u64;
-    let h = ring(log, off, 64);
-    if &h[0..4] != SIG_LOGE {
-        return None;
-    }
-    let length = rd32(&h, 8) as u64;
-    let tail = rd32(&h, 12) as u64;
-    let sequence = rd64(&h, 16);
-    let count = rd32(&h, 24) as u64;
+    let h: LogEntryHeader = decode(&ring(log, off, ENTRY_HEADER_SIZE as u64)).ok()?;
+    let length = h.entry_length as u64;
+    let tail = h.tail as u64;
+    let sequence = h.sequence;
+    let count = h.descriptor_count as u64;
     if length < PAGE || !length.is_multiple_of(PAGE) || length > n || sequence == 0 {
         return None;
     }
-    if !tail.is_multiple_of(PAGE) || tail >= n || rdguid(&h, 32) != *guid {
+    if !tail.is_multiple_of(PAGE) || tail >= n || h.log_guid != *guid {
         return None;
     }
     let ds = desc_sectors(count);
@@ -143,44 +197,58 @@ fn parse_entry(log: &[u8], off: u64, guid: &Guid) -> Option<LogEntry> {
         return None;
     }
     let e = ring(log, off, length);
-    if rd32(&e, 4) != crc32c_skip(&e, 4) {
+    let (stored, computed) = checksum::stored_and_computed(&e);
+    if stored != computed {
         return None;
     }
     let mut ops = Vec::new();
     let mut data_idx = 0u64;
-    for i in 0..count {
-        let d = 64 + i as usize * 32;
-        let sig = &e[d..d + 4];
-        let file_offset = rd64(&e, d + 16);
-        if rd64(&e, d + 24) != sequence || !file_offset.is_multiple_of(PAGE) {
-            return None;
-        }
-        if sig == SIG_ZERO {
-            let len = rd64(&e, d + 8);
-            if !len.is_multiple_of(PAGE) {
-                return None;
+    for i in 0..count as usize {
+        let d = ENTRY_HEADER_SIZE + i * DESCRIPTOR_SIZE;
+        match decode::<Descriptor>(&e[d..d + DESCRIPTOR_SIZE]).ok()? {
+            Descriptor::Zero {
+                zero_length,
+                file_offset,
+                sequence: s,
+                ..
+            } => {
+                if s != sequence
+                    || !file_offset.is_multiple_of(PAGE)
+                    || !zero_length.is_multiple_of(PAGE)
+                {
+                    return None;
+                }
+                ops.push(LogOp::Zero {
+                    file_offset,
+                    len: zero_length,
+                });
             }
-            ops.push(LogOp::Zero { file_offset, len });
-        } else if sig == SIG_DESC {
-            let s = ((ds + data_idx) * PAGE) as usize;
-            if s as u64 + PAGE > length {
-                return None;
+            Descriptor::Data {
+                trailing_bytes,
+                leading_bytes,
+                file_offset,
+                sequence: s,
+            } => {
+                if s != sequence || !file_offset.is_multiple_of(PAGE) {
+                    return None;
+                }
+                let at = ((ds + data_idx) * PAGE) as usize;
+                if at as u64 + PAGE > length {
+                    return None;
+                }
+                let sec: DataSector = decode(&e[at..at + PAGE as usize]).ok()?;
+                if sec.sequence_high as u64 != sequence >> 32
+                    || sec.sequence_low as u64 != sequence & 0xffff_ffff
+                {
+                    return None;
+                }
+                let mut page = vec![0u8; PAGE as usize].into_boxed_slice();
+                page[0..8].copy_from_slice(&leading_bytes);
+                page[8..4092].copy_from_slice(&sec.data);
+                page[4092..4096].copy_from_slice(&trailing_bytes);
+                ops.push(LogOp::Data { file_offset, page });
+                data_idx += 1;
             }
-            let sec = &e[s..s + PAGE as usize];
-            if &sec[0..4] != SIG_DATA
-                || rd32(sec, 4) as u64 != sequence >> 32
-                || rd32(sec, 4092) as u64 != sequence & 0xffff_ffff
-            {
-                return None;
-            }
-            let mut page = vec![0u8; PAGE as usize].into_boxed_slice();
-            page[0..8].copy_from_slice(&e[d + 8..d + 16]);
-            page[8..4092].copy_from_slice(&sec[8..4092]);
-            page[4092..4096].copy_from_slice(&e[d + 4..d + 8]);
-            ops.push(LogOp::Data { file_offset, page });
-            data_idx += 1;
-        } else {
-            return None;
         }
     }
     Some(LogEntry {
@@ -188,8 +256,8 @@ fn parse_entry(log: &[u8], off: u64, guid: &Guid) -> Option<LogEntry> {
         length,
         tail,
         sequence,
-        flushed_file_offset: rd64(&h, 48),
-        last_file_offset: rd64(&h, 56),
+        flushed_file_offset: h.flushed_file_offset,
+        last_file_offset: h.last_file_offset,
         ops,
     })
 }
@@ -203,7 +271,7 @@ pub fn find_sequence(log: &[u8], guid: &Guid) -> LogSequence {
     let mut valid: BTreeMap<u64, LogEntry> = BTreeMap::new();
     let mut off = 0;
     while off < n {
-        if &log[off as usize..off as usize + 4] == SIG_LOGE {
+        if &log[off as usize..off as usize + 4] == b"loge" {
             if let Some(e) = parse_entry(log, off, guid) {
                 valid.insert(off, e);
             }
@@ -278,36 +346,58 @@ pub fn build_entry_with_zeros(
     let ds = desc_sectors(count);
     let len = (ds + pages.len() as u64) * PAGE;
     let mut e = vec![0u8; len as usize];
-    e[0..4].copy_from_slice(SIG_LOGE);
-    wr32(&mut e, 8, len as u32);
-    wr32(&mut e, 12, tail);
-    wr64(&mut e, 16, sequence);
-    wr32(&mut e, 24, count as u32);
-    e[32..48].copy_from_slice(guid);
-    wr64(&mut e, 48, flushed_file_offset);
-    wr64(&mut e, 56, last_file_offset);
+    encode(
+        &LogEntryHeader {
+            entry_length: len as u32,
+            tail,
+            sequence,
+            descriptor_count: count as u32,
+            reserved: 0,
+            log_guid: *guid,
+            flushed_file_offset,
+            last_file_offset,
+        },
+        &mut e,
+    );
+    let descriptor_at = |i: usize| ENTRY_HEADER_SIZE + i * DESCRIPTOR_SIZE;
     for (i, (off, page)) in pages.iter().enumerate() {
-        let d = 64 + i * 32;
-        e[d..d + 4].copy_from_slice(SIG_DESC);
-        e[d + 4..d + 8].copy_from_slice(&page[4092..4096]);
-        e[d + 8..d + 16].copy_from_slice(&page[0..8]);
-        wr64(&mut e, d + 16, *off);
-        wr64(&mut e, d + 24, sequence);
+        let d = descriptor_at(i);
+        let mut trailing_bytes = [0u8; 4];
+        trailing_bytes.copy_from_slice(&page[4092..4096]);
+        let mut leading_bytes = [0u8; 8];
+        leading_bytes.copy_from_slice(&page[0..8]);
+        encode(
+            &Descriptor::Data {
+                trailing_bytes,
+                leading_bytes,
+                file_offset: *off,
+                sequence,
+            },
+            &mut e[d..d + DESCRIPTOR_SIZE],
+        );
         let s = ((ds + i as u64) * PAGE) as usize;
-        e[s..s + 4].copy_from_slice(SIG_DATA);
-        wr32(&mut e, s + 4, (sequence >> 32) as u32);
-        e[s + 8..s + 4092].copy_from_slice(&page[8..4092]);
-        wr32(&mut e, s + 4092, sequence as u32);
+        encode(
+            &DataSector {
+                sequence_high: (sequence >> 32) as u32,
+                data: page[8..4092].to_vec(),
+                sequence_low: sequence as u32,
+            },
+            &mut e[s..s + PAGE as usize],
+        );
     }
     for (i, (off, len)) in zeros.iter().enumerate() {
-        let d = 64 + (pages.len() + i) * 32;
-        e[d..d + 4].copy_from_slice(SIG_ZERO);
-        wr64(&mut e, d + 8, *len);
-        wr64(&mut e, d + 16, *off);
-        wr64(&mut e, d + 24, sequence);
+        let d = descriptor_at(pages.len() + i);
+        encode(
+            &Descriptor::Zero {
+                reserved: 0,
+                zero_length: *len,
+                file_offset: *off,
+                sequence,
+            },
+            &mut e[d..d + DESCRIPTOR_SIZE],
+        );
     }
-    let c = crc32c_skip(&e, 4);
-    wr32(&mut e, 4, c);
+    checksum::seal(&mut e);
     e
 }
 
@@ -344,7 +434,7 @@ mod tests {
 
     #[test]
     fn build_then_find() {
-        let guid = [7u8; 16];
+        let guid = Guid::from_windows_bytes([7u8; 16]);
         let page = vec![0xabu8; 4096];
         let mut log = vec![0u8; 1 << 20];
         let e1 = build_entry(1, 0, &guid, 0, 0, &[(2 << 20, &page)]);
@@ -355,7 +445,9 @@ mod tests {
         assert_eq!(s.entries.len(), 2);
         assert_eq!(s.head_sequence(), 2);
         // Wrong guid: nothing.
-        assert!(find_sequence(&log, &[1u8; 16]).entries.is_empty());
+        assert!(find_sequence(&log, &Guid::from_windows_bytes([1u8; 16]))
+            .entries
+            .is_empty());
         // Tear entry 2: only entry 1 remains.
         log[e1.len() + 5000] ^= 1;
         let s = find_sequence(&log, &guid);

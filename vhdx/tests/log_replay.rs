@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::*;
 use disk::{BlockDevice, MemStorage, Storage};
-use vhdx::format::{self, bat_entry, Header, PB_FULLY_PRESENT};
+use vhdx::format::{bat_entry, Header, PB_FULLY_PRESENT};
 use vhdx::{CreateKind, CreateOptions, OpenOptions, VhdxDisk};
 
 const MIB: u64 = 1 << 20;
@@ -47,7 +47,7 @@ fn put_ring(b: &mut [u8], log_offset: u64, log_len: u64, at: u64, entry: &[u8]) 
 }
 
 /// Makes the image's current header carry `guid` as LogGuid (written to the other slot).
-fn set_log_guid(b: &mut [u8], guid: [u8; 16]) {
+fn set_log_guid(b: &mut [u8], guid: disk::Guid) {
     let h1 = Header::parse(&b[65536..65536 + 4096], 65536).unwrap();
     let h2 = Header::parse(&b[131072..131072 + 4096], 131072).unwrap();
     let (cur, other) = if h1.sequence > h2.sequence {
@@ -84,7 +84,7 @@ enum Variant {
 fn dirty_image(v: &Variant) -> (Vec<u8>, Vec<(u64, u8)>) {
     let base = base();
     let mut b = base.bytes.clone();
-    let guid = format::new_guid();
+    let guid = disk::Guid::new_random().unwrap();
     let end = (b.len() as u64).div_ceil(MIB) * MIB;
     // Data for the new blocks is already in the file (written before the log entry).
     let blk2 = end;
