@@ -43,7 +43,8 @@ pub fn commit_into_base(
     let vhdx_link = probe_path(above)? == Format::Vhdx && probe_path(base)? == Format::Vhdx;
     // Step 1.
     let next = if vhdx_link {
-        let g = vhdx::format::new_guid();
+        let g = disk::Guid::new_random()
+            .map_err(|e| Error::io("cannot generate the base's next DataWriteGuid", e))?;
         link_above(above, base, template, Some(g))?;
         Some(g)
     } else {
@@ -101,7 +102,7 @@ fn link_above(
     above: &Path,
     base: &Path,
     template: &OpenOptions,
-    next: Option<vhdx::format::Guid>,
+    next: Option<disk::Guid>,
 ) -> Result<()> {
     let mut rw = template.clone();
     rw.read_only = false;

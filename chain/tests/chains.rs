@@ -220,7 +220,7 @@ fn vhdx_parent_linkage2_accepts_the_pre_chosen_identity_only() {
     let child = d.path().join("child.vhdx");
     mk(&base, Format::Vhdx, None);
     mk(&child, Format::Vhdx, Some(&base));
-    let next = vhdx::format::new_guid();
+    let next = disk::Guid::new_random().unwrap();
     {
         let mut rw = OpenOptions::read_write();
         rw.no_parent = true;

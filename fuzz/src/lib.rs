@@ -110,7 +110,7 @@ pub fn vhd_open(data: &[u8]) {
 /// Recomputes the CRCs of both VHDX headers and region tables so that mutations behind them
 /// reach the code that trusts a valid checksum.
 pub fn vhdx_fix_crcs(img: &mut [u8]) {
-    use vhdx::format::{crc32c_skip, wr32, HEADER_SIZE, RT_SIZE};
+    use vhdx::format::{HEADER_SIZE, RT_SIZE};
     for (off, len) in [
         (64usize << 10, HEADER_SIZE),
         (128 << 10, HEADER_SIZE),
@@ -118,8 +118,7 @@ pub fn vhdx_fix_crcs(img: &mut [u8]) {
         (256 << 10, RT_SIZE),
     ] {
         if img.len() >= off + len {
-            let c = crc32c_skip(&img[off..off + len], 4);
-            wr32(&mut img[off..off + len], 4, c);
+            vhdx_fix_crcs_at(&mut img[off..], len);
         }
     }
 }
@@ -259,9 +258,9 @@ pub fn metadata(data: &[u8]) {
             let guid = if rest.len() >= 16 {
                 let mut g = [0u8; 16];
                 g.copy_from_slice(&rest[..16]);
-                g
+                vhdx::format::Guid::from_windows_bytes(g)
             } else {
-                [0; 16]
+                vhdx::format::Guid::NIL
             };
             let seq = vhdx::log::find_sequence(&log, &guid);
             let _ = vhdx::log::validate_targets(&seq, 1 << 20, len as u64);
@@ -270,9 +269,10 @@ pub fn metadata(data: &[u8]) {
     }
 }
 
+/// Stores the CRC-32C of `b[..len]` in its checksum field (bytes 4..8).
 fn vhdx_fix_crcs_at(b: &mut [u8], len: usize) {
     let c = vhdx::format::crc32c_skip(&b[..len], 4);
-    vhdx::format::wr32(b, 4, c);
+    b[4..8].copy_from_slice(&c.to_le_bytes());
 }
 
 struct NbdFixture {
@@ -512,18 +512,9 @@ pub fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
 
 fn vhdx_region(img: &[u8], guid: &vhdx::format::Guid) -> Option<(usize, usize)> {
     let rt = img.get(192 << 10..(192 << 10) + 65536)?;
-    let n = vhdx::format::rd32(rt, 8) as usize;
-    for i in 0..n.min(2047) {
-        let e = 16 + i * 32;
-        if &vhdx::format::rdguid(rt, e) == guid {
-            let off = vhdx::format::rd64(rt, e + 16) as usize;
-            let len = vhdx::format::rd32(rt, e + 24) as usize;
-            if off.checked_add(len)? <= img.len() {
-                return Some((off, len));
-            }
-        }
-    }
-    None
+    let table = vhdx::format::RegionTable::parse(rt, 192 << 10, img.len() as u64).ok()?;
+    let e = table.entries.iter().find(|e| e.guid == *guid)?;
+    Some((e.offset as usize, e.length as usize))
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {

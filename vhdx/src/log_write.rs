@@ -4,6 +4,12 @@
 
 use super::*;
 
+/// The most pages one entry may carry: with its descriptor sectors it must fit in half the log,
+/// so it never overlaps the previous entry, which stays the replay target until it is durable.
+fn pages_per_entry(log_len: u64) -> usize {
+    ((log_len / 2) / PAGE).saturating_sub(2).max(1) as usize
+}
+
 /// Where a page of a flush came from, to clear its dirty mark once it is durable.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum DirtyPage {
@@ -136,7 +142,7 @@ impl VhdxDisk {
             return Ok(());
         }
         // Each entry is at most half the log so it never overlaps the previous one.
-        let max_pages = ((log_len / 2) / PAGE).saturating_sub(2).max(1) as usize;
+        let max_pages = pages_per_entry(log_len);
         let mut first = true;
         for group in pages.chunks(max_pages) {
             if !first {
@@ -228,5 +234,63 @@ impl VhdxDisk {
         }
         *lock(&self.next_data_write_guid) = Some(guid);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_fits_in_half_the_log() {
+        for log_len in [MIB, 2 * MIB, 8 * MIB, 64 * MIB] {
+            let n = pages_per_entry(log_len) as u64;
+            let sectors = log::desc_sectors(n) + n;
+            assert!(sectors * PAGE <= log_len / 2, "{log_len}: {n} pages");
+            // And not much less: a bigger group would not fit.
+            assert!((log::desc_sectors(n + 1) + n + 1) * PAGE > log_len / 2);
+        }
+    }
+
+    /// A flush writes one entry with every dirty page, and replaying that entry alone gives the
+    /// pages the flush applied.
+    #[test]
+    fn a_flush_writes_one_replayable_entry() {
+        let s: Arc<dyn Storage> = Arc::new(disk::MemStorage::new());
+        let d = VhdxDisk::create_on(
+            s.clone(),
+            &CreateOptions::new(CreateKind::Dynamic, 64 << 20),
+        )
+        .unwrap();
+        d.write_at(&[0xa5; 4096], 0).unwrap();
+        d.write_at(&[0x5a; 4096], 8 << 20).unwrap();
+        d.flush().unwrap();
+        assert_eq!(d.log_entries_written(), 1);
+        let h = lock(&d.header).current.clone();
+        assert!(
+            !h.log_guid.is_nil(),
+            "the session's log is active until close"
+        );
+        let mut ring = vec![0u8; h.log_length as usize];
+        s.read_at(&mut ring, h.log_offset).unwrap();
+        let seq = log::find_sequence(&ring, &h.log_guid);
+        assert_eq!(seq.entries.len(), 1);
+        let bat_at = d.rt().bat_offset;
+        let pages: Vec<u64> = seq.entries[0]
+            .ops
+            .iter()
+            .map(|op| match op {
+                log::LogOp::Data { file_offset, page } => {
+                    let mut now = vec![0u8; PAGE as usize];
+                    s.read_at(&mut now, *file_offset).unwrap();
+                    assert_eq!(&now[..], &page[..], "applied page equals its log image");
+                    *file_offset
+                }
+                log::LogOp::Zero { .. } => panic!("a flush logs page images only"),
+            })
+            .collect();
+        // Both blocks' entries are on the BAT's first page.
+        assert_eq!(pages, vec![bat_at]);
+        d.close().unwrap();
     }
 }

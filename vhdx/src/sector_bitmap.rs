@@ -4,6 +4,17 @@
 
 use super::*;
 
+/// The bit, within its chunk's bitmap block, of the first sector of payload block `b`.
+fn first_bit(geo: &Geometry, b: u64) -> u64 {
+    (b % geo.chunk_ratio) * geo.sectors_per_block()
+}
+
+/// Where bit `bit` of a bitmap block is: the page's offset in the block and the byte in the
+/// page (bit `bit % 8` of that byte, least significant first).
+fn bit_place(bit: u64) -> (u64, usize) {
+    ((bit / 8) / PAGE * PAGE, ((bit / 8) % PAGE) as usize)
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Bitmaps {
     /// Page images of sector-bitmap blocks, by file offset.
@@ -35,16 +46,14 @@ impl VhdxDisk {
         if bat_state(sbe) != SB_PRESENT {
             return Ok((false, max));
         }
-        let spb = geo.sectors_per_block();
-        let bit0 = (b % geo.chunk_ratio) * spb + s;
+        let bit0 = first_bit(geo, b) + s;
         let mut bm = lock(&self.bitmaps);
         let mut n = 0u64;
         let mut first = None;
         while n < max {
             let bit = bit0 + n;
-            let po = bat_offset(sbe) + (bit / 8) / PAGE * PAGE;
-            let page = self.bitmap_page(&mut bm, po)?;
-            let byte_in_page = ((bit / 8) % PAGE) as usize;
+            let (page_at, byte_in_page) = bit_place(bit);
+            let page = self.bitmap_page(&mut bm, bat_offset(sbe) + page_at)?;
             // Whole bytes at a time when aligned.
             let v = (page[byte_in_page] >> (bit % 8)) & 1 == 1;
             match first {
@@ -88,7 +97,7 @@ impl VhdxDisk {
         let mut bm = lock(&self.bitmaps);
         if fresh {
             // Sectors per block is a multiple of 8 (block >= 1 MiB, sector <= 4 KiB).
-            let first = (b % geo.chunk_ratio) * spb / 8;
+            let first = first_bit(&geo, b) / 8;
             let last = first + spb / 8;
             let mut byte = first;
             while byte < last {
@@ -103,12 +112,12 @@ impl VhdxDisk {
                 byte += (to - from) as u64;
             }
         }
-        let bit0 = (b % geo.chunk_ratio) * spb + s;
+        let bit0 = first_bit(&geo, b) + s;
         let mut bit = bit0;
         while bit < bit0 + n {
-            let po = sb + (bit / 8) / PAGE * PAGE;
+            let (page_at, byte) = bit_place(bit);
+            let po = sb + page_at;
             let page = self.bitmap_page(&mut bm, po)?;
-            let byte = ((bit / 8) % PAGE) as usize;
             if bit.is_multiple_of(8) && bit + 8 <= bit0 + n {
                 page[byte] = 0xff;
                 bit += 8;
@@ -119,5 +128,29 @@ impl VhdxDisk {
             bm.dirty.insert(po);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sector_bits_are_placed_by_chunk_and_block() {
+        // 1 MiB blocks, 512-byte sectors: 2048 sectors per block, 4096 blocks per chunk, so a
+        // chunk's bitmap is exactly 2^23 bits (1 MiB).
+        let g = Geometry::new(16 << 30, 1 << 20, 512, true);
+        assert_eq!(first_bit(&g, 0), 0);
+        assert_eq!(first_bit(&g, 1), 2048);
+        assert_eq!(first_bit(&g, 4095), 4095 * 2048);
+        assert_eq!(first_bit(&g, 4095) + 2048, 1 << 23);
+        // The next chunk has its own bitmap block: block 4096 starts at bit 0 again.
+        assert_eq!(first_bit(&g, 4096), 0);
+        assert_eq!(bit_place(0), (0, 0));
+        assert_eq!(bit_place(7), (0, 0));
+        assert_eq!(bit_place(8), (0, 1));
+        // Block 16's first sector: bit 32768, byte 4096, the second page.
+        assert_eq!(bit_place(first_bit(&g, 16)), (4096, 0));
+        assert_eq!(bit_place((1 << 23) - 1), ((1 << 20) - 4096, 4095));
     }
 }

@@ -10,7 +10,25 @@ use std::path::{Path, PathBuf};
 
 use disk::BlockDevice;
 
-use vhdx::format::{crc32c_skip, rd32, rd64, rdguid, wr32, wr64};
+use vhdx::format::crc32c_skip;
+
+// Little-endian field access for damaging images at known offsets (test code only; the
+// library reads and writes these structures as typed structs).
+fn rd32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+}
+fn rd64(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+}
+fn rdguid(b: &[u8], o: usize) -> vhdx::format::Guid {
+    vhdx::format::Guid::from_windows_bytes(b[o..o + 16].try_into().unwrap())
+}
+fn wr32(b: &mut [u8], o: usize, v: u32) {
+    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn wr64(b: &mut [u8], o: usize, v: u64) {
+    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+}
 
 pub struct Hostile {
     pub name: String,
