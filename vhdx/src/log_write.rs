@@ -7,7 +7,13 @@ use super::*;
 /// The most pages one entry may carry: with its descriptor sectors it must fit in half the log,
 /// so it never overlaps the previous entry, which stays the replay target until it is durable.
 fn pages_per_entry(log_len: u64) -> usize {
-    ((log_len / 2) / PAGE).saturating_sub(2).max(1) as usize
+    let half = (log_len / 2) / PAGE;
+    // Every 128 pages past the first 126 need one more descriptor sector.
+    let mut n = half.saturating_sub(1).max(1);
+    while n > 1 && log::desc_sectors(n) + n > half {
+        n -= 1;
+    }
+    n as usize
 }
 
 /// Where a page of a flush came from, to clear its dirty mark once it is durable.
