@@ -5,20 +5,21 @@
 //!
 //! # Life of an open image
 //!
-//! 1. **Open** ([`open`](mod@open)): signature, the two headers (the newer valid one is
-//!    current), the log (replayed in place, or into a memory overlay when read-only), the
+//! 1. **Open** (`open.rs`): signature, the two headers (the newer valid one is current), the
+//!    log (replayed in place, or into a memory overlay when read-only: `log_replay.rs`), the
 //!    region table, the metadata, the BAT; each step validates what it reads.
-//! 2. **Reads** ([`io`](mod@io)) go through the BAT and, for differencing images, the sector
-//!    bitmap to this file or the parent.
-//! 3. **The first write** starts a session ([`log_write`]): new FileWriteGuid, DataWriteGuid
-//!    and LogGuid in both headers. Data goes straight to its block; new blocks are appended
-//!    ([`alloc`]); BAT and bitmap changes stay in memory as dirty pages.
+//! 2. **Reads** (`io.rs`) go through the BAT and, for differencing images, the sector bitmap
+//!    (`sector_bitmap.rs`) to this file or the parent (`parent.rs`).
+//! 3. **The first write** starts a session (`log_write.rs`): new FileWriteGuid, DataWriteGuid
+//!    and LogGuid in both headers (`header.rs`). Data goes straight to its block; new blocks
+//!    are appended (`alloc.rs`); BAT and bitmap changes stay in memory as dirty pages.
 //! 4. **Flush** writes every dirty page in one log entry, makes it durable, then applies it.
 //! 5. **Close** flushes, makes the applied pages durable and clears the LogGuid.
 //!
-//! Whole-image operations ([`create`](mod@create), [`resize`](mod@resize),
-//! [`compact`](mod@compact), re-parenting in [`parent`], [`amend`], [`check`](mod@check)) are
-//! built from the same steps.
+//! Whole-image operations (`create.rs`, `trim.rs`, `resize.rs`, `compact.rs`, re-parenting in
+//! `parent.rs`, `amend.rs`, `check.rs`, `info.rs`) are built from the same steps. The on-disk
+//! structures are in `header.rs`, `region.rs`, `metadata.rs`, `locator.rs`, `bat_entry.rs`,
+//! `log.rs` and `checksum.rs`; [`format`](mod@format) is their public face.
 
 #![forbid(unsafe_code)]
 
