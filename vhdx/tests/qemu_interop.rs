@@ -219,11 +219,11 @@ fn sparse_64g_dynamic_interop() {
     assert!(std::fs::metadata(&img).unwrap().len() < 32 << 20);
     for (i, &o) in spots.iter().enumerate() {
         let o = o.min(size - 4096);
-        let out = std::process::Command::new("qemu-io")
-            .args(["-f", "vhdx", "-r", "-c", &format!("read -v {o} 16")])
-            .arg(&img)
-            .output()
-            .unwrap();
+        let out = common::qemu_output(
+            std::process::Command::new("qemu-io")
+                .args(["-f", "vhdx", "-r", "-c", &format!("read -v {o} 16")])
+                .arg(&img),
+        );
         let s = String::from_utf8_lossy(&out.stdout);
         let want = pattern(i as u64, 16);
         let hex: Vec<String> = want.iter().map(|b| format!("{b:02x}")).collect();

@@ -28,7 +28,7 @@ pub fn have_qemu() -> bool {
 
 /// Runs a command, panicking with its output on failure; returns stdout.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().expect("spawn");
+    let o = qemu_output(Command::new(cmd).args(args));
     if !o.status.success() {
         panic!(
             "{cmd} {args:?} failed ({}):\n{}\n{}",
@@ -40,13 +40,29 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Runs a QEMU tool and returns its output. A run refused for a lock is tried again for a
+/// moment: a file this test process just closed may still be open in a child that another
+/// test thread is starting (between its fork and exec it holds copies of every descriptor,
+/// and with them their locks).
+pub fn qemu_output(cmd: &mut Command) -> std::process::Output {
+    let mut out = cmd.output().expect("spawn");
+    for _ in 0..50 {
+        if out.status.success() || !String::from_utf8_lossy(&out.stderr).contains("lock") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        out = cmd.output().expect("spawn");
+    }
+    out
+}
+
 /// `qemu-img check` exit status and output.
 pub fn qemu_check(path: &Path) -> (i32, String) {
-    let o = Command::new("qemu-img")
-        .args(["check", "-f", "vhdx"])
-        .arg(path)
-        .output()
-        .expect("spawn qemu-img");
+    let o = qemu_output(
+        Command::new("qemu-img")
+            .args(["check", "-f", "vhdx"])
+            .arg(path),
+    );
     (
         o.status.code().unwrap_or(-1),
         format!(
