@@ -248,14 +248,6 @@ impl VmbusDevice for StorvscDevice {
         4096
     }
 
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
-
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
-        Some(self)
-    }
-
     fn poll(&mut self, io: &mut ChannelIo<'_>) -> Result<(), DeviceError> {
         // LUNs were added or removed: tell the guest to rescan the bus (an unsolicited packet,
         // trans_id 0). The guest re-probes the LUNs it knows (a removed one now answers

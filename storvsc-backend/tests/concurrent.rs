@@ -34,7 +34,8 @@ fn guest_and_host_threads_qd32() {
         std::thread::spawn(move || {
             let mut failures = Vec::new();
             while let Ok(true) = kick_rx.recv() {
-                let mut s: std::sync::MutexGuard<'_, VmbusServer> = server.lock().unwrap();
+                let mut s: std::sync::MutexGuard<'_, VmbusServer<storvsc_backend::StorvscDevice>> =
+                    server.lock().unwrap();
                 s.signal_event(&*mem, conn);
                 for a in s.take_actions() {
                     match a {

@@ -54,12 +54,7 @@ fn mixed_workload(
         assert!(&v == m);
     }
     assert!(g.failures.is_empty());
-    let dev = g
-        .server
-        .device(g.relid)
-        .and_then(|d| d.as_any())
-        .and_then(|a| a.downcast_ref::<storvsc_backend::StorvscDevice>())
-        .expect("storvsc device");
+    let dev = g.server.device(g.relid).expect("storvsc device");
     let stats = dev.stats();
     assert_eq!(stats.failed, 0);
     assert!(stats.srbs > ops);

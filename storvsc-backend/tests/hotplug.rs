@@ -10,27 +10,19 @@ use common::guest::*;
 use disk::{BlockDevice, Disk, RawDisk};
 use storvsc_backend::scsi::opcode;
 use storvsc_backend::vstor::{direction, op, srb};
-use storvsc_backend::{Lun, ScsiCdrom, ScsiController, ScsiDisk, StorvscDevice};
+use storvsc_backend::{Lun, ScsiCdrom, ScsiController, ScsiDisk};
 
 fn controller(g: &mut Guest) -> &mut ScsiController {
     // The one device (the guest may not have learned its relid yet).
     let relid = g.server.relids()[0];
     g.server
         .device_mut(relid)
-        .and_then(|d| d.as_any_mut())
-        .and_then(|a| a.downcast_mut::<StorvscDevice>())
         .expect("storvsc device")
         .controller_mut()
 }
 
 fn bus_notices(g: &Guest) -> u64 {
-    g.server
-        .device(g.relid)
-        .and_then(|d| d.as_any())
-        .and_then(|a| a.downcast_ref::<StorvscDevice>())
-        .unwrap()
-        .stats()
-        .bus_notices
+    g.server.device(g.relid).unwrap().stats().bus_notices
 }
 
 /// Lets the device tell the guest about host changes, then takes the guest's interrupts.

@@ -84,15 +84,6 @@ pub trait VmbusDevice: Send {
         io: &mut ChannelIo<'_>,
         packet: &IncomingPacket,
     ) -> Result<(), DeviceError>;
-    /// For downcasting from [`VmbusServer::device`] (statistics, configuration).
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        None
-    }
-    /// For downcasting from [`VmbusServer::device_mut`] (host-side changes such as hot-plug;
-    /// call [`VmbusServer::poll`] afterwards so the device can tell the guest).
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
-        None
-    }
     /// Called after each batch and from [`VmbusServer::poll`]: complete asynchronous work.
     fn poll(&mut self, io: &mut ChannelIo<'_>) -> Result<(), DeviceError> {
         let _ = io;
@@ -168,8 +159,8 @@ struct OpenState {
     failed: Option<String>,
 }
 
-struct Channel {
-    device: Box<dyn VmbusDevice>,
+struct Channel<D> {
+    device: D,
     offered: bool,
     target_vp: u32,
     open: Option<OpenState>,
@@ -183,20 +174,53 @@ pub enum ChannelState {
     Failed(String),
 }
 
-/// The host side of one VMBus connection.
-pub struct VmbusServer {
+/// The host side of one VMBus connection, over devices of type `D`: any device boxed (the
+/// default), or a host's own enum of the devices it offers, which it then reaches through
+/// [`VmbusServer::device_mut`] with a `match` instead of a downcast.
+pub struct VmbusServer<D = Box<dyn VmbusDevice>> {
     conn: Option<Connection>,
     offers_requested: bool,
-    channels: BTreeMap<u32, Channel>,
+    channels: BTreeMap<u32, Channel<D>>,
     gpadls: GpadlTable,
     actions: Vec<Action>,
     log: Vec<String>,
     next_relid: u32,
 }
 
-impl Default for VmbusServer {
+impl<T: VmbusDevice + ?Sized> VmbusDevice for Box<T> {
+    fn interface_type(&self) -> Guid {
+        (**self).interface_type()
+    }
+    fn interface_instance(&self) -> Guid {
+        (**self).interface_instance()
+    }
+    fn user_defined(&self) -> [u8; 120] {
+        (**self).user_defined()
+    }
+    fn min_ring_size(&self) -> u32 {
+        (**self).min_ring_size()
+    }
+    fn open(&mut self) -> Result<(), DeviceError> {
+        (**self).open()
+    }
+    fn close(&mut self) {
+        (**self).close()
+    }
+    fn packet(
+        &mut self,
+        io: &mut ChannelIo<'_>,
+        packet: &IncomingPacket,
+    ) -> Result<(), DeviceError> {
+        (**self).packet(io, packet)
+    }
+    fn poll(&mut self, io: &mut ChannelIo<'_>) -> Result<(), DeviceError> {
+        (**self).poll(io)
+    }
+}
+
+impl<D: VmbusDevice> Default for VmbusServer<D> {
     fn default() -> Self {
-        Self::new()
+        Self::with_device_type()
     }
 }
 
@@ -217,7 +241,15 @@ const SUPPORTED_VERSIONS: [u32; 8] = [
 ];
 
 impl VmbusServer {
+    /// A server over boxed devices of any kind.
     pub fn new() -> Self {
+        Self::with_device_type()
+    }
+}
+
+impl<D: VmbusDevice> VmbusServer<D> {
+    /// A server over devices of type `D`.
+    pub fn with_device_type() -> Self {
         VmbusServer {
             conn: None,
             offers_requested: false,
@@ -231,7 +263,7 @@ impl VmbusServer {
 
     /// Adds a device and returns its relid. If the guest already asked for offers, the offer
     /// is sent at once (hot add).
-    pub fn add_device(&mut self, device: Box<dyn VmbusDevice>) -> Option<u32> {
+    pub fn add_device(&mut self, device: D) -> Option<u32> {
         if self.next_relid >= protocol::MAX_CHANNEL_RELIDS {
             return None;
         }
@@ -265,14 +297,15 @@ impl VmbusServer {
         }
     }
 
-    /// The device behind `relid` (downcast it with [`VmbusDevice::as_any`]).
-    pub fn device(&self, relid: u32) -> Option<&dyn VmbusDevice> {
-        self.channels.get(&relid).map(|c| c.device.as_ref())
+    /// The device behind `relid`.
+    pub fn device(&self, relid: u32) -> Option<&D> {
+        self.channels.get(&relid).map(|c| &c.device)
     }
 
-    /// The device behind `relid`, mutable (downcast it with [`VmbusDevice::as_any_mut`]).
-    pub fn device_mut(&mut self, relid: u32) -> Option<&mut (dyn VmbusDevice + 'static)> {
-        self.channels.get_mut(&relid).map(|c| c.device.as_mut())
+    /// The device behind `relid`, mutable (host-side changes such as hot-plug; call
+    /// [`VmbusServer::poll`] afterwards so the device can tell the guest).
+    pub fn device_mut(&mut self, relid: u32) -> Option<&mut D> {
+        self.channels.get_mut(&relid).map(|c| &mut c.device)
     }
 
     /// The relids of every device, in order.
@@ -715,14 +748,7 @@ impl VmbusServer {
             return;
         }
         let mut signal = false;
-        let r = run_channel(
-            mem,
-            relid,
-            ch.device.as_mut(),
-            open,
-            &mut self.log,
-            &mut signal,
-        );
+        let r = run_channel(mem, relid, &mut ch.device, open, &mut self.log, &mut signal);
         if signal {
             self.actions.push(Action::SignalGuest {
                 vp: target_vp,

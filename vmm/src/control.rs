@@ -586,7 +586,7 @@ impl Machine for VmControl {
                 // the guest; SHUTDOWN follows when it powers off.
                 let r = self
                     .target
-                    .with_device(|ic: &mut ShutdownIc| ic.request_shutdown())
+                    .with_shutdown_ic(|ic: &mut ShutdownIc| ic.request_shutdown())
                     .ok_or_else(|| {
                         QmpError::generic("this VM has no shutdown integration service")
                     })?;
@@ -820,13 +820,12 @@ mod socket_tests {
         let iso = dir.path().join("a.iso");
         std::fs::write(&iso, vec![0xA5u8; 16 * 2048]).unwrap();
 
-        let mut server = vmbus::VmbusServer::new();
+        let mut server = crate::vmbus_glue::VmbusServer::with_device_type();
         let instance = vmbus::Guid::parse(crate::vmbus_glue::SCSI_INSTANCE).unwrap();
         server
-            .add_device(Box::new(StorvscDevice::new(
-                instance,
-                ScsiController::new(),
-            )))
+            .add_device(crate::vmbus_devices::VmmDevice::Storvsc(
+                StorvscDevice::new(instance, ScsiController::new()),
+            ))
             .unwrap();
         let ram = Arc::new(GuestRam::new(32 << 20).unwrap());
         let target = VmbusTarget::detached(server, ram);

@@ -49,6 +49,7 @@ pub mod shutdown_ic;
 mod stats;
 mod vcpu;
 mod vm;
+mod vmbus_devices;
 mod vmbus_glue;
 
 use std::fmt;

@@ -221,12 +221,4 @@ impl VmbusDevice for ShutdownIc {
         self.progress(io);
         Ok(())
     }
-
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
-
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
-        Some(self)
-    }
 }

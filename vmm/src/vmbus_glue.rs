@@ -17,7 +17,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use storvsc_backend::{ScsiCdrom, ScsiController, ScsiDisk, StorvscDevice};
-use vmbus::{Action, GuestMemory, MemoryError, VmbusServer};
+use vmbus::{Action, GuestMemory, MemoryError};
+
+use crate::vmbus_devices::VmmDevice;
+
+/// The VM's VMBus server, over the devices it offers.
+pub(crate) type VmbusServer = vmbus::VmbusServer<VmmDevice>;
 
 use crate::events::EventLog;
 use crate::hv::{lock, status, Hv, HypercallTarget};
@@ -223,25 +228,42 @@ impl VmbusTarget {
     /// device tell the guest (bus-change notice) and delivers what that produced. None when
     /// the VM has no SCSI controller.
     pub fn with_storvsc<R>(&self, f: impl FnOnce(&mut StorvscDevice) -> R) -> Option<R> {
-        self.with_device(f)
+        self.with_device(
+            |d| match d {
+                VmmDevice::Storvsc(s) => Some(s),
+                _ => None,
+            },
+            f,
+        )
     }
 
-    /// Runs `f` on the first VMBus device of type `T`, then polls the server and delivers
-    /// what that produced. None when there is no such device.
-    pub fn with_device<T: 'static, R>(&self, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+    /// Runs `f` on the shutdown integration service, when the VM offers one.
+    pub fn with_shutdown_ic<R>(
+        &self,
+        f: impl FnOnce(&mut crate::shutdown_ic::ShutdownIc) -> R,
+    ) -> Option<R> {
+        self.with_device(
+            |d| match d {
+                VmmDevice::Shutdown(s) => Some(s),
+                _ => None,
+            },
+            f,
+        )
+    }
+
+    /// Runs `f` on the first device `pick` accepts, then polls the server and delivers what
+    /// that produced. None when there is no such device.
+    fn with_device<T, R>(
+        &self,
+        pick: impl Fn(&mut VmmDevice) -> Option<&mut T>,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Option<R> {
         let mut s = lock(&self.server);
-        let relids = s.relids();
-        let r = relids.into_iter().find_map(|relid| {
-            s.device_mut(relid)
-                .and_then(|d| d.as_any_mut())
-                .and_then(|a| a.downcast_mut::<T>())
-                .map(|_| relid)
-        })?;
-        let dev = s
-            .device_mut(r)
-            .and_then(|d| d.as_any_mut())
-            .and_then(|a| a.downcast_mut::<T>())?;
-        let out = f(dev);
+        let relid = s
+            .relids()
+            .into_iter()
+            .find(|&r| s.device_mut(r).and_then(&pick).is_some())?;
+        let out = f(s.device_mut(relid).and_then(&pick)?);
         s.poll(&self.mem);
         self.run_actions(&mut s);
         Some(out)
@@ -320,7 +342,7 @@ pub fn attach(
     events: &Arc<EventLog>,
     io_thread: bool,
 ) -> Result<VmbusHandle, VmmError> {
-    let mut server = VmbusServer::new();
+    let mut server = VmbusServer::with_device_type();
     if !disks.is_empty() || !dvds.is_empty() || always_controller {
         let mut ctl = ScsiController::new();
         for (i, d) in disks.iter().enumerate() {
@@ -347,7 +369,7 @@ pub fn attach(
         let instance = vmbus::Guid::parse(SCSI_INSTANCE)
             .ok_or_else(|| VmmError::Config("bad SCSI instance GUID".into()))?;
         if server
-            .add_device(Box::new(StorvscDevice::new(instance, ctl)))
+            .add_device(VmmDevice::Storvsc(StorvscDevice::new(instance, ctl)))
             .is_none()
         {
             return Err(VmmError::Config("VMBus has no free channel".into()));
@@ -359,7 +381,9 @@ pub fn attach(
         let instance = vmbus::Guid::parse(crate::shutdown_ic::SHUTDOWN_IC_INSTANCE)
             .ok_or_else(|| VmmError::Config("bad shutdown IC instance GUID".into()))?;
         if server
-            .add_device(Box::new(crate::shutdown_ic::ShutdownIc::new(instance)))
+            .add_device(VmmDevice::Shutdown(crate::shutdown_ic::ShutdownIc::new(
+                instance,
+            )))
             .is_none()
         {
             return Err(VmmError::Config("VMBus has no free channel".into()));

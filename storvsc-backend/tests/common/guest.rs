@@ -151,7 +151,7 @@ pub struct Sg {
 
 pub struct Guest {
     pub mem: Arc<VecMemory>,
-    pub server: VmbusServer,
+    pub server: VmbusServer<storvsc_backend::StorvscDevice>,
     pub rng: SplitMix,
     free: Vec<u64>,
     pub messages: VecDeque<Vec<u8>>,
@@ -180,12 +180,15 @@ pub fn instance_guid() -> Guid {
 }
 
 /// A server with one storvsc controller whose LUN i is `disks[i]`.
-pub fn server_with(disks: &[Arc<dyn BlockDevice>]) -> VmbusServer {
+pub fn server_with(disks: &[Arc<dyn BlockDevice>]) -> VmbusServer<storvsc_backend::StorvscDevice> {
     server_with_max(disks, None)
 }
 
 /// Same, with a max transfer size other than the default.
-pub fn server_with_max(disks: &[Arc<dyn BlockDevice>], max: Option<u32>) -> VmbusServer {
+pub fn server_with_max(
+    disks: &[Arc<dyn BlockDevice>],
+    max: Option<u32>,
+) -> VmbusServer<storvsc_backend::StorvscDevice> {
     let mut ctl = ScsiController::new();
     for (i, d) in disks.iter().enumerate() {
         ctl.add_lun(
@@ -200,13 +203,17 @@ pub fn server_with_max(disks: &[Arc<dyn BlockDevice>], max: Option<u32>) -> Vmbu
     if let Some(m) = max {
         dev = dev.with_max_transfer(m);
     }
-    let mut server = VmbusServer::new();
-    server.add_device(Box::new(dev)).unwrap();
+    let mut server = VmbusServer::with_device_type();
+    server.add_device(dev).unwrap();
     server
 }
 
 impl Guest {
-    pub fn new(server: VmbusServer, mem_bytes: usize, seed: u64) -> Guest {
+    pub fn new(
+        server: VmbusServer<storvsc_backend::StorvscDevice>,
+        mem_bytes: usize,
+        seed: u64,
+    ) -> Guest {
         let mem = Arc::new(VecMemory::new(mem_bytes));
         let mut rng = SplitMix(seed);
         let pages = mem_bytes as u64 / PAGE;
