@@ -242,12 +242,12 @@ fn rewrite_image(
     want_physical: Option<u32>,
     a: &Args,
 ) -> Result<()> {
+    // The rename replaces a directory entry: the image's own (not a symbolic link to it, not
+    // one of several hard links), only if we may write it and nobody has it open.
+    let plan = crate::replace::Replacement::plan_locked(file, "amend", &[], false)?;
     // A shared hold on the original for the whole rewrite: a writer (serve --rw, a VM) cannot
     // open it meanwhile, so the copy is the content that the rename then replaces.
     let hold = common::open_ro(file, Some(format.name()), SizeRuleArg::Auto)?;
-    // The rename replaces a directory entry: the image's own (not a symbolic link to it, not
-    // one of several hard links), and only if we may write it.
-    let plan = crate::replace::Replacement::plan(file, "amend", &[])?;
     let tmp = plan.temp.clone();
     let guard = common::RemoveOnFailure::new(&tmp);
 

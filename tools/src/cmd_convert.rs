@@ -277,6 +277,7 @@ pub fn run(a: Args) -> Result<i32> {
                 .as_deref()
                 .map(common::parse_format)
                 .transpose()?;
+            common::check_parent_name(b)?;
             spec.parent = Some(b.clone());
         }
         let prealloc = crate::cmd_create::preallocation_of(&spec, &a.options)?;

@@ -183,13 +183,7 @@ pub(crate) fn validate_spec(format: Format, spec: &CreateSpec) -> Result<()> {
                  parent's logical sector size"
             );
         }
-        if parent.as_os_str().as_encoded_bytes().contains(&b'\\') {
-            bail!(
-                "backing file name {} contains '\\', which the image's Windows parent \
-                 locators would read as a folder separator",
-                parent.display()
-            );
-        }
+        common::check_parent_name(parent)?;
     }
     if let (Some(l), Some(p)) = (spec.logical_sector_size, spec.physical_sector_size) {
         if p < l {
@@ -281,7 +275,6 @@ pub fn run(a: Args) -> Result<i32> {
     d.close()
         .with_context(|| format!("cannot finish {}", file.display()))?;
     common::preallocate(&file, prealloc)?;
-    guard.disarm();
     if !a.quiet {
         let mut line = format!(
             "Formatting '{}', fmt={} size={}",
@@ -292,8 +285,10 @@ pub fn run(a: Args) -> Result<i32> {
         if let Some(b) = &a.backing {
             line.push_str(&format!(" backing_file={}", b.display()));
         }
-        println!("{line}");
+        // Said before the image counts as made: if it cannot be said, the image goes again.
+        common::say(&line)?;
     }
+    guard.disarm();
     Ok(0)
 }
 
@@ -358,6 +353,7 @@ pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
                 a.file.display()
             );
         }
+        common::check_parent_name(&a.file)?;
         let mut spec = CreateSpec::new(format, 0);
         spec.parent = Some(a.file.clone());
         spec.parent_format = Some(format);
@@ -365,7 +361,6 @@ pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
         let (d, guard) = common::create_image(child, &spec)?;
         d.close()
             .with_context(|| format!("cannot finish {}", child.display()))?;
-        guard.disarm();
         if !a.quiet {
             // A VHDX parent's identity changes on its next write, which the child detects; a
             // VHD has no such mark, so a written VHD parent silently changes what the child reads.
@@ -375,7 +370,7 @@ pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
                 "would silently change what the child reads (a VHD records nothing the child \
                  could check)"
             };
-            println!(
+            common::say(&format!(
                 "Created differencing child {} ({}) on top of {}.\n\
                  Write to {} from now on: writing {} {consequence}.",
                 child.display(),
@@ -383,8 +378,9 @@ pub fn run_snapshot(a: SnapshotArgs) -> Result<i32> {
                 a.file.display(),
                 child.display(),
                 a.file.display()
-            );
+            ))?;
         }
+        guard.disarm();
         return Ok(0);
     }
     if a.list || a.create.is_none() {

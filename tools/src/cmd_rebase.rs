@@ -68,6 +68,7 @@ pub fn run(a: Args) -> Result<i32> {
         );
     }
     // A relative backing name is relative to the image's folder, as in qemu-img and `create -b`.
+    common::check_parent_name(&a.backing)?;
     let backing = common::backing_relative_to(&a.file, &a.backing);
     let new_parent = common::open_ro(&backing, a.backing_format.as_deref(), SizeRuleArg::Auto)?;
     // The new parent's chain must not lead back to the image itself.

@@ -47,8 +47,9 @@ enum Action {
         /// Quiet: print no messages (errors are still printed).
         #[arg(short = 'q')]
         quiet: bool,
-        /// Commit a raw undo file even though its base was written after the session started
-        /// (the 64 KiB pieces the session changed then overwrite the newer data in them).
+        /// Commit a file not named like an undo disk, or a raw undo file whose base was written
+        /// after the session started (the 64 KiB pieces the session changed then overwrite the
+        /// newer data in them).
         #[arg(long)]
         force: bool,
         /// The undo disk's format (vhd or vhdx); probed when absent. Its parent is always
@@ -63,7 +64,8 @@ enum Action {
         /// Quiet: print no messages (errors are still printed).
         #[arg(short = 'q')]
         quiet: bool,
-        /// Discard even after an interrupted commit (the base keeps the part already written).
+        /// Discard even after an interrupted commit (the base keeps the part already written),
+        /// or a file not named like an undo disk.
         #[arg(long)]
         force: bool,
         /// The undo disk's format (vhd or vhdx); probed when absent.
@@ -94,6 +96,24 @@ fn looks_like_undo(p: &Path) -> bool {
         .unwrap_or_default();
     p.extension().is_some_and(|x| x.eq_ignore_ascii_case("vud"))
         || (name.starts_with('.') && name.contains(".undo-"))
+}
+
+/// `undo commit` and `undo discard` delete the file they are given, which is only safe for
+/// an undo disk: nothing else is built on it. An ordinary differencing image may have children
+/// of its own (`commit` is the verb for it), so it is refused unless forced.
+fn refuse_unless_undo(file: &Path, force: bool, verb: &str) -> Result<()> {
+    let raw = chain::undo::raw_undo_base(file)
+        .with_context(|| format!("cannot open {}", file.display()))?
+        .is_some();
+    if !raw && !looks_like_undo(file) && !force {
+        bail!(
+            "{} is not an undo disk (a *.vud file, a .NAME.undo-* file or a raw undo file): \
+             other images may be built on it; use `viridian commit` for a differencing image, \
+             or `undo {verb} --force` if it really is an undo disk",
+            file.display()
+        );
+    }
+    Ok(())
 }
 
 fn raw_facts(file: &Path) -> Result<UndoFacts> {
@@ -273,6 +293,7 @@ pub fn run(a: Args) -> Result<i32> {
             format,
             file,
         } => {
+            refuse_unless_undo(&file, force, "commit")?;
             let f = facts(&file, format.as_deref())?;
             let parent = f.parent.clone().with_context(|| {
                 format!(
@@ -313,6 +334,7 @@ pub fn run(a: Args) -> Result<i32> {
             format,
             file,
         } => {
+            refuse_unless_undo(&file, force, "discard")?;
             if chain::undo::commit_interrupted(&file) && !force {
                 bail!(
                     "a commit of {} was interrupted: its base already holds part of the \

@@ -122,19 +122,53 @@ pub fn quiet_on_broken_pipe() {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("");
+        // Nowhere left to say anything (stderr is full or closed): just the exit code.
+        if msg.starts_with("failed printing to stderr") {
+            std::process::exit(1);
+        }
         if let Some(why) = msg.strip_prefix("failed printing to stdout") {
             if why.contains("Broken pipe") {
                 std::process::exit(0);
             }
             // A full disk or a closed terminal: one line and exit 1, not a panic.
-            eprintln!(
-                "viridian: cannot write to standard output{}",
-                why.trim_end()
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!(
+                    "viridian: cannot write to standard output{}\n",
+                    why.trim_end()
+                ),
             );
             std::process::exit(1);
         }
         default(info);
     }));
+}
+
+/// A parent's file name goes into the child's Windows parent locators, which read `\` as a
+/// folder separator: a name containing one would make a child that never finds its parent.
+pub fn check_parent_name(parent: &Path) -> Result<()> {
+    if parent.as_os_str().as_encoded_bytes().contains(&b'\\') {
+        bail!(
+            "parent file name {} contains '\\', which the child's Windows parent locators \
+             would read as a folder separator",
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
+/// Prints one line to standard output and reports a failure instead of panicking, for the
+/// verbs whose result is not complete until it has been said (a create that cannot report
+/// the image it made removes it). A reader that went away (`| head`) is not a failure.
+pub fn say(line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to standard output")
+        }
+        _ => Ok(()),
+    }
 }
 
 pub fn interrupted() -> bool {

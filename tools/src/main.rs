@@ -137,7 +137,11 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("viridian: {}", common::one_line(&e));
+            // Never a panic, even with stderr full or closed: the exit code still tells.
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("viridian: {}\n", common::one_line(&e)),
+            );
             // 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), as a shell reports it.
             std::process::exit(if common::interrupted() {
                 common::interrupted_exit_code()

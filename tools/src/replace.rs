@@ -20,6 +20,9 @@ use anyhow::{bail, Context, Result};
 
 /// Where a new file goes and what it replaces.
 pub struct Replacement {
+    /// The replaced file held open with a writer's lock until the rename, when asked for, so
+    /// no process can open it meanwhile.
+    _held: Option<disk::FileStorage>,
     /// The name the rename replaces (symbolic links resolved).
     pub target: PathBuf,
     /// The temporary name the new file is written under, in the target's folder.
@@ -32,6 +35,20 @@ impl Replacement {
     /// Plans replacing `output` (as named by the user) by a file written first under
     /// `.NAME.<tag>-PID`. `inputs` are the files the new content is read from.
     pub fn plan(output: &Path, tag: &str, inputs: &[&Path]) -> Result<Replacement> {
+        Self::plan_locked(output, tag, inputs, true)
+    }
+
+    /// Like [`Replacement::plan`]. The existing file must not be open in any other process
+    /// (viridian's or QEMU's locks: a writer's acknowledged writes would go to the replaced
+    /// file and be lost, a reader would go on reading the old one). With `hold` the lock is kept
+    /// until the rename; without it (the caller reads the file itself and holds its own lock
+    /// from now on) it is only tested.
+    pub fn plan_locked(
+        output: &Path,
+        tag: &str,
+        inputs: &[&Path],
+        hold: bool,
+    ) -> Result<Replacement> {
         let shown = output.display();
         let (target, old) = match std::fs::metadata(output) {
             Ok(m) => {
@@ -77,6 +94,19 @@ impl Replacement {
                 }
             }
         }
+        let held = match &old {
+            Some(_) => {
+                let lock = disk::FileStorage::open(&target, disk::Access::ReadWrite, true)
+                    .map_err(|e| match e {
+                        disk::Error::Locked { .. } => anyhow::anyhow!(
+                            "{shown} is in use by another process (locked); not replacing it"
+                        ),
+                        e => anyhow::Error::new(e).context(format!("cannot lock {shown}")),
+                    })?;
+                hold.then_some(lock)
+            }
+            None => None,
+        };
         let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -87,7 +117,12 @@ impl Replacement {
         };
         remove_stale(&dir, &format!(".{name}.{tag}-"));
         let temp = dir.join(format!(".{name}.{tag}-{}", std::process::id()));
-        Ok(Replacement { target, temp, old })
+        Ok(Replacement {
+            _held: held,
+            target,
+            temp,
+            old,
+        })
     }
 
     /// The folder both names are in.

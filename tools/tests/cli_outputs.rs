@@ -413,3 +413,119 @@ fn growing_a_fixed_image_allocates_the_new_space() {
         assert_eq!(c, 1, "{fmt}: {e}");
     }
 }
+
+/// A file another process has open is not replaced: a writer's acknowledged writes would go to
+/// the replaced file and be lost, a reader would go on reading the old one.
+#[test]
+fn an_image_in_use_is_not_replaced() {
+    let d = tmp();
+    let src = join(d.path(), "src.raw");
+    std::fs::write(&src, vec![7u8; 1 << 20]).unwrap();
+    let img = join(d.path(), "a.vhdx");
+    let sock = join(d.path(), "s.sock");
+    ok(&["create", "-q", "-f", "vhdx", p(&img), "8M"]);
+    let server = serve_start(&["--socket", p(&sock), "--rw", p(&img)], &sock)
+        .unwrap_or_else(|(c, e)| panic!("serve --rw: exit {c}: {e}"));
+    let ino = std::fs::metadata(&img).unwrap().ino();
+    for args in [
+        vec!["dd", "-O", "vhdx"],
+        vec!["amend", "-o", "subformat=fixed"],
+    ] {
+        let mut args = args.clone();
+        let ifarg = format!("if={}", p(&src));
+        let ofarg = format!("of={}", p(&img));
+        if args[0] == "dd" {
+            args.extend([ifarg.as_str(), ofarg.as_str()]);
+        } else {
+            args.push(p(&img));
+        }
+        let (c, e) = stderr(&args);
+        assert_eq!(c, 1, "{args:?}: {e}");
+        assert!(
+            e.contains("in use") || e.contains("locked"),
+            "{args:?}: {e}"
+        );
+        assert_eq!(
+            std::fs::metadata(&img).unwrap().ino(),
+            ino,
+            "{args:?} replaced it"
+        );
+    }
+    drop(server);
+}
+
+/// Every verb that records a parent refuses a parent name with '\', which the child's
+/// Windows locators would read as a folder separator (the child would never open).
+#[test]
+fn parent_names_with_a_backslash_are_refused_everywhere() {
+    let d = tmp();
+    let odd = join(d.path(), "a\\b.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&odd), "8M"]);
+    let plain = join(d.path(), "p.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&plain), "8M"]);
+    let kid = join(d.path(), "k.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", "-b", p(&plain), p(&kid)]);
+    let out = join(d.path(), "o.vhdx");
+    for args in [
+        vec!["snapshot", "-c", p(&out), p(&odd)],
+        vec!["convert", "-O", "vhdx", "-B", p(&odd), p(&plain), p(&out)],
+        vec!["rebase", "-u", "-b", p(&odd), p(&kid)],
+    ] {
+        let (c, e) = stderr(&args);
+        assert_eq!(c, 1, "{args:?}: {e}");
+        assert!(e.contains("separator"), "{args:?}: {e}");
+        assert!(!out.exists(), "{args:?}: made {}", out.display());
+    }
+    ok(&["info", "--backing-chain", p(&kid)]);
+}
+
+/// With stderr or stdout full, nothing panics and the exit code still tells; a create whose
+/// report cannot be written leaves no image behind.
+#[test]
+fn full_stderr_and_stdout_never_panic_and_create_leaves_nothing() {
+    let d = tmp();
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let run = |args: &[&str], out_full: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_viridian"));
+        c.args(args).stderr(full());
+        if out_full {
+            c.stdout(full());
+        }
+        c.output().unwrap()
+    };
+    let missing = join(d.path(), "missing.vhdx");
+    for out_full in [false, true] {
+        let o = run(&["info", p(&missing)], out_full);
+        assert_eq!(o.status.code(), Some(1), "stdout full {out_full}");
+    }
+    let img = join(d.path(), "new.vhdx");
+    let o = run(&["create", "-f", "vhdx", p(&img), "1M"], true);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!img.exists(), "create left its image although it failed");
+}
+
+/// `undo commit` and `undo discard` delete their file: an ordinary differencing image (which
+/// may have children of its own) is refused unless forced.
+#[test]
+fn undo_verbs_refuse_an_ordinary_differencing_image() {
+    let d = tmp();
+    let base = join(d.path(), "b.vhdx");
+    let mid = join(d.path(), "m.vhdx");
+    let top = join(d.path(), "t.vhdx");
+    ok(&["create", "-q", "-f", "vhdx", p(&base), "8M"]);
+    ok(&["create", "-q", "-f", "vhdx", "-b", p(&base), p(&mid)]);
+    ok(&["io", "-c", "write -P 9 0 64k", p(&mid)]);
+    ok(&["create", "-q", "-f", "vhdx", "-b", p(&mid), p(&top)]);
+    for verb in ["discard", "commit"] {
+        let (c, e) = stderr(&["undo", verb, p(&mid)]);
+        assert_eq!(c, 1, "{verb}: {e}");
+        assert!(e.contains("not an undo disk"), "{verb}: {e}");
+        assert!(mid.exists());
+    }
+    ok(&["io", "-c", "read -P 9 0 64k", p(&top)]);
+}

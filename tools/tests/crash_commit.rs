@@ -173,19 +173,19 @@ fn undo_commit_killed_anywhere_leaves_an_undo_disk_that_commits_later() {
     for fmt in ["vhdx", "vhd"] {
         let d = tmp();
         let (_, child, _) = chain(d.path(), fmt);
-        let dur = timed(&["undo", "commit", "-q", p(&child)]);
+        let dur = timed(&["undo", "commit", "--force", "-q", p(&child)]);
         let mut killed = 0;
         for round in 0..kill_rounds() {
             let d = tmp();
             let (base, child, reference) = chain(d.path(), fmt);
             let delay = kill_delay(&mut rng, dur, round);
             let what = format!("{fmt} round {round} (kill after {delay:?})");
-            killed += run_and_kill(&["undo", "commit", "-q", p(&child)], delay) as usize;
+            killed += run_and_kill(&["undo", "commit", "--force", "-q", p(&child)], delay) as usize;
             assert_clean(&base, &what);
             if child.exists() {
                 assert_reads(&child, &reference, &what);
                 assert_clean(&child, &what);
-                ok(&["undo", "commit", "-q", p(&child)]);
+                ok(&["undo", "commit", "--force", "-q", p(&child)]);
             }
             assert!(!child.exists(), "{what}: undo disk not removed");
             assert_reads(&base, &reference, &what);
