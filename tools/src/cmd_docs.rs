@@ -44,7 +44,15 @@ pub fn run_man(a: ManArgs, cmd: clap::Command) -> Result<i32> {
             let path = dir.join(&file);
             let mut out = Vec::new();
             clap_mangen::Man::new(page).render(&mut out)?;
-            std::fs::write(&path, out)
+            // Written beside it and renamed: whatever had the page's name (a symbolic link, a
+            // hard link, a FIFO) is replaced, never written through or blocked on.
+            let tmp = dir.join(format!(".{file}.tmp-{}", std::process::id()));
+            std::fs::write(&tmp, out)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    e
+                })
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
         return Ok(0);

@@ -529,3 +529,36 @@ fn undo_verbs_refuse_an_ordinary_differencing_image() {
     }
     ok(&["io", "-c", "read -P 9 0 64k", p(&top)]);
 }
+
+/// `man --dir` replaces what has a page's name (a symbolic link, a FIFO) instead of writing
+/// through it or blocking on it.
+#[test]
+fn man_pages_replace_links_and_fifos_by_name() {
+    let d = tmp();
+    let dir = join(d.path(), "man");
+    std::fs::create_dir(&dir).unwrap();
+    let victim = join(d.path(), "victim");
+    std::fs::write(&victim, b"keep").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("viridian.1")).unwrap();
+    assert!(tool("mkfifo", &[p(&dir.join("viridian-dd.1"))])
+        .status
+        .success());
+    let o = tool(
+        "timeout",
+        &[
+            "30",
+            env!("CARGO_BIN_EXE_viridian"),
+            "man",
+            "--dir",
+            p(&dir),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    for page in ["viridian.1", "viridian-dd.1"] {
+        assert!(
+            std::fs::symlink_metadata(dir.join(page)).unwrap().is_file(),
+            "{page}"
+        );
+    }
+}
