@@ -49,9 +49,8 @@ pub fn run_man(a: ManArgs, cmd: clap::Command) -> Result<i32> {
             let tmp = dir.join(format!(".{file}.tmp-{}", std::process::id()));
             std::fs::write(&tmp, out)
                 .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(|e| {
+                .inspect_err(|_| {
                     let _ = std::fs::remove_file(&tmp);
-                    e
                 })
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
