@@ -309,8 +309,8 @@ fn parse_hex_size(s: &str, h: &str) -> Result<u64> {
 pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
     let mut map = BTreeMap::new();
     for group in opts {
-        // qemu-img's answer to `-o ""` or `-o ,`: nothing in it is an option.
-        if group.split(',').all(|s| s.trim().is_empty()) {
+        // qemu-img's answer to `-o ""`, `-o ,` or an option list with an empty item.
+        if group.split(',').any(|s| s.trim().is_empty()) {
             bail!("Invalid option list: {group}");
         }
         for item in group.split(',').filter(|s| !s.is_empty()) {

@@ -288,6 +288,10 @@ fn odd_requests_get_the_right_refusal() {
     for (args, why) in [
         (vec!["amend", "-o", "", p(&a)], "Invalid option list"),
         (vec!["amend", "-o", ",", p(&a)], "Invalid option list"),
+        (
+            vec!["amend", "-o", "subformat=fixed,", p(&a)],
+            "Invalid option list",
+        ),
         (vec!["rebase", "-b", p(&b), p(&a)], "loop"),
         (vec!["rebase", "-u", "-b", p(&b), p(&a)], "loop"),
         (vec!["rebase", "-b", "", p(&b)], "standalone"),
