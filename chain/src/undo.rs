@@ -220,7 +220,21 @@ pub fn commit_raw_undo(
 
 /// Merges the differencing undo child `child` into `parent` (crash-safe, see `commit.rs`);
 /// the caller removes the child afterwards. Returns the bytes merged.
-pub fn commit_child(child: &Path, parent: &Path, progress: &mut dyn FnMut(u64)) -> Result<u64> {
+///
+/// A VHD parent has no identity that changes when it is written (VHDX has its DataWriteGuid),
+/// so a VHD child's recorded Parent Time Stamp (the parent file's modification time when the
+/// child was made) stands in: a parent modified after it was written by someone else, and the
+/// child's older changes would overwrite the newer data. That is refused unless
+/// `base_changed_ok`; after an interrupted commit the parent is expected to have changed.
+pub fn commit_child(
+    child: &Path,
+    parent: &Path,
+    base_changed_ok: bool,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    if !base_changed_ok && !commit_interrupted(child) {
+        refuse_vhd_parent_written_since(child, parent)?;
+    }
     begin_commit(child)?;
     let open_child = || {
         let mut alone = OpenOptions::read_only();
@@ -235,6 +249,34 @@ pub fn commit_child(child: &Path, parent: &Path, progress: &mut dyn FnMut(u64)) 
         &OpenOptions::read_write(),
         progress,
     )
+}
+
+fn refuse_vhd_parent_written_since(child: &Path, parent: &Path) -> Result<()> {
+    let mut alone = OpenOptions::read_only();
+    alone.no_parent = true;
+    let crate::Image::Vhd(v) = crate::open_image(child, &alone)? else {
+        return Ok(());
+    };
+    let Some(recorded) = v.info().parent_timestamp.filter(|&t| t != 0) else {
+        return Ok(());
+    };
+    const VHD_EPOCH: u64 = 946_684_800;
+    let modified = std::fs::metadata(parent)
+        .and_then(|m| m.modified())
+        .map_err(|e| Error::io(format!("cannot stat {}", parent.display()), e))?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs().saturating_sub(VHD_EPOCH))
+        .unwrap_or(0);
+    if modified > u64::from(recorded) {
+        return Err(Error::InvalidArgument(format!(
+            "{} changed after the undo disk {} was made (it was written since); committing \
+             would overwrite the newer data with the undo disk's older changes (commit with \
+             --force to do it anyway)",
+            parent.display(),
+            child.display()
+        )));
+    }
+    Ok(())
 }
 
 /// A disk in undo mode.
@@ -403,7 +445,7 @@ impl UndoDisk {
         let merged = if overlay {
             commit_raw_undo(&child_path, explicit_raw, false, progress)?.1
         } else {
-            commit_child(&child_path, &parent_path, progress)?
+            commit_child(&child_path, &parent_path, false, progress)?
         };
         finish_commit(&child_path)?;
         Ok(merged)

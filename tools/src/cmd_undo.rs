@@ -307,7 +307,7 @@ pub fn run(a: Args) -> Result<i32> {
                 chain::undo::commit_raw_undo(&file, false, force, &mut |n| pb.inc(n))
                     .map(|(_, n)| n)
             } else {
-                chain::undo::commit_child(&file, &parent, &mut |n| pb.inc(n))
+                chain::undo::commit_child(&file, &parent, force, &mut |n| pb.inc(n))
             }
             .with_context(|| {
                 format!(

@@ -227,3 +227,42 @@ fn a_raw_undo_commit_refuses_a_base_written_since() {
         .all(|&b| b == 0x55));
     assert!(!kept.exists());
 }
+
+/// A kept VHD undo disk whose base was written after the disk was made is not committed over
+/// the newer data unless forced (VHD has no identity that changes on write; the child's
+/// Parent Time Stamp stands in).
+#[test]
+fn a_vhd_undo_commit_refuses_a_base_written_since() {
+    let d = tmp();
+    let img = d.path().join("guest.vhd");
+    ok(&["create", "-q", "-f", "vhd", p(&img), "8M"]);
+    let undo = d.path().join("guest.vud");
+    let u = chain::UndoDisk::open(&img, &chain::OpenOptions::read_only(), Some(&undo)).unwrap();
+    u.disk().write_at(&[0xab; 4096], 0).unwrap();
+    let kept = u.keep().unwrap();
+    ok(&["io", "-f", "vhd", "-c", "write -P 0x55 4M 64k", p(&img)]);
+    // The write's time, pushed past the second the undo disk recorded.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let o = viridian(&["undo", "commit", p(&kept)]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("changed after the undo disk"), "{e}");
+    assert!(kept.exists());
+    ok(&["undo", "commit", "--force", p(&kept)]);
+    ok(&[
+        "io",
+        "-f",
+        "vhd",
+        "-c",
+        "read -P 0xab 0 4k",
+        "-c",
+        "read -P 0x55 4M 64k",
+        p(&img),
+    ]);
+}
