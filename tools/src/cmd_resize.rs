@@ -49,6 +49,13 @@ pub fn run(a: Args) -> Result<i32> {
     if new < cur && !a.shrink {
         bail!("use --shrink to make {} smaller ({cur} -> {new} bytes); data past the new end would be lost", a.file.display());
     }
+    if new == cur {
+        // Nothing to change, and nothing written: a parent's identity stays, its children valid.
+        if !a.quiet {
+            println!("Image resized.");
+        }
+        return Ok(0);
+    }
     if d.parent_link().is_some() {
         bail!(
             "{} is a differencing image: resize its base and the whole chain instead",

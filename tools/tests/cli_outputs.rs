@@ -566,3 +566,36 @@ fn man_pages_replace_links_and_fifos_by_name() {
         );
     }
 }
+
+/// Compacting a parent keeps every byte it reads, and a same-size resize changes nothing: the
+/// children still open on it and read the same.
+#[test]
+fn compacting_or_same_size_resizing_a_parent_keeps_its_children() {
+    let d = tmp();
+    for fmt in ["vhdx", "vhd"] {
+        let base = join(d.path(), &format!("b.{fmt}"));
+        let kid = join(d.path(), &format!("k.{fmt}"));
+        ok(&["create", "-q", "-f", fmt, p(&base), "64M"]);
+        ok(&[
+            "io",
+            "-c",
+            "write -P 1 0 4M",
+            "-c",
+            "write -P 0 8M 4M",
+            p(&base),
+        ]);
+        ok(&["create", "-q", "-f", fmt, "-b", p(&base), p(&kid)]);
+        let said = ok(&["compact", p(&base)]);
+        assert!(said.contains("released"), "{fmt}: {said}");
+        ok(&["resize", "-q", p(&base), "64M"]);
+        ok(&["info", "--backing-chain", p(&kid)]);
+        ok(&[
+            "io",
+            "-c",
+            "read -P 1 0 4M",
+            "-c",
+            "read -P 0 8M 4M",
+            p(&kid),
+        ]);
+    }
+}

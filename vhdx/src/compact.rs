@@ -32,7 +32,7 @@ impl VhdxDisk {
             (m.has_parent, m.leave_blocks_allocated)
         };
         self.usable()?;
-        self.ensure_session(true)?;
+        self.ensure_session(false)?;
         let mut wal = lock(&self.wal);
         // 1. Release zero blocks.
         if !fixed {
