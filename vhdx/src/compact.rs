@@ -32,6 +32,9 @@ impl VhdxDisk {
             (m.has_parent, m.leave_blocks_allocated)
         };
         self.usable()?;
+        // Compacting keeps every byte the disk reads (a released block was all zeros, a moved
+        // block keeps its data), so the data identity children check (DataWriteGuid) stays:
+        // only the file's own write GUID changes.
         self.ensure_session(false)?;
         let mut wal = lock(&self.wal);
         // 1. Release zero blocks.
