@@ -94,8 +94,10 @@ fn looks_like_undo(p: &Path) -> bool {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    p.extension().is_some_and(|x| x.eq_ignore_ascii_case("vud"))
-        || (name.starts_with('.') && name.contains(".undo-"))
+    // A commit's marker (`NAME.committing`) sits beside its undo disk but is not one.
+    !name.ends_with(".committing")
+        && (p.extension().is_some_and(|x| x.eq_ignore_ascii_case("vud"))
+            || (name.starts_with('.') && name.contains(".undo-")))
 }
 
 /// `undo commit` and `undo discard` delete the file they are given, which is only safe for
@@ -293,6 +295,20 @@ pub fn run(a: Args) -> Result<i32> {
             format,
             file,
         } => {
+            // Killed after the undo disk was removed but before its marker was: the commit
+            // had finished; only the marker is left to clear.
+            if !file.exists() && chain::undo::commit_interrupted(&file) {
+                let marker = chain::undo::commit_marker(&file);
+                std::fs::remove_file(&marker)
+                    .with_context(|| format!("cannot remove {}", marker.display()))?;
+                if !quiet {
+                    println!(
+                        "The commit of {} had already finished; removed its marker",
+                        file.display()
+                    );
+                }
+                return Ok(0);
+            }
             refuse_unless_undo(&file, force, "commit")?;
             let f = facts(&file, format.as_deref())?;
             let parent = f.parent.clone().with_context(|| {

@@ -266,3 +266,20 @@ fn a_vhd_undo_commit_refuses_a_base_written_since() {
         p(&img),
     ]);
 }
+
+/// A commit killed after it removed the undo disk but before its marker leaves only the
+/// marker: `undo list` does not mistake it for an undo disk, and `undo commit` clears it.
+#[test]
+fn a_leftover_commit_marker_is_not_an_undo_disk_and_is_cleared() {
+    let d = tmp();
+    let undo = d.path().join(".disk.vhdx.undo-1.vhdx");
+    let marker = chain::undo::commit_marker(&undo);
+    std::fs::write(&marker, b"").unwrap();
+    let o = viridian(&["undo", "list", p(d.path())]);
+    assert_eq!(o.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("skipping"), "{err}");
+    let said = ok(&["undo", "commit", p(&undo)]);
+    assert!(said.contains("already finished"), "{said}");
+    assert!(!marker.exists());
+}
