@@ -211,6 +211,12 @@ pub(crate) fn validate_spec(format: Format, spec: &CreateSpec) -> Result<()> {
         if spec.size > max {
             bail!("size {} exceeds {what} ({max} bytes)", spec.size);
         }
+        if spec.fixed && spec.size > vhd::MAX_DYNAMIC_SIZE {
+            eprintln!(
+                "viridian: warning: a fixed VHD over 2040 GiB opens in Azure only: Hyper-V, \
+                 Windows and qemu-img refuse VHDs larger than 2040 GiB (use VHDX)"
+            );
+        }
     }
     Ok(())
 }
