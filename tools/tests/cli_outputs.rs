@@ -7,6 +7,16 @@ mod common;
 use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
+/// The names in `dir` that start with `prefix` (temporary files left beside a target).
+fn names_starting(dir: &std::path::Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
 fn stderr(args: &[&str]) -> (i32, String) {
     let o = viridian(args);
     (
@@ -77,11 +87,7 @@ fn dd_replaces_only_the_regular_file_it_names() {
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (4321, 8765, 0o640));
     assert!(read_all(&out).iter().all(|&b| b == 0x42));
     // Nothing temporary left beside it.
-    let hidden: Vec<_> = std::fs::read_dir(d.path())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
-        .collect();
+    let hidden = names_starting(d.path(), ".");
     assert!(hidden.is_empty(), "left behind: {hidden:?}");
 }
 
@@ -249,13 +255,7 @@ fn sigterm_exits_143_and_cleans_up() {
         .spawn()
         .unwrap();
     // Once the target's temporary file exists the copy is under way.
-    let started = || {
-        std::fs::read_dir(d.path()).unwrap().flatten().any(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(".d.vhdx.convert-")
-        })
-    };
+    let started = || !names_starting(d.path(), ".d.vhdx.convert-").is_empty();
     let t = std::time::Instant::now();
     while !started() && t.elapsed().as_secs() < 20 {
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -341,17 +341,7 @@ fn a_killed_convert_leaves_no_partial_target() {
         .args(["convert", "-f", "raw", "-O", "vhdx", p(&src), p(&dst)])
         .spawn()
         .unwrap();
-    let hidden = || {
-        std::fs::read_dir(d.path())
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(".d.vhdx.convert-")
-            })
-            .count()
-    };
+    let hidden = || names_starting(d.path(), ".d.vhdx.convert-").len();
     let t = std::time::Instant::now();
     while hidden() == 0 && t.elapsed().as_secs() < 20 {
         std::thread::sleep(std::time::Duration::from_millis(2));

@@ -168,14 +168,7 @@ fn killed_serve_undo_session_is_committed_or_discarded_with_viridian_undo() {
 #[test]
 fn undo_list_and_show_report_an_interrupted_commit() {
     let d = tmp();
-    let img = d.path().join("guest.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
-    let undo = d.path().join("guest.vud");
-    let mut opts = chain::OpenOptions::read_only();
-    opts.format = Some(chain::Format::Raw);
-    let u = chain::UndoDisk::open(&img, &opts, Some(&undo)).unwrap();
-    u.disk().write_at(&[0xab; 4096], 0).unwrap();
-    let kept = u.keep().unwrap();
+    let (_, kept) = kept_raw_undo(d.path());
 
     let listed = |dir: &Path| -> serde_json::Value {
         serde_json::from_str(&ok(&["undo", "list", "--output", "json", p(dir)])).unwrap()
@@ -199,14 +192,7 @@ fn undo_list_and_show_report_an_interrupted_commit() {
 #[test]
 fn a_raw_undo_commit_refuses_a_base_written_since() {
     let d = tmp();
-    let img = d.path().join("guest.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
-    let undo = d.path().join("guest.vud");
-    let mut opts = chain::OpenOptions::read_only();
-    opts.format = Some(chain::Format::Raw);
-    let u = chain::UndoDisk::open(&img, &opts, Some(&undo)).unwrap();
-    u.disk().write_at(&[0xab; 4096], 0).unwrap();
-    let kept = u.keep().unwrap();
+    let (img, kept) = kept_raw_undo(d.path());
     // Someone else writes the base afterwards (a later session, another tool).
     ok(&["io", "-f", "raw", "-c", "write -P 0x55 512k 8k", p(&img)]);
     let before = read_all(&img);
@@ -282,4 +268,17 @@ fn a_leftover_commit_marker_is_not_an_undo_disk_and_is_cleared() {
     let said = ok(&["undo", "commit", p(&undo)]);
     assert!(said.contains("already finished"), "{said}");
     assert!(!marker.exists());
+}
+
+/// A 1 MiB raw image with a kept raw undo file (`guest.vud`) whose session wrote 0xab over
+/// the first 4 KiB: what a killed or kept session leaves. Returns (image, undo file).
+fn kept_raw_undo(dir: &Path) -> (PathBuf, PathBuf) {
+    let img = dir.join("guest.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let undo = dir.join("guest.vud");
+    let mut opts = chain::OpenOptions::read_only();
+    opts.format = Some(chain::Format::Raw);
+    let u = chain::UndoDisk::open(&img, &opts, Some(&undo)).unwrap();
+    u.disk().write_at(&[0xab; 4096], 0).unwrap();
+    (img, u.keep().unwrap())
 }
