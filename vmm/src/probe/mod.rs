@@ -75,6 +75,23 @@ mod tests {
 
     use super::*;
 
+    /// The result of a run that needs KVM; None (after saying so) when KVM is unavailable,
+    /// which fails instead under VIRIDIAN_REQUIRE_ALL=1.
+    pub(super) fn ok_or_skip<T>(r: Result<T, VmmError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(VmmError::KvmUnavailable(why)) => {
+                assert!(
+                    !require_all(),
+                    "VIRIDIAN_REQUIRE_ALL=1 but KVM is unavailable: {why}"
+                );
+                eprintln!("skipped: KVM is not available: {why}");
+                None
+            }
+            Err(e) => panic!("probe failed: {e}"),
+        }
+    }
+
     pub(super) fn require_all() -> bool {
         std::env::var("VIRIDIAN_REQUIRE_ALL").as_deref() == Ok("1")
     }
@@ -85,17 +102,8 @@ mod tests {
     #[test]
     fn probe_matches_the_host() {
         let start = Instant::now();
-        let p = match probe_guest_user_space() {
-            Ok(p) => p,
-            Err(VmmError::KvmUnavailable(why)) => {
-                assert!(
-                    !require_all(),
-                    "VIRIDIAN_REQUIRE_ALL=1 but KVM is unavailable: {why}"
-                );
-                eprintln!("skipped: KVM is not available: {why}");
-                return;
-            }
-            Err(e) => panic!("probe failed: {e}"),
+        let Some(p) = ok_or_skip(probe_guest_user_space()) else {
+            return;
         };
         let took = start.elapsed();
         eprintln!("probe ({took:?}): {p:?}");

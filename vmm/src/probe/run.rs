@@ -340,7 +340,7 @@ pub(super) fn run_phases(entries: &[(u64, Ring)], limit: Duration) -> Result<Vec
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::require_all;
+    use super::super::tests::ok_or_skip;
     use super::super::PROBE_TIME_LIMIT;
     use super::*;
 
@@ -349,17 +349,11 @@ mod tests {
     fn a_spinning_guest_is_stopped() {
         let spin = USER_SYSCALL + USER_SYSCALL_CODE.len() as u64 - 2; // the final `jmp 1b`
         let start = Instant::now();
-        let phases = match run_phases(&[(spin, Ring::User); 2], Duration::from_millis(200)) {
-            Ok(p) => p,
-            Err(VmmError::KvmUnavailable(why)) => {
-                assert!(
-                    !require_all(),
-                    "VIRIDIAN_REQUIRE_ALL=1 but KVM is unavailable: {why}"
-                );
-                eprintln!("skipped: KVM is not available: {why}");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        let Some(phases) = ok_or_skip(run_phases(
+            &[(spin, Ring::User); 2],
+            Duration::from_millis(200),
+        )) else {
+            return;
         };
         let took = start.elapsed();
         let timeout = Phase {
@@ -376,20 +370,11 @@ mod tests {
     /// path works, so a failure in the real probe is the host's.
     #[test]
     fn handlers_work_when_entered_in_ring_0() {
-        let phases = match run_phases(
+        let Some(phases) = ok_or_skip(run_phases(
             &[(SYSCALL_ENTRY, Ring::Kernel), (INT80_ENTRY, Ring::Kernel)],
             PROBE_TIME_LIMIT,
-        ) {
-            Ok(p) => p,
-            Err(VmmError::KvmUnavailable(why)) => {
-                assert!(
-                    !require_all(),
-                    "VIRIDIAN_REQUIRE_ALL=1 but KVM is unavailable: {why}"
-                );
-                eprintln!("skipped: KVM is not available: {why}");
-                return;
-            }
-            Err(e) => panic!("{e}"),
+        )) else {
+            return;
         };
         for p in &phases {
             assert_eq!(p.entered_with_cs, Some(u32::from(KERNEL_CS)), "{p:?}");
