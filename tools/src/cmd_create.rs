@@ -50,6 +50,8 @@ const OPTION_HELP: &str = "Supported options:
   preallocation=off|metadata|falloc|full
                              raw: default off; fixed VHD/VHDX: default falloc (the whole
                              size reserved on disk, as New-VHD -Fixed); dynamic: off/metadata
+  backing_file=PATH          the parent (same as -b); a comma in PATH is written ,,
+  backing_fmt=FMT            the parent's format (same as -F)
   parent_windows_path=WIN    differencing: the parent's Windows path (W2ku / absolute_win32_path)
   parent_volume_path=VOL     differencing VHDX: the parent's volume path";
 
@@ -235,11 +237,47 @@ pub fn merge_windows(spec: &mut CreateSpec, w: &common::WindowsArgs) {
     }
 }
 
-pub fn run(a: Args) -> Result<i32> {
+/// qemu-img takes the parent as `-o backing_file=,backing_fmt=` as well as `-b`/`-F`: moves
+/// those two options into the flags (giving one both ways is an error) and leaves the rest.
+fn backing_from_options(a: &mut Args) -> Result<()> {
+    let mut rest = Vec::new();
+    for group in &a.options {
+        let mut kept = Vec::new();
+        for item in common::split_option_list(group) {
+            let (flag, value) = match item.split_once('=') {
+                Some(("backing_file", v)) => (&mut a.backing, PathBuf::from(v)),
+                Some(("backing_fmt", v)) => {
+                    if a.backing_format.is_some() {
+                        bail!("the backing format is given twice (-F and -o backing_fmt)");
+                    }
+                    a.backing_format = Some(v.to_string());
+                    continue;
+                }
+                _ => {
+                    // Written back with its commas doubled, so parsing it again gives it back.
+                    kept.push(item.replace(',', ",,"));
+                    continue;
+                }
+            };
+            if flag.is_some() {
+                bail!("the backing file is given twice (-b and -o backing_file)");
+            }
+            *flag = Some(value);
+        }
+        if !kept.is_empty() {
+            rest.push(kept.join(","));
+        }
+    }
+    a.options = rest;
+    Ok(())
+}
+
+pub fn run(mut a: Args) -> Result<i32> {
     if a.options.iter().any(|o| o == "help" || o == "?") {
         println!("{OPTION_HELP}");
         return Ok(0);
     }
+    backing_from_options(&mut a)?;
     let Some(file) = a.file.clone() else {
         bail!("create needs FILE (and SIZE unless -b gives a parent); -o help lists the options");
     };

@@ -192,7 +192,9 @@ struct DiskSpec {
 }
 
 fn parse_disk_flag(s: &str) -> Result<DiskSpec> {
-    let mut parts = s.split(',');
+    // `,,` is a comma in the path, as in qemu's option lists.
+    let parts = common::split_option_list(s);
+    let mut parts = parts.iter().map(String::as_str);
     let path = parts
         .next()
         .filter(|p| !p.is_empty())

@@ -305,15 +305,34 @@ fn parse_hex_size(s: &str, h: &str) -> Result<u64> {
         .ok_or_else(|| anyhow!("size {s:?} is too large"))
 }
 
+/// Splits a comma-separated option list the way qemu does: `,,` is a comma inside an item
+/// (so `backing_file=a,,b.vhdx` names `a,b.vhdx`), a single `,` ends an item.
+pub fn split_option_list(s: &str) -> Vec<String> {
+    let mut items = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != ',' {
+            items.last_mut().expect("never empty").push(c);
+        } else if chars.peek() == Some(&',') {
+            chars.next();
+            items.last_mut().expect("never empty").push(',');
+        } else {
+            items.push(String::new());
+        }
+    }
+    items
+}
+
 /// `-o key=value,key=value` (repeatable; later values win). `help` is handled by callers.
 pub fn parse_options(opts: &[String]) -> Result<BTreeMap<String, String>> {
     let mut map = BTreeMap::new();
     for group in opts {
+        let items = split_option_list(group);
         // qemu-img's answer to `-o ""`, `-o ,` or an option list with an empty item.
-        if group.split(',').any(|s| s.trim().is_empty()) {
+        if items.iter().any(|s| s.trim().is_empty()) {
             bail!("Invalid option list: {group}");
         }
-        for item in group.split(',').filter(|s| !s.is_empty()) {
+        for item in items {
             match item.split_once('=') {
                 Some((k, v)) => {
                     map.insert(k.trim().to_string(), v.trim().to_string());
@@ -588,6 +607,18 @@ impl Drop for RemoveOnFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_doubled_comma_is_a_comma_inside_an_item() {
+        assert_eq!(split_option_list("a=1,b=x,,y"), ["a=1", "b=x,y"]);
+        assert_eq!(split_option_list("p,,,ro"), ["p,", "ro"]);
+        assert_eq!(split_option_list(",,,,"), [",,"]);
+        assert_eq!(split_option_list("a,"), ["a", ""]);
+        let o = parse_options(&["backing_file=a,,b.vhdx,backing_fmt=vhdx".into()]).unwrap();
+        assert_eq!(o["backing_file"], "a,b.vhdx");
+        assert_eq!(o["backing_fmt"], "vhdx");
+        assert!(parse_options(&["a,,,".into()]).is_err());
+    }
 
     #[test]
     fn sizes_follow_qemu_suffixes() {

@@ -589,3 +589,26 @@ fn compacting_or_same_size_resizing_a_parent_keeps_its_children() {
         ]);
     }
 }
+
+/// A comma in a file name is written `,,` in option lists, as in qemu: `-o backing_file=` and
+/// `run --disk` both take it.
+#[test]
+fn a_doubled_comma_names_a_file_with_a_comma() {
+    let d = tmp();
+    let parent = join(d.path(), "base,1.vhdx");
+    ok(&["create", "-f", "vhdx", p(&parent), "8M"]);
+    let child = join(d.path(), "child.vhdx");
+    let opt = format!(
+        "backing_file={},,1.vhdx,backing_fmt=vhdx",
+        join(d.path(), "base").display()
+    );
+    ok(&["create", "-f", "vhdx", "-o", &opt, p(&child)]);
+    let info = ok(&["info", "--output", "json", p(&child)]);
+    assert!(info.contains("base,1.vhdx"), "{info}");
+    let disk = format!(
+        "{},,1.vhdx,ro,format=vhdx",
+        join(d.path(), "base").display()
+    );
+    let out = ok(&["run", "--dry-run", "--disk", &disk]);
+    assert!(out.contains("format=vhdx") && out.contains(" ro"), "{out}");
+}
