@@ -5,11 +5,13 @@
 //! footer only with a valid checksum that agrees with the file's size; else raw). A writable image whose format
 //! was probed as raw refuses writes that would make it probe as something else (guest data
 //! must not choose the format of the next open). For differencing images every parent is found
-//! and verified: the locators' candidate paths are tried in order (relative, absolute, then the
-//! child's own directory); only regular files are considered (a block device only when given
-//! explicitly as the parent); each is opened read-only as the format the child's locator implies
-//! (never probed), and its identity (VHD Unique ID, VHDX DataWriteGuid) must equal what the
-//! child recorded, else the open fails naming both files. Cycles and absurd depths are refused.
+//! and verified by one rule for both formats ([`parent_candidates`], `parent.rs`,
+//! docs/chains.md): the formats report their locators as recorded, the candidate paths are
+//! tried in order (relative, absolute, then the recorded name's file beside the child); only
+//! regular files are considered (a block device only when given explicitly as the parent);
+//! each is opened read-only as the child's format (never probed), and its identity (VHD
+//! Unique ID, VHDX DataWriteGuid) must equal what the child recorded, else the open fails
+//! naming both files. Cycles and absurd depths are refused.
 
 #![forbid(unsafe_code)]
 
@@ -19,11 +21,14 @@ use std::sync::Arc;
 
 pub mod commit;
 mod image;
+mod parent;
 pub mod undo;
 
 pub use commit::commit_into_base;
 use disk::{Access, BlockDevice, Disk, Error, FileOptions, FileStorage, RawDisk, Result, Storage};
 pub use image::Image;
+pub use parent::parent_candidates;
+use parent::{is_block_device, open_parent};
 pub use undo::UndoDisk;
 
 /// Parents deeper than this are refused (a crafted chain must not recurse forever).
@@ -187,13 +192,13 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<Image> {
     )
 }
 
-fn canonical(path: &Path) -> PathBuf {
+pub(crate) fn canonical(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Opens one layer (and, recursively, its parents). `format` None means probe.
 #[allow(clippy::too_many_arguments)]
-fn open_layer(
+pub(crate) fn open_layer(
     path: &Path,
     opts: &OpenOptions,
     format: Option<Format>,
@@ -265,138 +270,6 @@ fn open_layer(
             Ok(Image::Vhdx(Arc::new(d)))
         }
     }
-}
-
-fn is_block_device(meta: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    meta.file_type().is_block_device()
-}
-
-/// Finds, opens and verifies the parent a child's locators describe.
-fn open_parent(
-    child: &Path,
-    link: &disk::ParentLink,
-    opts: &OpenOptions,
-    depth: usize,
-    seen: &mut HashSet<PathBuf>,
-    parent_override: Option<&Path>,
-) -> Result<Arc<dyn BlockDevice>> {
-    if depth + 1 >= MAX_CHAIN_DEPTH {
-        return Err(Error::Unsupported(format!(
-            "parent chain of {} is deeper than {MAX_CHAIN_DEPTH} images",
-            child.display()
-        )));
-    }
-    let candidates: Vec<PathBuf> = match parent_override {
-        Some(p) => vec![p.to_path_buf()],
-        None => link.candidates.clone(),
-    };
-    let mut tried = Vec::new();
-    let mut mismatch: Option<Error> = None;
-    for cand in candidates {
-        if tried.contains(&cand) {
-            continue;
-        }
-        tried.push(cand.clone());
-        let meta = match std::fs::metadata(&cand) {
-            Ok(m) => m,
-            Err(_) => continue,
-        };
-        // Locators are data of the child: they may name only regular files. A device is used
-        // only when the caller names it as the parent.
-        let explicit = parent_override.is_some();
-        let usable = meta.is_file() || (explicit && is_block_device(&meta));
-        if !usable {
-            continue;
-        }
-        if seen.contains(&canonical(&cand)) {
-            return Err(Error::ParentCycle {
-                child: child.to_path_buf(),
-                parent: cand,
-            });
-        }
-        // The parent's format is the child's (a VHD's parent is a VHD, a VHDX's a VHDX): never
-        // probed, so a file that is not one is refused rather than read as raw.
-        let want = Format::parse(link.format).ok_or_else(|| {
-            Error::Unsupported(format!(
-                "parent format {} of {}",
-                link.format,
-                child.display()
-            ))
-        })?;
-        let parent = match open_layer(
-            &cand,
-            opts,
-            Some(want),
-            opts.parents_writable,
-            depth + 1,
-            seen,
-            None,
-        ) {
-            Ok(p) => p.device(),
-            Err(Error::WrongFormat { detail, .. }) => {
-                seen.remove(&canonical(&cand));
-                mismatch.get_or_insert(Error::ParentMismatch {
-                    child: child.to_path_buf(),
-                    parent: cand.clone(),
-                    detail: format!(
-                        "the child needs a {} parent, this file is not one ({detail})",
-                        link.format
-                    ),
-                });
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let found_id = parent.unique_id();
-        if found_id.is_none()
-            || (found_id != Some(link.expected_id) && found_id != link.also_accepted)
-        {
-            mismatch.get_or_insert(Error::ParentMismatch {
-                child: child.to_path_buf(),
-                parent: cand.clone(),
-                detail: format!(
-                    "the child was made against identity {}, this file has {}",
-                    hex_id(&link.expected_id),
-                    found_id
-                        .map(|i| hex_id(&i))
-                        .unwrap_or_else(|| "none".into())
-                ),
-            });
-        } else {
-            return Ok(parent);
-        }
-        // Not ours: release it (and its place in the cycle set) and try the next candidate.
-        remove_subtree(seen, &parent);
-    }
-    Err(mismatch.unwrap_or_else(|| Error::ParentNotFound {
-        child: child.to_path_buf(),
-        name: link.name.clone(),
-        tried,
-    }))
-}
-
-fn remove_subtree(seen: &mut HashSet<PathBuf>, d: &Arc<dyn BlockDevice>) {
-    let mut cur: Option<&Arc<dyn BlockDevice>> = Some(d);
-    while let Some(layer) = cur {
-        if let Some(p) = layer.path() {
-            seen.remove(&canonical(p));
-        }
-        cur = layer.backing();
-    }
-}
-
-/// Formats 16 identity bytes as a GUID-like hex string for messages.
-pub fn hex_id(id: &[u8; 16]) -> String {
-    let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 /// Every layer of a chain, top first (the images themselves, for facts).

@@ -240,7 +240,7 @@ fn vhdx_parent_linkage2_accepts_the_pre_chosen_identity_only() {
         let b = disk::Disk::new(x.clone());
         x.set_next_data_write_guid(next).unwrap();
         b.write_at(&[7u8; 4096], 0).unwrap();
-        assert_eq!(b.unique_id(), Some(next.to_windows_bytes()));
+        assert_eq!(b.unique_id(), Some(next));
         assert!(x.set_next_data_write_guid(next).is_err(), "too late");
         b.close().unwrap();
     }

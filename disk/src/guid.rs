@@ -148,6 +148,13 @@ impl fmt::Debug for Guid {
     }
 }
 
+/// Serialized as its canonical text, the one form every report shows.
+impl serde::Serialize for Guid {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::str::FromStr for Guid {
     type Err = String;
     fn from_str(s: &str) -> Result<Guid, String> {

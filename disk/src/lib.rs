@@ -18,6 +18,7 @@ pub mod guid;
 mod human;
 pub mod map;
 pub mod overlay;
+mod parent;
 mod paths;
 mod qemu_lock;
 mod raw;
@@ -30,6 +31,7 @@ pub use check::CheckReport;
 pub use error::{Error, IoContext, Result};
 pub use guid::Guid;
 pub use human::human_size;
+pub use parent::{read_parent, LocatorKind, LocatorPath, ParentLink};
 pub use paths::{windows_path_under, windows_relative_path, ParentWindowsPaths};
 pub use raw::RawDisk;
 pub use request::Disk;
@@ -161,9 +163,9 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         }
     }
 
-    /// The identity children link to: a VHD footer's Unique ID, a VHDX DataWriteGuid (as the
-    /// 16 bytes stored on disk). None for formats without one (raw).
-    fn unique_id(&self) -> Option<[u8; 16]> {
+    /// The identity children link to: a VHD footer's Unique ID, a VHDX DataWriteGuid. None for
+    /// formats without one (raw).
+    fn unique_id(&self) -> Option<Guid> {
         None
     }
 
@@ -219,24 +221,6 @@ pub struct LayerFacts {
     pub geometry: Option<(u16, u8, u8)>,
     /// VHD: the image has a saved state (a suspended Virtual PC machine).
     pub saved_state: bool,
-}
-
-/// What a differencing layer records about its parent.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParentLink {
-    /// The parent's name for messages (VHD parent Unicode name; VHDX relative or absolute path).
-    pub name: String,
-    /// Paths to try, in order: resolved relative locator, absolute locator(s), then the
-    /// child's own directory + file name. Relative entries are already joined with the child's
-    /// directory.
-    pub candidates: Vec<std::path::PathBuf>,
-    /// The parent's [`BlockDevice::unique_id`] that this child was made against.
-    pub expected_id: [u8; 16],
-    /// A second accepted identity (VHDX `parent_linkage2`): set while a commit into the parent
-    /// is under way, so the parent's new DataWriteGuid is accepted too.
-    pub also_accepted: Option<[u8; 16]>,
-    /// The format the parent must have ("vhd" or "vhdx").
-    pub format: &'static str,
 }
 
 /// Fails with [`Error::OutOfRange`] unless `offset..offset+len` lies inside `size`.
@@ -348,7 +332,7 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     fn close(&self) -> Result<()> {
         (**self).close()
     }
-    fn unique_id(&self) -> Option<[u8; 16]> {
+    fn unique_id(&self) -> Option<Guid> {
         (**self).unique_id()
     }
     fn parent_link(&self) -> Option<ParentLink> {

@@ -330,7 +330,7 @@ impl BlockDevice for Disk {
     fn close(&self) -> Result<()> {
         Disk::close(self)
     }
-    fn unique_id(&self) -> Option<[u8; 16]> {
+    fn unique_id(&self) -> Option<crate::Guid> {
         self.img().unique_id()
     }
     fn parent_link(&self) -> Option<ParentLink> {

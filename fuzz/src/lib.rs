@@ -46,6 +46,9 @@ pub fn exercise(d: &dyn BlockDevice) {
     let size = d.size();
     let _ = (d.format(), d.read_only(), d.cluster_size(), d.dirty());
     let _ = (d.unique_id(), d.parent_link(), d.format_specific());
+    let _ = d
+        .parent_link()
+        .map(|l| chain::parent_candidates(d.path(), &l));
     let _ = (d.logical_sector_size(), d.physical_sector_size());
     let mut buf = vec![0u8; 64 << 10];
     let head = size.min(buf.len() as u64) as usize;

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use disk::Disk;
+use disk::{Disk, Guid};
 use serde::Serialize;
 
 use crate::paths::{self, PathMap};
@@ -62,8 +62,8 @@ pub struct LayerInfo {
     pub path: String,
     pub format: &'static str,
     pub disk_type: Option<String>,
-    pub unique_id: Option<String>,
-    pub parent_unique_id: Option<String>,
+    pub unique_id: Option<Guid>,
+    pub parent_unique_id: Option<Guid>,
     pub creator_app: Option<String>,
     pub creator_host_os: Option<String>,
     pub virtual_size: u64,
@@ -317,7 +317,7 @@ pub fn plan(s: &Settings, vm: Vmc, facts: Facts) -> Result<Plan> {
                 path: paths::show(&u.path),
                 reason: format!(
                     "undo disk whose parent identity {} matches no disk of this VM: not migrated",
-                    chain::hex_id(&id)
+                    id
                 ),
             }),
         }
@@ -495,7 +495,7 @@ mod tests {
     use crate::vmc::{Drive, UndoSettings};
     use crate::xml::TextEncoding;
 
-    const BASE_ID: [u8; 16] = [1; 16];
+    const BASE_ID: Guid = Guid::from_rfc_bytes([1; 16]);
     const CHS_SIZE: u64 = 20_959_232;
     const CURRENT_SIZE: u64 = 20 << 20;
 
@@ -546,12 +546,12 @@ mod tests {
     }
 
     /// A Virtual PC layer: CHS-sized, its current_size larger.
-    fn layer(path: &str, id: Option<[u8; 16]>) -> LayerInfo {
+    fn layer(path: &str, id: Option<Guid>) -> LayerInfo {
         LayerInfo {
             path: path.into(),
             format: "vhd",
             disk_type: Some("dynamic".into()),
-            unique_id: id.map(|i| chain::hex_id(&i)),
+            unique_id: id,
             parent_unique_id: None,
             creator_app: Some("vpc ".into()),
             creator_host_os: Some("Wi2k".into()),

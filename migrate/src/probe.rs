@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use disk::{BlockDevice, Disk};
+use disk::{BlockDevice, Disk, Guid};
 
 use crate::paths::{self, Candidate};
 use crate::plan::{LayerInfo, Settings};
@@ -52,7 +52,7 @@ pub struct FoundDisk {
 pub struct OpenedChain {
     /// Top first (a `.vhd` that is itself differencing lists its parents).
     pub layers: Vec<LayerInfo>,
-    pub unique_id: Option<[u8; 16]>,
+    pub unique_id: Option<Guid>,
     pub view: ViewFacts,
 }
 
@@ -84,7 +84,7 @@ pub struct UndoFacts {
     /// How it was found (`named by the .vmc (...)`, `found in DIR`).
     pub how: String,
     /// The parent identity it records, or why it is not usable as an undo disk.
-    pub parent_id: Result<[u8; 16], Error>,
+    pub parent_id: Result<Guid, Error>,
     /// The disk whose identity it claims ([`Vmc::drives`] index), and the undo disk opened
     /// over that disk's chain.
     pub claims: Option<(usize, Result<UndoOpened, disk::Error>)>,
@@ -277,8 +277,8 @@ pub fn layer_info(d: &dyn BlockDevice) -> LayerInfo {
         path: d.path().map(paths::show).unwrap_or_default(),
         format: d.format(),
         disk_type: f.disk_type.map(str::to_string),
-        unique_id: d.unique_id().map(|id| chain::hex_id(&id)),
-        parent_unique_id: d.parent_link().map(|l| chain::hex_id(&l.expected_id)),
+        unique_id: d.unique_id(),
+        parent_unique_id: d.parent_link().map(|l| l.expected_id),
         creator_app: f.creator_app,
         creator_host_os: f.creator_host_os,
         virtual_size: d.size(),
@@ -291,7 +291,7 @@ pub fn layer_info(d: &dyn BlockDevice) -> LayerInfo {
 }
 
 /// The parent identity a `.vud` (a differencing VHD) was made against, without opening parents.
-fn undo_parent_id(p: &Path) -> Result<[u8; 16], Error> {
+fn undo_parent_id(p: &Path) -> Result<Guid, Error> {
     let d = chain::open(
         p,
         &chain::OpenOptions {

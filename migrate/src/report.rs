@@ -288,7 +288,9 @@ pub fn markdown(r: &Report) -> String {
                 l.disk_type.as_deref().unwrap_or(""),
                 l.creator_app.as_deref().unwrap_or("-"),
                 l.creator_host_os.as_deref().unwrap_or("-"),
-                l.unique_id.as_deref().unwrap_or("-"),
+                l.unique_id
+                    .map(|g| g.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 l.virtual_size,
                 l.geometry
                     .as_deref()

@@ -248,15 +248,16 @@ pub fn image_info(d: &dyn BlockDevice, path: &Path) -> Result<Value> {
     if let Some(link) = d.parent_link() {
         data.insert(
             "parent-candidates".into(),
-            json!(link
-                .candidates
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()),
+            json!(
+                chain::parent_candidates(Some(d.path().unwrap_or(path)), &link)
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+            ),
         );
         data.insert(
             "parent-identity".into(),
-            json!(identity_string(d.format(), &link.expected_id)),
+            json!(link.expected_id.to_string()),
         );
     }
     m.insert(
@@ -294,30 +295,6 @@ fn canonical_guid(s: &str) -> Option<String> {
             .zip(lens)
             .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()));
     is_guid.then(|| t.to_ascii_lowercase())
-}
-
-/// A parent identity as the format itself shows its GUIDs: VHDX DataWriteGuid in GUID form
-/// (first three fields little-endian, as `data-write-guid`), a VHD Unique ID in byte order (as
-/// `unique-id`), so a child's `parent-identity` can be compared with its parent's field.
-fn identity_string(format: &str, id: &[u8; 16]) -> String {
-    if format == "vhdx" {
-        format!(
-            "{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
-            u32::from_le_bytes([id[0], id[1], id[2], id[3]]),
-            u16::from_le_bytes([id[4], id[5]]),
-            u16::from_le_bytes([id[6], id[7]]),
-            id[8],
-            id[9],
-            id[10],
-            id[11],
-            id[12],
-            id[13],
-            id[14],
-            id[15]
-        )
-    } else {
-        chain::hex_id(id)
-    }
 }
 
 /// The facts Hyper-V's Get-VHD reports, under the same keys for VHD and VHDX.

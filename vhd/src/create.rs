@@ -178,7 +178,7 @@ fn write_sparse_layout(
                 parent_path.display()
             ))
         })?;
-        h.parent_unique_id = Guid::from_rfc_bytes(id);
+        h.parent_unique_id = id;
         h.parent_timestamp = parent_timestamp(&**parent);
         h.parent_name = link.name_units();
         for (slot, (code, data)) in link.payloads().into_iter().enumerate() {

@@ -42,29 +42,17 @@ pub(crate) fn flush_storage(s: &dyn Storage) -> Result<()> {
 }
 
 impl VhdDisk {
+    /// The parent's bytes (zeros past a smaller parent's end, `disk::read_parent`).
     fn parent_read(&self, m: &Meta, buf: &mut [u8], off: u64) -> Result<()> {
-        let Some(p) = &self.parent else {
-            let name = m
+        disk::read_parent(self.parent.as_ref(), buf, off, || Error::ParentNotFound {
+            child: self.path.clone().unwrap_or_default(),
+            name: m
                 .header
                 .as_ref()
                 .map(|h| h.parent_name_lossy())
-                .unwrap_or_default();
-            return Err(Error::ParentNotFound {
-                child: self.path.clone().unwrap_or_default(),
-                name,
-                tried: Vec::new(),
-            });
-        };
-        // After a resize the child may be larger than its parent: beyond it reads zeros.
-        let psize = p.size();
-        if off >= psize {
-            buf.fill(0);
-            return Ok(());
-        }
-        let n = ((psize - off) as usize).min(buf.len());
-        p.read_at(&mut buf[..n], off)?;
-        buf[n..].fill(0);
-        Ok(())
+                .unwrap_or_default(),
+            tried: Vec::new(),
+        })
     }
 
     /// Reads `buf` from block `blk` at in-block offset `inb` (merged view). Callers hold the

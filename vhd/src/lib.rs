@@ -230,8 +230,8 @@ impl BlockDevice for VhdDisk {
         self.path.as_deref()
     }
 
-    fn unique_id(&self) -> Option<[u8; 16]> {
-        Some(self.m().footer.unique_id.to_rfc_bytes())
+    fn unique_id(&self) -> Option<disk::Guid> {
+        Some(self.m().footer.unique_id)
     }
 
     fn parent_link(&self) -> Option<ParentLink> {

@@ -1,10 +1,10 @@
 //! The link of a differencing disk to its parent: attaching the parent, where to look for it
 //! (locators and parent name), and re-linking (`set_parent`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use disk::{BlockDevice, Error, Guid, ParentLink, Result};
+use disk::{BlockDevice, Error, LocatorKind, LocatorPath, ParentLink, Result};
 
 use crate::dynamic_header::LOCATOR_SLOTS;
 use crate::footer::VHD_EPOCH;
@@ -47,55 +47,33 @@ impl VhdDisk {
             .map(|h| h.parent_name.clone())
     }
 
-    fn child_dir(&self) -> PathBuf {
-        self.path
-            .as_ref()
-            .and_then(|p| p.parent())
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
-    }
-
-    /// [`BlockDevice::parent_link`]: relative locators first, then absolute ones, then the
-    /// parent name's file name beside the child.
+    /// [`BlockDevice::parent_link`]: the header's parent name and unique id, and every locator
+    /// that decodes to a path, as recorded, in slot order (`chain` decides where to look).
     pub(crate) fn link(&self) -> Option<ParentLink> {
         if self.kind != DiskType::Differencing {
             return None;
         }
         let m = self.m();
         let h = m.header.as_ref()?;
-        let dir = self.child_dir();
-        let mut cands: Vec<PathBuf> = Vec::new();
-        let mut push = |p: PathBuf| {
-            if !p.as_os_str().is_empty() && !cands.contains(&p) {
-                cands.push(p);
-            }
-        };
-        for l in &m.locators {
-            if let (PLAT_W2RU | PLAT_WI2R, Some(p)) = (l.platform_code, &l.path) {
-                let mut rel = slashes(p);
-                while let Some(r) = rel.strip_prefix("./") {
-                    rel = r.to_string();
-                }
-                push(dir.join(rel));
-            }
-        }
-        for l in &m.locators {
-            if let (PLAT_W2KU | PLAT_WI2K | PLAT_MACX, Some(p)) = (l.platform_code, &l.path) {
-                push(PathBuf::from(p));
-                let s = slashes(p);
-                if &s != p {
-                    push(PathBuf::from(s));
-                }
-            }
-        }
-        let name = h.parent_name_lossy();
-        if let Some(file) = slashes(&name).rsplit('/').next().filter(|f| !f.is_empty()) {
-            push(dir.join(file));
-        }
+        let locators = m
+            .locators
+            .iter()
+            .filter_map(|l| {
+                let kind = match l.platform_code {
+                    PLAT_W2RU | PLAT_WI2R => LocatorKind::Relative,
+                    PLAT_W2KU | PLAT_WI2K | PLAT_MACX => LocatorKind::Absolute,
+                    _ => return None,
+                };
+                Some(LocatorPath {
+                    kind,
+                    path: l.path.clone()?,
+                })
+            })
+            .collect();
         Some(ParentLink {
-            name,
-            candidates: cands,
-            expected_id: h.parent_unique_id.to_rfc_bytes(),
+            name: h.parent_name_lossy(),
+            locators,
+            expected_id: h.parent_unique_id,
             also_accepted: None,
             format: "vhd",
         })
@@ -168,7 +146,7 @@ impl VhdDisk {
             };
         }
         flush_storage(&*self.storage)?;
-        h.parent_unique_id = Guid::from_rfc_bytes(id);
+        h.parent_unique_id = id;
         h.parent_timestamp = parent_timestamp(parent);
         h.parent_name = link.name_units();
         h.locators = new_locs;
@@ -183,11 +161,6 @@ impl VhdDisk {
         m.locators = locators;
         Ok(())
     }
-}
-
-/// Converts a stored Windows or POSIX path to a local path (backslashes to slashes).
-fn slashes(s: &str) -> String {
-    s.replace('\\', "/")
 }
 
 /// The "Parent Time Stamp" a child records: the parent file's modification time, in seconds

@@ -389,7 +389,9 @@ fn set_parent_crash_at_every_operation() {
                 .iter()
                 .any(|w| w.contains("header checksum"));
             let l = d.parent_link().unwrap();
-            let first = l.candidates[0].to_string_lossy().into_owned();
+            let first = chain::parent_candidates(None, &l)[0]
+                .to_string_lossy()
+                .into_owned();
             if !torn {
                 if l.expected_id == ia {
                     assert_eq!(first, "a.vhd", "crash at {crash_at}");

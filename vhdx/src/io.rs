@@ -64,11 +64,9 @@ impl VhdxDisk {
         self.storage.flush().map_err(io_err("cannot flush image"))
     }
 
+    /// The parent's bytes (zeros past a smaller parent's end, `disk::read_parent`).
     pub(crate) fn read_parent(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        match &self.parent {
-            Some(p) => p.read_at(buf, off),
-            None => Err(self.parent_missing()),
-        }
+        disk::read_parent(self.parent.as_ref(), buf, off, || self.parent_missing())
     }
 
     pub(crate) fn read_block_part(&self, bat: &Bat, buf: &mut [u8], off: u64) -> Result<()> {

@@ -61,7 +61,7 @@ use bat::Bat;
 use bat_entry::*;
 use disk::{
     check_aligned, check_range, Access, Allocation, BlockDevice, Error, Extent, FileStorage, Guid,
-    ParentLink, Result, Storage, ZeroFlags,
+    LocatorKind, LocatorPath, ParentLink, Result, Storage, ZeroFlags,
 };
 use format::*;
 use geometry::Geometry;
@@ -268,14 +268,9 @@ impl BlockDevice for VhdxDisk {
         Ok(())
     }
 
-    /// The DataWriteGuid, as the bytes a child's `parent_linkage` holds.
-    fn unique_id(&self) -> Option<[u8; 16]> {
-        Some(
-            lock(&self.header)
-                .current
-                .data_write_guid
-                .to_windows_bytes(),
-        )
+    /// The DataWriteGuid: what a child's `parent_linkage` names.
+    fn unique_id(&self) -> Option<Guid> {
+        Some(lock(&self.header).current.data_write_guid)
     }
 
     fn parent_link(&self) -> Option<ParentLink> {

@@ -4,62 +4,36 @@
 use super::*;
 
 impl VhdxDisk {
-    /// [`BlockDevice::parent_link`]: where the parent may be, and the identity it must have.
+    /// [`BlockDevice::parent_link`]: the locator's paths as recorded (relative, absolute,
+    /// volume: the key order of the specification, since the item is a key/value table) and
+    /// the identity the parent must have (`chain` decides where to look).
     pub(crate) fn parent_link_of(&self) -> Option<ParentLink> {
         let meta = rlock(&self.meta);
         if !meta.has_parent {
             return None;
         }
         let loc = meta.parent_locator.as_ref()?;
-        let child_dir = self
-            .path
-            .as_ref()
-            .and_then(|p| p.parent().map(|d| d.to_path_buf()))
-            .unwrap_or_default();
-        let mut candidates = Vec::new();
-        if let Some(r) = loc.get("relative_path") {
-            candidates.push(child_dir.join(win_to_path(r)));
-        }
-        for k in ["absolute_win32_path", "volume_path"] {
-            if let Some(v) = loc.get(k) {
-                let p = PathBuf::from(v);
-                if !candidates.contains(&p) {
-                    candidates.push(p);
-                }
-                let conv = win_to_path(v);
-                if !candidates.contains(&conv) {
-                    candidates.push(conv);
-                }
-            }
-        }
-        let name = loc
-            .get("relative_path")
-            .or_else(|| loc.get("absolute_win32_path"))
-            .or_else(|| loc.get("volume_path"))
-            .unwrap_or("")
-            .to_string();
-        let file_name = name.rsplit(['\\', '/']).next().unwrap_or("").to_string();
-        if !file_name.is_empty() {
-            let p = child_dir.join(&file_name);
-            if !candidates.contains(&p) {
-                candidates.push(p);
-            }
-        }
-        // The identity bytes as `unique_id` gives them (Windows order).
-        let expected_id = loc
-            .get("parent_linkage")
-            .and_then(Guid::parse)
-            .unwrap_or(Guid::NIL)
-            .to_windows_bytes();
-        let also_accepted = loc
-            .get("parent_linkage2")
-            .and_then(Guid::parse)
-            .map(Guid::to_windows_bytes);
+        let locators = [
+            ("relative_path", LocatorKind::Relative),
+            ("absolute_win32_path", LocatorKind::Absolute),
+            ("volume_path", LocatorKind::Absolute),
+        ]
+        .into_iter()
+        .filter_map(|(key, kind)| {
+            Some(LocatorPath {
+                kind,
+                path: loc.get(key)?.to_string(),
+            })
+        })
+        .collect();
         Some(ParentLink {
-            name,
-            candidates,
-            expected_id,
-            also_accepted,
+            name: parent_name(loc),
+            locators,
+            expected_id: loc
+                .get("parent_linkage")
+                .and_then(Guid::parse)
+                .unwrap_or(Guid::NIL),
+            also_accepted: loc.get("parent_linkage2").and_then(Guid::parse),
             format: "vhdx",
         })
     }
@@ -104,12 +78,8 @@ impl VhdxDisk {
         let name = meta
             .parent_locator
             .as_ref()
-            .and_then(|l| {
-                l.get("relative_path")
-                    .or_else(|| l.get("absolute_win32_path"))
-            })
-            .unwrap_or("")
-            .to_string();
+            .map(parent_name)
+            .unwrap_or_default();
         Error::ParentNotFound {
             child: self.path.clone().unwrap_or_default(),
             name,
@@ -286,10 +256,7 @@ pub(crate) fn build_locator(
     let cabs = abs(child);
     let cdir = cabs.parent().unwrap_or(Path::new("/"));
     let mut entries = vec![
-        (
-            "parent_linkage".to_string(),
-            format!("{{{}}}", Guid::from_windows_bytes(id)),
-        ),
+        ("parent_linkage".to_string(), format!("{{{id}}}")),
         (
             "relative_path".to_string(),
             disk::windows_relative_path(cdir, &pabs),
@@ -305,7 +272,12 @@ pub(crate) fn build_locator(
     Ok(ParentLocator { entries })
 }
 
-fn win_to_path(s: &str) -> PathBuf {
-    let s = s.strip_prefix("\\\\?\\").unwrap_or(s);
-    PathBuf::from(s.replace('\\', "/"))
+/// The parent's name for messages: the relative path, else the absolute one, else the volume
+/// path.
+fn parent_name(loc: &ParentLocator) -> String {
+    loc.get("relative_path")
+        .or_else(|| loc.get("absolute_win32_path"))
+        .or_else(|| loc.get("volume_path"))
+        .unwrap_or("")
+        .to_string()
 }

@@ -168,7 +168,7 @@ impl BlockDevice for CountingDisk {
     fn close(&self) -> disk::Result<()> {
         self.inner.close()
     }
-    fn unique_id(&self) -> Option<[u8; 16]> {
+    fn unique_id(&self) -> Option<disk::Guid> {
         self.inner.unique_id()
     }
     fn parent_link(&self) -> Option<ParentLink> {
