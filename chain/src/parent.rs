@@ -178,3 +178,104 @@ fn remove_subtree(seen: &mut HashSet<PathBuf>, d: &Arc<dyn BlockDevice>) {
         cur = layer.backing();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk::{Guid, LocatorPath};
+
+    fn link(format: &'static str, name: &str, locators: &[(LocatorKind, &str)]) -> ParentLink {
+        ParentLink {
+            name: name.into(),
+            locators: locators
+                .iter()
+                .map(|(kind, path)| LocatorPath {
+                    kind: *kind,
+                    path: path.to_string(),
+                })
+                .collect(),
+            expected_id: Guid::NIL,
+            also_accepted: None,
+            format,
+        }
+    }
+
+    fn paths(v: &[&str]) -> Vec<PathBuf> {
+        v.iter().map(PathBuf::from).collect()
+    }
+
+    #[test]
+    fn relative_first_then_absolute_then_the_name_beside_the_child() {
+        use LocatorKind::*;
+        // Recorded absolute first (as Windows writes a VHD): relative is still tried first.
+        let l = link(
+            "vhd",
+            "C:\\vms\\base.vhd",
+            &[
+                (Absolute, "C:\\vms\\base.vhd"),
+                (Relative, ".\\.\\sub\\base.vhd"),
+            ],
+        );
+        assert_eq!(
+            parent_candidates(Some(Path::new("/x/child.vhd")), &l),
+            paths(&[
+                "/x/sub/base.vhd",
+                "C:\\vms\\base.vhd",
+                "C:/vms/base.vhd",
+                "/x/base.vhd"
+            ])
+        );
+    }
+
+    #[test]
+    fn both_formats_follow_the_same_rule() {
+        use LocatorKind::*;
+        let recorded = [
+            (Relative, "..\\base\\p.img"),
+            (Absolute, "\\\\?\\D:\\vms\\p.img"),
+            (Absolute, "/Users/me/my vms/p.img"),
+        ];
+        let want = paths(&[
+            "/x/c/../base/p.img",
+            "\\\\?\\D:\\vms\\p.img",
+            "D:/vms/p.img",
+            "/Users/me/my vms/p.img",
+            "/x/c/p.img",
+        ]);
+        for format in ["vhd", "vhdx"] {
+            let l = link(format, "..\\base\\p.img", &recorded);
+            assert_eq!(
+                parent_candidates(Some(Path::new("/x/c/child")), &l),
+                want,
+                "{format}"
+            );
+        }
+    }
+
+    #[test]
+    fn dot_prefixes_and_backslashes_are_normalised() {
+        for (recorded, want) in [
+            (".\\base.vhdx", "/d/base.vhdx"),
+            ("./base.vhdx", "/d/base.vhdx"),
+            (".\\.\\.//base.vhdx", "/d/base.vhdx"),
+            ("sub\\deeper\\base.vhdx", "/d/sub/deeper/base.vhdx"),
+            (".\\..\\up\\base.vhdx", "/d/../up/base.vhdx"),
+        ] {
+            let l = link("vhdx", recorded, &[(LocatorKind::Relative, recorded)]);
+            let got = parent_candidates(Some(Path::new("/d/child.vhdx")), &l);
+            // Compare as text: Path equality would forgive a leftover "./".
+            assert_eq!(
+                got[0].to_str().unwrap(),
+                want,
+                "{recorded:?} resolved to {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_recorded_nothing_tried_and_no_child_file_keeps_paths_relative() {
+        assert!(parent_candidates(Some(Path::new("/d/c.vhd")), &link("vhd", "", &[])).is_empty());
+        let l = link("vhd", "p.vhd", &[(LocatorKind::Relative, ".\\p.vhd")]);
+        assert_eq!(parent_candidates(None, &l), paths(&["p.vhd"]));
+    }
+}

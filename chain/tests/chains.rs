@@ -257,3 +257,109 @@ fn vhdx_parent_linkage2_accepts_the_pre_chosen_identity_only() {
     assert_eq!(link.also_accepted, None, "relink keeps parent_linkage2");
     assert_eq!(Some(link.expected_id), c.backing().unwrap().unique_id());
 }
+
+/// The formats report their locators as recorded (Windows paths: `.\`, backslashes); chain
+/// resolves them by one rule (docs/chains.md), the same for VHD and VHDX.
+#[test]
+fn recorded_windows_relative_paths_resolve_from_the_childs_directory_in_both_formats() {
+    for f in [Format::Vhd, Format::Vhdx] {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("sub/deeper")).unwrap();
+        let base = d.path().join(format!("sub/base.{}", ext(f)));
+        let child = d.path().join(format!("child.{}", ext(f)));
+        let grandchild = d.path().join(format!("sub/deeper/gc.{}", ext(f)));
+        mk(&base, f, None);
+        write(&base, 7, 0);
+        mk(&child, f, Some(&base));
+        mk(&grandchild, f, Some(&child));
+        for (top, recorded, resolved) in [
+            (&child, ".\\sub\\base", base.clone()),
+            (
+                &grandchild,
+                "..\\..\\child",
+                d.path().join("sub/deeper/../../child"),
+            ),
+        ] {
+            let mut o = OpenOptions::read_only();
+            o.no_parent = true;
+            let link = open(top, &o).unwrap().parent_link().unwrap();
+            let rel: Vec<&str> = link
+                .locators
+                .iter()
+                .filter(|l| l.kind == disk::LocatorKind::Relative)
+                .map(|l| l.path.as_str())
+                .collect();
+            let recorded = format!("{recorded}.{}", ext(f));
+            assert_eq!(rel, [recorded.as_str()], "{f:?}: recorded as written");
+            let resolved = resolved.with_extension(ext(f));
+            let first = chain::parent_candidates(Some(top), &link)[0].clone();
+            assert_eq!(
+                first.to_str().unwrap(),
+                resolved.to_str().unwrap(),
+                "{f:?}: no ./ left, slashes converted"
+            );
+        }
+        assert_eq!(read(&grandchild, 0), 7, "{f:?}");
+    }
+}
+
+/// A parent moved next to its child is found by the recorded name's file name, in both formats.
+#[test]
+fn a_parent_beside_the_child_is_found_by_its_recorded_name_in_both_formats() {
+    for f in [Format::Vhd, Format::Vhdx] {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        let base = d.path().join(format!("sub/base.{}", ext(f)));
+        let child = d.path().join(format!("child.{}", ext(f)));
+        mk(&base, f, None);
+        write(&base, 9, 4096);
+        mk(&child, f, Some(&base));
+        let beside = d.path().join(format!("base.{}", ext(f)));
+        std::fs::rename(&base, &beside).unwrap();
+        let top = open(&child, &OpenOptions::read_only()).unwrap();
+        assert_eq!(
+            top.backing().unwrap().path(),
+            Some(beside.as_path()),
+            "{f:?}"
+        );
+        drop(top);
+        assert_eq!(read(&child, 4096), 9, "{f:?}");
+    }
+}
+
+/// A child grown past its parent reads the parent's data up to the parent's end and zeros
+/// after it, in both formats (one helper, disk::read_parent).
+#[test]
+fn a_child_grown_past_its_parent_reads_zeros_there_in_both_formats() {
+    const MIB: u64 = 1 << 20;
+    for f in [Format::Vhd, Format::Vhdx] {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join(format!("base.{}", ext(f)));
+        let child = d.path().join(format!("child.{}", ext(f)));
+        mk(&base, f, None);
+        write(&base, 5, 8 * MIB - 4096);
+        mk(&child, f, Some(&base));
+        let img = chain::open_image(&child, &OpenOptions::read_write()).unwrap();
+        match &img {
+            chain::Image::Vhd(v) => v.resize(16 * MIB).unwrap(),
+            chain::Image::Vhdx(v) => v.resize(16 * MIB).unwrap(),
+            chain::Image::Raw(_) => unreachable!(),
+        }
+        let top = img.disk();
+        assert_eq!(top.size(), 16 * MIB, "{f:?}");
+        assert_eq!(top.backing().unwrap().size(), 8 * MIB, "{f:?}");
+        // Across the parent's end: its last bytes, then zeros.
+        let mut buf = vec![0xeeu8; 8192];
+        top.read_at(&mut buf, 8 * MIB - 4096).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 5), "{f:?}: parent data");
+        assert!(
+            buf[4096..].iter().all(|&b| b == 0),
+            "{f:?}: past the parent"
+        );
+        // Wholly past it.
+        let mut buf = vec![0xeeu8; MIB as usize];
+        top.read_at(&mut buf, 15 * MIB).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "{f:?}: end of the child");
+        top.close().unwrap();
+    }
+}

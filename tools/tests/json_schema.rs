@@ -113,3 +113,63 @@ fn info_json_follows_docs_json_md_for_vhd_and_vhdx() {
         }
     }
 }
+
+/// The value of `key` in `info`'s human output (`    key: value`).
+fn human_field(out: &str, key: &str) -> String {
+    let prefix = format!("{key}: ");
+    out.lines()
+        .find_map(|l| l.trim_start().strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+        .to_string()
+}
+
+/// The one GUID form (docs/json.md) everywhere a parent identity is printed: a child's
+/// `parent-identity` is the very string its parent prints as its own identity, in JSON, in
+/// human output, and in the message that says a parent's identity changed. (A VHDX child's
+/// parent identity was once printed byte-swapped against the parent's DataWriteGuid.)
+#[test]
+fn a_childs_parent_identity_is_printed_as_its_parent_prints_its_own() {
+    let d = tmp();
+    for (fmt, field) in [("vhdx", "data-write-guid"), ("vhd", "unique-id")] {
+        let base = join(d.path(), &format!("id-base.{fmt}"));
+        let child = join(d.path(), &format!("id-child.{fmt}"));
+        ok(&["create", "-q", "-f", fmt, p(&base), "8M"]);
+        ok(&["create", "-q", "-f", fmt, "-b", p(&base), p(&child)]);
+
+        let own = info(&base)["format-specific"]["data"][field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{fmt}: no {field}"))
+            .to_string();
+        let linked = info(&child)["format-specific"]["data"]["parent-identity"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{fmt}: no parent-identity"))
+            .to_string();
+        assert_eq!(linked, own, "{fmt}: JSON");
+        assert!(own.parse::<disk::Guid>().is_ok(), "{fmt}: {own}");
+        assert_eq!(own, own.to_lowercase(), "{fmt}");
+
+        let own_human = human_field(&ok(&["info", p(&base)]), field);
+        let linked_human = human_field(&ok(&["info", p(&child)]), "parent-identity");
+        assert_eq!(own_human, own, "{fmt}: human output of the parent");
+        assert_eq!(linked_human, own, "{fmt}: human output of the child");
+
+        // Give the parent a new identity (VHDX: a write changes the DataWriteGuid; VHD: a new
+        // file in its place): the refusal names both identities in the same form.
+        if fmt == "vhdx" {
+            ok(&["io", "-c", "write -P 1 0 4k", p(&base)]);
+        } else {
+            std::fs::remove_file(&base).unwrap();
+            ok(&["create", "-q", "-f", fmt, p(&base), "8M"]);
+        }
+        let now = info(&base)["format-specific"]["data"][field]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_ne!(now, own, "{fmt}: the parent's identity did not change");
+        let o = viridian(&["info", p(&child)]);
+        let err = stderr_of(&o);
+        let want = format!("the child was made against identity {own}, this file has {now}");
+        assert!(err.contains(&want), "{fmt}: want {want:?} in:\n{err}");
+        assert!(stdout_of(&o).contains(&want), "{fmt}: human output");
+    }
+}
