@@ -40,6 +40,8 @@ pub struct StorvscDevice {
     state: InitState,
     version: u16,
     stats: StorvscStats,
+    /// Log every request, completion and notice (`VIRIDIAN_STORVSC_TRACE=1`; off by default).
+    trace: bool,
 }
 
 impl StorvscDevice {
@@ -52,6 +54,7 @@ impl StorvscDevice {
             state: InitState::Initial,
             version: 0,
             stats: StorvscStats::default(),
+            trace: std::env::var_os("VIRIDIAN_STORVSC_TRACE").is_some_and(|v| v == "1"),
         }
     }
 
@@ -84,7 +87,18 @@ impl StorvscDevice {
 
     /// Completes `pkt` with `resp`, echoing the request's size: 64 bytes (Linux 6.x always
     /// sends 64), or 52..64 for an older guest's pre-Win8 packet.
-    fn complete(io: &mut ChannelIo<'_>, pkt: &IncomingPacket, mut resp: VstorPacket, st: u32) {
+    /// Turns request/completion/notice tracing on or off (see the `trace` field).
+    pub fn set_trace(&mut self, on: bool) {
+        self.trace = on;
+    }
+
+    fn complete(
+        &self,
+        io: &mut ChannelIo<'_>,
+        pkt: &IncomingPacket,
+        mut resp: VstorPacket,
+        st: u32,
+    ) {
         resp.set_u32(off::OPERATION, op::COMPLETE_IO);
         resp.set_u32(off::FLAGS, 0);
         resp.set_u32(off::STATUS, st);
@@ -93,6 +107,18 @@ impl StorvscDevice {
         } else {
             pkt.payload.len().min(VSTOR_PACKET_SIZE)
         };
+        if self.trace {
+            io.log(format!(
+                "storvsc out: trans_id {:#x} op {} status {st:#x} srb {:#x} scsi {:#x} sense {} len {}{}",
+                pkt.trans_id,
+                resp.operation(),
+                resp.srb_status(),
+                resp.scsi_status(),
+                resp.0[off::SENSE_INFO_LENGTH],
+                resp.data_transfer_length(),
+                if pkt.completion_requested() { "" } else { " (not requested: dropped)" }
+            ));
+        }
         if pkt.completion_requested() {
             io.send_completion(pkt.trans_id, &resp.0[..n]);
         }
@@ -111,7 +137,7 @@ impl StorvscDevice {
         resp.0[off::SCSI_STATUS] = 0;
         resp.0[off::SENSE_INFO_LENGTH] = 0;
         resp.set_u32(off::DATA_TRANSFER_LENGTH, 0);
-        Self::complete(io, pkt, resp, status::INVALID_PARAMETER);
+        self.complete(io, pkt, resp, status::INVALID_PARAMETER);
     }
 
     fn execute_srb(&mut self, io: &mut ChannelIo<'_>, pkt: &IncomingPacket, req: VstorPacket) {
@@ -121,7 +147,7 @@ impl StorvscDevice {
             self.stats.failed += 1;
             resp.0[off::SRB_STATUS] = srb::ERROR;
             resp.set_u32(off::DATA_TRANSFER_LENGTH, 0);
-            Self::complete(io, pkt, resp, status::INVALID_DEVICE_STATE);
+            self.complete(io, pkt, resp, status::INVALID_DEVICE_STATE);
             return;
         }
         self.stats.srbs += 1;
@@ -171,6 +197,13 @@ impl StorvscDevice {
             self.controller
                 .execute(path, target, lun, &cdb[..cdb_len.max(6)], &mut buf)
         };
+        if self.trace {
+            for line in self.controller.take_trace() {
+                io.log(format!("storvsc {line}"));
+            }
+        } else {
+            self.controller.take_trace();
+        }
         // Clear the sense area before filling it.
         resp.0[off::CDB..off::CDB + vstor::SENSE_BUFFER_SIZE].fill(0);
         match outcome {
@@ -203,7 +236,7 @@ impl StorvscDevice {
                 return self.srb_fail(io, pkt, resp, &e);
             }
         }
-        Self::complete(io, pkt, resp, status::SUCCESS);
+        self.complete(io, pkt, resp, status::SUCCESS);
     }
 }
 
@@ -256,6 +289,12 @@ impl VmbusDevice for StorvscDevice {
             let p = VstorPacket::new(op::ENUMERATE_BUS, 0);
             io.send_completion(0, &p.0);
             self.stats.bus_notices += 1;
+            if self.trace {
+                io.log(format!(
+                    "storvsc notice: ENUMERATE_BUS #{}",
+                    self.stats.bus_notices
+                ));
+            }
         }
         Ok(())
     }
@@ -263,12 +302,14 @@ impl VmbusDevice for StorvscDevice {
     fn open(&mut self) -> Result<(), DeviceError> {
         self.state = InitState::Initial;
         self.version = 0;
+        self.controller.guest_reset();
         Ok(())
     }
 
     fn close(&mut self) {
         self.state = InitState::Initial;
         self.version = 0;
+        self.controller.guest_reset();
         for (_, unit) in self.controller.luns() {
             // Best effort: a close is an orderly point to make writes durable.
             if let Some(d) = unit.image() {
@@ -285,7 +326,7 @@ impl VmbusDevice for StorvscDevice {
             PacketKind::Other(t) => {
                 io.log(format!("packet type {t} not supported"));
                 self.stats.failed += 1;
-                Self::complete(
+                self.complete(
                     io,
                     pkt,
                     VstorPacket::default(),
@@ -305,16 +346,29 @@ impl VmbusDevice for StorvscDevice {
             let mut resp = VstorPacket::default();
             let n = pkt.payload.len().min(VSTOR_PACKET_SIZE);
             resp.0[..n].copy_from_slice(&pkt.payload[..n]);
-            Self::complete(io, pkt, resp, status::INVALID_PARAMETER);
+            self.complete(io, pkt, resp, status::INVALID_PARAMETER);
             return Ok(());
         };
+        if self.trace {
+            io.log(format!(
+                "storvsc in: trans_id {:#x} kind {:?} flags {:#x} op {} lun {} cdb {:02x?} data_in {} len {}",
+                pkt.trans_id,
+                pkt.kind,
+                pkt.flags,
+                req.operation(),
+                req.0[off::LUN],
+                &req.0[off::CDB..off::CDB + (req.0[off::CDB_LENGTH] as usize).min(vstor::MAX_CDB)],
+                req.0[off::DATA_IN],
+                req.data_transfer_length()
+            ));
+        }
         let mut resp = req;
         match req.operation() {
             op::EXECUTE_SRB => self.execute_srb(io, pkt, req),
             op::BEGIN_INITIALIZATION => {
                 self.state = InitState::Begun;
                 self.version = 0;
-                Self::complete(io, pkt, resp, status::SUCCESS);
+                self.complete(io, pkt, resp, status::SUCCESS);
             }
             op::QUERY_PROTOCOL_VERSION => {
                 let v = req.u16(off::VERSION);
@@ -328,35 +382,37 @@ impl VmbusDevice for StorvscDevice {
                 } else {
                     status::REVISION_MISMATCH
                 };
-                Self::complete(io, pkt, resp, st);
+                self.complete(io, pkt, resp, st);
             }
             op::QUERY_PROPERTIES => {
                 resp.0[12..].fill(0);
                 resp.set_u16(off::MAX_CHANNEL_CNT, 0);
                 resp.set_u32(off::PROP_FLAGS, 0); // no sub-channels
                 resp.set_u32(off::MAX_TRANSFER_BYTES, self.max_transfer);
-                Self::complete(io, pkt, resp, status::SUCCESS);
+                self.complete(io, pkt, resp, status::SUCCESS);
             }
             op::END_INITIALIZATION => {
                 let st = if self.state == InitState::Negotiated || self.state == InitState::Ready {
                     self.state = InitState::Ready;
-                    // The guest scans the bus next: no notice needed for changes until now.
+                    // The guest scans the bus next, holding no devices yet: no notice needed
+                    // for changes until now, and nothing to fence.
                     self.controller.take_bus_changed();
+                    self.controller.guest_reset();
                     status::SUCCESS
                 } else {
                     io.log("END_INITIALIZATION before a protocol version was agreed");
                     status::INVALID_DEVICE_STATE
                 };
-                Self::complete(io, pkt, resp, st);
+                self.complete(io, pkt, resp, st);
             }
             op::RESET_LUN | op::RESET_ADAPTER | op::RESET_BUS => {
                 // Requests complete synchronously, so nothing is outstanding to abort.
-                Self::complete(io, pkt, resp, status::SUCCESS);
+                self.complete(io, pkt, resp, status::SUCCESS);
             }
             other => {
                 io.log(format!("vstor operation {other} not supported"));
                 self.stats.failed += 1;
-                Self::complete(io, pkt, resp, status::INVALID_DEVICE_REQUEST);
+                self.complete(io, pkt, resp, status::INVALID_DEVICE_REQUEST);
             }
         }
         Ok(())

@@ -271,6 +271,10 @@ impl ScsiDisk {
     pub fn disk(&self) -> &Disk {
         &self.disk
     }
+    /// The serial number (VPD page 0x80).
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
     pub fn block_size(&self) -> u32 {
         self.block_size
     }
@@ -698,10 +702,31 @@ impl Lun {
 ///
 /// LUNs can be added and removed at any time (hot-plug); each change sets a flag that the
 /// transport turns into a bus-change notice to the guest ([`Self::take_bus_changed`]).
+///
+/// A guest learns of a removal only by asking the LUN (Linux: TEST UNIT READY to every device
+/// it knows when the notice comes) and getting "no such LUN". So a LUN number the guest knew
+/// is *fenced* when its unit is removed: until the guest probes that number afresh (a standard
+/// INQUIRY, which Linux sends only where it holds no device), every other command to it
+/// answers "no such LUN", even if the host has put a new unit there meanwhile. Without the
+/// fence a quick remove and re-add at one number looks to the guest like nothing happened: it
+/// keeps the old device (and would send its I/O to the new image) and never attaches the new
+/// one. While a new unit waits behind a fence, every "no such LUN" answer there raises the
+/// notice again: the guest queues the removal of its old device on that answer and a scan on
+/// the notice, so one of its scans runs after the removal and finds the new unit (a scan
+/// queued earlier asks the old device again, which repeats this).
 #[derive(Debug, Default)]
 pub struct ScsiController {
     luns: BTreeMap<u8, Lun>,
     bus_changed: bool,
+    /// LUN numbers (bit n = LUN n) whose current unit answered the guest.
+    known: u64,
+    /// LUN numbers fenced after the removal of a unit the guest knew.
+    fenced: u64,
+    trace: Vec<String>,
+}
+
+fn bit(lun: u8) -> u64 {
+    1u64 << (lun & 63)
 }
 
 impl ScsiController {
@@ -717,6 +742,7 @@ impl ScsiController {
             return Err(ScsiError::DuplicateLun(lun));
         }
         self.luns.insert(lun, unit.into());
+        self.known &= !bit(lun);
         self.bus_changed = true;
         Ok(())
     }
@@ -726,13 +752,35 @@ impl ScsiController {
     /// the returned unit's image.
     pub fn remove_lun(&mut self, lun: u8) -> Option<Lun> {
         let unit = self.luns.remove(&lun)?;
+        if self.known & bit(lun) != 0 {
+            self.fenced |= bit(lun);
+        }
+        self.known &= !bit(lun);
         self.bus_changed = true;
         Some(unit)
     }
 
-    /// Whether LUNs were added or removed since the last call.
+    /// Whether LUNs were added or removed since the last call (or a fenced LUN number became
+    /// free for the unit waiting there, see the type's documentation).
     pub fn take_bus_changed(&mut self) -> bool {
         std::mem::take(&mut self.bus_changed)
+    }
+
+    /// The guest (re)initialised the controller: it holds no devices, so nothing is fenced.
+    pub fn guest_reset(&mut self) {
+        self.known = 0;
+        self.fenced = 0;
+    }
+
+    /// Whether LUN `lun` is fenced: its old unit was removed and the guest has not probed the
+    /// number afresh yet.
+    pub fn is_fenced(&self, lun: u8) -> bool {
+        lun <= MAX_LUN && self.fenced & bit(lun) != 0
+    }
+
+    /// Lines describing fence changes since the last call (for tracing).
+    pub fn take_trace(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.trace)
     }
 
     /// Sets the maximum transfer size (VPD B0) of every disk LUN.
@@ -779,11 +827,37 @@ impl ScsiController {
             };
             return self.report_luns(cdb, buf, &luns);
         }
-        if target_present {
+        let standard_inquiry = cdb.first() == Some(&INQUIRY) && cdb.len() >= 6 && cdb[1] & 1 == 0;
+        if target_present && self.is_fenced(lun) && standard_inquiry {
+            // A fresh probe: the guest holds no device at this number any more.
+            self.fenced &= !bit(lun);
+            self.trace
+                .push(format!("LUN {lun}: fence lifted by INQUIRY"));
+        }
+        if target_present && !self.is_fenced(lun) {
             if let Some(d) = self.luns.get_mut(&lun) {
+                self.known |= bit(lun);
                 return d.execute(cdb, buf);
             }
         }
+        let outcome = Self::no_lun(lun, cdb, buf);
+        if target_present
+            && outcome == Completion::NoLun
+            && self.is_fenced(lun)
+            && self.luns.contains_key(&lun)
+        {
+            // The guest drops its old device here; the notice makes it scan again after that
+            // and find the unit waiting behind the fence.
+            self.bus_changed = true;
+            self.trace.push(format!(
+                "LUN {lun}: old device answered 'no such LUN', notice again for the new unit"
+            ));
+        }
+        outcome
+    }
+
+    /// The answer of a LUN with nothing (visible) behind it.
+    fn no_lun(lun: u8, cdb: &[u8], buf: &mut dyn DataBuffer) -> Completion {
         let Some(&op) = cdb.first() else {
             return Completion::NoLun;
         };
