@@ -761,7 +761,7 @@ fn hotplug_cycles_keep_the_guest_scanning() {
         .unwrap_or_else(|| panic!("no sda; console:\n{}", console.tail()));
     eprintln!("boot: {:.1}s", boot.elapsed().as_secs_f64());
 
-    let step = Duration::from_secs(30);
+    let step = Duration::from_secs(60);
     let fail = |what: &str| -> ! {
         let log = std::fs::read_to_string(d.join("vmm.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(80).collect();
