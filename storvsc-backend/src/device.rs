@@ -47,15 +47,18 @@ pub struct StorvscDevice {
 impl StorvscDevice {
     /// A controller offered with `instance` as its instance GUID.
     pub fn new(instance: Guid, controller: ScsiController) -> Self {
-        StorvscDevice {
+        let trace = std::env::var_os("VIRIDIAN_STORVSC_TRACE").is_some_and(|v| v == "1");
+        let mut d = StorvscDevice {
             instance,
             controller,
             max_transfer: DEFAULT_MAX_TRANSFER,
             state: InitState::Initial,
             version: 0,
             stats: StorvscStats::default(),
-            trace: std::env::var_os("VIRIDIAN_STORVSC_TRACE").is_some_and(|v| v == "1"),
-        }
+            trace,
+        };
+        d.set_trace(trace);
+        d
     }
 
     /// Sets max_transfer_bytes for QUERY_PROPERTIES (rounded to a non-zero multiple of 4096,
@@ -85,13 +88,15 @@ impl StorvscDevice {
         self.version
     }
 
-    /// Completes `pkt` with `resp`, echoing the request's size: 64 bytes (Linux 6.x always
-    /// sends 64), or 52..64 for an older guest's pre-Win8 packet.
-    /// Turns request/completion/notice tracing on or off (see the `trace` field).
+    /// Turns tracing of requests, completions, notices and fence changes on or off (the
+    /// default comes from `VIRIDIAN_STORVSC_TRACE=1`); lines go to the channel log.
     pub fn set_trace(&mut self, on: bool) {
         self.trace = on;
+        self.controller.set_trace(on);
     }
 
+    /// Completes `pkt` with `resp`, echoing the request's size: 64 bytes (Linux 6.x always
+    /// sends 64), or 52..64 for an older guest's pre-Win8 packet.
     fn complete(
         &self,
         io: &mut ChannelIo<'_>,
@@ -197,12 +202,8 @@ impl StorvscDevice {
             self.controller
                 .execute(path, target, lun, &cdb[..cdb_len.max(6)], &mut buf)
         };
-        if self.trace {
-            for line in self.controller.take_trace() {
-                io.log(format!("storvsc {line}"));
-            }
-        } else {
-            self.controller.take_trace();
+        for line in self.controller.take_trace() {
+            io.log(format!("storvsc {line}"));
         }
         // Clear the sense area before filling it.
         resp.0[off::CDB..off::CDB + vstor::SENSE_BUFFER_SIZE].fill(0);

@@ -722,7 +722,8 @@ pub struct ScsiController {
     known: u64,
     /// LUN numbers fenced after the removal of a unit the guest knew.
     fenced: u64,
-    trace: Vec<String>,
+    /// Fence changes not yet taken, recorded only while tracing is on.
+    trace: Option<Vec<String>>,
 }
 
 fn bit(lun: u8) -> u64 {
@@ -778,9 +779,20 @@ impl ScsiController {
         lun <= MAX_LUN && self.fenced & bit(lun) != 0
     }
 
-    /// Lines describing fence changes since the last call (for tracing).
+    /// Records fence changes for [`Self::take_trace`] (off by default).
+    pub fn set_trace(&mut self, on: bool) {
+        self.trace = on.then(Vec::new);
+    }
+
+    /// Lines describing fence changes since the last call (empty unless tracing is on).
     pub fn take_trace(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.trace)
+        self.trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn note(&mut self, line: impl FnOnce() -> String) {
+        if let Some(t) = &mut self.trace {
+            t.push(line());
+        }
     }
 
     /// Sets the maximum transfer size (VPD B0) of every disk LUN.
@@ -831,8 +843,7 @@ impl ScsiController {
         if target_present && self.is_fenced(lun) && standard_inquiry {
             // A fresh probe: the guest holds no device at this number any more.
             self.fenced &= !bit(lun);
-            self.trace
-                .push(format!("LUN {lun}: fence lifted by INQUIRY"));
+            self.note(|| format!("LUN {lun}: fence lifted by INQUIRY"));
         }
         if target_present && !self.is_fenced(lun) {
             if let Some(d) = self.luns.get_mut(&lun) {
@@ -849,9 +860,11 @@ impl ScsiController {
             // The guest drops its old device here; the notice makes it scan again after that
             // and find the unit waiting behind the fence.
             self.bus_changed = true;
-            self.trace.push(format!(
-                "LUN {lun}: old device answered 'no such LUN', notice again for the new unit"
-            ));
+            self.note(|| {
+                format!(
+                    "LUN {lun}: old device answered 'no such LUN', notice again for the new unit"
+                )
+            });
         }
         outcome
     }

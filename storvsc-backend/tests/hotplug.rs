@@ -346,6 +346,8 @@ fn guest_follows_remove_and_readd_at_one_lun_number() {
     let lun0: Arc<dyn BlockDevice> = mem_disk(1 << 20, 0);
     let mut g = Guest::new(server_with(&[lun0]), 32 << 20, 11);
     g.bring_up(8, 8);
+    let relid = g.relid;
+    g.server.device_mut(relid).unwrap().set_trace(true);
     let mut linux = LinuxScsi::new();
     linux.work.push_back(Work::HostScan); // the scan at driver load
     linux.settle(&mut g);
@@ -453,4 +455,13 @@ fn guest_follows_remove_and_readd_at_one_lun_number() {
     linux.settle(&mut g);
     check(&mut g, &linux, "j at LUN 6");
     eprintln!("bus notices sent: {}", bus_notices(&g));
+
+    // The trace (VIRIDIAN_STORVSC_TRACE=1 in a VMM) showed every request, completion, notice
+    // and fence change: one "in" and one "out" line per request.
+    let count = |what: &str| g.log.iter().filter(|l| l.contains(what)).count();
+    assert!(count("storvsc in: ") > 50);
+    assert_eq!(count("storvsc in: "), count("storvsc out: "));
+    assert_eq!(count("storvsc notice: ") as u64, bus_notices(&g));
+    assert!(count("fence lifted by INQUIRY") >= 4);
+    assert!(count("notice again for the new unit") >= 4);
 }
