@@ -45,7 +45,12 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
     // The log.
     let mut replay_rw = false;
     if !hs.current.log_guid.is_nil() {
-        let probe = VhdxDisk::open_inner(storage.clone(), true, Lenient { bat: true });
+        let probe = VhdxDisk::open_inner(
+            storage.clone(),
+            true,
+            Lenient { bat: true },
+            crate::DEFAULT_BAT_CACHE_BYTES,
+        );
         match probe {
             Ok(d) if d.dirty_at_open => {
                 r.corruption(format!(
@@ -63,7 +68,12 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
             }
         }
     }
-    let d = match VhdxDisk::open_inner(storage.clone(), !replay_rw, Lenient { bat: true }) {
+    let d = match VhdxDisk::open_inner(
+        storage.clone(),
+        !replay_rw,
+        Lenient { bat: true },
+        crate::DEFAULT_BAT_CACHE_BYTES,
+    ) {
         Ok(d) => d,
         Err(e) => {
             r.corruption(e.to_string());
@@ -120,94 +130,89 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
     let meta = crate::rlock(&d.meta);
     let geo = bat.geo;
     let h = crate::lock(&d.header).current.clone();
-    let mut used: Vec<(u64, u64, String)> = vec![(0, MIB, "header section".into())];
+    // The fixed structures, checked against one another by name.
+    let mut fixed: Vec<(u64, u64, String)> = vec![(0, MIB, "header section".into())];
     if h.log_length > 0 {
-        used.push((
+        fixed.push((
             h.log_offset,
             h.log_offset + h.log_length as u64,
             "log".into(),
         ));
     }
     for e in &crate::rlock(&d.regions).entries {
-        used.push((
+        fixed.push((
             e.offset,
             e.offset + e.length as u64,
             format!("region {}", e.guid),
         ));
     }
-    let fixed_n = used.len();
+    for (k, a) in fixed.iter().enumerate() {
+        for b in &fixed[k + 1..] {
+            if a.0 < b.1 && b.0 < a.1 {
+                r.corruption(format!("{} and {} overlap", a.2, b.2));
+            }
+        }
+    }
+    // Blocks are whole MiB at MiB offsets: one bit per MiB of the file says what is in use,
+    // so memory follows the file's length (8 MiB for a 64 TiB file), not the BAT's entries.
+    let mut map = MibMap::new(file_len);
+    for (s, e, _) in &fixed {
+        map.mark(*s, *e);
+    }
+    let mut findings = FindingCap::default();
     let mut allocated = 0u64;
-    for (i, e) in bat.nonzero() {
-        let is_sb = (i as u64 % (geo.chunk_ratio + 1)) == geo.chunk_ratio;
+    let walked = bat.for_each_nonzero(|i, e| {
+        let is_sb = geo.is_bitmap_index(i);
         let st = bat_state(e);
         let len = if is_sb {
             if st != SB_PRESENT || !meta.has_parent {
-                continue;
+                return Ok(());
             }
             MIB
         } else {
             if st != PB_FULLY_PRESENT && st != PB_PARTIALLY_PRESENT {
                 if bat_offset(e) != 0 {
-                    r.warning(format!(
+                    findings.warning(&mut r, format!(
                         "BAT entry {i} in state {st} has a non-zero file offset {}",
                         bat_offset(e)
                     ));
                 }
-                continue;
+                return Ok(());
             }
             allocated += 1;
             geo.block_size
         };
         let off = bat_offset(e);
         if off >= file_len {
-            r.corruption(format!(
+            findings.corruption(&mut r, format!(
                 "VHDX BAT entry {i} start offset {off} points after end of file ({file_len}). Image has probably been truncated."
             ));
-            continue;
+            return Ok(());
         }
         if off + len > file_len {
-            r.warning(format!(
+            findings.warning(&mut r, format!(
                 "VHDX BAT entry {i} block at {off} runs past the end of the file ({file_len}); the tail reads as zeros"
             ));
         }
-        used.push((off, off + len, format!("BAT entry {i}")));
-    }
-    for (a, b) in used.iter().take(fixed_n).enumerate().flat_map(|(i, a)| {
-        used.iter()
-            .skip(i + 1)
-            .take(fixed_n - i - 1)
-            .map(move |b| (a, b))
-    }) {
-        if a.0 < b.1 && b.0 < a.1 {
-            r.corruption(format!("{} and {} overlap", a.2, b.2));
-        }
-    }
-    let mut sorted: Vec<&(u64, u64, String)> = used.iter().collect();
-    sorted.sort_by_key(|x| (x.0, x.1));
-    let mut end = 0u64;
-    let mut last_name = String::new();
-    let mut gaps: Vec<(u64, u64)> = Vec::new();
-    for u in &sorted {
-        if u.0 < end {
-            r.corruption(format!(
-                "{} at {:#x} overlaps {} (ends at {end:#x})",
-                u.2, u.0, last_name
+        if map.mark(off, off + len) {
+            findings.corruption(&mut r, format!(
+                "BAT entry {i} block at {off:#x} overlaps another block, the headers, the log or a region"
             ));
-        } else if u.0 > end {
-            gaps.push((end, u.0));
         }
-        if u.1 > end {
-            end = u.1;
-            last_name = u.2.clone();
-        }
+        Ok(())
+    });
+    findings.summarize(&mut r);
+    if let Err(e) = walked {
+        // An entry open did not see (a big table is checked as it is read) is invalid.
+        r.corruption(e.to_string());
+        return Ok(r);
     }
-    if file_len > round_up_mib(end) {
-        gaps.push((round_up_mib(end), file_len));
-    }
+    // Space in use ends at the last MiB marked; below it, unmarked runs that hold data leak.
+    let end = map.end();
     let mut leaked = 0u64;
-    for (a, b) in &gaps {
-        let mut o = *a;
-        while o < *b {
+    for (a, b) in map.gaps(file_len) {
+        let mut o = a;
+        while o < b {
             let (data, n) = storage
                 .data_run(o, b - o)
                 .map_err(|e| Error::io("cannot query allocation", e))?;
@@ -238,4 +243,111 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
 
 fn round_up_mib(v: u64) -> u64 {
     v.div_ceil(MIB) * MIB
+}
+
+/// One bit per MiB of the file: in use by a structure or a block.
+struct MibMap {
+    bits: Vec<u64>,
+}
+
+impl MibMap {
+    fn new(file_len: u64) -> MibMap {
+        MibMap {
+            bits: vec![0; round_up_mib(file_len).div_ceil(MIB).div_ceil(64) as usize],
+        }
+    }
+
+    fn units(&self) -> u64 {
+        self.bits.len() as u64 * 64
+    }
+
+    /// Marks `start..end` (clipped to the file); returns whether some of it was marked already.
+    fn mark(&mut self, start: u64, end: u64) -> bool {
+        let mut clash = false;
+        for u in start / MIB..end.div_ceil(MIB).min(self.units()) {
+            let (w, b) = ((u / 64) as usize, u % 64);
+            clash |= self.bits[w] & (1 << b) != 0;
+            self.bits[w] |= 1 << b;
+        }
+        clash
+    }
+
+    fn marked(&self, u: u64) -> bool {
+        self.bits[(u / 64) as usize] & (1 << (u % 64)) != 0
+    }
+
+    /// Where the last marked MiB ends.
+    fn end(&self) -> u64 {
+        (0..self.units())
+            .rev()
+            .find(|&u| self.marked(u))
+            .map_or(0, |u| (u + 1) * MIB)
+    }
+
+    /// Unmarked byte ranges below `file_len`.
+    fn gaps(&self, file_len: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut u = 0;
+        let last = file_len.div_ceil(MIB);
+        while u < last {
+            if self.marked(u) {
+                u += 1;
+                continue;
+            }
+            let from = u;
+            while u < last && !self.marked(u) {
+                u += 1;
+            }
+            gaps.push((from * MIB, (u * MIB).min(file_len)));
+        }
+        gaps
+    }
+}
+
+/// Per-entry findings: the first few are reported one by one, the rest counted, so a table of
+/// millions of bad entries does not make millions of messages.
+#[derive(Default)]
+struct FindingCap {
+    shown: u64,
+    hidden_corruptions: u64,
+    hidden_warnings: u64,
+}
+
+const SHOWN_FINDINGS: u64 = 100;
+
+impl FindingCap {
+    fn corruption(&mut self, r: &mut CheckReport, m: String) {
+        if self.shown < SHOWN_FINDINGS {
+            self.shown += 1;
+            r.corruption(m);
+        } else {
+            self.hidden_corruptions += 1;
+        }
+    }
+
+    fn warning(&mut self, r: &mut CheckReport, m: String) {
+        if self.shown < SHOWN_FINDINGS {
+            self.shown += 1;
+            r.warning(m);
+        } else {
+            self.hidden_warnings += 1;
+        }
+    }
+
+    fn summarize(self, r: &mut CheckReport) {
+        if self.hidden_corruptions > 0 {
+            r.corruption(format!(
+                "and {} more BAT entries with errors like the above",
+                self.hidden_corruptions
+            ));
+            // One message stands for all of them.
+            r.corruptions += self.hidden_corruptions - 1;
+        }
+        if self.hidden_warnings > 0 {
+            r.warning(format!(
+                "and {} more BAT entries with warnings like the above",
+                self.hidden_warnings
+            ));
+        }
+    }
 }

@@ -44,7 +44,7 @@ impl VhdxDisk {
             let mut buf = vec![0u8; geo.block_size as usize];
             for b in 0..geo.data_blocks {
                 let idx = geo.payload_index(b);
-                let e = bat.get(idx);
+                let e = bat.get(idx)?;
                 let st = bat_state(e);
                 let release = match st {
                     PB_FULLY_PRESENT => {
@@ -56,7 +56,7 @@ impl VhdxDisk {
                 };
                 if release {
                     let ns = if has_parent { PB_ZERO } else { PB_NOT_PRESENT };
-                    self.set_entry(&mut bat, idx, bat_entry(ns, 0));
+                    self.set_entry(&mut bat, idx, bat_entry(ns, 0))?;
                     stats.blocks_released += 1;
                 }
             }
@@ -73,23 +73,21 @@ impl VhdxDisk {
             }
             s
         };
-        let mut blocks: Vec<(u64, u64, usize)> = {
+        let mut blocks: Vec<(u64, u64, usize)> = Vec::new();
+        {
             let bat = rlock(&self.bat);
             let geo = bat.geo;
-            bat.nonzero()
-                .filter_map(|(i, e)| {
-                    let is_sb = (i as u64 % (geo.chunk_ratio + 1)) == geo.chunk_ratio;
-                    let st = bat_state(e);
-                    if is_sb && st == SB_PRESENT && has_parent {
-                        Some((bat_offset(e), MIB, i))
-                    } else if !is_sb && (st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT) {
-                        Some((bat_offset(e), geo.block_size, i))
-                    } else {
-                        None
-                    }
-                })
-                .collect()
-        };
+            bat.for_each_nonzero(|i, e| {
+                let is_sb = geo.is_bitmap_index(i);
+                let st = bat_state(e);
+                if is_sb && st == SB_PRESENT && has_parent {
+                    blocks.push((bat_offset(e), MIB, i));
+                } else if !is_sb && (st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT) {
+                    blocks.push((bat_offset(e), geo.block_size, i));
+                }
+                Ok(())
+            })?;
+        }
         blocks.sort_unstable();
         let mut target = data_start;
         let mut unsafe_from = u64::MAX; // lowest freed source whose BAT change is not durable
@@ -105,8 +103,8 @@ impl VhdxDisk {
                 self.read_file(&mut buf, off)?;
                 self.write_file_sparse(&buf, t)?;
                 let mut bat = wlock(&self.bat);
-                let st = bat_state(bat.get(idx));
-                self.set_entry(&mut bat, idx, bat_entry(st, t));
+                let st = bat_state(bat.get(idx)?);
+                self.set_entry(&mut bat, idx, bat_entry(st, t))?;
                 drop(bat);
                 if len == MIB && has_parent {
                     // Bitmap pages are cached by file offset.
@@ -138,23 +136,21 @@ impl VhdxDisk {
         // 3. The BAT is durable now: give every unreferenced range below the new end back to
         // the file system (released zero blocks, sources of moves that were not truncated), so
         // compacting never leaves more bytes allocated than before.
-        let mut used: Vec<(u64, u64)> = {
+        let mut used: Vec<(u64, u64)> = Vec::new();
+        {
             let bat = rlock(&self.bat);
             let geo = bat.geo;
-            bat.nonzero()
-                .filter_map(|(i, e)| {
-                    let is_sb = (i as u64 % (geo.chunk_ratio + 1)) == geo.chunk_ratio;
-                    let st = bat_state(e);
-                    if is_sb && st == SB_PRESENT {
-                        Some((bat_offset(e), MIB))
-                    } else if !is_sb && (st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT) {
-                        Some((bat_offset(e), geo.block_size))
-                    } else {
-                        None
-                    }
-                })
-                .collect()
-        };
+            bat.for_each_nonzero(|i, e| {
+                let is_sb = geo.is_bitmap_index(i);
+                let st = bat_state(e);
+                if is_sb && st == SB_PRESENT {
+                    used.push((bat_offset(e), MIB));
+                } else if !is_sb && (st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT) {
+                    used.push((bat_offset(e), geo.block_size));
+                }
+                Ok(())
+            })?;
+        }
         used.sort_unstable();
         // The headers now say there is no log to replay, so the log's entries (written by this
         // compaction's BAT updates) are dead bytes too.

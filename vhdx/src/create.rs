@@ -189,7 +189,12 @@ impl VhdxDisk {
         };
         w(&h2.serialize(), HEADER2_OFFSET)?;
         storage.flush().map_err(io_err("cannot flush new image"))?;
-        let mut d = Self::open_inner(storage, false, Lenient::default())?;
+        let mut d = Self::open_inner(
+            storage,
+            false,
+            Lenient::default(),
+            crate::DEFAULT_BAT_CACHE_BYTES,
+        )?;
         if let Some(p) = parent {
             d.attach_parent(p)?;
         }

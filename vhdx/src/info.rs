@@ -25,6 +25,10 @@ pub struct VhdxInfo {
     pub page83: String,
     pub parent_locator: Vec<(String, String)>,
     pub block_states: BTreeMap<String, u64>,
+    /// Why `block_states` could not be counted (a BAT page could not be read or holds an
+    /// invalid entry); the counts are then left empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_states_error: Option<String>,
     pub replayed_log_entries: usize,
     pub dirty_at_open: bool,
 }
@@ -46,17 +50,17 @@ impl VhdxDisk {
         // Entries that are zero are not present: count the others and infer those.
         let geo = bat.geo;
         let mut others = 0u64;
-        for (i, e) in bat.nonzero() {
+        let walk = bat.for_each_nonzero(|i, e| {
             let (chunk, k) = (
                 i as u64 / (geo.chunk_ratio + 1),
                 i as u64 % (geo.chunk_ratio + 1),
             );
             if k == geo.chunk_ratio || chunk * geo.chunk_ratio + k >= geo.data_blocks {
-                continue; // a sector bitmap entry, or padding past the last block
+                return Ok(()); // a sector bitmap entry, or padding past the last block
             }
             let st = bat_state(e);
             let name = match st {
-                PB_NOT_PRESENT => continue,
+                PB_NOT_PRESENT => return Ok(()),
                 PB_UNDEFINED => "undefined",
                 PB_ZERO => "zero",
                 PB_UNMAPPED | PB_UNMAPPED_V095 => "unmapped",
@@ -65,8 +69,11 @@ impl VhdxDisk {
             };
             others += 1;
             *states.entry(name.to_string()).or_default() += 1;
-        }
-        if geo.data_blocks > others {
+            Ok(())
+        });
+        if walk.is_err() {
+            states.clear();
+        } else if geo.data_blocks > others {
             states.insert("not_present".to_string(), geo.data_blocks - others);
         }
         VhdxInfo {
@@ -93,6 +100,7 @@ impl VhdxDisk {
                 .map(|l| l.entries.clone())
                 .unwrap_or_default(),
             block_states: states,
+            block_states_error: walk.err().map(|e| e.to_string()),
             replayed_log_entries: self.replayed,
             dirty_at_open: self.dirty_at_open,
         }
@@ -109,7 +117,7 @@ impl VhdxDisk {
         if b >= bat.geo.data_blocks {
             return None;
         }
-        Some(bat.get(bat.geo.payload_index(b)))
+        bat.get(bat.geo.payload_index(b)).ok()
     }
 
     /// The storage under this image.

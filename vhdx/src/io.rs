@@ -73,7 +73,7 @@ impl VhdxDisk {
         let geo = bat.geo;
         let b = off / geo.block_size;
         let in_block = off % geo.block_size;
-        let e = bat.get(geo.payload_index(b));
+        let e = bat.get(geo.payload_index(b))?;
         let has_parent = rlock(&self.meta).has_parent;
         match bat_state(e) {
             PB_FULLY_PRESENT => self.read_file(buf, bat_offset(e) + in_block),
@@ -114,7 +114,7 @@ impl VhdxDisk {
             let geo = bat.geo;
             let b = off / geo.block_size;
             let in_block = off % geo.block_size;
-            let e = bat.get(geo.payload_index(b));
+            let e = bat.get(geo.payload_index(b))?;
             match bat_state(e) {
                 PB_FULLY_PRESENT => return self.write_file(buf, bat_offset(e) + in_block),
                 PB_PARTIALLY_PRESENT => {
@@ -135,7 +135,7 @@ impl VhdxDisk {
         let b = off / geo.block_size;
         let in_block = off % geo.block_size;
         let idx = geo.payload_index(b);
-        let e = bat.get(idx);
+        let e = bat.get(idx)?;
         let st = bat_state(e);
         match st {
             PB_FULLY_PRESENT => self.write_file(buf, bat_offset(e) + in_block),
@@ -158,7 +158,7 @@ impl VhdxDisk {
                     .storage
                     .len()
                     .map_err(io_err("cannot get file length"))?;
-                let blk = self.allocate(&mut wal, geo.block_size)?;
+                let blk = self.allocate(&mut wal, &bat, geo.block_size)?;
                 if let Err(e) = self.write_file(buf, blk + in_block) {
                     // Nothing refers to the block yet. If cutting the file back removes every
                     // byte the failed write may have left (the next user of the place must see
@@ -179,9 +179,9 @@ impl VhdxDisk {
                         buf.len() as u64 / geo.logical_sector,
                         true,
                     )?;
-                    self.set_entry(&mut bat, idx, bat_entry(PB_PARTIALLY_PRESENT, blk));
+                    self.set_entry(&mut bat, idx, bat_entry(PB_PARTIALLY_PRESENT, blk))?;
                 } else {
-                    self.set_entry(&mut bat, idx, bat_entry(PB_FULLY_PRESENT, blk));
+                    self.set_entry(&mut bat, idx, bat_entry(PB_FULLY_PRESENT, blk))?;
                 }
                 Ok(())
             }
@@ -225,7 +225,7 @@ impl VhdxDisk {
         let geo = bat.geo;
         let has_parent = rlock(&self.meta).has_parent;
         let classify = |b: u64, in_block: u64, max: u64| -> Result<(Allocation, u64)> {
-            let e = bat.get(geo.payload_index(b));
+            let e = bat.get(geo.payload_index(b))?;
             let room = (geo.block_size - in_block).min(max);
             Ok(match bat_state(e) {
                 PB_FULLY_PRESENT => (
@@ -267,7 +267,7 @@ impl VhdxDisk {
             if alloc == Allocation::Unallocated {
                 // A run of zero entries (not present): skip it without classifying each block.
                 // Of z entries from a payload index at least z*cr/(cr+1) - 1 are payloads.
-                let z = bat.zero_run(geo.payload_index(b)) as u64;
+                let z = bat.zero_run(geo.payload_index(b))? as u64;
                 let skip = (z * geo.chunk_ratio / (geo.chunk_ratio + 1)).saturating_sub(1);
                 if skip > 0 {
                     got = got.saturating_add(skip * geo.block_size);
@@ -310,7 +310,8 @@ impl VhdxDisk {
         }
         let geo = bat.geo;
         let in_block = offset % geo.block_size;
-        let e = bat.get(geo.payload_index(offset / geo.block_size));
+        // A page that cannot be read: the ordinary read path reports it.
+        let e = bat.get(geo.payload_index(offset / geo.block_size)).ok()?;
         if bat_state(e) != PB_FULLY_PRESENT {
             return None;
         }

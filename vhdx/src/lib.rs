@@ -75,6 +75,8 @@ use parent::build_locator;
 use region::RegionTable;
 use sector_bitmap::Bitmaps;
 
+/// Default bound of the BAT page cache ([`VhdxDisk::open_with_cache`]).
+pub use bat::DEFAULT_CACHE_BYTES as DEFAULT_BAT_CACHE_BYTES;
 pub use check::check;
 pub use compact::CompactStats;
 pub use create::{measure, CreateKind, CreateOptions, DEFAULT_BLOCK_SIZE, DEFAULT_LOG_SIZE};
@@ -105,7 +107,7 @@ pub struct VhdxDisk {
     storage: Arc<dyn Storage>,
     path: Option<PathBuf>,
     read_only: bool,
-    overlay: Overlay,
+    overlay: Arc<Overlay>,
     header: Mutex<HeaderState>,
     regions: RwLock<RegionTable>,
     meta: RwLock<Metadata>,

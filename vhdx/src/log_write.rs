@@ -30,6 +30,10 @@ pub(crate) struct Wal {
     pub raw_dirty: BTreeMap<u64, Box<[u8]>>,
     /// Where the next block goes.
     pub next_free: u64,
+    /// `next_free` lies past every block the BAT points at. Open sets it from the file length,
+    /// which is enough when blocks are 1 MiB; with larger blocks the last one may run past the
+    /// end of the file, so the first allocation walks the table once.
+    pub end_known: bool,
     pub sequence: u64,
     /// Ring offset and length of the last entry written.
     pub prev: Option<(u64, u64)>,
@@ -128,8 +132,8 @@ impl VhdxDisk {
             }
             drop(bm);
             let bat_offset = self.rt().bat_offset;
-            for &p in &bat.dirty_pages {
-                let mut img = bat.page_image(p);
+            for p in bat.dirty_pages() {
+                let mut img = bat.page_image(p)?;
                 let first = (p * 512) as usize;
                 if first + 512 > bat.len() {
                     // Keep whatever follows the last entry on that page.
@@ -196,9 +200,7 @@ impl VhdxDisk {
                     DirtyPage::Bitmap(po) => {
                         bm.dirty.remove(po);
                     }
-                    DirtyPage::Bat(p) => {
-                        bat.dirty_pages.remove(p);
-                    }
+                    DirtyPage::Bat(p) => bat.clear_dirty(*p),
                     DirtyPage::Raw(o) => {
                         wal.raw_dirty.remove(o);
                     }

@@ -47,13 +47,24 @@ impl VhdxDisk {
     }
 
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<VhdxDisk> {
-        Self::open_inner(storage, opts.read_only, Lenient::default())
+        Self::open_with_cache(storage, opts, DEFAULT_BAT_CACHE_BYTES)
+    }
+
+    /// [`VhdxDisk::open`], keeping at most `bat_cache_bytes` of clean BAT pages in memory
+    /// (4 KiB each; pages changed and not yet flushed are kept whatever the bound).
+    pub fn open_with_cache(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        bat_cache_bytes: usize,
+    ) -> Result<VhdxDisk> {
+        Self::open_inner(storage, opts.read_only, Lenient::default(), bat_cache_bytes)
     }
 
     pub(crate) fn open_inner(
         storage: Arc<dyn Storage>,
         read_only: bool,
         lenient: Lenient,
+        bat_cache_bytes: usize,
     ) -> Result<VhdxDisk> {
         if !Self::probe(&*storage)? {
             return Err(Error::WrongFormat {
@@ -70,7 +81,7 @@ impl VhdxDisk {
             let mut nh = hs.current.clone();
             nh.log_guid = Guid::NIL;
             write_header_pair(&*storage, &mut hs, nh)?;
-            return Self::open_inner(storage, read_only, lenient).map(|mut d| {
+            return Self::open_inner(storage, read_only, lenient, bat_cache_bytes).map(|mut d| {
                 d.dirty_at_open = log.dirty_at_open;
                 d.replayed = log.replayed;
                 d
@@ -78,25 +89,70 @@ impl VhdxDisk {
         }
         // A read-only replay may refer to space the replay would have added.
         let file_len_eff = file_len.max(log.logged_len);
-        let overlay = &log.overlay;
-        let rt = read_region_table(&*storage, overlay, file_len_eff)?;
+        let overlay = Arc::new(log.overlay);
+        let rt = read_region_table(&*storage, &overlay, file_len_eff)?;
         check_regions_clear_of_log(&rt, &hs.current)?;
-        let meta = load_metadata(&*storage, overlay, &rt)?;
-        let bat = load_bat(&*storage, overlay, &rt, &meta, file_len)?;
-        let next_free = validate_bat(
-            &bat,
-            &rt,
-            &meta,
-            &hs.current,
+        let meta = load_metadata(&*storage, &overlay, &rt)?;
+        let geo = check_bat_region(&rt, &meta)?;
+        // Nothing of the BAT is read here: pages are read (and their entries checked) on
+        // first use. New blocks go past the end of the file and every structure; a block that
+        // runs past the end of the file is found when the first allocation needs to know
+        // (`alloc.rs`).
+        let h = &hs.current;
+        let mut next_free = round_up(file_len, MIB).max(h.log_offset + h.log_length as u64);
+        for e in &rt.entries {
+            next_free = next_free.max(e.offset + e.length as u64);
+        }
+        let rules = EntryRules {
+            geo,
+            has_parent: meta.has_parent,
             lenient,
-            file_len,
-            file_len_eff,
-        )?;
+            fixed: rt
+                .entries
+                .iter()
+                .map(|e| (e.offset, e.offset + e.length as u64))
+                .chain(std::iter::once((
+                    h.log_offset,
+                    h.log_offset + h.log_length as u64,
+                )))
+                .collect(),
+            logged_len: log.logged_len,
+            known_len: AtomicU64::new(file_len_eff),
+            storage: storage.clone(),
+        };
+        let name = storage
+            .path()
+            .map_or_else(|| "VHDX image".to_string(), |p| p.display().to_string());
+        let source = bat_source(storage.clone(), overlay.clone(), name, rules);
+        let bat = Bat::new(
+            geo,
+            meta.virtual_size,
+            geo.bat_entries as usize,
+            rt.bat_offset,
+            source,
+            bat_cache_bytes,
+        );
+        // The first pages (the whole table of any image up to the cache size) are read now,
+        // and blocks there must not overlap one another.
+        let mut blocks: Vec<(u64, u64, usize)> = Vec::new();
+        bat.warm(|i, e| {
+            let st = bat_state(e);
+            let len = if geo.is_bitmap_index(i) {
+                (st == SB_PRESENT && meta.has_parent).then_some(MIB)
+            } else {
+                matches!(st, PB_FULLY_PRESENT | PB_PARTIALLY_PRESENT).then_some(geo.block_size)
+            };
+            if let Some(len) = len.filter(|_| !lenient.bat) {
+                blocks.push((bat_offset(e), bat_offset(e).saturating_add(len), i));
+            }
+            Ok(())
+        })?;
+        refuse_overlaps(&mut blocks, rt.bat_offset)?;
         Ok(VhdxDisk {
             path: storage.path().map(|p| p.to_path_buf()),
             storage,
             read_only,
-            overlay: log.overlay,
+            overlay,
             regions: RwLock::new(rt),
             size_cache: AtomicU64::new(meta.virtual_size),
             bat: RwLock::new(bat),
@@ -105,6 +161,7 @@ impl VhdxDisk {
             wal: Mutex::new(Wal {
                 raw_dirty: BTreeMap::new(),
                 next_free,
+                end_known: geo.block_size <= MIB,
                 sequence: 0,
                 prev: None,
                 applied_unflushed: false,
@@ -229,14 +286,8 @@ fn load_metadata(storage: &dyn Storage, overlay: &Overlay, rt: &RegionTable) -> 
     parse_metadata(&mb, rt.meta_offset)
 }
 
-/// Loads the BAT the metadata's geometry calls for, once the region is known to hold it.
-fn load_bat(
-    storage: &dyn Storage,
-    overlay: &Overlay,
-    rt: &RegionTable,
-    meta: &Metadata,
-    file_len: u64,
-) -> Result<Bat> {
+/// The geometry the metadata calls for, once the BAT region is known to hold its table.
+fn check_bat_region(rt: &RegionTable, meta: &Metadata) -> Result<Geometry> {
     let geo = Geometry::new(
         meta.virtual_size,
         meta.block_size,
@@ -253,129 +304,17 @@ fn load_bat(
             ),
         ));
     }
-    // Only the BAT's data is read: holes in the file read as zeros (not present), unless a
-    // replayed log patches pages in memory.
-    Bat::load(
-        geo,
-        meta.virtual_size,
-        geo.bat_entries as usize,
-        |buf, at| read_via(storage, overlay, buf, rt.bat_offset + at, "BAT"),
-        |at, n| {
-            // Past the end of the file is not a hole but a truncated image: read (and fail).
-            let from = rt.bat_offset + at;
-            if !overlay.is_empty() || from >= file_len {
-                return Ok(0);
-            }
-            match storage.data_run(from, n.min(file_len - from)) {
-                Ok((false, run)) => Ok(run),
-                Ok((true, _)) => Ok(0),
-                Err(e) => Err(Error::io(
-                    format!(
-                        "cannot query allocation of the BAT at {:#x}",
-                        rt.bat_offset + at
-                    ),
-                    e,
-                )),
-            }
-        },
-    )
+    Ok(geo)
 }
 
-/// Checks every BAT entry that is not zero: a valid state, and (unless `lenient`) a block inside
-/// the file, clear of the header section, the regions, the log and every other block. Returns
-/// where the next allocation may go (past everything the file holds).
-fn validate_bat(
-    bat: &Bat,
-    rt: &RegionTable,
-    meta: &Metadata,
-    h: &Header,
-    lenient: Lenient,
-    file_len: u64,
-    file_len_eff: u64,
-) -> Result<u64> {
-    let geo = bat.geo;
-    let log_end = h.log_offset + h.log_length as u64;
-    let mut max_end = round_up(file_len, MIB).max(log_end);
-    for e in &rt.entries {
-        max_end = max_end.max(e.offset + e.length as u64);
-    }
-    let fixed_regions: Vec<(u64, u64)> = rt
-        .entries
-        .iter()
-        .map(|e| (e.offset, e.offset + e.length as u64))
-        .chain(std::iter::once((h.log_offset, log_end)))
-        .chain(std::iter::once((0, MIB)))
-        .collect();
-    let mut used: Vec<(u64, u64, usize)> = Vec::new();
-    let at = |i: usize| rt.bat_offset + i as u64 * 8;
-    // Zero entries (not present, no offset) need no checks.
-    for (i, e) in bat.nonzero() {
-        let st = bat_state(e);
-        let (present, len) = if geo.is_bitmap_index(i) {
-            if st != 0 && st != SB_PRESENT {
-                return Err(Error::corrupt(
-                    "VHDX BAT",
-                    at(i),
-                    format!("sector bitmap entry {i} has invalid state {st}"),
-                ));
-            }
-            (st == SB_PRESENT && meta.has_parent, MIB)
-        } else {
-            if ![0, 1, 2, 3, 5, 6, 7].contains(&st) {
-                return Err(Error::corrupt(
-                    "VHDX BAT",
-                    at(i),
-                    format!("payload entry {i} has invalid state {st}"),
-                ));
-            }
-            if st == PB_PARTIALLY_PRESENT && !meta.has_parent {
-                return Err(Error::corrupt(
-                    "VHDX BAT",
-                    at(i),
-                    format!("payload entry {i} is PARTIALLY_PRESENT in an image without parent"),
-                ));
-            }
-            (
-                st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT,
-                geo.block_size,
-            )
-        };
-        if !present {
-            continue;
-        }
-        let off = bat_offset(e);
-        let end = off.saturating_add(len);
-        max_end = max_end.max(end);
-        if lenient.bat {
-            continue;
-        }
-        if off >= file_len_eff || off < MIB {
-            return Err(Error::corrupt(
-                "VHDX BAT",
-                at(i),
-                format!(
-                    "entry {i} start offset {off} points after end of file ({file_len}) or into the header; image probably truncated"
-                ),
-            ));
-        }
-        if let Some(r) = fixed_regions.iter().find(|r| off < r.1 && r.0 < end) {
-            return Err(Error::corrupt(
-                "VHDX BAT",
-                at(i),
-                format!(
-                    "entry {i} block at {off:#x} overlaps a region or the log at {:#x}..{:#x}",
-                    r.0, r.1
-                ),
-            ));
-        }
-        used.push((off, end, i));
-    }
-    used.sort_unstable();
-    for w in used.windows(2) {
+/// Refuses blocks (start, end, BAT index) that overlap one another.
+fn refuse_overlaps(blocks: &mut [(u64, u64, usize)], bat_offset: u64) -> Result<()> {
+    blocks.sort_unstable();
+    for w in blocks.windows(2) {
         if w[1].0 < w[0].1 {
             return Err(Error::corrupt(
                 "VHDX BAT",
-                at(w[1].2),
+                bat_offset + w[1].2 as u64 * 8,
                 format!(
                     "entries {} and {} point to overlapping blocks at {:#x} and {:#x}",
                     w[0].2, w[1].2, w[0].0, w[1].0
@@ -383,5 +322,108 @@ fn validate_bat(
             ));
         }
     }
-    Ok(max_end)
+    Ok(())
+}
+
+/// Where BAT pages come from: the file, patched by a read-only open's replayed log. Holes in
+/// the file read as zeros (not present) without I/O, unless a replayed log patches pages.
+fn bat_source(
+    storage: Arc<dyn Storage>,
+    overlay: Arc<Overlay>,
+    name: String,
+    rules: EntryRules,
+) -> bat::Source {
+    let (s1, s2, o1, o2) = (storage.clone(), storage, overlay.clone(), overlay);
+    let what = format!("the BAT of {name}");
+    bat::Source {
+        read: Box::new(move |buf, at| read_via(&*s1, &o1, buf, at, &what)),
+        hole: Box::new(move |from, n| {
+            // Past the end of the file is not a hole but a truncated image: read (and fail).
+            let file_len = s2.len().map_err(io_err("cannot get file length"))?;
+            if !o2.is_empty() || from >= file_len {
+                return Ok(0);
+            }
+            match s2.data_run(from, n.min(file_len - from)) {
+                Ok((false, run)) => Ok(run),
+                Ok((true, _)) => Ok(0),
+                Err(e) => Err(Error::io(
+                    format!("cannot query allocation of the BAT at {from:#x}"),
+                    e,
+                )),
+            }
+        }),
+        check: Box::new(move |i, e, at| {
+            rules
+                .check(i, e)
+                .map_err(|d| Error::corrupt("VHDX BAT", at, format!("{name}: {d}")))
+        }),
+    }
+}
+
+/// What a BAT entry read from the file must satisfy: a valid state, and (unless lenient) a
+/// block inside the file, clear of the header section, the regions and the log. Blocks that
+/// overlap each other are found by `check`, which sees the whole table.
+struct EntryRules {
+    geo: Geometry,
+    has_parent: bool,
+    lenient: Lenient,
+    /// Regions and the log, as byte ranges.
+    fixed: Vec<(u64, u64)>,
+    /// The file length a read-only open's replayed log asks for.
+    logged_len: u64,
+    /// The file length last seen (it only grows while open; refreshed when an entry points
+    /// past it).
+    known_len: AtomicU64,
+    storage: Arc<dyn Storage>,
+}
+
+impl EntryRules {
+    fn check(&self, i: usize, e: u64) -> std::result::Result<(), String> {
+        let st = bat_state(e);
+        let (present, len) = if self.geo.is_bitmap_index(i) {
+            if st != 0 && st != SB_PRESENT {
+                return Err(format!("sector bitmap entry {i} has invalid state {st}"));
+            }
+            (st == SB_PRESENT && self.has_parent, MIB)
+        } else {
+            if ![0, 1, 2, 3, 5, 6, 7].contains(&st) {
+                return Err(format!("payload entry {i} has invalid state {st}"));
+            }
+            if st == PB_PARTIALLY_PRESENT && !self.has_parent {
+                return Err(format!(
+                    "payload entry {i} is PARTIALLY_PRESENT in an image without parent"
+                ));
+            }
+            (
+                st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT,
+                self.geo.block_size,
+            )
+        };
+        if !present || self.lenient.bat {
+            return Ok(());
+        }
+        let off = bat_offset(e);
+        let end = off.saturating_add(len);
+        let mut file_len = self.known_len.load(Ordering::Relaxed);
+        if off >= file_len {
+            let now = self
+                .storage
+                .len()
+                .map_err(|e| format!("cannot get file length: {e}"))?;
+            file_len = now.max(self.logged_len);
+            self.known_len.fetch_max(file_len, Ordering::Relaxed);
+        }
+        if off >= file_len || off < MIB {
+            return Err(format!(
+                "entry {i} start offset {off} points after end of file ({file_len}) or into the header; image probably truncated"
+            ));
+        }
+        if let Some(r) = self.fixed.iter().find(|r| off < r.1 && r.0 < end) {
+            return Err(format!(
+                "entry {i} block at {off:#x} overlaps a region or the log at {:#x}..{:#x}",
+                r.0, r.1
+            ));
+        }
+        Ok(())
+    }
 }

@@ -36,7 +36,7 @@ impl VhdxDisk {
             if ng.data_blocks < og.data_blocks {
                 let mut min = 0;
                 for b in (0..og.data_blocks).rev() {
-                    let st = bat_state(bat.get(og.payload_index(b)));
+                    let st = bat_state(bat.get(og.payload_index(b))?);
                     if st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT {
                         min = (b + 1) * og.block_size;
                         break;
@@ -84,65 +84,46 @@ impl VhdxDisk {
         ng: Geometry,
         relocate: bool,
     ) -> Result<Option<(u64, u64)>> {
-        let (has_parent, fixed) = {
-            let m = rlock(&self.meta);
-            (m.has_parent, m.leave_blocks_allocated)
-        };
+        let fixed = rlock(&self.meta).leave_blocks_allocated;
         let mut bat = wlock(&self.bat);
         let og = bat.geo;
         // Zero the part of a kept, allocated last block that falls past the new end.
         if new_size < bat.size && !new_size.is_multiple_of(og.block_size) {
             let b = new_size / og.block_size;
-            let e = bat.get(og.payload_index(b));
+            let e = bat.get(og.payload_index(b))?;
             if matches!(bat_state(e), PB_FULLY_PRESENT | PB_PARTIALLY_PRESENT) {
                 let from = new_size % og.block_size;
                 let z = vec![0u8; (og.block_size - from) as usize];
                 self.write_file(&z, bat_offset(e) + from)?;
             }
         }
-        // Kept blocks (and, for differencing disks, their chunks' bitmaps) move to their indexes
-        // in the new geometry; only entries that are not zero need visiting.
-        let mut newe = Bat::new(ng, new_size, ng.bat_entries as usize);
-        for (i, e) in bat.nonzero() {
-            let (chunk, k) = (
-                i as u64 / (og.chunk_ratio + 1),
-                i as u64 % (og.chunk_ratio + 1),
-            );
-            if k == og.chunk_ratio {
-                if has_parent && chunk < og.bitmap_blocks.min(ng.bitmap_blocks) {
-                    newe.put(ng.bitmap_index(chunk), e);
-                }
-            } else {
-                let b = chunk * og.chunk_ratio + k;
-                if b < og.data_blocks.min(ng.data_blocks) {
-                    newe.put(ng.payload_index(b), e);
-                }
-            }
-        }
+        // Indexes depend only on the chunk ratio, which a resize keeps: kept entries stay in
+        // place. Payload entries of blocks past the new end that still fall inside the table
+        // (the padding of a differencing disk's last chunk) become zero; the table's new or
+        // dropped tail reads as zeros (`Bat::set_len` zeroes and marks those pages dirty).
         let old_len = bat.len();
-        newe.dirty_pages = std::mem::take(&mut bat.dirty_pages);
-        *bat = newe;
-        bat.geo = ng;
-        bat.size = new_size;
-        if fixed {
-            for b in og.data_blocks..ng.data_blocks {
-                let off = self.allocate(wal, ng.block_size)?;
-                let i = ng.payload_index(b);
-                bat.put(i, bat_entry(PB_FULLY_PRESENT, off));
+        let keep = ng.bat_entries as usize;
+        let mut b = og.data_blocks.min(ng.data_blocks);
+        while og.payload_index(b) < old_len.min(keep) {
+            if !og.is_bitmap_index(og.payload_index(b)) && bat.get(og.payload_index(b))? != 0 {
+                bat.put(og.payload_index(b), 0)?;
             }
+            b += 1;
         }
         let mut old_bat = None;
         if relocate {
-            // The BAT outgrows its region: write the whole new table to fresh space at the end
-            // of the file (unreachable until the region tables point at it), then switch both
-            // region tables through the log, in the same entry as the new virtual size.
+            // The BAT outgrows its region: copy the table, page by page, to fresh space at the
+            // end of the file (unreachable until the region tables point at it; pages of zeros
+            // stay holes), then switch both region tables through the log, in the same entry
+            // as the new virtual size.
             let len = round_up(ng.bat_entries * 8, MIB);
-            let off = self.allocate(wal, len)?;
-            let mut img = vec![0u8; len as usize];
-            for (i, e) in bat.nonzero() {
-                img[i * 8..i * 8 + 8].copy_from_slice(&e.to_le_bytes());
+            let off = self.allocate(wal, &bat, len)?;
+            for p in 0..(old_len.div_ceil(512) as u64) {
+                let img = bat.page_image(p)?;
+                if !disk::is_zero(&img) {
+                    self.write_file(&img, off + p * PAGE)?;
+                }
             }
-            self.write_file(&img, off)?;
             let mut rt = self.rt().clone();
             old_bat = Some((rt.bat_offset, rt.bat_length as u64));
             rt.bat_offset = off;
@@ -166,20 +147,23 @@ impl VhdxDisk {
                 }
             }
             *wlock(&self.regions) = rt;
-            bat.dirty_pages.clear();
-        } else {
-            // Payload indexes keep their places, so only pages past the shorter table change
-            // (plus, for differencing disks, none: bitmap entries keep their places too).
-            let from = (old_len.min(bat.len()) as u64) / 512;
-            let to = (old_len.max(bat.len()) as u64).div_ceil(512);
-            for p in from..to {
-                bat.dirty_pages.insert(p);
+            bat.region = off;
+            bat.clear_all_dirty();
+        }
+        bat.set_len(keep)?;
+        bat.geo = ng;
+        bat.size = new_size;
+        if fixed {
+            for b in og.data_blocks..ng.data_blocks {
+                let off = self.allocate(wal, &bat, ng.block_size)?;
+                let i = ng.payload_index(b);
+                bat.put(i, bat_entry(PB_FULLY_PRESENT, off))?;
             }
         }
-        // Entries past the new end must read back as zero: extend the table temporarily.
-        let keep = bat.len();
-        if old_len > keep {
-            bat.set_len(old_len);
+        // Entries past the new end must read back as zero: extend the table temporarily, so
+        // the log carries their pages zeroed.
+        if old_len > keep && !relocate {
+            bat.set_len(old_len)?;
         }
         let mo = self.rt().meta_offset;
         let mut region = vec![0u8; self.rt().meta_length as usize];
@@ -201,10 +185,9 @@ impl VhdxDisk {
         }
         drop(bat);
         let r = self.flush_locked(wal);
-        let mut bat = wlock(&self.bat);
-        bat.set_len(keep);
-        drop(bat);
+        let shrunk = wlock(&self.bat).set_len(keep);
         r?;
+        shrunk?;
         wlock(&self.meta).virtual_size = new_size;
         self.size_cache.store(new_size, Ordering::Release);
         Ok(old_bat)

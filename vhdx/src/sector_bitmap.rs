@@ -42,7 +42,7 @@ impl VhdxDisk {
     pub(crate) fn bitmap_run(&self, bat: &Bat, b: u64, s: u64, max: u64) -> Result<(bool, u64)> {
         let geo = &bat.geo;
         let chunk = b / geo.chunk_ratio;
-        let sbe = bat.get(geo.bitmap_index(chunk));
+        let sbe = bat.get(geo.bitmap_index(chunk))?;
         if bat_state(sbe) != SB_PRESENT {
             return Ok((false, max));
         }
@@ -88,11 +88,11 @@ impl VhdxDisk {
         let geo = bat.geo;
         let chunk = b / geo.chunk_ratio;
         let sbi = geo.bitmap_index(chunk);
-        if bat_state(bat.get(sbi)) != SB_PRESENT {
-            let off = self.allocate(wal, MIB)?;
-            self.set_entry(bat, sbi, bat_entry(SB_PRESENT, off));
+        if bat_state(bat.get(sbi)?) != SB_PRESENT {
+            let off = self.allocate(wal, &bat, MIB)?;
+            self.set_entry(bat, sbi, bat_entry(SB_PRESENT, off))?;
         }
-        let sb = bat_offset(bat.get(sbi));
+        let sb = bat_offset(bat.get(sbi)?);
         let spb = geo.sectors_per_block();
         let mut bm = lock(&self.bitmaps);
         if fresh {

@@ -27,7 +27,7 @@ impl VhdxDisk {
             let e_end = bend.min(end);
             if o == bstart && e_end == bend && !meta.leave_blocks_allocated {
                 let idx = geo.payload_index(b);
-                let e = bat.get(idx);
+                let e = bat.get(idx)?;
                 let st = bat_state(e);
                 if (st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT) && may_unmap {
                     self.storage
@@ -40,7 +40,7 @@ impl VhdxDisk {
                 } else {
                     PB_NOT_PRESENT
                 };
-                self.set_entry(&mut bat, idx, bat_entry(new_state, 0));
+                self.set_entry(&mut bat, idx, bat_entry(new_state, 0))?;
                 let _ = &mut wal;
             } else {
                 rest.push((o, e_end - o));
@@ -51,12 +51,14 @@ impl VhdxDisk {
     }
 
     /// Block `b` reads as zeros without any work.
-    pub(crate) fn block_reads_zero(&self, b: u64) -> bool {
+    pub(crate) fn block_reads_zero(&self, b: u64) -> Result<bool> {
         let bat = rlock(&self.bat);
-        let st = bat_state(bat.get(bat.geo.payload_index(b)));
+        let st = bat_state(bat.get(bat.geo.payload_index(b))?);
         let has_parent = rlock(&self.meta).has_parent;
-        matches!(st, PB_ZERO | PB_UNMAPPED | PB_UNDEFINED | PB_UNMAPPED_V095)
-            || (st == PB_NOT_PRESENT && !has_parent)
+        Ok(
+            matches!(st, PB_ZERO | PB_UNMAPPED | PB_UNDEFINED | PB_UNMAPPED_V095)
+                || (st == PB_NOT_PRESENT && !has_parent),
+        )
     }
 
     /// [`BlockDevice::discard`]: whole blocks are released; partial blocks are left alone
@@ -85,7 +87,7 @@ impl VhdxDisk {
         let rest = self.release_blocks(offset, len, flags.may_unmap)?;
         let bs = rlock(&self.bat).geo.block_size;
         for (o, l) in rest {
-            if self.block_reads_zero(o / bs) {
+            if self.block_reads_zero(o / bs)? {
                 continue;
             }
             disk::write_zero_buffers(self, o, l)?;
