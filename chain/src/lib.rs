@@ -82,6 +82,20 @@ pub struct OpenOptions {
     /// [`disk::FileOptions::skip_file_sync`] for exactly what is skipped). Only writable
     /// layers ever flush. Default false.
     pub skip_file_sync: bool,
+    /// Bound of each VHD and VHDX file's BAT page cache, in bytes (`None`: the formats'
+    /// defaults, [`vhd::DEFAULT_BAT_CACHE_BYTES`] and [`vhdx::DEFAULT_BAT_CACHE_BYTES`]).
+    /// Defaults to what [`set_default_bat_cache_bytes`] set for the process.
+    pub bat_cache_bytes: Option<usize>,
+}
+
+/// 0: not set.
+static DEFAULT_BAT_CACHE_BYTES: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the BAT cache bound every later `OpenOptions::default()` takes (the CLI's global
+/// `--bat-cache`), so every verb and every layer of a chain follows one setting.
+pub fn set_default_bat_cache_bytes(bytes: usize) {
+    DEFAULT_BAT_CACHE_BYTES.store(bytes.max(1), std::sync::atomic::Ordering::Relaxed);
 }
 
 impl Default for OpenOptions {
@@ -95,6 +109,12 @@ impl Default for OpenOptions {
             parents_writable: false,
             lock: true,
             skip_file_sync: false,
+            bat_cache_bytes: match DEFAULT_BAT_CACHE_BYTES
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                0 => None,
+                n => Some(n),
+            },
         }
     }
 }
@@ -251,7 +271,8 @@ pub(crate) fn open_layer(
                 read_only: !writable,
                 size_rule: opts.vhd_size_rule,
             };
-            let mut d = vhd::VhdDisk::open(storage, &vopts)?;
+            let cache = opts.bat_cache_bytes.unwrap_or(vhd::DEFAULT_BAT_CACHE_BYTES);
+            let mut d = vhd::VhdDisk::open_with_cache(storage, &vopts, cache)?;
             if let Some(link) = d.parent_link().filter(|_| !opts.no_parent) {
                 let parent = open_parent(path, &link, opts, depth, seen, parent_override)?;
                 d.attach_parent(parent)?;
@@ -262,7 +283,10 @@ pub(crate) fn open_layer(
             let xopts = vhdx::OpenOptions {
                 read_only: !writable,
             };
-            let mut d = vhdx::VhdxDisk::open(storage, &xopts)?;
+            let cache = opts
+                .bat_cache_bytes
+                .unwrap_or(vhdx::DEFAULT_BAT_CACHE_BYTES);
+            let mut d = vhdx::VhdxDisk::open_with_cache(storage, &xopts, cache)?;
             if let Some(link) = d.parent_link().filter(|_| !opts.no_parent) {
                 let parent = open_parent(path, &link, opts, depth, seen, parent_override)?;
                 d.attach_parent(parent)?;

@@ -43,6 +43,11 @@ use clap::{Parser, Subcommand};
     propagate_version = true
 )]
 struct Cli {
+    /// Memory for the block allocation table of each VHD or VHDX file opened, e.g. 256K, 64M
+    /// (default 4M for VHDX, 1M for VHD): BAT pages are read on demand and the least recently
+    /// used are dropped past this bound (pages changed and not yet flushed are always kept).
+    #[arg(long = "bat-cache", global = true, value_name = "SIZE", value_parser = common::parse_size)]
+    bat_cache: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -105,6 +110,9 @@ fn main() {
     common::install_interrupt_handler();
     common::quiet_on_broken_pipe();
     let cli = parse_args();
+    if let Some(bytes) = cli.bat_cache {
+        chain::set_default_bat_cache_bytes(usize::try_from(bytes).unwrap_or(usize::MAX));
+    }
     let result = match cli.command {
         Command::Info(a) => cmd_info::run(a),
         Command::Create(a) => cmd_create::run(a),

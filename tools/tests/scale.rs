@@ -137,3 +137,75 @@ fn empty_2040_gib_vhd_costs_what_it_holds() {
         std::fs::remove_file(small).expect("remove");
     }
 }
+
+/// Fills the BAT region of a dynamic VHDX without parent with entries that are all non-zero:
+/// payload blocks PAYLOAD_BLOCK_ZERO (state 2, no file offset, so the file stays small on disk
+/// apart from the table), sector-bitmap entries SB_BLOCK_PRESENT (state 6, offset 0, ignored
+/// without a parent), as a hostile or foreign writer could.
+fn fill_bat(img: &str, bat_offset: u64, entries: u64, chunk_ratio: u64) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .expect("open image");
+    f.seek(SeekFrom::Start(bat_offset)).expect("seek");
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    for i in 0..entries {
+        let e: u64 = if i % (chunk_ratio + 1) == chunk_ratio {
+            6
+        } else {
+            2
+        };
+        w.write_all(&e.to_le_bytes()).expect("write BAT");
+    }
+    w.flush().expect("flush BAT");
+}
+
+/// A 64 TiB VHDX whose every BAT entry is non-zero (a 128 MiB table with 4 MiB blocks; held
+/// whole it would take 128 MiB): info, check and a 1 MiB write stay within the RSS bound, and
+/// what they report shows they saw the whole table.
+#[test]
+fn fully_populated_64_tib_vhdx_stays_bounded() {
+    let d = tmp();
+    let img = join(d.path(), "full.vhdx");
+    let img = p(&img);
+    step(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=4M",
+        img,
+        "64T",
+    ]);
+    let info = step(&["info", "--output", "json", img]);
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).expect("info JSON");
+    let data = &v["format-specific"]["data"];
+    let bat_offset = data["bat-offset"].as_u64().expect("bat-offset");
+    let chunk_ratio = data["chunk-ratio"].as_u64().expect("chunk-ratio");
+    let blocks = (64u64 << 40) / (4 << 20);
+    let entries = blocks + (blocks - 1) / chunk_ratio;
+    fill_bat(img, bat_offset, entries, chunk_ratio);
+
+    let info = step(&["info", "--output", "json", img]);
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).expect("info JSON");
+    assert_eq!(
+        v["format-specific"]["data"]["block-states"],
+        serde_json::json!({ "zero": blocks }),
+        "info counted every entry"
+    );
+    let check = step(&["check", "--output", "json", img]);
+    let c: serde_json::Value = serde_json::from_str(&check.stdout).expect("check JSON");
+    assert_eq!(c["total-clusters"], blocks);
+    assert_eq!(c["allocated-clusters"], 0);
+    // The first allocation walks the table once (blocks larger than 1 MiB may run past the
+    // end of the file); the write then reads back, and the rest of the disk still reads zeros.
+    let mid = (32u64 << 40).to_string();
+    step(&["io", "-c", &format!("write -P 0x5a {mid} 1M"), img]);
+    step(&["io", "-r", "-c", &format!("read -P 0x5a {mid} 1M"), img]);
+    step(&["io", "-r", "-c", "read -P 0 0 4M", img]);
+    let check = step(&["check", "--output", "json", img]);
+    let c: serde_json::Value = serde_json::from_str(&check.stdout).expect("check JSON");
+    assert_eq!(c["allocated-clusters"], 1);
+}

@@ -324,6 +324,24 @@ impl Bat {
         Ok(j.min(self.len).saturating_sub(i))
     }
 
+    /// How many entries from `i` on satisfy `keep(index, entry)`, looked up a page at a time
+    /// (runs of blocks in one state, e.g. all PAYLOAD_BLOCK_ZERO, cost one lock per page).
+    pub fn run_while(&self, i: usize, keep: impl Fn(usize, u64) -> bool) -> Result<usize> {
+        let mut j = i;
+        let mut c = self.lock();
+        while j < self.len {
+            let p = (j / PER_PAGE) as u64;
+            let page = &self.load(&mut c, p)?.entries;
+            let first = p as usize * PER_PAGE;
+            let end = (first + PER_PAGE).min(self.len);
+            match (j..end).position(|k| !keep(k, page[k - first])) {
+                Some(n) => return Ok(j + n - i),
+                None => j = end,
+            }
+        }
+        Ok(j - i)
+    }
+
     /// Calls `f` for every entry that is not zero, in index order, streaming the table from
     /// the file in pieces (cached pages, which may be newer, win) without filling the cache.
     pub fn for_each_nonzero(&self, mut f: impl FnMut(usize, u64) -> Result<()>) -> Result<()> {

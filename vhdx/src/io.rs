@@ -274,6 +274,19 @@ impl VhdxDisk {
                     continue;
                 }
             }
+            if alloc == Allocation::Zero {
+                // A run of blocks that read as zeros (states 1, 2, 3, 5), bitmap entries between.
+                let p = geo.payload_index(b);
+                let j = p + bat.run_while(p, |i, e| {
+                    geo.is_bitmap_index(i) || matches!(bat_state(e), 1 | 2 | 3 | 5)
+                })?;
+                let per = geo.chunk_ratio as usize + 1;
+                let blocks = ((j - p) - (j / per - p / per)) as u64;
+                if blocks > 0 {
+                    got = got.saturating_add(blocks * geo.block_size);
+                    continue;
+                }
+            }
             let (a, n) = classify(b, 0, len - got)?;
             let same = match (alloc, a) {
                 (
