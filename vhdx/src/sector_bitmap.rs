@@ -89,7 +89,7 @@ impl VhdxDisk {
         let chunk = b / geo.chunk_ratio;
         let sbi = geo.bitmap_index(chunk);
         if bat_state(bat.get(sbi)?) != SB_PRESENT {
-            let off = self.allocate(wal, &bat, MIB)?;
+            let off = self.allocate(wal, bat, MIB)?;
             self.set_entry(bat, sbi, bat_entry(SB_PRESENT, off))?;
         }
         let sb = bat_offset(bat.get(sbi)?);

@@ -1,0 +1,118 @@
+//! The BAT is paged on demand into a bounded cache: with a cache of two pages over a table of
+//! 33, allocation, reads by many threads, flushes, resize and reopening all evict and reload
+//! pages, and must read exactly what was written (dirty pages are never lost to eviction).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+
+use disk::check::Repair;
+use disk::{Access, BlockDevice, FileStorage, Storage};
+use vhdx::{CreateKind, CreateOptions, OpenOptions, VhdxDisk};
+
+const MIB: u64 = 1 << 20;
+/// 16384 blocks of 1 MiB: 33 BAT pages of 512 entries.
+const SIZE: u64 = 16 << 30;
+const TWO_PAGES: usize = 2 * 4096;
+const PIECE: usize = 4096;
+
+fn byte(block: u64, round: u64) -> u8 {
+    (block.wrapping_mul(131).wrapping_add(round * 7) % 251 + 1) as u8
+}
+
+fn storage(p: &Path) -> Arc<dyn Storage> {
+    Arc::new(FileStorage::open(p, Access::ReadWrite, true).unwrap())
+}
+
+/// Blocks spread over every page, in an order that keeps jumping between pages.
+fn blocks() -> Vec<u64> {
+    (0..32u64)
+        .flat_map(|p| [p * 512 + 3, ((p * 17) % 32) * 512 + 500])
+        .collect()
+}
+
+fn assert_block(d: &dyn BlockDevice, b: u64, v: u8) {
+    let mut buf = vec![0u8; PIECE];
+    d.read_at(&mut buf, b * MIB).unwrap();
+    assert!(buf.iter().all(|&x| x == v), "block {b}: want {v:#x}");
+}
+
+#[test]
+fn a_two_page_cache_keeps_every_write_under_concurrency_flush_and_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.vhdx");
+    drop(VhdxDisk::create(&p, &CreateOptions::new(CreateKind::Dynamic, SIZE)).unwrap());
+    let rw = OpenOptions { read_only: false };
+    let d = Arc::new(VhdxDisk::open_with_cache(storage(&p), &rw, TWO_PAGES).unwrap());
+    // Written but not flushed: 64 dirty entries on 32 pages, far past the two-page bound.
+    for &b in &blocks() {
+        d.write_at(&vec![byte(b, 0); PIECE], b * MIB).unwrap();
+    }
+    for &b in &blocks() {
+        assert_block(&*d, b, byte(b, 0));
+    }
+    // Readers on every page while a writer allocates more blocks and another thread flushes.
+    let mut handles = Vec::new();
+    for t in 0..3u64 {
+        let d = d.clone();
+        handles.push(thread::spawn(move || {
+            for _ in 0..3 {
+                for (k, &b) in blocks().iter().enumerate() {
+                    if k as u64 % 3 == t {
+                        assert_block(&*d, b, byte(b, 0));
+                        assert_block(&*d, b + 1, 0);
+                    }
+                }
+            }
+        }));
+    }
+    let f = d.clone();
+    handles.push(thread::spawn(move || {
+        for _ in 0..5 {
+            f.flush().unwrap();
+        }
+    }));
+    for &b in &blocks() {
+        d.write_at(&vec![byte(b + 2, 1); PIECE], (b + 2) * MIB)
+            .unwrap();
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    // Grow (new table entries read as zeros) and shrink back, through the small cache.
+    d.resize(SIZE * 2).unwrap();
+    assert_block(&*d, SIZE / MIB + 7, 0);
+    d.write_at(&vec![0x77; PIECE], SIZE + 7 * MIB).unwrap();
+    assert_block(&*d, SIZE / MIB + 7, 0x77);
+    // Shrinking needs the blocks past the new end released.
+    d.discard(SIZE + 7 * MIB, MIB).unwrap();
+    d.resize(SIZE).unwrap();
+    d.resize(SIZE * 2).unwrap();
+    assert_block(&*d, SIZE / MIB + 7, 0);
+    // A table that outgrows its region (1 MiB: 131072 entries) moves to the end of the file.
+    let bat_before = d.info().bat_offset;
+    d.resize(256 << 30).unwrap();
+    assert_ne!(d.info().bat_offset, bat_before);
+    d.write_at(&vec![0x66; PIECE], 200 << 30).unwrap();
+    for &b in &blocks() {
+        assert_block(&*d, b, byte(b, 0));
+        assert_block(&*d, b + 2, byte(b + 2, 1));
+    }
+    d.discard(200 << 30, MIB).unwrap();
+    d.resize(SIZE).unwrap();
+    d.close().unwrap();
+    drop(d);
+
+    // Reopened (default cache), every block reads what was written; check is clean.
+    let d = VhdxDisk::open(storage(&p), &OpenOptions { read_only: true }).unwrap();
+    for &b in &blocks() {
+        assert_block(&d, b, byte(b, 0));
+        assert_block(&d, b + 2, byte(b + 2, 1));
+        assert_block(&d, b + 1, 0);
+    }
+    assert_eq!(d.size(), SIZE);
+    drop(d);
+    let r = vhdx::check(storage(&p), Repair::None).unwrap();
+    assert_eq!(r.corruptions, 0, "{r:?}");
+    assert_eq!(r.allocated_clusters, Some(2 * blocks().len() as u64));
+}
