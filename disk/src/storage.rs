@@ -286,7 +286,24 @@ impl FileStorage {
     }
 }
 
+/// Takes the image lock, waiting briefly when it is held: a process that forks to run a
+/// program shares its open files with the child until the child's exec closes them, so a lock
+/// another thread of that process just released (or a test's neighbour is about to release)
+/// can look held for a moment. A real holder still holds it after the last try.
 fn lock_file(file: &File, path: &Path, access: Access) -> crate::Result<()> {
+    const WAITS_MS: [u64; 5] = [5, 20, 50, 100, 200];
+    for ms in WAITS_MS {
+        match try_lock_file(file, path, access) {
+            Err(crate::Error::Locked { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(ms))
+            }
+            other => return other,
+        }
+    }
+    try_lock_file(file, path, access)
+}
+
+fn try_lock_file(file: &File, path: &Path, access: Access) -> crate::Result<()> {
     let op = match access {
         Access::ReadOnly => libc::LOCK_SH,
         Access::ReadWrite => libc::LOCK_EX,
