@@ -37,19 +37,19 @@ row() { # label size viridian-format qemu-format qemu-create-options
     local half=$(( $(numfmt --from=iec "$size") / 2 ))
     rm -f "$W"/*.m
     for _ in $(seq "$ROUNDS"); do
-        rm -f "$W/v.img" "$W/q.img"
-        measure "$W/vc.m" "$V" create -f "$vf" -o "$qopts" "$W/v.img" "$size"
-        measure "$W/qc.m" qemu-img create -f "$qf" -o "$qopts" "$W/q.img" "$size"
-        vdisk=$(du -k "$W/v.img" | cut -f1); qdisk=$(du -k "$W/q.img" | cut -f1)
-        measure "$W/vi.m" "$V" info "$W/v.img"
-        measure "$W/qi.m" qemu-img info -f "$qf" "$W/q.img"
-        measure "$W/vw.m" "$V" io -f "$vf" -c "write -P 0x5a $half 1M" "$W/v.img"
-        measure "$W/qw.m" qemu-io -f "$qf" -c "write -P 0x5a $half 1M" "$W/q.img"
+        rm -f "$W/v.$vf" "$W/q.$vf"
+        measure "$W/vc.m" "$V" create -f "$vf" -o "$qopts" "$W/v.$vf" "$size"
+        measure "$W/qc.m" qemu-img create -f "$qf" -o "$qopts" "$W/q.$vf" "$size"
+        vdisk=$(du -k "$W/v.$vf" | cut -f1); qdisk=$(du -k "$W/q.$vf" | cut -f1)
+        measure "$W/vi.m" "$V" info "$W/v.$vf"
+        measure "$W/qi.m" qemu-img info -f "$qf" "$W/q.$vf"
+        measure "$W/vw.m" "$V" io -f "$vf" -c "write -P 0x5a $half 1M" "$W/v.$vf"
+        measure "$W/qw.m" qemu-io -f "$qf" -c "write -P 0x5a $half 1M" "$W/q.$vf"
     done
     # Each tool reads the other's write back (a whole-disk compare of 64 TiB takes too long).
-    qemu-io -r -f "$qf" -c "read -P 0x5a $half 1M" "$W/v.img" | grep -q "^read 1048576/" ||
+    qemu-io -r -f "$qf" -c "read -P 0x5a $half 1M" "$W/v.$vf" | grep -q "^read 1048576/" ||
         { echo "qemu-io cannot read viridian's write back"; exit 1; }
-    "$V" io -r -f "$vf" -c "read -P 0x5a $half 1M" "$W/q.img" >/dev/null ||
+    "$V" io -r -f "$vf" -c "read -P 0x5a $half 1M" "$W/q.$vf" >/dev/null ||
         { echo "viridian cannot read qemu-io's write back"; exit 1; }
     python3 - "$label" "$vdisk" "$qdisk" "$(summary "$W/vc.m")" "$(summary "$W/qc.m")" \
         "$(summary "$W/vi.m")" "$(summary "$W/qi.m")" "$(summary "$W/vw.m")" "$(summary "$W/qw.m")" <<'PY'
