@@ -36,7 +36,7 @@ const SCAN_BYTES: u64 = 1 << 20;
 type Page = Box<[u64; PER_PAGE]>;
 type ReadFn = dyn Fn(&mut [u8], u64) -> Result<()> + Send + Sync;
 type HoleFn = dyn Fn(u64, u64) -> Result<u64> + Send + Sync;
-type CheckFn = dyn Fn(usize, u64, u64) -> Result<()> + Send + Sync;
+type CheckFn = dyn Fn(usize, u64, u64, bool) -> Result<()> + Send + Sync;
 
 /// Where pages come from: the file, by absolute offset.
 pub(crate) struct Source {
@@ -46,6 +46,9 @@ pub(crate) struct Source {
     /// reading them (0 when they must be read).
     pub hole: Box<HoleFn>,
     /// Refuses entry `i` = `e` (not zero, just read from file offset `at`) if it is invalid.
+    /// The last argument says whether its page is read for the first time in this session:
+    /// such an entry was not written by this session, so it must point inside the file as it
+    /// was at open (a block this session allocated past that would otherwise alias it).
     pub check: Box<CheckFn>,
 }
 
@@ -60,7 +63,7 @@ impl Source {
                 Ok(())
             }),
             hole: Box::new(|_, _| Ok(0)),
-            check: Box::new(|_, _, _| Ok(())),
+            check: Box::new(|_, _, _, _| Ok(())),
         }
     }
 }
@@ -81,9 +84,26 @@ struct Cache {
     max_pages: usize,
     /// Pages changed since the log entry that last carried them: always in `slots`.
     dirty: BTreeSet<u64>,
+    /// Pages read (and checked) at least once in this session, one bit each: 16 KiB for the
+    /// 512 MiB table of a 64 TiB disk with 1 MiB blocks.
+    seen: Vec<u64>,
 }
 
 impl Cache {
+    fn seen(&self, page: u64) -> bool {
+        self.seen
+            .get((page / 64) as usize)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    fn mark_seen(&mut self, page: u64) {
+        let w = (page / 64) as usize;
+        if self.seen.len() <= w {
+            self.seen.resize(w + 1, 0);
+        }
+        self.seen[w] |= 1 << (page % 64);
+    }
+
     fn slot(&mut self, page: u64) -> Option<&mut Slot> {
         let &k = self.index.get(&page)?;
         let s = &mut self.slots[k];
@@ -227,29 +247,34 @@ impl Bat {
 
     /// Reads page `p` from the file and checks its entries (those past the table's end are
     /// ignored and kept as zeros).
-    fn read_page(&self, p: u64) -> Result<Page> {
+    fn read_page(&self, c: &mut Cache, p: u64) -> Result<Page> {
         let mut page: Page = Box::new([0u64; PER_PAGE]);
         let at = self.region + p * PAGE_BYTES;
         if (self.source.hole)(at, PAGE_BYTES)? >= PAGE_BYTES {
+            c.mark_seen(p);
             return Ok(page);
         }
         let mut bytes = vec![0u8; PAGE_BYTES as usize];
         (self.source.read)(&mut bytes, at)?;
         decode(&bytes, &mut page);
-        self.check_page(p, &mut page)?;
+        self.check_page(c, p, &mut page)?;
         Ok(page)
     }
 
-    fn check_page(&self, p: u64, page: &mut [u64; PER_PAGE]) -> Result<()> {
+    /// Checks the entries of page `p` just read from the file (those past the table's end
+    /// become zeros) and records the page as seen.
+    fn check_page(&self, c: &mut Cache, p: u64, page: &mut [u64; PER_PAGE]) -> Result<()> {
+        let first_sight = !c.seen(p);
         let first = p as usize * PER_PAGE;
         for (k, e) in page.iter_mut().enumerate() {
             if first + k >= self.len {
                 *e = 0;
             } else if *e != 0 {
                 let at = self.region + (first + k) as u64 * 8;
-                (self.source.check)(first + k, *e, at)?;
+                (self.source.check)(first + k, *e, at, first_sight)?;
             }
         }
+        c.mark_seen(p);
         Ok(())
     }
 
@@ -258,7 +283,7 @@ impl Bat {
         if c.index.contains_key(&p) {
             return Ok(c.slot(p).expect("indexed"));
         }
-        let page = self.read_page(p)?;
+        let page = self.read_page(c, p)?;
         Ok(c.insert(p, page))
     }
 
@@ -288,8 +313,8 @@ impl Bat {
             c.index.contains_key(&p)
         };
         if !loaded {
-            let page = self.read_page(p)?;
-            let c = self.cache.get_mut().unwrap_or_else(|e| e.into_inner());
+            let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let page = self.read_page(&mut c, p)?;
             c.insert(p, page);
         }
         let c = self.cache.get_mut().unwrap_or_else(|e| e.into_inner());
@@ -376,7 +401,7 @@ impl Bat {
                         continue;
                     }
                     decode(b, &mut page);
-                    self.check_page(p, &mut page)?;
+                    self.check_page(&mut self.lock(), p, &mut page)?;
                 }
                 let first = p as usize * PER_PAGE;
                 for (j, &e) in page.iter().enumerate() {
@@ -415,7 +440,7 @@ impl Bat {
                 let p = at / PAGE_BYTES + k as u64;
                 let mut page: Page = Box::new([0u64; PER_PAGE]);
                 decode(b, &mut page);
-                self.check_page(p, &mut page)?;
+                self.check_page(&mut self.lock(), p, &mut page)?;
                 for (j, &e) in page.iter().enumerate() {
                     if e != 0 {
                         f(p as usize * PER_PAGE + j, e)?;
@@ -516,7 +541,9 @@ impl Bat {
                     page[from..].fill(0);
                     let saved = self.len;
                     self.len = old;
-                    let r = self.check_page(p, &mut page);
+                    let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                    let r = self.check_page(&mut c, p, &mut page);
+                    drop(c);
                     self.len = saved;
                     r?;
                 }
@@ -656,7 +683,7 @@ mod tests {
                     4096.min(n)
                 })
             }),
-            check: Box::new(|i, e, at| {
+            check: Box::new(|i, e, at, _| {
                 if e & 7 == 5 {
                     Err(disk::Error::corrupt("VHDX BAT", at, format!("entry {i}")))
                 } else {

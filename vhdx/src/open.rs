@@ -117,6 +117,7 @@ impl VhdxDisk {
                 )))
                 .collect(),
             logged_len: log.logged_len,
+            open_len: file_len_eff,
             known_len: AtomicU64::new(file_len_eff),
             storage: storage.clone(),
         };
@@ -352,9 +353,9 @@ fn bat_source(
                 )),
             }
         }),
-        check: Box::new(move |i, e, at| {
+        check: Box::new(move |i, e, at, first_sight| {
             rules
-                .check(i, e)
+                .check(i, e, first_sight)
                 .map_err(|d| Error::corrupt("VHDX BAT", at, format!("{name}: {d}")))
         }),
     }
@@ -371,6 +372,10 @@ struct EntryRules {
     fixed: Vec<(u64, u64)>,
     /// The file length a read-only open's replayed log asks for.
     logged_len: u64,
+    /// The file length at open (with `logged_len`): where an entry first read in this session
+    /// may point. New blocks go past it, so an entry read for the first time that points past
+    /// it was never written by us and would alias a block we allocate.
+    open_len: u64,
     /// The file length last seen (it only grows while open; refreshed when an entry points
     /// past it).
     known_len: AtomicU64,
@@ -378,7 +383,9 @@ struct EntryRules {
 }
 
 impl EntryRules {
-    fn check(&self, i: usize, e: u64) -> std::result::Result<(), String> {
+    /// Checks entry `i` = `e`. `first_sight`: its page was never read in this session, so
+    /// its entries must lie in the file as it was at open (see `open_len`).
+    fn check(&self, i: usize, e: u64, first_sight: bool) -> std::result::Result<(), String> {
         let st = bat_state(e);
         let (present, len) = if self.geo.is_bitmap_index(i) {
             if st != 0 && st != SB_PRESENT {
@@ -404,8 +411,12 @@ impl EntryRules {
         }
         let off = bat_offset(e);
         let end = off.saturating_add(len);
-        let mut file_len = self.known_len.load(Ordering::Relaxed);
-        if off >= file_len {
+        let mut file_len = if first_sight {
+            self.open_len.max(self.logged_len)
+        } else {
+            self.known_len.load(Ordering::Relaxed)
+        };
+        if off >= file_len && !first_sight {
             let now = self
                 .storage
                 .len()

@@ -116,3 +116,37 @@ fn a_two_page_cache_keeps_every_write_under_concurrency_flush_and_resize() {
     assert_eq!(r.corruptions, 0, "{r:?}");
     assert_eq!(r.allocated_clusters, Some(2 * blocks().len() as u64));
 }
+
+/// A truncated image whose far BAT page (not read at open) points past the end of the file:
+/// the block this session allocates at the end of the file must not become the data of that
+/// entry too. Reading through the bad entry fails, and the new block keeps its own data.
+#[test]
+fn an_entry_past_the_end_at_open_never_aliases_a_block_allocated_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.vhdx");
+    drop(VhdxDisk::create(&p, &CreateOptions::new(CreateKind::Dynamic, SIZE)).unwrap());
+    let rw = OpenOptions { read_only: false };
+    let far = 32 * 512 * MIB; // block 16384: the table's last page
+    {
+        let d = VhdxDisk::open(storage(&p), &rw).unwrap();
+        d.write_at(&vec![0xa1; PIECE], 0).unwrap();
+        d.write_at(&vec![0xa2; PIECE], far - MIB).unwrap();
+        d.close().unwrap();
+    }
+    // Lose the last block, as an interrupted copy would.
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(f.metadata().unwrap().len() - MIB).unwrap();
+    drop(f);
+    // One page of cache: the far page is not read at open.
+    let d = VhdxDisk::open_with_cache(storage(&p), &rw, 4096).unwrap();
+    d.write_at(&vec![0xb7; PIECE], 5 * MIB).unwrap();
+    let mut buf = vec![0u8; PIECE];
+    let err = d.read_at(&mut buf, far - MIB).unwrap_err();
+    assert!(
+        err.to_string().contains("points after end of file"),
+        "{err}"
+    );
+    assert!(d.write_at(&vec![0xee; PIECE], far - MIB).is_err());
+    assert_block(&d, 5, 0xb7);
+    assert_block(&d, 0, 0xa1);
+}
