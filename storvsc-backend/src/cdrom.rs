@@ -178,10 +178,15 @@ impl ScsiCdrom {
 
     /// The host puts `medium` in and closes the tray; the guest sees a UNIT ATTENTION and a
     /// new-media event. A medium already in the drive is taken out first (same lock rule as
-    /// [`Self::host_eject`]) and returned.
+    /// [`Self::host_eject`]) and returned. An open tray takes a medium whatever the lock says
+    /// (as QEMU's: the lock only keeps a closed tray closed).
     pub fn host_insert(&mut self, medium: Disk, force: bool) -> Result<Option<Disk>, CdromError> {
         check_medium(&medium)?;
-        let old = self.host_eject(force)?;
+        let old = if self.tray_open {
+            self.medium.take()
+        } else {
+            self.host_eject(force)?
+        };
         self.medium = Some(medium);
         self.tray_open = false;
         self.unit_attention = Some(Sense::MEDIUM_CHANGED);
