@@ -525,7 +525,7 @@ impl QmpServer {
         machine: Arc<dyn Machine>,
         events: Arc<Events>,
     ) -> std::io::Result<QmpServer> {
-        check_socket_path(path)?;
+        check_path(path)?;
         let (listener, ident) = bind_private(path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -554,8 +554,54 @@ impl QmpServer {
     }
 }
 
+/// Checks `path` before the VM starts, so a bad `--qmp` is refused up front: its directory
+/// exists, the socket's name fits (with the private directory it is bound in first), and the
+/// path is free or a stale socket.
+pub fn check_path(path: &Path) -> std::io::Result<()> {
+    let dir = parent_dir(path);
+    if path.file_name().is_none() {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("{}: not a socket file name", path.display()),
+        ));
+    }
+    if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
+        return Err(std::io::Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "{}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            ),
+        ));
+    }
+    // sun_path holds 108 bytes with the final NUL.
+    let longest = private_dir(dir, u64::MAX).join("s").as_os_str().len();
+    if longest.max(path.as_os_str().len()) > 107 {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{}: path too long for a socket (keep it, and its directory plus 40 bytes, \
+                 within 107 bytes)",
+                path.display()
+            ),
+        ));
+    }
+    check_socket_path(path)
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+fn private_dir(dir: &Path, serial: u64) -> PathBuf {
+    dir.join(format!(".qmp-{}-{serial}", std::process::id()))
+}
+
 /// Whether `path` may be taken for a new socket: free, or a socket nobody listens on.
-pub fn check_socket_path(path: &Path) -> std::io::Result<()> {
+fn check_socket_path(path: &Path) -> std::io::Result<()> {
     let Ok(m) = std::fs::symlink_metadata(path) else {
         return Ok(());
     };
@@ -583,11 +629,7 @@ pub fn check_socket_path(path: &Path) -> std::io::Result<()> {
 /// before it has mode 0600, and a stale socket at `path` is replaced in one step. Returns
 /// the listener and the socket's (device, inode).
 fn bind_private(path: &Path) -> std::io::Result<(UnixListener, (u64, u64))> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let private = dir.join(format!(".qmp-{}-{}", std::process::id(), next_serial()));
+    let private = private_dir(parent_dir(path), next_serial());
     std::fs::DirBuilder::new().mode(0o700).create(&private)?;
     let tmp = private.join("s");
     let r = (|| {
@@ -1157,5 +1199,18 @@ mod tests {
         assert!(recv(&mut r).get("QMP").is_some());
         srv.shutdown();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn bad_paths_are_refused_up_front() {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, needle) in [
+            (dir.path().join("no/such/dir/q.sock"), "does not exist"),
+            (dir.path().join("x".repeat(100)), "too long"),
+        ] {
+            let e = check_path(&path).unwrap_err().to_string();
+            assert!(e.contains(needle), "{}: {e}", path.display());
+        }
+        assert!(check_path(&dir.path().join("q.sock")).is_ok());
     }
 }
