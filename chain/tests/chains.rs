@@ -382,6 +382,8 @@ fn undo_commit_into_a_locked_base_changes_nothing() {
         let holder = open(&a, &OpenOptions::read_only()).unwrap();
         let e = u.commit(&mut |_| {}).unwrap_err();
         assert!(matches!(e, Error::Locked { .. }), "{f:?}: {e}");
+        // The holder is a reader, and in this process: the message claims no more.
+        assert_eq!(e.to_string(), format!("{} is in use (locked)", a.display()));
         assert_eq!(std::fs::read(&a).unwrap(), before, "{f:?}: base written");
         assert!(child.exists(), "{f:?}: the changes are kept");
         assert!(
