@@ -40,6 +40,29 @@ pub fn commit_into_base(
     template: &OpenOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
+    commit_into_base_then(
+        open_top,
+        depth_limit,
+        base,
+        above,
+        template,
+        &mut || Ok(()),
+        progress,
+    )
+}
+
+/// [`commit_into_base`], calling `before_first_write` once the base is open (and locked) for
+/// writing and before anything is written to it: a commit that cannot open its base fails
+/// before that, having changed nothing the caller has to record.
+pub(crate) fn commit_into_base_then(
+    open_top: &dyn Fn() -> Result<Disk>,
+    depth_limit: usize,
+    base: &Path,
+    above: &Path,
+    template: &OpenOptions,
+    before_first_write: &mut dyn FnMut() -> Result<()>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
     let vhdx_link = probe_path(above)? == Format::Vhdx && probe_path(base)? == Format::Vhdx;
     // Step 1.
     let next = if vhdx_link {
@@ -84,6 +107,7 @@ pub fn commit_into_base(
             }
         }
     }
+    before_first_write()?;
     let merged = crate::merge(top.as_ref(), depth_limit, base_disk.as_ref(), progress)?;
     base_disk.close()?;
     drop(base_disk);

@@ -235,18 +235,21 @@ pub fn commit_child(
     if !base_changed_ok && !commit_interrupted(child) {
         refuse_vhd_parent_written_since(child, parent)?;
     }
-    begin_commit(child)?;
     let open_child = || {
         let mut alone = OpenOptions::read_only();
         alone.no_parent = true;
         open(child, &alone)
     };
-    crate::commit_into_base(
+    // The marker goes down only once the parent is open for writing: a parent that cannot be
+    // opened (locked by someone else) fails the commit with nothing changed, and the undo file
+    // can still be discarded.
+    crate::commit::commit_into_base_then(
         &open_child,
         1,
         parent,
         child,
         &OpenOptions::read_write(),
+        &mut || begin_commit(child),
         progress,
     )
 }

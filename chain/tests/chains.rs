@@ -363,3 +363,34 @@ fn a_child_grown_past_its_parent_reads_zeros_there_in_both_formats() {
         top.close().unwrap();
     }
 }
+
+#[test]
+fn undo_commit_into_a_locked_base_changes_nothing() {
+    for f in [Format::Raw, Format::Vhd, Format::Vhdx] {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join(format!("a.{}", ext(f)));
+        mk(&a, f, None);
+        write(&a, 5, 0);
+        let before = std::fs::read(&a).unwrap();
+        let u = chain::UndoDisk::open(&a, &OpenOptions::read_only(), None).unwrap();
+        let child = u.child_path().to_path_buf();
+        let disk = u.disk();
+        disk.write_at(&[9u8; 4096], 4096).unwrap();
+        disk.flush().unwrap();
+        drop(disk);
+        // Another session holds the base: the commit cannot open it for writing.
+        let holder = open(&a, &OpenOptions::read_only()).unwrap();
+        let e = u.commit(&mut |_| {}).unwrap_err();
+        assert!(matches!(e, Error::Locked { .. }), "{f:?}: {e}");
+        // The holder is a reader, and in this process: the message claims no more.
+        assert_eq!(e.to_string(), format!("{} is in use (locked)", a.display()));
+        assert_eq!(std::fs::read(&a).unwrap(), before, "{f:?}: base written");
+        assert!(child.exists(), "{f:?}: the changes are kept");
+        assert!(
+            !chain::undo::commit_interrupted(&child),
+            "{f:?}: a commit marker was left though the base was never written"
+        );
+        drop(holder);
+        std::fs::remove_file(&child).unwrap();
+    }
+}

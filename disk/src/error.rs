@@ -70,8 +70,10 @@ pub enum Error {
     #[error("parent chain of {child} loops back to {parent}")]
     ParentCycle { child: PathBuf, parent: PathBuf },
 
-    /// Another process holds the image open for writing.
-    #[error("{path} is locked by another process (opened for writing elsewhere)")]
+    /// Someone holds a lock on the image that this open conflicts with: a writer (for any
+    /// open), or a reader (for a write). It may be another process or this one (another open
+    /// of the same file), so the message claims no more than that.
+    #[error("{path} is in use (locked)")]
     Locked { path: PathBuf },
 
     /// A write to a raw image whose format was probed (not stated) that would make the next

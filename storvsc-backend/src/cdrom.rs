@@ -25,6 +25,7 @@ pub mod mmc {
     pub const GET_CONFIGURATION: u8 = 0x46;
     pub const GET_EVENT_STATUS_NOTIFICATION: u8 = 0x4A;
     pub const READ_DISC_INFORMATION: u8 = 0x51;
+    pub const READ_TRACK_INFORMATION: u8 = 0x52;
     /// DVD-ROM profile (GET CONFIGURATION).
     pub const PROFILE_DVD_ROM: u16 = 0x0010;
     /// CD-ROM profile (listed, never current: the medium is presented as a DVD).
@@ -178,10 +179,15 @@ impl ScsiCdrom {
 
     /// The host puts `medium` in and closes the tray; the guest sees a UNIT ATTENTION and a
     /// new-media event. A medium already in the drive is taken out first (same lock rule as
-    /// [`Self::host_eject`]) and returned.
+    /// [`Self::host_eject`]) and returned. An open tray takes a medium whatever the lock says
+    /// (as QEMU's: the lock only keeps a closed tray closed).
     pub fn host_insert(&mut self, medium: Disk, force: bool) -> Result<Option<Disk>, CdromError> {
         check_medium(&medium)?;
-        let old = self.host_eject(force)?;
+        let old = if self.tray_open {
+            self.medium.take()
+        } else {
+            self.host_eject(force)?
+        };
         self.medium = Some(medium);
         self.tray_open = false;
         self.unit_attention = Some(Sense::MEDIUM_CHANGED);
@@ -243,6 +249,7 @@ impl ScsiCdrom {
             }
             READ_TOC => self.read_toc(cdb, buf),
             READ_DISC_INFORMATION => self.disc_information(cdb, buf),
+            READ_TRACK_INFORMATION => self.track_information(cdb, buf),
             GET_CONFIGURATION => self.get_configuration(cdb, buf),
             GET_EVENT_STATUS_NOTIFICATION => self.event_status(cdb, buf),
             SYNCHRONIZE_CACHE_10 => Completion::Good { transferred: 0 },
@@ -454,6 +461,42 @@ impl ScsiCdrom {
         d[8] = 0x00; // disc type: CD-DA or CD-ROM (DVD media report 0 too)
                      // Last session lead-in start and last possible lead-out start: not recorded (FFh).
         d[16..24].fill(0xFF);
+        respond(buf, &d, alloc)
+    }
+
+    /// READ TRACK INFORMATION: the disc has one track, track 1 of session 1, a complete data
+    /// track over the whole medium. It can be named by an LBA inside it (address type 0), by
+    /// its number (type 1) or by its session (type 2); anything else is an invalid field.
+    fn track_information(&self, cdb: &[u8], buf: &mut dyn DataBuffer) -> Completion {
+        let open_bit = cdb[1] & 0x04 != 0;
+        let address_type = cdb[1] & 0x03;
+        let number = be32(cdb, 2) as u64;
+        if open_bit || address_type == 3 {
+            return Completion::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        if self.loaded().is_none() {
+            return Completion::check(self.not_present());
+        }
+        let blocks = self.blocks();
+        match address_type {
+            0 if number >= blocks => return Completion::check(Sense::LBA_OUT_OF_RANGE),
+            0 => {}
+            _ if number != 1 => return Completion::check(Sense::INVALID_FIELD_IN_CDB),
+            _ => {}
+        }
+        let alloc = be16(cdb, 7) as usize;
+        let size = blocks.min(0xFFFF_FFFF) as u32;
+        let mut d = [0u8; 48];
+        d[0..2].copy_from_slice(&46u16.to_be_bytes()); // length after these two bytes
+        d[2] = 1; // track number (LSB)
+        d[3] = 1; // session number (LSB)
+        d[5] = 0x04; // track mode 4: a data track, recorded uninterrupted
+        d[6] = 0x01; // not blank, not packet written; data mode 1
+        d[7] = 0; // no valid next writable / last recorded address flags: read-only medium
+                  // Logical track start 0 (bytes 8..12), next writable address and free blocks 0.
+        d[20..24].copy_from_slice(&16u32.to_be_bytes()); // blocking factor of a DVD: 16
+        d[24..28].copy_from_slice(&size.to_be_bytes()); // track size in blocks
+        d[28..32].copy_from_slice(&size.saturating_sub(1).to_be_bytes()); // last recorded
         respond(buf, &d, alloc)
     }
 

@@ -460,3 +460,69 @@ fn read_disc_information_reports_a_finalized_disc() {
     let mut e = ScsiCdrom::empty();
     assert_eq!(sense(&mut e, &rdi), Sense::MEDIUM_NOT_PRESENT_TRAY_CLOSED);
 }
+
+#[test]
+fn read_track_information_reports_track_one() {
+    // Address type 1 (track number), track 1, allocation 48.
+    let rti = |t: u8, n: u32| {
+        let b = n.to_be_bytes();
+        [0x52u8, t, b[0], b[1], b[2], b[3], 0, 0, 48, 0]
+    };
+    let mut c = ScsiCdrom::new(medium(32)).unwrap();
+    for (t, n) in [(1, 1), (0, 0), (0, 31), (2, 1)] {
+        let d = good(&mut c, &rti(t, n), 48);
+        assert_eq!(d.len(), 48);
+        assert_eq!(u16::from_be_bytes([d[0], d[1]]), 46);
+        assert_eq!((d[2], d[3]), (1, 1), "track 1 of session 1");
+        assert_eq!(d[5] & 0x0F, 4, "data track");
+        assert_eq!(d[6] & 0x40, 0, "not blank");
+        assert_eq!(
+            u32::from_be_bytes(d[8..12].try_into().unwrap()),
+            0,
+            "starts at 0"
+        );
+        assert_eq!(
+            u32::from_be_bytes(d[24..28].try_into().unwrap()),
+            32,
+            "size"
+        );
+        assert_eq!(
+            u32::from_be_bytes(d[28..32].try_into().unwrap()),
+            31,
+            "last"
+        );
+    }
+    // A short allocation is honoured.
+    assert_eq!(good(&mut c, &rti(1, 1), 8).len(), 8);
+    // No track 2, no LBA past the end, no session 2, no address type 3.
+    assert_eq!(sense(&mut c, &rti(1, 2)), Sense::INVALID_FIELD_IN_CDB);
+    assert_eq!(sense(&mut c, &rti(0, 32)), Sense::LBA_OUT_OF_RANGE);
+    assert_eq!(sense(&mut c, &rti(2, 2)), Sense::INVALID_FIELD_IN_CDB);
+    assert_eq!(sense(&mut c, &rti(3, 0)), Sense::INVALID_FIELD_IN_CDB);
+    let mut e = ScsiCdrom::empty();
+    assert_eq!(
+        sense(&mut e, &rti(1, 1)),
+        Sense::MEDIUM_NOT_PRESENT_TRAY_CLOSED
+    );
+}
+
+#[test]
+fn an_open_tray_takes_a_medium_without_force() {
+    let mut c = ScsiCdrom::new(medium(8)).unwrap();
+    // The guest locks the tray; the host forces it open.
+    let mut none = Vec::new();
+    assert!(matches!(
+        c.execute(&[0x1E, 0, 0, 0, 1, 0], &mut none),
+        Completion::Good { .. }
+    ));
+    assert_eq!(
+        c.host_insert(medium(4), false).unwrap_err(),
+        CdromError::Locked
+    );
+    assert!(c.host_eject(true).unwrap().is_some());
+    assert!(c.tray_open());
+    // Open: a medium goes in without force, and the tray closes.
+    assert!(c.host_insert(medium(4), false).unwrap().is_none());
+    assert!(!c.tray_open());
+    assert_eq!(c.blocks(), 4);
+}

@@ -535,7 +535,8 @@ pub fn run(a: Args) -> Result<i32> {
                 "viridian: {name} stopped after {:.1}s: interrupted",
                 r.elapsed.as_secs_f64()
             );
-            Ok(130)
+            // 130 for Ctrl-C, 143 for SIGTERM, as the rest of the CLI.
+            Ok(common::interrupted_exit_code())
         }
         Ok(status) => {
             eprintln!(

@@ -615,6 +615,42 @@ fn dvd_root_then_hotplug_media_pause_and_hostile_requests_over_qmp() {
     let r = raw.send(b"{\"execute\": \"query-status\", \"id\": {\"n\": 7}}\n");
     assert_eq!(r["return"]["status"], "running", "{r}");
     assert_eq!(r["id"], json!({"n": 7}));
+    // A key given twice is refused, not "last one wins" (this one would have stopped the VM).
+    let r = raw.send(b"{\"execute\": \"query-status\", \"execute\": \"stop\"}\n");
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("duplicate key"),
+        "{r}"
+    );
+    // A second VM on the same socket path is refused before it starts, and this VM keeps its
+    // socket; so is a path in a directory that does not exist (no boot, no register dump).
+    for (path, needle) in [
+        (sock.clone(), "is in use by a running VM"),
+        (d.join("no/such/dir/q.sock"), "does not exist"),
+    ] {
+        let started = Instant::now();
+        let o = Command::new(env!("CARGO_BIN_EXE_viridian"))
+            .args([
+                "run",
+                "--kernel",
+                p(&kernel),
+                "--memory",
+                "64M",
+                "--no-stdin",
+            ])
+            .args(["--qmp", p(&path), "--timeout", "30"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle), "{err}");
+        assert!(!err.contains("guest failed"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{err}");
+    }
+    let r = raw.send(b"{\"execute\": \"query-status\"}\n");
+    assert_eq!(r["return"]["status"], "running", "{r}");
     drop(raw);
 
     // 9. quit: the VM ends the orderly way; the disk added while paused is flushed and closed.

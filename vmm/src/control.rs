@@ -256,9 +256,20 @@ impl BlockTable {
         self.finish_add(a, p, ctl)
     }
 
-    /// `device_del`: the LUN goes off the bus, its image is flushed and closed.
-    pub fn device_del(&mut self, id: &str, ctl: &mut ScsiController) -> Result<Removed, QmpError> {
+    /// `device_del`: the LUN goes off the bus, its image is flushed and closed. `undo_end` is
+    /// only for undo LUNs: given for another LUN it is an error and nothing changes.
+    pub fn device_del(
+        &mut self,
+        id: &str,
+        undo_end: Option<UndoEnd>,
+        ctl: &mut ScsiController,
+    ) -> Result<Removed, QmpError> {
         let e = self.entries.get(id).ok_or_else(|| entry_not_found(id))?;
+        if undo_end.is_some() && e.undo.is_none() {
+            return Err(QmpError::generic(format!(
+                "Device '{id}' is not an undo LUN ('undo-end' is for LUNs added with undo=true)"
+            )));
+        }
         let unit = ctl
             .remove_lun(e.lun)
             .ok_or_else(|| QmpError::generic(format!("LUN {} is not on the bus", e.lun)))?;
@@ -282,7 +293,7 @@ impl BlockTable {
             .collect();
         let mut out = Vec::new();
         for id in hot {
-            let line = match self.device_del(&id, ctl) {
+            let line = match self.device_del(&id, None, ctl) {
                 Ok(r) => match r.release(how) {
                     Ok(Some(done)) => format!("'{id}': {done}"),
                     Ok(None) => format!("'{id}': flushed and closed"),
@@ -494,14 +505,18 @@ impl VmControl {
                 self.with_ctl(|ctl| table.finish_add(&a, p, ctl))?
             }
             Command::DeviceDel { id, undo_end } => {
-                let removed = self.with_ctl(|ctl| table.device_del(&id, ctl))??;
+                let removed = self.with_ctl(|ctl| table.device_del(&id, undo_end, ctl))??;
                 drop(table);
                 let r = removed.release(undo_end.unwrap_or_default());
                 self.events.emit(
                     "DEVICE_DELETED",
                     json!({"device": id, "path": format!("/machine/peripheral/{id}")}),
                 );
-                r.map_err(|e| QmpError::generic(format!("'{id}' was removed, but {e}")))?;
+                r.map_err(|e| {
+                    QmpError::generic(format!(
+                        "'{id}' was removed from the bus, but releasing it failed: {e}"
+                    ))
+                })?;
                 Ok(json!({}))
             }
             Command::Eject { id, force } => {
@@ -590,7 +605,8 @@ impl Machine for VmControl {
                     .ok_or_else(|| {
                         QmpError::generic("this VM has no shutdown integration service")
                     })?;
-                r.map_err(|e| QmpError::generic(format!("system_powerdown: {e}")))?;
+                // (The service's errors already say what failed; no prefix twice.)
+                r.map_err(QmpError::generic)?;
                 Ok(json!({}))
             }
             c => self.run_block(c),
@@ -719,6 +735,13 @@ mod tests {
         let q = t.query(&ctl);
         assert_eq!(q[1]["tray_open"], true);
         assert!(q[1].get("inserted").is_none());
+        // The tray is open (the guest's lock still set): a new medium goes in without force.
+        assert_eq!(q[1]["locked"], true);
+        let m = t.open_medium("cd", &iso1, None).unwrap();
+        assert!(t.change_medium("cd", m, false, &mut ctl).unwrap().is_none());
+        assert_eq!(t.query(&ctl)[1]["tray_open"], false);
+        let old = t.eject("cd", true, &mut ctl).unwrap();
+        release(old).unwrap();
         // Disks are not removable; unknown ids are DeviceNotFound.
         assert!(err(t.eject("d1", false, &mut ctl)).contains("not removable"));
         assert_eq!(
@@ -729,12 +752,17 @@ mod tests {
 
         // device_del takes the LUN off the bus; the id and LUN are free again.
         ctl.take_bus_changed();
-        let img = t.device_del("d1", &mut ctl).unwrap();
+        // 'undo-end' on a LUN that is not an undo LUN: refused, the LUN stays.
+        let e = err(t.device_del("d1", Some(UndoEnd::Commit), &mut ctl));
+        assert!(e.contains("not an undo LUN"), "{e}");
+        assert!(ctl.lun(1).is_some());
+        assert!(!ctl.take_bus_changed());
+        let img = t.device_del("d1", None, &mut ctl).unwrap();
         assert_eq!(img.release(UndoEnd::Discard), Ok(None));
         assert!(ctl.take_bus_changed());
         assert!(ctl.lun(1).is_none());
         assert_eq!(
-            t.device_del("d1", &mut ctl).unwrap_err().class,
+            t.device_del("d1", None, &mut ctl).unwrap_err().class,
             "DeviceNotFound"
         );
         t.device_add(&add(Driver::Disk, "d1", 1, Some(&hd)), &mut ctl)
@@ -827,6 +855,12 @@ mod socket_tests {
                 StorvscDevice::new(instance, ScsiController::new()),
             ))
             .unwrap();
+        let ic = vmbus::Guid::parse(crate::shutdown_ic::SHUTDOWN_IC_INSTANCE).unwrap();
+        server
+            .add_device(crate::vmbus_devices::VmmDevice::Shutdown(ShutdownIc::new(
+                ic,
+            )))
+            .unwrap();
         let ram = Arc::new(GuestRam::new(32 << 20).unwrap());
         let target = VmbusTarget::detached(server, ram);
         let stop = Arc::new(StopSignal::default());
@@ -917,8 +951,21 @@ mod socket_tests {
         assert_eq!(c.ask("cont", json!({})), json!({"return": {}}));
         c.wait_event("RESUME");
         assert_eq!(c.ask("query-status", json!({}))["return"]["running"], true);
+        // No guest opened the shutdown service: an error that says so, once.
         let r = c.ask("system_powerdown", json!({}));
         assert_eq!(r["error"]["class"], "GenericError");
+        let desc = r["error"]["desc"].as_str().unwrap();
+        assert!(desc.starts_with("the guest has not opened"), "{desc}");
+        // 'undo-end' on a plain LUN is refused and the LUN stays.
+        let r = c.ask("device_del", json!({"id": "cd", "undo-end": "commit"}));
+        assert!(
+            r["error"]["desc"]
+                .as_str()
+                .unwrap()
+                .contains("not an undo LUN"),
+            "{r}"
+        );
+        assert_eq!(c.ask("query-block", json!({}))["return"][0]["device"], "cd");
         assert!(!stop.stopped(), "errors do not stop the VM");
         assert_eq!(c.ask("quit", json!({})), json!({"return": {}}));
         assert_eq!(stop.reason(), Some(StopReason::Quit));

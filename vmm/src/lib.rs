@@ -47,6 +47,7 @@ pub mod probe;
 pub mod qmp;
 pub mod shutdown_ic;
 mod stats;
+mod strict_json;
 mod vcpu;
 mod vm;
 mod vmbus_devices;

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +20,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
+
+use crate::strict_json::StrictValue;
 
 /// Longest request line accepted (bytes, without the newline).
 pub const MAX_LINE: usize = 64 * 1024;
@@ -187,6 +189,10 @@ impl Args {
     }
     fn lun(&mut self) -> Result<u8, QmpError> {
         match self.0.remove("lun") {
+            // 3.0 is a JSON number but not an integer: a type error, as for "3".
+            Some(Value::Number(n)) if n.is_f64() => Err(QmpError::generic(
+                "Invalid parameter type for 'lun', expected: integer",
+            )),
             Some(Value::Number(n)) => n
                 .as_u64()
                 .filter(|&l| l <= u64::from(storvsc_backend::scsi::MAX_LUN))
@@ -372,8 +378,13 @@ impl Session {
 
     /// Answers one request line.
     pub fn handle_line(&mut self, line: &[u8], machine: &dyn Machine) -> Value {
-        let req: Value = match serde_json::from_slice(line) {
-            Ok(v) => v,
+        // Parsed strictly: a key given twice (at any depth) is refused, as QEMU does, rather
+        // than the last one silently winning.
+        let req: Value = match serde_json::from_slice::<StrictValue>(line) {
+            Ok(v) => v.0,
+            Err(e) if e.classify() == serde_json::error::Category::Data => {
+                return QmpError::generic(e.to_string()).to_json()
+            }
             Err(e) => return QmpError::generic(format!("JSON parse error, {e}")).to_json(),
         };
         let Value::Object(mut req) = req else {
@@ -419,10 +430,8 @@ impl Session {
                     "Capabilities negotiation is already complete, command ignored",
                 )));
             }
-            if let Some(k) = args.keys().next() {
-                return reply(Err(QmpError::generic(format!(
-                    "Parameter '{k}' is unexpected"
-                ))));
+            if let Err(e) = check_capabilities(args) {
+                return reply(Err(e));
             }
             self.negotiated = true;
             return reply(Ok(json!({})));
@@ -440,6 +449,33 @@ impl Session {
             c => machine.run(c),
         });
         reply(r)
+    }
+}
+
+/// `qmp_capabilities` arguments: QEMU's optional `enable`, a list of capabilities to turn on.
+/// The greeting offers none, so any name in it is refused (QEMU: `oob` is known but not
+/// available here; other names are not capabilities at all).
+fn check_capabilities(args: Map<String, Value>) -> Result<(), QmpError> {
+    let mut a = Args(args);
+    let enable = a.0.remove("enable");
+    a.done()?;
+    match enable {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Array(names)) => match names.first() {
+            None => Ok(()),
+            Some(Value::String(n)) if n == "oob" => {
+                Err(QmpError::generic("Capability 'oob' not available"))
+            }
+            Some(Value::String(n)) => Err(QmpError::generic(format!(
+                "Parameter 'enable' does not accept value '{n}'"
+            ))),
+            Some(_) => Err(QmpError::generic(
+                "Invalid parameter type for 'enable[0]', expected: string",
+            )),
+        },
+        Some(_) => Err(QmpError::generic(
+            "Invalid parameter type for 'enable', expected: array",
+        )),
     }
 }
 
@@ -474,29 +510,23 @@ impl Events {
 /// A running control socket.
 pub struct QmpServer {
     path: PathBuf,
+    /// (device, inode) of our socket, so that the end removes only ours.
+    ident: (u64, u64),
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl QmpServer {
-    /// Listens on `path` (a stale socket there is replaced; any other file is an error); the
-    /// socket is made mode 0600.
+    /// Listens on `path`. A socket already there that answers belongs to a running VM and is
+    /// an error; a stale one (nobody listening) is replaced; any other file is an error. The
+    /// socket has mode 0600 from the moment it appears at `path`.
     pub fn start(
         path: &Path,
         machine: Arc<dyn Machine>,
         events: Arc<Events>,
     ) -> std::io::Result<QmpServer> {
-        if let Ok(m) = std::fs::symlink_metadata(path) {
-            if !m.file_type().is_socket() {
-                return Err(std::io::Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        check_path(path)?;
+        let (listener, ident) = bind_private(path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -505,19 +535,118 @@ impl QmpServer {
             .spawn(move || serve(listener, machine, events, s))?;
         Ok(QmpServer {
             path: path.to_path_buf(),
+            ident,
             stop,
             thread: Some(thread),
         })
     }
 
-    /// Sends what is queued (final events), closes the client and removes the socket.
+    /// Sends what is queued (final events), closes the client and removes the socket if it
+    /// is still ours (another VM may have replaced it after ours went stale).
     pub fn shutdown(mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.ident) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+/// Checks `path` before the VM starts, so a bad `--qmp` is refused up front: its directory
+/// exists, the socket's name fits (with the private directory it is bound in first), and the
+/// path is free or a stale socket.
+pub fn check_path(path: &Path) -> std::io::Result<()> {
+    let dir = parent_dir(path);
+    if path.file_name().is_none() {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("{}: not a socket file name", path.display()),
+        ));
+    }
+    if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
+        return Err(std::io::Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "{}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            ),
+        ));
+    }
+    // sun_path holds 108 bytes with the final NUL.
+    let longest = private_dir(dir, u64::MAX).join("s").as_os_str().len();
+    if longest.max(path.as_os_str().len()) > 107 {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{}: path too long for a socket (keep it, and its directory plus 40 bytes, \
+                 within 107 bytes)",
+                path.display()
+            ),
+        ));
+    }
+    check_socket_path(path)
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+fn private_dir(dir: &Path, serial: u64) -> PathBuf {
+    dir.join(format!(".qmp-{}-{serial}", std::process::id()))
+}
+
+/// Whether `path` may be taken for a new socket: free, or a socket nobody listens on.
+fn check_socket_path(path: &Path) -> std::io::Result<()> {
+    let Ok(m) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !m.file_type().is_socket() {
+        return Err(std::io::Error::new(
+            ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(std::io::Error::new(
+            ErrorKind::AddrInUse,
+            format!("{} is in use by a running VM", path.display()),
+        )),
+        Err(e) if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) => Ok(()),
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("{}: cannot tell whether it is in use: {e}", path.display()),
+        )),
+    }
+}
+
+/// Binds the socket in a private directory (mode 0700) beside `path`, sets its mode there,
+/// and renames it into place: nobody else can reach it, or swap the name chmod acts on,
+/// before it has mode 0600, and a stale socket at `path` is replaced in one step. Returns
+/// the listener and the socket's (device, inode).
+fn bind_private(path: &Path) -> std::io::Result<(UnixListener, (u64, u64))> {
+    let private = private_dir(parent_dir(path), next_serial());
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let tmp = private.join("s");
+    let r = (|| {
+        let listener = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        let m = std::fs::symlink_metadata(&tmp)?;
+        std::fs::rename(&tmp, path)?;
+        Ok((listener, (m.dev(), m.ino())))
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    r
+}
+
+fn next_serial() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
 }
 
 struct Client {
@@ -526,6 +655,17 @@ struct Client {
     buf: Vec<u8>,
     /// Discarding the rest of an over-long line.
     skipping: bool,
+    /// A reply or event could not be written (the client closed, or stopped reading): what
+    /// it already sent is still carried out, as QEMU does, but nothing more is written.
+    mute: bool,
+}
+
+impl Client {
+    fn send(&mut self, v: &Value) {
+        if !self.mute && send(&mut self.stream, v).is_err() {
+            self.mute = true;
+        }
+    }
 }
 
 fn send(stream: &mut UnixStream, v: &Value) -> std::io::Result<()> {
@@ -553,7 +693,7 @@ fn serve(
             }
             let mut alive = true;
             for ev in events.take() {
-                alive &= send(&mut c.stream, &ev).is_ok();
+                c.send(&ev);
             }
             if stopping {
                 return;
@@ -564,7 +704,7 @@ fn serve(
                 match c.stream.read(&mut chunk) {
                     Ok(0) => alive = false,
                     Ok(n) => {
-                        alive &= feed(c, &chunk[..n], machine.as_ref());
+                        feed(c, &chunk[..n], machine.as_ref());
                         events
                             .listening
                             .store(c.session.negotiated(), Ordering::Release);
@@ -576,7 +716,8 @@ fn serve(
                     Err(_) => alive = false,
                 }
             }
-            if !alive {
+            // A mute client is let go once what it sent is read and carried out.
+            if !alive || c.mute {
                 client = None;
                 events.listening.store(false, Ordering::Release);
                 events.take();
@@ -599,14 +740,16 @@ fn serve(
                     }
                     let _ = s.set_read_timeout(Some(POLL));
                     let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-                    if send(&mut s, &greeting()).is_ok() {
-                        client = Some(Client {
-                            stream: s,
-                            session: Session::new(),
-                            buf: Vec::new(),
-                            skipping: false,
-                        });
-                    }
+                    // A client that already left still gets its requests carried out.
+                    let mut c = Client {
+                        stream: s,
+                        session: Session::new(),
+                        buf: Vec::new(),
+                        skipping: false,
+                        mute: false,
+                    };
+                    c.send(&greeting());
+                    client = Some(c);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(_) => break,
@@ -618,19 +761,19 @@ fn serve(
     }
 }
 
-/// Takes the JSON requests out of what arrived and answers each; false when the client is
-/// gone. Requests are a stream of JSON objects, as QEMU reads them: a newline after each is
+/// Takes the JSON requests out of what arrived and answers each (every complete request is
+/// carried out, even when its reply cannot be written). Requests are a stream of JSON objects, as QEMU reads them: a newline after each is
 /// usual but not needed (QEMU's own Python client, `qemu.qmp`, sends none). After a syntax
 /// error the rest of that line is dropped; a request still incomplete after [`MAX_LINE`]
 /// bytes is refused and skipped up to its newline.
-fn feed(c: &mut Client, mut data: &[u8], machine: &dyn Machine) -> bool {
+fn feed(c: &mut Client, mut data: &[u8], machine: &dyn Machine) {
     if c.skipping {
         match data.iter().position(|&b| b == b'\n') {
             Some(i) => {
                 c.skipping = false;
                 data = &data[i + 1..];
             }
-            None => return true,
+            None => return,
         }
     }
     c.buf.extend_from_slice(data);
@@ -642,7 +785,7 @@ fn feed(c: &mut Client, mut data: &[u8], machine: &dyn Machine) -> bool {
             .unwrap_or(c.buf.len());
         c.buf.drain(..start);
         if c.buf.is_empty() {
-            return true;
+            return;
         }
         let mut values = serde_json::Deserializer::from_slice(&c.buf).into_iter::<Value>();
         // (reply, bytes used; None = a bad request, dropped to the end of its line)
@@ -657,7 +800,7 @@ fn feed(c: &mut Client, mut data: &[u8], machine: &dyn Machine) -> bool {
             }
             Some(Err(e)) if e.is_eof() => {
                 if c.buf.len() <= MAX_LINE {
-                    return true; // wait for the rest
+                    return; // wait for the rest
                 }
                 let e = QmpError::generic(format!("request longer than {MAX_LINE} bytes"));
                 (e.to_json(), None)
@@ -666,7 +809,7 @@ fn feed(c: &mut Client, mut data: &[u8], machine: &dyn Machine) -> bool {
                 let e = QmpError::generic(format!("JSON parse error, {e}"));
                 (e.to_json(), None)
             }
-            None => return true,
+            None => return,
         };
         match consumed {
             Some(n) => {
@@ -682,9 +825,7 @@ fn feed(c: &mut Client, mut data: &[u8], machine: &dyn Machine) -> bool {
                 }
             },
         }
-        if send(&mut c.stream, &reply).is_err() {
-            return false;
-        }
+        c.send(&reply);
     }
 }
 
@@ -918,5 +1059,158 @@ mod tests {
         assert!(!path.exists());
         // ids 2, 3, 4 and 6; neither the over-long request nor the broken line ran.
         assert_eq!(*m.0.lock().unwrap(), vec![Command::Stop; 4]);
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let m = Echo(Mutex::new(Vec::new()));
+        let mut s = Session::new();
+        ask(&mut s, &m, r#"{"execute":"qmp_capabilities"}"#);
+        for line in [
+            r#"{"execute":"query-status","execute":"stop"}"#,
+            r#"{"execute":"eject","arguments":{"id":"a","id":"b"}}"#,
+            r#"{"execute":"stop","id":{"x":1,"x":2}}"#,
+        ] {
+            let r = ask(&mut s, &m, line);
+            assert_eq!(r["error"]["class"], "GenericError", "{line}: {r}");
+            let desc = r["error"]["desc"].as_str().unwrap();
+            assert!(desc.starts_with("duplicate key '"), "{line}: {desc}");
+        }
+        assert!(m.0.lock().unwrap().is_empty(), "nothing ran");
+    }
+
+    #[test]
+    fn capabilities_enable_and_lun_types() {
+        let m = Echo(Mutex::new(Vec::new()));
+        let mut s = Session::new();
+        for (args, needle) in [
+            (r#"{"enable":["oob"]}"#, "'oob' not available"),
+            (r#"{"enable":["frob"]}"#, "does not accept value 'frob'"),
+            (r#"{"enable":"oob"}"#, "expected: array"),
+            (r#"{"other":1}"#, "'other' is unexpected"),
+        ] {
+            let line = format!(r#"{{"execute":"qmp_capabilities","arguments":{args}}}"#);
+            let r = ask(&mut s, &m, &line);
+            let desc = r["error"]["desc"].as_str().unwrap_or_default();
+            assert!(desc.contains(needle), "{line}: {r}");
+            assert!(!s.negotiated());
+        }
+        let r = ask(
+            &mut s,
+            &m,
+            r#"{"execute":"qmp_capabilities","arguments":{"enable":[]}}"#,
+        );
+        assert_eq!(r, json!({"return": {}}));
+        for lun in ["3.0", r#""3""#, "true"] {
+            let line = format!(
+                r#"{{"execute":"device_add","arguments":{{"driver":"scsi-hd","id":"d","lun":{lun},"file":"x"}}}}"#
+            );
+            let r = ask(&mut s, &m, &line);
+            assert_eq!(
+                r["error"]["desc"], "Invalid parameter type for 'lun', expected: integer",
+                "{line}"
+            );
+        }
+        let r = ask(
+            &mut s,
+            &m,
+            r#"{"execute":"device_add","arguments":{"driver":"scsi-hd","id":"d","lun":64,"file":"x"}}"#,
+        );
+        assert!(
+            r["error"]["desc"].as_str().unwrap().contains("0..=63"),
+            "{r}"
+        );
+    }
+
+    fn start(path: &Path) -> (QmpServer, Arc<Echo>) {
+        let m = Arc::new(Echo(Mutex::new(Vec::new())));
+        let srv = QmpServer::start(path, m.clone(), Arc::new(Events::default())).unwrap();
+        (srv, m)
+    }
+
+    #[test]
+    fn live_socket_is_not_taken_over_and_only_ours_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        // A stale socket (nobody listens) is replaced.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let (first, _) = start(&path);
+        // A second server on the same path is refused and the first keeps its socket.
+        let Err(e) = QmpServer::start(
+            &path,
+            Arc::new(Echo(Mutex::new(Vec::new()))),
+            Arc::new(Events::default()),
+        ) else {
+            panic!("a second server took a live socket");
+        };
+        assert!(e.to_string().contains("is in use by a running VM"), "{e}");
+        // (The probe was a client for a moment; let the server see it leave.)
+        std::thread::sleep(Duration::from_millis(100));
+        let (_w, mut r) = connect(&path);
+        assert!(recv(&mut r).get("QMP").is_some());
+        // No private directory is left beside the socket.
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        // Someone else's socket now at the path (ours was removed behind our back): the end
+        // of the first server leaves it alone.
+        std::fs::remove_file(&path).unwrap();
+        let other = UnixListener::bind(&path).unwrap();
+        first.shutdown();
+        assert!(
+            path.exists(),
+            "the first server removed a socket that was not its own"
+        );
+        drop(other);
+        // A regular file is never replaced.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"data").unwrap();
+        let Err(e) = QmpServer::start(
+            &path,
+            Arc::new(Echo(Mutex::new(Vec::new()))),
+            Arc::new(Events::default()),
+        ) else {
+            panic!("a regular file was replaced");
+        };
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"data");
+    }
+
+    #[test]
+    fn requests_sent_before_closing_are_carried_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let (srv, m) = start(&path);
+        // Sent and closed before the server even greets: the writes of the greeting and the
+        // replies fail, the requests must run all the same.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(
+            b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"stop\"}\n{\"execute\":\"quit\"}\n",
+        )
+        .unwrap();
+        drop(s);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while m.0.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(*m.0.lock().unwrap(), vec![Command::Stop, Command::Quit]);
+        // The server is free for the next client.
+        let (_w, mut r) = connect(&path);
+        assert!(recv(&mut r).get("QMP").is_some());
+        srv.shutdown();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn bad_paths_are_refused_up_front() {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, needle) in [
+            (dir.path().join("no/such/dir/q.sock"), "does not exist"),
+            (dir.path().join("x".repeat(100)), "too long"),
+        ] {
+            let e = check_path(&path).unwrap_err().to_string();
+            assert!(e.contains(needle), "{}: {e}", path.display());
+        }
+        assert!(check_path(&dir.path().join("q.sock")).is_ok());
     }
 }

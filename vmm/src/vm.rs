@@ -66,6 +66,11 @@ pub fn run(cfg: VmConfig) -> Result<ExitStatus, VmmError> {
     if cfg.disks.len() + cfg.dvds.len() > 64 {
         return Err(VmmError::Config("at most 64 disks and DVD drives".into()));
     }
+    if let Some(path) = &cfg.qmp {
+        // Refused before anything starts, not reported as a failed guest later.
+        crate::qmp::check_path(path)
+            .map_err(|e| VmmError::Config(format!("control socket: {e}")))?;
+    }
     let start = Instant::now();
     let kvm = Kvm::new().map_err(|e| VmmError::KvmUnavailable(format!("/dev/kvm: {e}")))?;
     for (cap, name) in [
