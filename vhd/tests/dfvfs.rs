@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use disk::{Access, BlockDevice, FileStorage, Storage};
