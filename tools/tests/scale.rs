@@ -209,3 +209,42 @@ fn fully_populated_64_tib_vhdx_stays_bounded() {
     let c: serde_json::Value = serde_json::from_str(&check.stdout).expect("check JSON");
     assert_eq!(c["allocated-clusters"], 1);
 }
+
+/// A writer that never flushes: every write lands in another BAT page, and dirty pages are
+/// pinned until a log entry carries them, so without a flush of its own the image would hold
+/// them all (about 10 KiB each, 4,000 here). It flushes by itself past 4 MiB of them.
+#[test]
+fn unflushed_writes_across_many_bat_pages_stay_bounded() {
+    let d = tmp();
+    let img = join(d.path(), "spread.vhdx");
+    let img = p(&img);
+    step(&["create", "-q", "-f", "vhdx", img, "64T"]);
+    let stride: u64 = 16 << 30;
+    let cmds: Vec<String> = (0..4000u64)
+        .map(|k| format!("write -q -P 0x{:02x} {} 4k", k % 251 + 1, k * stride))
+        .collect();
+    let mut args = vec!["--bat-cache", "4k", "io"];
+    for c in &cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(img);
+    // Not `step`: its message would list all 4,000 commands.
+    let m = viridian_measured(&args);
+    assert_eq!(m.code, 0, "4,000 writes failed: {}", m.stderr);
+    assert!(
+        m.max_rss_kib <= RSS_LIMIT_KIB,
+        "4,000 unflushed writes peaked at {} KiB resident, limit {RSS_LIMIT_KIB} KiB",
+        m.max_rss_kib
+    );
+    for k in [0u64, 1, 1999, 3999] {
+        let c = format!("read -P 0x{:02x} {} 4k", k % 251 + 1, k * stride);
+        step(&["io", "-r", "-c", &c, img]);
+    }
+    let out = viridian(&["check", img]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

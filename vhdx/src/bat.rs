@@ -461,11 +461,25 @@ impl Bat {
         self.lock().dirty.iter().copied().collect()
     }
 
-    /// Page `p` is durable in the file: it may be evicted from now on.
+    /// How many pages are dirty.
+    pub fn dirty_count(&self) -> usize {
+        self.lock().dirty.len()
+    }
+
+    /// Page `p` is durable in the file: it may be evicted from now on (by the next
+    /// [`Self::shrink_to_bound`], called once per batch: shrinking after every page would scan
+    /// the dirty pages again each time).
     pub fn clear_dirty(&mut self, p: u64) {
         let c = self.cache.get_mut().unwrap_or_else(|e| e.into_inner());
         c.dirty.remove(&p);
-        c.shrink();
+    }
+
+    /// Drops clean pages until the cache is within its bound again.
+    pub fn shrink_to_bound(&mut self) {
+        self.cache
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .shrink();
     }
 
     /// Every dirty page is durable in the file (resize wrote a whole new table).
@@ -652,6 +666,7 @@ mod tests {
             file.lock().unwrap()[at..at + 4096].copy_from_slice(&img);
             b.clear_dirty(p);
         }
+        b.shrink_to_bound();
         assert_eq!(b.resident_pages(), 4);
         for p in 0..64 {
             b.get(p * PER_PAGE).unwrap();

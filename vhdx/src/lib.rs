@@ -228,7 +228,9 @@ impl BlockDevice for VhdxDisk {
         }
         self.usable()?;
         self.ensure_session(true)?;
-        self.write_aligned(buf, offset)
+        self.write_aligned(buf, offset)?;
+        self.flush_if_many_dirty();
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
@@ -240,11 +242,15 @@ impl BlockDevice for VhdxDisk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.discard_range(offset, len)
+        self.discard_range(offset, len)?;
+        self.flush_if_many_dirty();
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.zero_range(offset, len, flags)
+        self.zero_range(offset, len, flags)?;
+        self.flush_if_many_dirty();
+        Ok(())
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {

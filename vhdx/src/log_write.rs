@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// Dirty BAT and sector-bitmap pages (4 KiB each) that make a write flush by itself: 4 MiB.
+const AUTO_FLUSH_DIRTY_PAGES: usize = 1024;
+
 /// The most pages one entry may carry: with its descriptor sectors it must fit in half the log,
 /// so it never overlaps the previous entry, which stays the replay target until it is durable.
 fn pages_per_entry(log_len: u64) -> usize {
@@ -206,8 +209,22 @@ impl VhdxDisk {
                     }
                 }
             }
+            bat.shrink_to_bound();
         }
         Ok(())
+    }
+
+    /// Flushes when many metadata pages are waiting for one: dirty pages are pinned in memory
+    /// until a log entry carries them, so a writer that never flushes would otherwise make
+    /// memory (and the one big flush that comes at last) grow with every page it touches.
+    /// A failure here is not the write's: its data is in place and its pages stay dirty, so
+    /// the caller's next flush retries them and reports the error.
+    pub(crate) fn flush_if_many_dirty(&self) {
+        let dirty = rlock(&self.bat).dirty_count() + lock(&self.bitmaps).dirty.len();
+        if dirty >= AUTO_FLUSH_DIRTY_PAGES {
+            let mut wal = lock(&self.wal);
+            let _ = self.flush_locked(&mut wal);
+        }
     }
 
     /// Flush, make the applied pages durable and mark the log empty.
