@@ -390,17 +390,13 @@ fn deprecated_locators_and_candidate_order() {
     );
     assert!(info.locators.iter().all(|l| l.data_space_bytes == 1024));
     let link = d.parent_link().unwrap();
-    // No file path for a memory store: relative entries are relative to "".
-    let want: Vec<std::path::PathBuf> = [
-        "../base/p.vhd",
-        "D:\\vms\\p.vhd",
-        "D:/vms/p.vhd",
-        "/Users/me/my vms/p.vhd",
-        "parent.vhd",
-    ]
-    .iter()
-    .map(Into::into)
-    .collect();
+    // No file path for a memory store: relative entries are relative to "". The Windows path
+    // is not absolute here, so it is not tried (it would resolve against the working
+    // directory); the POSIX absolute one is.
+    let want: Vec<std::path::PathBuf> = ["../base/p.vhd", "/Users/me/my vms/p.vhd", "parent.vhd"]
+        .iter()
+        .map(Into::into)
+        .collect();
     assert_eq!(chain::parent_candidates(None, &link), want);
     assert!(info.warnings.iter().any(|w| w.contains("header checksum")));
 }
