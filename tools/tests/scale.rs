@@ -12,11 +12,16 @@ use common::*;
 const RSS_LIMIT_KIB: u64 = 32 * 1024;
 
 fn step(args: &[&str]) -> Measured {
+    step_named(&format!("viridian {args:?}"), args)
+}
+
+/// [`step`], naming the step `what` in its messages (for argument lists too long to print).
+fn step_named(what: &str, args: &[&str]) -> Measured {
     let m = viridian_measured(args);
-    assert_eq!(m.code, 0, "viridian {args:?} failed: {}", m.stderr);
+    assert_eq!(m.code, 0, "{what} failed: {}", m.stderr);
     assert!(
         m.max_rss_kib <= RSS_LIMIT_KIB,
-        "viridian {args:?} peaked at {} KiB resident, limit {RSS_LIMIT_KIB} KiB",
+        "{what} peaked at {} KiB resident, limit {RSS_LIMIT_KIB} KiB",
         m.max_rss_kib
     );
     m
@@ -229,14 +234,7 @@ fn unflushed_writes_across_many_bat_pages_stay_bounded() {
         args.push(c);
     }
     args.push(img);
-    // Not `step`: its message would list all 4,000 commands.
-    let m = viridian_measured(&args);
-    assert_eq!(m.code, 0, "4,000 writes failed: {}", m.stderr);
-    assert!(
-        m.max_rss_kib <= RSS_LIMIT_KIB,
-        "4,000 unflushed writes peaked at {} KiB resident, limit {RSS_LIMIT_KIB} KiB",
-        m.max_rss_kib
-    );
+    step_named("4,000 unflushed writes", &args);
     for k in [0u64, 1, 1999, 3999] {
         let c = format!("read -P 0x{:02x} {} 4k", k % 251 + 1, k * stride);
         step(&["io", "-r", "-c", &c, img]);

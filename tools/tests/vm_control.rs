@@ -92,6 +92,18 @@ fn spinning_init() -> Vec<u8> {
     e
 }
 
+/// Waits (at most 60 s) for the VM to end after `quit`.
+fn wait_for_exit_after_quit(child: &mut Child) -> std::process::ExitStatus {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < end, "the VM did not end after quit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn make_iso(dir: &Path, name: &str, label: &str, files: &[(&str, &[u8])]) -> PathBuf {
     let root = dir.join(format!("{name}.d"));
     for sub in ["dev", "proc", "sys", "sbin"] {
@@ -657,14 +669,7 @@ fn dvd_root_then_hotplug_media_pause_and_hostile_requests_over_qmp() {
     let r = qemu_qmp(&py, &sock, json!([{"execute": "quit"}]));
     assert_eq!(r[1]["return"], json!({}), "{}", r[1]);
     let mut child = vmp.0.take().unwrap();
-    let end = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < end, "the VM did not end after quit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_for_exit_after_quit(&mut child);
     let out = child.wait_with_output().unwrap();
     eprintln!(
         "run ended: {status}; stderr:\n{}",
@@ -890,14 +895,7 @@ fn hotplug_cycles_keep_the_guest_scanning() {
     );
     assert_eq!(vm_ok(&sock, &["quit"]), json!({}));
     let mut child = vmp.0.take().unwrap();
-    let end = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < end, "the VM did not end after quit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_for_exit_after_quit(&mut child);
     assert!(status.success(), "quit is a normal end");
     for img in &images {
         check_clean(img);
