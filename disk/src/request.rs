@@ -3,25 +3,27 @@
 //!
 //! [`Disk`] checks range and read-only once and turns any write (and write-zeroes and discard)
 //! into requests aligned to the image's logical sector size, so formats never write a partial
-//! sector and none of them does read-modify-write itself. Reads pass through unchanged. A write that covers only part of a sector is done here as
-//! read-modify-write of the enclosing sectors while a lock on those sectors is held.
+//! sector and none of them does read-modify-write itself. Reads pass through unchanged. A write
+//! that covers only part of a sector is done here as read-modify-write of the enclosing
+//! sectors while those sectors are locked.
 //!
-//! Why the lock must cover aligned writes too: a read-modify-write reads sector S, merges its
-//! bytes and writes S back. An aligned write to S that lands between that read and that write-back
-//! is silently undone by the stale write-back, exactly as a second read-modify-write would be.
-//! So while any read-modify-write is in flight, every write (aligned or not, discard and
-//! write-zeroes included) takes its range in the lock table and waits for overlapping ranges.
+//! The lock table orders overlapping requests, so every request sees or leaves each sector
+//! whole:
+//! - A read-modify-write reads sector S, merges its bytes and writes S back. Any write to S
+//!   landing between that read and that write-back would be silently undone.
+//! - A read copying S while a write copies new bytes into S sees a mix of both (the page
+//!   cache does not make `pread` atomic against `pwrite`): a sector nobody ever wrote.
+//! - Two writes to S running at once may leave bytes of each.
 //!
-//! Keeping the cost out of the hot path: with no read-modify-write in flight (the normal case:
-//! guests, qemu and the kernel send sector-aligned I/O) an aligned write only increments and
-//! decrements one atomic counter. A read-modify-write announces itself on a second counter and
-//! then waits until the aligned writes that started before it have finished; both sides use
-//! sequentially consistent operations, so one of the two always sees the other. Reads take no
-//! lock: a read racing a write of the same bytes may see either, as on any disk.
+//! So every request registers its range (a write: the whole sectors it writes; a read: its
+//! bytes) and waits for the overlapping requests registered before it, unless both are reads.
+//! Waiting only on earlier requests means no request can deadlock or starve: a stream of reads
+//! does not hold off a write that arrived before them. The table holds only the requests in
+//! flight (a queue depth's worth), and a request that overlaps nothing takes one short mutex
+//! hold on entry and one on exit.
 
 use std::ops::Range;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::{check_range, BlockDevice, Error, Extent, ParentLink, Result, ZeroFlags};
@@ -114,12 +116,14 @@ impl Disk {
     }
 
     /// Reads `buf.len()` bytes at `offset` (the merged view through the chain). Reads go to
-    /// the format as they are: a read merges nothing, so it needs neither alignment nor lock.
+    /// the format as they are (a read merges nothing, so it needs no alignment), once the
+    /// overlapping writes registered before it are done.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.img().size())?;
         if buf.is_empty() {
             return Ok(());
         }
+        let _g = self.inner.locks.read(offset..offset + buf.len() as u64);
         self.img().read_at(buf, offset)
     }
 
@@ -135,7 +139,7 @@ impl Disk {
             return self.img().write_at(buf, offset);
         }
         let whole = self.enclosing(offset, end);
-        let _g = self.inner.locks.read_modify_write(whole.clone());
+        let _g = self.inner.locks.write(whole.clone());
         let (first, last) = self.end_sectors(&whole);
         if whole.end - whole.start <= MERGED_WRITE_MAX {
             // One format write of the merged sectors: the request stays one request (FUSE and
@@ -222,7 +226,7 @@ impl Disk {
             return self.img().write_zeroes(offset, len, flags);
         }
         let whole = self.enclosing(offset, end);
-        let _g = self.inner.locks.read_modify_write(whole);
+        let _g = self.inner.locks.write(whole);
         let s = self.inner.sector;
         // Whole sectors by the format; partial end sectors by read-modify-write with zeros.
         let inner_start = offset.div_ceil(s) * s;
@@ -354,91 +358,101 @@ impl BlockDevice for Disk {
     }
 }
 
-/// The lock table for sectors under read-modify-write (see the module comment).
+/// The requests in flight, in arrival order (see the module comment).
 #[derive(Debug, Default)]
 struct RangeLocks {
-    /// Read-modify-writes holding or waiting for a range. While non-zero, every write goes
-    /// through the table.
-    rmw_active: AtomicUsize,
-    /// Aligned writes in flight that skipped the table (none was active when they started).
-    fast_writers: AtomicUsize,
-    held: Mutex<Vec<Range<u64>>>,
+    table: Mutex<Table>,
     changed: Condvar,
 }
 
-/// Released on drop.
-enum Guard<'a> {
-    Fast(&'a RangeLocks),
-    Held {
-        locks: &'a RangeLocks,
-        range: Range<u64>,
-        rmw: bool,
-    },
+#[derive(Debug, Default)]
+struct Table {
+    next_ticket: u64,
+    /// Requests sleeping on the condition variable (so a release with none skips the wake-up).
+    sleepers: usize,
+    /// Registered requests, running or waiting, in ticket order (pushed under the mutex).
+    entries: Vec<Entry>,
 }
 
-fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
-    a.start < b.end && b.start < a.end
+#[derive(Debug)]
+struct Entry {
+    ticket: u64,
+    range: Range<u64>,
+    write: bool,
+}
+
+impl Entry {
+    /// Whether the two may not run at the same time.
+    fn conflicts(&self, other: &Entry) -> bool {
+        (self.write || other.write)
+            && self.range.start < other.range.end
+            && other.range.start < self.range.end
+    }
+}
+
+/// Released on drop.
+struct Guard<'a> {
+    locks: &'a RangeLocks,
+    ticket: u64,
+}
+
+impl Table {
+    /// Whether a request registered before `ticket` still blocks it.
+    fn blocked(&self, ticket: u64) -> bool {
+        let Some(i) = self.entries.iter().position(|e| e.ticket == ticket) else {
+            return false;
+        };
+        let me = &self.entries[i];
+        self.entries[..i].iter().any(|e| e.conflicts(me))
+    }
 }
 
 impl RangeLocks {
-    fn table(&self) -> MutexGuard<'_, Vec<Range<u64>>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Entry for a write that needs no read: free when no read-modify-write is active.
-    fn write(&self, range: Range<u64>) -> Guard<'_> {
-        self.fast_writers.fetch_add(1, SeqCst);
-        if self.rmw_active.load(SeqCst) == 0 {
-            return Guard::Fast(self);
-        }
-        self.leave_fast();
+    fn read(&self, range: Range<u64>) -> Guard<'_> {
         self.take(range, false)
     }
 
-    /// Entry for a read-modify-write of `range`: waits for overlapping held ranges and for
-    /// every aligned write that started on the fast path.
-    fn read_modify_write(&self, range: Range<u64>) -> Guard<'_> {
-        self.rmw_active.fetch_add(1, SeqCst);
+    /// For anything that changes sectors: writes, read-modify-writes, write-zeroes, discards.
+    fn write(&self, range: Range<u64>) -> Guard<'_> {
         self.take(range, true)
     }
 
-    fn take(&self, range: Range<u64>, rmw: bool) -> Guard<'_> {
-        let mut t = self.table();
-        while t.iter().any(|r| overlaps(r, &range)) || (rmw && self.fast_writers.load(SeqCst) > 0) {
-            t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
-        }
-        t.push(range.clone());
-        Guard::Held {
-            locks: self,
+    fn take(&self, range: Range<u64>, write: bool) -> Guard<'_> {
+        let mut t = self.lock();
+        let ticket = t.next_ticket;
+        t.next_ticket += 1;
+        // Registered before waiting, so requests arriving later queue behind this one.
+        t.entries.push(Entry {
+            ticket,
             range,
-            rmw,
+            write,
+        });
+        while t.blocked(ticket) {
+            t.sleepers += 1;
+            t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
+            t.sleepers -= 1;
         }
-    }
-
-    fn leave_fast(&self) {
-        if self.fast_writers.fetch_sub(1, SeqCst) == 1 && self.rmw_active.load(SeqCst) > 0 {
-            // A read-modify-write may be waiting for us; notify under the lock so the wake-up
-            // cannot fall between its check and its wait.
-            let _t = self.table();
-            self.changed.notify_all();
+        Guard {
+            locks: self,
+            ticket,
         }
     }
 }
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
-        match self {
-            Guard::Fast(locks) => locks.leave_fast(),
-            Guard::Held { locks, range, rmw } => {
-                let mut t = locks.table();
-                if let Some(i) = t.iter().position(|r| r == range) {
-                    t.swap_remove(i);
-                }
-                if *rmw {
-                    locks.rmw_active.fetch_sub(1, SeqCst);
-                }
-                locks.changed.notify_all();
-            }
+        let mut t = self.locks.lock();
+        if let Some(i) = t.entries.iter().position(|e| e.ticket == self.ticket) {
+            t.entries.remove(i);
+        }
+        let sleepers = t.sleepers > 0;
+        drop(t);
+        if sleepers {
+            self.locks.changed.notify_all();
         }
     }
 }
@@ -467,6 +481,7 @@ impl<T: BlockDevice + 'static> From<Arc<T>> for Disk {
 mod tests {
     use super::*;
     use crate::RawDisk;
+    use std::sync::atomic::Ordering::SeqCst;
     use std::sync::Barrier;
 
     /// A raw RAM disk that yields inside every read and write, so that a read-modify-write
@@ -643,6 +658,103 @@ mod tests {
                 "sector {k} lost the last aligned write: {:?}",
                 &sector[10..20]
             );
+        }
+    }
+
+    /// A raw RAM disk whose writes copy 64 bytes at a time and yield in between, as a page
+    /// cache copy can be seen halfway by a concurrent reader.
+    #[derive(Debug)]
+    struct Tearing(RawDisk);
+
+    impl BlockDevice for Tearing {
+        fn format(&self) -> &'static str {
+            "raw"
+        }
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn logical_sector_size(&self) -> u32 {
+            512
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            for (k, piece) in buf.chunks_mut(64).enumerate() {
+                self.0.read_at(piece, offset + 64 * k as u64)?;
+                std::thread::yield_now();
+            }
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            for (k, piece) in buf.chunks(64).enumerate() {
+                self.0.write_at(piece, offset + 64 * k as u64)?;
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+            Ok(())
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+            self.0.write_zeroes(offset, len, flags)
+        }
+    }
+
+    #[test]
+    fn reads_and_writes_racing_on_a_sector_see_it_whole() {
+        // Two writers rewrite the same 8 sectors with whole-sector patterns, one or two sectors
+        // at a time; two readers read them, one to three sectors at a time. Every
+        // sector a reader sees, and every sector at the end, must be one writer's whole
+        // pattern: never a mix.
+        use std::sync::atomic::AtomicBool;
+        const SECTORS: u64 = 8;
+        let raw = RawDisk::memory(SECTORS * 512)
+            .unwrap()
+            .with_logical_sector_size(64);
+        let d = Disk::new(Arc::new(Tearing(raw)));
+        d.write_at(&[1u8; (SECTORS * 512) as usize], 0).unwrap();
+        let done = AtomicBool::new(false);
+        let whole = |s: &[u8]| s.iter().all(|&x| x == s[0]);
+        std::thread::scope(|sc| {
+            for r in 0..2u64 {
+                let (d, done) = (d.clone(), &done);
+                sc.spawn(move || {
+                    let mut b = vec![0u8; (SECTORS * 512) as usize];
+                    let mut n = 0u64;
+                    while !done.load(SeqCst) || n < 50 {
+                        let off = (n + r) % SECTORS * 512;
+                        let len = 512 * (1 + (n % 3)).min(SECTORS - off / 512);
+                        d.read_at(&mut b[..len as usize], off).unwrap();
+                        for (i, s) in b[..len as usize].chunks(512).enumerate() {
+                            assert!(whole(s), "read at {off}: sector {i} is torn");
+                        }
+                        n += 1;
+                    }
+                });
+            }
+            let d2 = d.clone();
+            sc.spawn(move || {
+                for pass in 0..300u64 {
+                    let k = pass % SECTORS;
+                    d2.write_at(&[2 + (pass % 100) as u8; 512], k * 512)
+                        .unwrap();
+                }
+            });
+            for pass in 0..300u64 {
+                let k = (pass * 3) % SECTORS;
+                d.write_at(
+                    &[200 + (pass % 50) as u8; 1024][..512 * (1 + (k < SECTORS - 1) as usize)],
+                    k * 512,
+                )
+                .unwrap();
+            }
+            done.store(true, SeqCst);
+        });
+        let mut all = vec![0u8; (SECTORS * 512) as usize];
+        d.read_at(&mut all, 0).unwrap();
+        for (i, s) in all.chunks(512).enumerate() {
+            assert!(whole(s), "sector {i} was left torn");
         }
     }
 
