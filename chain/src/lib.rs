@@ -425,7 +425,18 @@ pub fn create_image(path: &Path, spec: &CreateSpec) -> Result<Image> {
                 format: spec.parent_format,
                 ..OpenOptions::read_only()
             };
-            Some((p.clone(), open(p, &opts)?))
+            let parent = open(p, &opts)?;
+            // The new child is one more layer: a chain that open would refuse is not made.
+            let images = disk::chain_depth(parent.as_ref()) + 1;
+            if images + 1 > MAX_CHAIN_DEPTH {
+                return Err(Error::Unsupported(format!(
+                    "{} is the top of a chain of {} images; a child would make it deeper than \
+                     the {MAX_CHAIN_DEPTH} images a chain may have",
+                    p.display(),
+                    images
+                )));
+            }
+            Some((p.clone(), parent))
         }
         None => None,
     };

@@ -394,3 +394,24 @@ fn undo_commit_into_a_locked_base_changes_nothing() {
         std::fs::remove_file(&child).unwrap();
     }
 }
+
+#[test]
+fn create_never_makes_a_chain_deeper_than_open_accepts() {
+    // Each child is made as `create -b` makes it, opening the whole chain under it.
+    let d = tempfile::tempdir().unwrap();
+    let name = |i: usize| d.path().join(format!("l{i}.vhd"));
+    mk(&name(0), Format::Vhd, None);
+    for i in 1..chain::MAX_CHAIN_DEPTH {
+        mk(&name(i), Format::Vhd, Some(&name(i - 1)));
+    }
+    let top = name(chain::MAX_CHAIN_DEPTH - 1);
+    write(&top, 9, 0);
+    assert_eq!(read(&top, 0), 9, "the deepest chain open accepts must work");
+    let mut spec = CreateSpec::new(Format::Vhd, 8 << 20);
+    spec.parent = Some(top.clone());
+    let over = name(chain::MAX_CHAIN_DEPTH);
+    let err = create(&over, &spec).unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("l255.vhd"), "{err}");
+    assert!(!over.exists(), "the refused child was left behind");
+}
