@@ -415,3 +415,35 @@ fn create_never_makes_a_chain_deeper_than_open_accepts() {
     assert!(err.to_string().contains("l255.vhd"), "{err}");
     assert!(!over.exists(), "the refused child was left behind");
 }
+
+#[test]
+fn a_vhdx_child_without_a_readable_parent_linkage_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.vhdx");
+    let child = d.path().join("child.vhdx");
+    mk(&base, Format::Vhdx, None);
+    mk(&child, Format::Vhdx, Some(&base));
+    let id = open(&child, &OpenOptions::read_only())
+        .unwrap()
+        .parent_link()
+        .unwrap()
+        .expected_id;
+    // The locator value is UTF-16LE text "{guid}"; spoil one of its digits.
+    let text: Vec<u8> = format!("{{{id}}}")
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    let mut bytes = std::fs::read(&child).unwrap();
+    let at = bytes
+        .windows(text.len())
+        .position(|w| w == text.as_slice())
+        .expect("parent_linkage value in the file");
+    bytes[at + 2] = b'z';
+    std::fs::write(&child, &bytes).unwrap();
+    let err = open(&child, &OpenOptions::read_only()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("parent_linkage") && msg.contains("not a GUID"),
+        "{msg}"
+    );
+}

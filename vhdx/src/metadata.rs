@@ -257,6 +257,23 @@ pub fn parse_metadata(region: &[u8], offset: u64) -> Result<Metadata> {
             "HasParent is set but the parent locator item is missing".into(),
         ));
     }
+    // The parent's identity is what makes a differencing disk safe to read: without a
+    // readable `parent_linkage` any file could be taken for the parent.
+    if let Some(loc) = &parent_locator {
+        match loc.get("parent_linkage") {
+            None => {
+                return Err(corrupt(
+                    "the parent locator has no parent_linkage (the parent's identity)".into(),
+                ))
+            }
+            Some(v) if disk::Guid::parse(v).is_none() => {
+                return Err(corrupt(format!(
+                    "the parent locator's parent_linkage {v:?} is not a GUID"
+                )))
+            }
+            Some(_) => {}
+        }
+    }
     Ok(Metadata {
         block_size,
         leave_blocks_allocated: fp.flags & 1 != 0,
