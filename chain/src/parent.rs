@@ -66,6 +66,25 @@ fn normalise(recorded: &str) -> String {
     rest.to_string()
 }
 
+/// What a file that is not a regular file is, for messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
 pub(crate) fn is_block_device(meta: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::FileTypeExt;
     meta.file_type().is_block_device()
@@ -91,6 +110,7 @@ pub(crate) fn open_parent(
         None => parent_candidates(Some(child), link),
     };
     let mut tried = Vec::new();
+    let mut unusable = Vec::new();
     let mut mismatch: Option<Error> = None;
     for cand in candidates {
         if tried.contains(&cand) {
@@ -106,6 +126,7 @@ pub(crate) fn open_parent(
         let explicit = parent_override.is_some();
         let usable = meta.is_file() || (explicit && is_block_device(&meta));
         if !usable {
+            unusable.push((cand.clone(), file_kind(&meta)));
             continue;
         }
         if seen.contains(&canonical(&cand)) {
@@ -172,6 +193,7 @@ pub(crate) fn open_parent(
         child: child.to_path_buf(),
         name: link.name.clone(),
         tried,
+        unusable,
     }))
 }
 

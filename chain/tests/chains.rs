@@ -447,3 +447,27 @@ fn a_vhdx_child_without_a_readable_parent_linkage_is_refused() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_parent_path_that_is_not_a_regular_file_is_named_with_what_it_is() {
+    for f in [Format::Vhd, Format::Vhdx] {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join(format!("base.{}", ext(f)));
+        let child = d.path().join(format!("child.{}", ext(f)));
+        mk(&base, f, None);
+        mk(&child, f, Some(&base));
+        std::fs::remove_file(&base).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&base)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let msg = open(&child, &OpenOptions::read_only())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("not found") && msg.contains("is a FIFO"),
+            "{f:?}: {msg}"
+        );
+    }
+}

@@ -49,13 +49,17 @@ pub enum Error {
 
     /// A differencing disk's parent could not be found.
     #[error(
-        "parent of {child} not found (parent name {name:?}); tried: {}",
-        display_paths(tried)
+        "parent of {child} not found (parent name {name:?}); tried: {}{}",
+        display_paths(tried),
+        display_unusable(unusable)
     )]
     ParentNotFound {
         child: PathBuf,
         name: String,
         tried: Vec<PathBuf>,
+        /// Candidates that exist but are not regular files, with what they are (a locator is
+        /// data of the child, so it may name only a regular file).
+        unusable: Vec<(PathBuf, &'static str)>,
     },
 
     /// The file found at the parent path is not the parent this child was made from.
@@ -88,6 +92,18 @@ pub enum Error {
     /// A bad argument from the caller (size, block size, option value).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+}
+
+fn display_unusable(found: &[(PathBuf, &'static str)]) -> String {
+    found
+        .iter()
+        .map(|(p, what)| {
+            format!(
+                "; {} is {what}, and a locator may name only a regular file",
+                p.display()
+            )
+        })
+        .collect()
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {
