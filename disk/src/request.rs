@@ -19,11 +19,13 @@
 //! bytes) and waits for the overlapping requests registered before it, unless both are reads.
 //! Waiting only on earlier requests means no request can deadlock or starve: a stream of reads
 //! does not hold off a write that arrived before them. The table holds only the requests in
-//! flight (a queue depth's worth), and a request that overlaps nothing takes one short mutex
-//! hold on entry and one on exit.
+//! flight (a queue depth's worth). While no write is registered, reads skip the table and only
+//! count themselves on an atomic (a write then waits for those counted reads to finish), so a
+//! read-only workload shares no lock.
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::{check_range, BlockDevice, Error, Extent, ParentLink, Result, ZeroFlags};
@@ -361,6 +363,10 @@ impl BlockDevice for Disk {
 /// The requests in flight, in arrival order (see the module comment).
 #[derive(Debug, Default)]
 struct RangeLocks {
+    /// Writes registered in the table, waiting or running. While zero, reads skip the table.
+    writers: AtomicUsize,
+    /// Reads in flight that skipped the table (no write was registered when they started).
+    fast_readers: AtomicUsize,
     table: Mutex<Table>,
     changed: Condvar,
 }
@@ -391,9 +397,13 @@ impl Entry {
 }
 
 /// Released on drop.
-struct Guard<'a> {
-    locks: &'a RangeLocks,
-    ticket: u64,
+enum Guard<'a> {
+    Fast(&'a RangeLocks),
+    Held {
+        locks: &'a RangeLocks,
+        ticket: u64,
+        write: bool,
+    },
 }
 
 impl Table {
@@ -412,12 +422,23 @@ impl RangeLocks {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Reads are many and mostly alone: with no write registered a read only counts itself.
+    /// The read announces itself before it looks for writers and a write registers before it
+    /// looks for reads (both sequentially consistent), so one of the two always sees the other.
     fn read(&self, range: Range<u64>) -> Guard<'_> {
+        self.fast_readers.fetch_add(1, SeqCst);
+        if self.writers.load(SeqCst) == 0 {
+            return Guard::Fast(self);
+        }
+        self.leave_fast();
         self.take(range, false)
     }
 
     /// For anything that changes sectors: writes, read-modify-writes, write-zeroes, discards.
+    /// Besides the earlier overlapping entries, a write waits for the reads that skipped the
+    /// table (they cannot be told apart by range; they are short, and no new one starts).
     fn write(&self, range: Range<u64>) -> Guard<'_> {
+        self.writers.fetch_add(1, SeqCst);
         self.take(range, true)
     }
 
@@ -431,28 +452,52 @@ impl RangeLocks {
             range,
             write,
         });
-        while t.blocked(ticket) {
+        while t.blocked(ticket) || (write && self.fast_readers.load(SeqCst) > 0) {
             t.sleepers += 1;
             t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
             t.sleepers -= 1;
         }
-        Guard {
+        Guard::Held {
             locks: self,
             ticket,
+            write,
+        }
+    }
+
+    fn leave_fast(&self) {
+        if self.fast_readers.fetch_sub(1, SeqCst) == 1 && self.writers.load(SeqCst) > 0 {
+            // A write may be waiting for the last fast read; wake it under the lock so the
+            // wake-up cannot fall between its check and its wait.
+            let t = self.lock();
+            if t.sleepers > 0 {
+                self.changed.notify_all();
+            }
         }
     }
 }
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
-        let mut t = self.locks.lock();
-        if let Some(i) = t.entries.iter().position(|e| e.ticket == self.ticket) {
-            t.entries.remove(i);
-        }
-        let sleepers = t.sleepers > 0;
-        drop(t);
-        if sleepers {
-            self.locks.changed.notify_all();
+        match *self {
+            Guard::Fast(locks) => locks.leave_fast(),
+            Guard::Held {
+                locks,
+                ticket,
+                write,
+            } => {
+                let mut t = locks.lock();
+                if let Some(i) = t.entries.iter().position(|e| e.ticket == ticket) {
+                    t.entries.remove(i);
+                }
+                if write {
+                    locks.writers.fetch_sub(1, SeqCst);
+                }
+                let sleepers = t.sleepers > 0;
+                drop(t);
+                if sleepers {
+                    locks.changed.notify_all();
+                }
+            }
         }
     }
 }
@@ -481,7 +526,6 @@ impl<T: BlockDevice + 'static> From<Arc<T>> for Disk {
 mod tests {
     use super::*;
     use crate::RawDisk;
-    use std::sync::atomic::Ordering::SeqCst;
     use std::sync::Barrier;
 
     /// A raw RAM disk that yields inside every read and write, so that a read-modify-write
