@@ -193,7 +193,7 @@ pub(crate) fn open_parent(
         child: child.to_path_buf(),
         name: link.name.clone(),
         tried,
-        unusable,
+        unusable: unusable.into(),
     }))
 }
 

@@ -59,7 +59,7 @@ pub enum Error {
         tried: Vec<PathBuf>,
         /// Candidates that exist but are not regular files, with what they are (a locator is
         /// data of the child, so it may name only a regular file).
-        unusable: Vec<(PathBuf, &'static str)>,
+        unusable: Box<[(PathBuf, &'static str)]>,
     },
 
     /// The file found at the parent path is not the parent this child was made from.

@@ -52,7 +52,7 @@ impl VhdDisk {
                 .map(|h| h.parent_name_lossy())
                 .unwrap_or_default(),
             tried: Vec::new(),
-            unusable: Vec::new(),
+            unusable: Box::default(),
         })
     }
 

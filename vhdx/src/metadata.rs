@@ -355,7 +355,13 @@ mod tests {
             logical_sector: 4096,
             physical_sector: 512,
             parent_locator: Some(ParentLocator {
-                entries: vec![("relative_path".into(), "b.vhdx".into())],
+                entries: vec![
+                    (
+                        "parent_linkage".into(),
+                        "{01234567-89ab-cdef-0123-456789abcdef}".into(),
+                    ),
+                    ("relative_path".into(), "b.vhdx".into()),
+                ],
             }),
             entries: Vec::new(),
         };

@@ -84,7 +84,7 @@ impl VhdxDisk {
             child: self.path.clone().unwrap_or_default(),
             name,
             tried: Vec::new(),
-            unusable: Vec::new(),
+            unusable: Box::default(),
         }
     }
 
