@@ -36,6 +36,7 @@ mod metadata;
 mod region;
 // The table in memory.
 mod bat;
+mod owners;
 mod sector_bitmap;
 // The jobs done on an open image.
 mod alloc;
