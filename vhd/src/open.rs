@@ -408,7 +408,7 @@ fn load_with(
         file_len: len,
         slot: bitmap + bs as u64,
     };
-    let (bat, errors) = Bat::open(storage, bat_off, entries, bat_cache_bytes, &layout, strict)?;
+    let (bat, errors) = Bat::open(storage, bat_off, entries, bat_cache_bytes, layout, strict)?;
 
     if kind == DiskType::Differencing {
         meta.locators = read_locators(storage, &header, hoff, len)?;
