@@ -246,3 +246,64 @@ fn unflushed_writes_across_many_bat_pages_stay_bounded() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Runs `args` with `--bat-cache 64M` and with `--bat-cache 4k`: both succeed, and the big
+/// cache holds at least 8 MiB more (the 16 MiB table is read at open up to the bound), so the
+/// verb follows the global option.
+fn follows_bat_cache(what: &str, args: impl Fn(&str) -> Vec<String>) {
+    let run = |cache: &str| {
+        let a = args(cache);
+        let mut full = vec!["--bat-cache", cache];
+        full.extend(a.iter().map(String::as_str));
+        let m = viridian_measured(&full);
+        assert_eq!(m.code, 0, "{what} --bat-cache {cache}: {}", m.stderr);
+        m.max_rss_kib
+    };
+    let (big, small) = (run("64M"), run("4k"));
+    assert!(
+        big >= small + 8 * 1024,
+        "{what}: --bat-cache 64M peaked at {big} KiB, 4k at {small} KiB: the option was ignored"
+    );
+}
+
+/// `create` and `check` open images without chain::OpenOptions; they follow `--bat-cache`
+/// too (a 2040 GiB VHD with 512 KiB blocks and an 8 TiB VHDX with 4 MiB blocks whose every
+/// entry is set: 16 MiB tables).
+#[test]
+fn create_and_check_follow_the_bat_cache_option() {
+    let d = tmp();
+    let vhd = |c: &str| p(&join(d.path(), &format!("c{c}.vhd"))).to_string();
+    follows_bat_cache("create vhd", |c| {
+        [
+            "create",
+            "-q",
+            "-f",
+            "vhd",
+            "-o",
+            "block_size=512K",
+            &vhd(c),
+            "2040G",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let img = vhd("64M");
+    follows_bat_cache("check vhd", |_| vec!["check".into(), img.clone()]);
+
+    let x = join(d.path(), "c.vhdx");
+    let x = p(&x);
+    step(&["create", "-q", "-f", "vhdx", "-o", "block_size=4M", x, "8T"]);
+    let info = step(&["info", "--output", "json", x]);
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).expect("info JSON");
+    let data = &v["format-specific"]["data"];
+    let bat_offset = data["bat-offset"].as_u64().expect("bat-offset");
+    let chunk_ratio = data["chunk-ratio"].as_u64().expect("chunk-ratio");
+    let blocks = (8u64 << 40) / (4 << 20);
+    fill_bat(
+        x,
+        bat_offset,
+        blocks + (blocks - 1) / chunk_ratio,
+        chunk_ratio,
+    );
+    follows_bat_cache("check vhdx", |_| vec!["check".into(), x.to_string()]);
+}

@@ -37,13 +37,23 @@ impl VhdxDisk {
     }
 
     pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<VhdxDisk> {
+        Self::open_path_with_cache(path, opts, DEFAULT_BAT_CACHE_BYTES)
+    }
+
+    /// [`VhdxDisk::open_path`] with a bound on the BAT page cache (see
+    /// [`VhdxDisk::open_with_cache`]).
+    pub fn open_path_with_cache(
+        path: &Path,
+        opts: &OpenOptions,
+        bat_cache_bytes: usize,
+    ) -> Result<VhdxDisk> {
         let access = if opts.read_only {
             Access::ReadOnly
         } else {
             Access::ReadWrite
         };
         let s = FileStorage::open(path, access, true)?;
-        Self::open(Arc::new(s), opts)
+        Self::open_with_cache(Arc::new(s), opts, bat_cache_bytes)
     }
 
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<VhdxDisk> {
