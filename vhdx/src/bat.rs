@@ -470,10 +470,10 @@ impl Bat {
     }
 
     /// Reads and checks the first pages of the table, as many as the cache holds, keeping
-    /// those with entries, and calls `f` for every entry that is not zero. Returns whether that
-    /// was the whole table. (Open uses it: a table that fits the cache is checked whole at
-    /// open, as a small image always was; a bigger one is checked page by page as it is used.)
-    pub fn warm(&self, mut f: impl FnMut(usize, u64) -> Result<()>) -> Result<bool> {
+    /// those with entries. Returns whether that was the whole table. (Open uses it: a table
+    /// that fits the cache is checked whole at open, as a small image always was; a bigger one
+    /// is checked page by page as it is used.)
+    pub fn warm(&self) -> Result<bool> {
         let max = self.lock().max_pages as u64;
         let n = self.pages().min(max);
         let total = n * PAGE_BYTES;
@@ -495,11 +495,6 @@ impl Bat {
                 let mut page: Page = Box::new([0u64; PER_PAGE]);
                 decode(b, &mut page);
                 self.check_page(&mut self.lock(), p, &mut page)?;
-                for (j, &e) in page.iter().enumerate() {
-                    if e != 0 {
-                        f(p as usize * PER_PAGE + j, e)?;
-                    }
-                }
                 let mut c = self.lock();
                 if !c.index.contains_key(&p) {
                     c.insert(p, page);

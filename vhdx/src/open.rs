@@ -145,7 +145,7 @@ impl VhdxDisk {
         );
         // The first pages (the whole table of any image up to the cache size) are read and
         // checked now; blocks must not overlap one another (`Bat::check_page`).
-        bat.warm(|_, _| Ok(()))?;
+        bat.warm()?;
         Ok(VhdxDisk {
             path: storage.path().map(|p| p.to_path_buf()),
             storage,
