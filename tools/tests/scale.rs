@@ -307,3 +307,68 @@ fn create_and_check_follow_the_bat_cache_option() {
     );
     follows_bat_cache("check vhdx", |_| vec!["check".into(), x.to_string()]);
 }
+
+/// Points every BAT entry of the dynamic VHD at `img` at a block of its own after the table
+/// and moves the footer past the last one (a sparse file of about 2 TiB): a fully allocated
+/// table without 2 TiB of data. Returns the number of entries.
+fn fill_vhd_bat(img: &str) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .expect("open image");
+    let mut footer = [0u8; 512];
+    f.read_exact_at(&mut footer, 0).expect("footer copy");
+    let mut h = [0u8; 1024];
+    f.read_exact_at(&mut h, 512).expect("dynamic header");
+    let table = u64::from_be_bytes(h[16..24].try_into().unwrap());
+    let entries = u32::from_be_bytes(h[28..32].try_into().unwrap()) as u64;
+    let block = u32::from_be_bytes(h[32..36].try_into().unwrap()) as u64;
+    let slot = block + (block / 512).div_ceil(8).div_ceil(512) * 512;
+    let data = (table + entries * 4).div_ceil(512) * 512;
+    let raw: Vec<u8> = (0..entries)
+        .flat_map(|i| (((data + i * slot) / 512) as u32).to_be_bytes())
+        .collect();
+    f.write_all_at(&raw, table).expect("write BAT");
+    let end = data + entries * slot;
+    f.set_len(end + 512).expect("extend");
+    f.write_all_at(&footer, end).expect("footer");
+    entries
+}
+
+/// A 2040 GiB VHD whose every entry is allocated (a 4 MiB table): open reads only the pages the
+/// cache holds, so a read with a one-page cache peaks no higher than on an 8 MiB image (open
+/// walked the whole table before: 8 MiB more); info walks the table to count the blocks.
+#[test]
+fn fully_allocated_2040_gib_vhd_opens_without_reading_its_table() {
+    let d = tmp();
+    let (small, img) = (join(d.path(), "small.vhd"), join(d.path(), "full.vhd"));
+    let (small, img) = (p(&small), p(&img));
+    step(&["create", "-q", "-f", "vhd", small, "8M"]);
+    step(&["create", "-q", "-f", "vhd", img, "2040G"]);
+    let entries = fill_vhd_bat(img);
+    step_like(
+        &[
+            "--bat-cache",
+            "4k",
+            "io",
+            "-r",
+            "-c",
+            "read -q -P 0 1T 4k",
+            img,
+        ],
+        &[
+            "--bat-cache",
+            "4k",
+            "io",
+            "-r",
+            "-c",
+            "read -q -P 0 4M 4k",
+            small,
+        ],
+    );
+    let info = step(&["info", "--output", "json", img]);
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).expect("info JSON");
+    assert_eq!(v["format-specific"]["data"]["allocated-blocks"], entries);
+}
