@@ -765,6 +765,28 @@ mod tests {
         assert!(e.contains("entry 1100") && e.contains("0x2260"), "{e}");
     }
 
+    /// Every non-zero entry `e` takes the MiB at `e << 20`: an entry first read after an
+    /// allocation took its space is refused, and so is one that shares a block with an entry of
+    /// a page read earlier; a refused page stays refused.
+    #[test]
+    fn an_entry_onto_a_block_taken_earlier_in_the_session_is_refused() {
+        let g = geo();
+        let len = 4 * PER_PAGE;
+        let file = file_with(&[(3, 7), (600, 9), (1100, 7)], len);
+        let mut src = Source::memory(file);
+        src.check = Box::new(|_, e, _, _| Ok(Some((e << 20, 1 << 20))));
+        let b = Bat::new(g, 64 << 40, len, 0, src, 1 << 20);
+        b.claim(9 << 20, 1 << 20);
+        let e = b.get(600).unwrap_err().to_string();
+        assert!(e.contains("entry 600") && e.contains("memory"), "{e}");
+        assert_eq!(b.get(3).unwrap(), 7);
+        for _ in 0..2 {
+            let e = b.get(1100).unwrap_err().to_string();
+            assert!(e.contains("entry 1100"), "{e}");
+        }
+        assert_eq!(b.get(2000).unwrap(), 0, "other pages are unaffected");
+    }
+
     #[test]
     fn shrinking_forgets_the_tail_and_growing_reads_zeros() {
         let g = geo();
