@@ -98,6 +98,15 @@ pub fn set_default_bat_cache_bytes(bytes: usize) {
     DEFAULT_BAT_CACHE_BYTES.store(bytes.max(1), std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The BAT cache bound [`set_default_bat_cache_bytes`] set, if any (for verbs that open or
+/// create images without [`OpenOptions`]: check, create, amend).
+pub fn default_bat_cache_bytes() -> Option<usize> {
+    match DEFAULT_BAT_CACHE_BYTES.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        n => Some(n),
+    }
+}
+
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
@@ -109,12 +118,7 @@ impl Default for OpenOptions {
             parents_writable: false,
             lock: true,
             skip_file_sync: false,
-            bat_cache_bytes: match DEFAULT_BAT_CACHE_BYTES
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
-                0 => None,
-                n => Some(n),
-            },
+            bat_cache_bytes: default_bat_cache_bytes(),
         }
     }
 }
@@ -518,6 +522,9 @@ pub fn vhd_options(spec: &CreateSpec, kind: Option<vhd::CreateKind>) -> vhd::Cre
     }
     o.size_rule = spec.vhd_size_rule;
     o.azure = spec.azure;
+    if let Some(n) = default_bat_cache_bytes() {
+        o.bat_cache_bytes = n;
+    }
     o
 }
 
@@ -541,6 +548,9 @@ pub fn vhdx_options(spec: &CreateSpec, kind: Option<vhdx::CreateKind>) -> vhdx::
     }
     if let Some(s) = spec.physical_sector_size {
         o.physical_sector_size = s;
+    }
+    if let Some(n) = default_bat_cache_bytes() {
+        o.bat_cache_bytes = n;
     }
     o
 }

@@ -260,7 +260,7 @@ fn refuse_vhd_parent_written_since(child: &Path, parent: &Path) -> Result<()> {
     let crate::Image::Vhd(v) = crate::open_image(child, &alone)? else {
         return Ok(());
     };
-    let Some(recorded) = v.info().parent_timestamp.filter(|&t| t != 0) else {
+    let Some(recorded) = v.info_with(false).parent_timestamp.filter(|&t| t != 0) else {
         return Ok(());
     };
     const VHD_EPOCH: u64 = 946_684_800;

@@ -181,7 +181,7 @@ pub fn run(a: Args) -> Result<i32> {
             &a,
         )?;
     } else if let Some(ps) = want_physical.filter(|&p| Some(p) != cur.physical_sector) {
-        let d = vhdx::VhdxDisk::open_path(file, &vhdx::OpenOptions { read_only: false })
+        let d = open_vhdx(file, &vhdx::OpenOptions { read_only: false })
             .with_context(|| format!("cannot open {}", file.display()))?;
         d.set_physical_sector_size(ps).with_context(|| {
             format!(
@@ -199,7 +199,7 @@ fn current(file: &Path, format: Format) -> Result<Current> {
     let ctx = || format!("cannot open {}", file.display());
     Ok(match format {
         Format::Vhdx => {
-            let i = vhdx::VhdxDisk::open_path(file, &vhdx::OpenOptions { read_only: true })
+            let i = open_vhdx(file, &vhdx::OpenOptions { read_only: true })
                 .with_context(ctx)?
                 .info();
             Current {
@@ -211,7 +211,7 @@ fn current(file: &Path, format: Format) -> Result<Current> {
             }
         }
         _ => {
-            let d = vhd::VhdDisk::open_path(
+            let d = open_vhd(
                 file,
                 &vhd::OpenOptions {
                     read_only: true,
@@ -219,7 +219,7 @@ fn current(file: &Path, format: Format) -> Result<Current> {
                 },
             )
             .with_context(ctx)?;
-            let i = d.info();
+            let i = d.info_with(false);
             Current {
                 fixed: d.disk_type() == vhd::DiskType::Fixed,
                 differencing: d.disk_type() == vhd::DiskType::Differencing,
@@ -315,8 +315,8 @@ fn rewrite_image(
 fn adopt_identity(file: &Path, tmp: &Path, format: Format) -> Result<()> {
     match format {
         Format::Vhdx => {
-            let old = vhdx::VhdxDisk::open_path(file, &vhdx::OpenOptions { read_only: true })?;
-            let new = vhdx::VhdxDisk::open_path(tmp, &vhdx::OpenOptions { read_only: false })?;
+            let old = open_vhdx(file, &vhdx::OpenOptions { read_only: true })?;
+            let new = open_vhdx(tmp, &vhdx::OpenOptions { read_only: false })?;
             // The guest keeps seeing the same disk (page 83), children the same parent.
             new.set_page83(old.page83())?;
             new.adopt_data_write_guid(old.data_write_guid())?;
@@ -327,8 +327,8 @@ fn adopt_identity(file: &Path, tmp: &Path, format: Format) -> Result<()> {
                 read_only: true,
                 size_rule: vhd::SizeRule::Auto,
             };
-            let (id, ts) = vhd::VhdDisk::open_path(file, &ro)?.identity();
-            let new = vhd::VhdDisk::open_path(
+            let (id, ts) = open_vhd(file, &ro)?.identity();
+            let new = open_vhd(
                 tmp,
                 &vhd::OpenOptions {
                     read_only: false,
@@ -347,4 +347,16 @@ fn adopt_identity(file: &Path, tmp: &Path, format: Format) -> Result<()> {
 struct ConvertCli {
     #[command(flatten)]
     args: crate::cmd_convert::Args,
+}
+
+/// Opens a VHDX with the global `--bat-cache` bound.
+fn open_vhdx(path: &Path, opts: &vhdx::OpenOptions) -> disk::Result<vhdx::VhdxDisk> {
+    let cache = chain::default_bat_cache_bytes().unwrap_or(vhdx::DEFAULT_BAT_CACHE_BYTES);
+    vhdx::VhdxDisk::open_path_with_cache(path, opts, cache)
+}
+
+/// Opens a VHD with the global `--bat-cache` bound.
+fn open_vhd(path: &Path, opts: &vhd::OpenOptions) -> disk::Result<vhd::VhdDisk> {
+    let cache = chain::default_bat_cache_bytes().unwrap_or(vhd::DEFAULT_BAT_CACHE_BYTES);
+    vhd::VhdDisk::open_path_with_cache(path, opts, cache)
 }

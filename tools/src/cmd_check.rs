@@ -87,8 +87,16 @@ fn check_once(a: &Args, format: Format, repair: Repair) -> Result<CheckReport> {
             .with_context(|| format!("cannot open {}", a.file.display()))?,
     );
     let result = match format {
-        Format::Vhd => vhd::check(storage, repair),
-        _ => vhdx::check(storage, repair),
+        Format::Vhd => vhd::check_with_cache(
+            storage,
+            repair,
+            chain::default_bat_cache_bytes().unwrap_or(vhd::DEFAULT_BAT_CACHE_BYTES),
+        ),
+        _ => vhdx::check_with_cache(
+            storage,
+            repair,
+            chain::default_bat_cache_bytes().unwrap_or(vhdx::DEFAULT_BAT_CACHE_BYTES),
+        ),
     };
     let mut report = match result {
         Ok(r) => r,

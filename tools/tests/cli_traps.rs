@@ -862,3 +862,50 @@ fn undo_discard_refuses_after_an_interrupted_commit() {
     assert!(!kept.exists() && !chain::undo::commit_marker(&kept).exists());
     assert_eq!(&std::fs::read(&img).unwrap()[..4096], &[0xab; 4096][..]);
 }
+
+/// `io write -z` without `-u` over allocated blocks (issue 18, F4): the blocks stay and read as
+/// zeros; nothing leaks (check exits 0, qemu-img check agrees for VHDX), including a partly
+/// present block of a differencing VHDX, which must not show its parent again.
+#[test]
+fn zeroing_without_unmap_keeps_the_blocks_and_leaks_nothing() {
+    let d = tmp();
+    for fmt in ["vhdx", "vpc"] {
+        let img = join(d.path(), &format!("z.{fmt}"));
+        create(fmt, &img, "64M");
+        ok(&["io", "-c", "write -q -P 0x11 0 8M", p(&img)]);
+        ok(&["io", "-c", "write -q -z 2M 4M", p(&img)]);
+        let out = viridian(&["check", p(&img)]);
+        assert_eq!(out.status.code(), Some(0), "{fmt}: {}", stdout_of(&out));
+        ok(&["io", "-r", "-c", "read -q -P 0 2M 4M", p(&img)]);
+        ok(&["io", "-r", "-c", "read -q -P 0x11 0 2M", p(&img)]);
+        ok(&["io", "-r", "-c", "read -q -P 0x11 6M 2M", p(&img)]);
+        if fmt == "vhdx" && have("qemu-img") {
+            let q = tool("qemu-img", &["check", p(&img)]);
+            assert_eq!(q.status.code(), Some(0), "{}", stdout_of(&q));
+            tool_ok("qemu-io", &["-r", "-c", "read -P 0 2M 4M", p(&img)]);
+        }
+    }
+    // Differencing VHDX: the child holds part of block 1; zeroing the whole block keeps it.
+    let base = join(d.path(), "base.vhdx");
+    create("vhdx", &base, "64M");
+    ok(&["io", "-c", "write -q -P 0x22 0 8M", p(&base)]);
+    let child = join(d.path(), "child.vhdx");
+    ok(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-b",
+        p(&base),
+        "-F",
+        "vhdx",
+        p(&child),
+    ]);
+    ok(&["io", "-c", "write -q -P 0x33 1M 64k", p(&child)]);
+    ok(&["io", "-c", "write -q -z 1M 1M", p(&child)]);
+    let out = viridian(&["check", p(&child)]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout_of(&out));
+    ok(&["io", "-r", "-c", "read -q -P 0 1M 1M", p(&child)]);
+    ok(&["io", "-r", "-c", "read -q -P 0x22 0 1M", p(&child)]);
+    // (qemu refuses differencing VHDX, so only viridian reads the child.)
+}

@@ -246,3 +246,129 @@ fn unflushed_writes_across_many_bat_pages_stay_bounded() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Runs `args` with `--bat-cache 64M` and with `--bat-cache 4k`: both succeed, and the big
+/// cache holds at least 8 MiB more (the 16 MiB table is read at open up to the bound), so the
+/// verb follows the global option.
+fn follows_bat_cache(what: &str, args: impl Fn(&str) -> Vec<String>) {
+    let run = |cache: &str| {
+        let a = args(cache);
+        let mut full = vec!["--bat-cache", cache];
+        full.extend(a.iter().map(String::as_str));
+        let m = viridian_measured(&full);
+        assert_eq!(m.code, 0, "{what} --bat-cache {cache}: {}", m.stderr);
+        m.max_rss_kib
+    };
+    let (big, small) = (run("64M"), run("4k"));
+    assert!(
+        big >= small + 8 * 1024,
+        "{what}: --bat-cache 64M peaked at {big} KiB, 4k at {small} KiB: the option was ignored"
+    );
+}
+
+/// `create` and `check` open images without chain::OpenOptions; they follow `--bat-cache`
+/// too (a 2040 GiB VHD with 512 KiB blocks and an 8 TiB VHDX with 4 MiB blocks whose every
+/// entry is set: 16 MiB tables).
+#[test]
+fn create_and_check_follow_the_bat_cache_option() {
+    let d = tmp();
+    let vhd = |c: &str| p(&join(d.path(), &format!("c{c}.vhd"))).to_string();
+    follows_bat_cache("create vhd", |c| {
+        [
+            "create",
+            "-q",
+            "-f",
+            "vhd",
+            "-o",
+            "block_size=512K",
+            &vhd(c),
+            "2040G",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let img = vhd("64M");
+    follows_bat_cache("check vhd", |_| vec!["check".into(), img.clone()]);
+
+    let x = join(d.path(), "c.vhdx");
+    let x = p(&x);
+    step(&["create", "-q", "-f", "vhdx", "-o", "block_size=4M", x, "8T"]);
+    let info = step(&["info", "--output", "json", x]);
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).expect("info JSON");
+    let data = &v["format-specific"]["data"];
+    let bat_offset = data["bat-offset"].as_u64().expect("bat-offset");
+    let chunk_ratio = data["chunk-ratio"].as_u64().expect("chunk-ratio");
+    let blocks = (8u64 << 40) / (4 << 20);
+    fill_bat(
+        x,
+        bat_offset,
+        blocks + (blocks - 1) / chunk_ratio,
+        chunk_ratio,
+    );
+    follows_bat_cache("check vhdx", |_| vec!["check".into(), x.to_string()]);
+}
+
+/// Points every BAT entry of the dynamic VHD at `img` at a block of its own after the table
+/// and moves the footer past the last one (a sparse file of about 2 TiB): a fully allocated
+/// table without 2 TiB of data. Returns the number of entries.
+fn fill_vhd_bat(img: &str) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .expect("open image");
+    let mut footer = [0u8; 512];
+    f.read_exact_at(&mut footer, 0).expect("footer copy");
+    let mut h = [0u8; 1024];
+    f.read_exact_at(&mut h, 512).expect("dynamic header");
+    let table = u64::from_be_bytes(h[16..24].try_into().unwrap());
+    let entries = u32::from_be_bytes(h[28..32].try_into().unwrap()) as u64;
+    let block = u32::from_be_bytes(h[32..36].try_into().unwrap()) as u64;
+    let slot = block + (block / 512).div_ceil(8).div_ceil(512) * 512;
+    let data = (table + entries * 4).div_ceil(512) * 512;
+    let raw: Vec<u8> = (0..entries)
+        .flat_map(|i| (((data + i * slot) / 512) as u32).to_be_bytes())
+        .collect();
+    f.write_all_at(&raw, table).expect("write BAT");
+    let end = data + entries * slot;
+    f.set_len(end + 512).expect("extend");
+    f.write_all_at(&footer, end).expect("footer");
+    entries
+}
+
+/// A 2040 GiB VHD whose every entry is allocated (a 4 MiB table): open reads only the pages the
+/// cache holds, so a read with a one-page cache peaks no higher than on an 8 MiB image (open
+/// walked the whole table before: 8 MiB more); info walks the table to count the blocks.
+#[test]
+fn fully_allocated_2040_gib_vhd_opens_without_reading_its_table() {
+    let d = tmp();
+    let (small, img) = (join(d.path(), "small.vhd"), join(d.path(), "full.vhd"));
+    let (small, img) = (p(&small), p(&img));
+    step(&["create", "-q", "-f", "vhd", small, "8M"]);
+    step(&["create", "-q", "-f", "vhd", img, "2040G"]);
+    let entries = fill_vhd_bat(img);
+    step_like(
+        &[
+            "--bat-cache",
+            "4k",
+            "io",
+            "-r",
+            "-c",
+            "read -q -P 0 1T 4k",
+            img,
+        ],
+        &[
+            "--bat-cache",
+            "4k",
+            "io",
+            "-r",
+            "-c",
+            "read -q -P 0 4M 4k",
+            small,
+        ],
+    );
+    let info = step(&["info", "--output", "json", img]);
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).expect("info JSON");
+    assert_eq!(v["format-specific"]["data"]["allocated-blocks"], entries);
+}

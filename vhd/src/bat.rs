@@ -9,11 +9,17 @@
 //! writers change entries under the write guard, so a page read from the file can never be
 //! older than an entry changed while it was read.
 //!
-//! Open reads the table once, front to back in small pieces, to refuse entries that point
-//! outside the data area, on the metadata, or at a block another entry uses; it keeps only the
-//! count of allocated blocks and the first pages (as many as the cache holds).
+//! Open reads only the first pages (as many as the cache holds), so open time and memory do not
+//! depend on the table's size. Every page is checked the first time it is read in a session
+//! (by a lookup or a walk): an entry may not point outside the data area as it was at open, on
+//! the metadata, or at (part of) a block another entry uses or this session allocated. The
+//! starts of the blocks seen so far are kept in a sorted set (entries are sector offsets and a
+//! hostile one may point anywhere, so the check compares a block with its neighbours by
+//! position, which is exact whatever the alignment); memory follows the allocated entries
+//! read, which the table on disk justifies. The count of allocated blocks is not known at
+//! open: [`Bat::allocated_count`] walks the table when asked (`info`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -50,9 +56,39 @@ struct Cache {
     index: HashMap<u64, usize>,
     hand: usize,
     max_pages: usize,
+    /// Pages checked in this session, one bit each (8 KiB for the largest table).
+    seen: Vec<u64>,
+    /// Start sectors of the blocks of every entry checked and every block set in this session.
+    starts: BTreeSet<u32>,
 }
 
 impl Cache {
+    fn seen(&self, page: u64) -> bool {
+        self.seen
+            .get((page / 64) as usize)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    fn mark_seen(&mut self, page: u64) {
+        let w = (page / 64) as usize;
+        if self.seen.len() <= w {
+            self.seen.resize(w + 1, 0);
+        }
+        self.seen[w] |= 1 << (page % 64);
+    }
+
+    /// A block start already kept whose block (`slot` bytes) overlaps the one at `sector`.
+    fn clash(&self, sector: u32, slot: u64) -> Option<u32> {
+        let start = sector as u64 * SECTOR;
+        let below = self.starts.range(..=sector).next_back();
+        let above = self.starts.range(sector..).next();
+        [below, above]
+            .into_iter()
+            .flatten()
+            .copied()
+            .find(|&o| (o as u64 * SECTOR).abs_diff(start) < slot)
+    }
+
     fn lookup(&mut self, page: u64) -> Option<Arc<[u32]>> {
         let &slot = self.index.get(&page)?;
         let s = &mut self.slots[slot];
@@ -124,7 +160,9 @@ pub struct Bat {
     offset: u64,
     /// Entries in use (the virtual size in blocks).
     len: u64,
-    allocated: u64,
+    /// What entries must satisfy when their page is first read (none when lenient: `check`
+    /// collects the errors at open instead).
+    rules: Option<Rules>,
     cache: Mutex<Cache>,
     /// Entries whose write and restore both failed (the handle then refuses writes): the value
     /// memory had, which is what reads go on seeing, whatever the file now holds.
@@ -133,7 +171,16 @@ pub struct Bat {
     any_pinned: AtomicBool,
 }
 
+/// What entries first read in a session must satisfy.
+#[derive(Debug)]
+struct Rules {
+    layout: Layout,
+    /// The file, for errors.
+    name: String,
+}
+
 /// What a block may not touch: the file's metadata ranges and the end of its data area.
+#[derive(Clone, Debug)]
 pub struct Layout {
     /// Byte ranges of the footer copy, dynamic header and BAT.
     pub metadata: [(u64, u64); 3],
@@ -166,23 +213,27 @@ fn decode(raw: &[u8]) -> impl Iterator<Item = u32> + '_ {
 }
 
 impl Bat {
-    /// Walks the `len` entries of the table at `offset` once and returns the table with up to
-    /// `cache_bytes` of pages cached, and the entries that put a block outside the data area or
-    /// on the metadata, as (file offset of the entry, message). `strict` refuses those and
-    /// blocks that overlap.
+    /// The table of `len` entries at `offset`, with up to `cache_bytes` of pages cached.
+    /// `strict`: the first pages (as many as the cache holds) are read and checked now, the
+    /// others when first read; entries that put a block outside the data area, on the
+    /// metadata or on another block are refused. Lenient (`check`): the whole table is read
+    /// now and the entries that put a block outside the data area or on the metadata are
+    /// returned as (file offset of the entry, message); nothing is refused.
     pub fn open(
         s: &dyn Storage,
         offset: u64,
         len: u64,
         cache_bytes: usize,
-        layout: &Layout,
+        layout: Layout,
         strict: bool,
     ) -> Result<(Bat, Vec<(u64, String)>)> {
         let max_pages = cache_bytes / (PAGE_ENTRIES * ENTRY_SIZE) as usize;
+        let name = s
+            .path()
+            .map_or_else(|| "VHD image".to_string(), |p| p.display().to_string());
         let mut bat = Bat {
             offset,
             len,
-            allocated: 0,
             cache: Mutex::new(Cache {
                 max_pages,
                 ..Default::default()
@@ -190,24 +241,29 @@ impl Bat {
             ..Default::default()
         };
         let mut errors = Vec::new();
-        // (entry, index) of every allocated block, for the overlap check: what the file holds,
-        // not what it could hold.
-        let mut starts: Vec<(u32, u32)> = Vec::new();
+        if strict {
+            bat.rules = Some(Rules { layout, name });
+            let warm = (max_pages as u64 * PAGE_ENTRIES).min(len);
+            scan_file(s, offset, warm, |first, piece| {
+                let c = &mut *bat.cache();
+                for (p, chunk) in piece.chunks(PAGE_ENTRIES as usize).enumerate() {
+                    let page = first / PAGE_ENTRIES + p as u64;
+                    bat.check_page(c, page, chunk)?;
+                    c.insert(page, Arc::from(chunk));
+                }
+                Ok(())
+            })?;
+            return Ok((bat, errors));
+        }
         let cache = bat.cache.get_mut().unwrap_or_else(|e| e.into_inner());
-        bat.allocated = scan_file(s, offset, len, |first, piece| {
+        scan_file(s, offset, len, |first, piece| {
             for (k, e) in piece.iter().enumerate() {
                 let i = first + k as u64;
                 if *e == UNALLOCATED {
                     continue;
                 }
                 if let Some(msg) = layout.misplaced(i, *e) {
-                    if strict {
-                        return Err(Error::corrupt("VHD BAT", offset + ENTRY_SIZE * i, msg));
-                    }
                     errors.push((offset + ENTRY_SIZE * i, msg));
-                }
-                if strict {
-                    starts.push((*e, i as u32));
                 }
             }
             for (p, chunk) in piece.chunks(PAGE_ENTRIES as usize).enumerate() {
@@ -218,10 +274,67 @@ impl Bat {
             }
             Ok(())
         })?;
-        if strict {
-            refuse_overlaps(&mut starts, layout.slot, offset)?;
-        }
         Ok((bat, errors))
+    }
+
+    /// Checks page `page` (`entries`, just read from the file) if this session has not yet:
+    /// every block in the data area as it was at open, off the metadata, and clear of every
+    /// block seen or set so far. A refused page marks nothing, so reading it again fails the
+    /// same way.
+    fn check_page(&self, c: &mut Cache, page: u64, entries: &[u32]) -> Result<()> {
+        let Some(rules) = &self.rules else {
+            return Ok(());
+        };
+        if c.seen(page) {
+            return Ok(());
+        }
+        let first = page * PAGE_ENTRIES;
+        let slot = rules.layout.slot;
+        let corrupt = |i: u64, msg: String| {
+            Error::corrupt(
+                "VHD BAT",
+                self.entry_offset(i),
+                format!("{}: {msg}", rules.name),
+            )
+        };
+        let mut claims: Vec<(u32, u64)> = Vec::new();
+        for (k, &e) in entries.iter().enumerate() {
+            let i = first + k as u64;
+            let e = self.unless_pinned(i, e);
+            if e == UNALLOCATED {
+                continue;
+            }
+            if let Some(msg) = rules.layout.misplaced(i, e) {
+                return Err(corrupt(i, msg));
+            }
+            claims.push((e, i));
+        }
+        claims.sort_unstable();
+        if let Some(w) = claims
+            .windows(2)
+            .find(|w| w[0].0 as u64 * SECTOR + slot > w[1].0 as u64 * SECTOR)
+        {
+            return Err(corrupt(
+                w[1].1,
+                format!(
+                    "entries {} and {} put blocks at sectors {:#x} and {:#x}, which overlap",
+                    w[0].1, w[1].1, w[0].0, w[1].0
+                ),
+            ));
+        }
+        for &(e, i) in &claims {
+            if let Some(o) = c.clash(e, slot) {
+                return Err(corrupt(
+                    i,
+                    format!(
+                        "entry {i} puts its block at sector {e:#x}, which overlaps the block at sector {o:#x} of another entry (or one allocated since open)"
+                    ),
+                ));
+            }
+        }
+        c.starts.extend(claims.iter().map(|&(e, _)| e));
+        c.mark_seen(page);
+        Ok(())
     }
 
     pub fn offset(&self) -> u64 {
@@ -254,7 +367,9 @@ impl Bat {
         let mut raw = vec![0u8; (n * ENTRY_SIZE) as usize];
         read_exact(s, &mut raw, self.entry_offset(first), "VHD BAT")?;
         let entries: Arc<[u32]> = decode(&raw).collect();
-        self.cache().insert(page, entries.clone());
+        let mut c = self.cache();
+        self.check_page(&mut c, page, &entries)?;
+        c.insert(page, entries.clone());
         Ok(entries)
     }
 
@@ -295,14 +410,20 @@ impl Bat {
         Ok(to.max(from))
     }
 
-    /// Entry `i` is now `new` in the file (was `old`): the cached page follows.
-    pub fn set(&mut self, i: u64, new: u32, old: u32) {
+    /// Entry `i` is now `new` in the file (was `old`): the cached page follows, and the block
+    /// is this session's (an entry first read later may not point into it). A block released
+    /// stays marked: only an entry that overlapped it from the start could point there.
+    pub fn set(&mut self, i: u64, new: u32, _old: u32) {
         let c = self.cache.get_mut().unwrap_or_else(|e| e.into_inner());
         c.update(i, new);
-        match (old == UNALLOCATED, new == UNALLOCATED) {
-            (true, false) => self.allocated += 1,
-            (false, true) => self.allocated -= 1,
-            _ => {}
+        if new != UNALLOCATED && self.rules.is_some() {
+            // A start already kept within one slot is a block released since (compaction
+            // moves a block into a released one's place): the new block replaces it.
+            let slot = self.rules.as_ref().map_or(0, |r| r.layout.slot);
+            while let Some(o) = c.clash(new, slot) {
+                c.starts.remove(&o);
+            }
+            c.starts.insert(new);
         }
     }
 
@@ -314,13 +435,19 @@ impl Bat {
     }
 
     /// Calls `f(index, entry)` for every allocated block, in table order, reading the table
-    /// from the file in bounded pieces.
+    /// from the file in bounded pieces (pages read for the first time are checked).
     pub fn for_each_allocated(
         &self,
         s: &dyn Storage,
         mut f: impl FnMut(u64, u32) -> Result<()>,
     ) -> Result<()> {
         scan_file(s, self.offset, self.len, |first, piece| {
+            if self.rules.is_some() {
+                let mut c = self.cache();
+                for (p, chunk) in piece.chunks(PAGE_ENTRIES as usize).enumerate() {
+                    self.check_page(&mut c, first / PAGE_ENTRIES + p as u64, chunk)?;
+                }
+            }
             for (k, &e) in piece.iter().enumerate() {
                 let i = first + k as u64;
                 let e = self.unless_pinned(i, e);
@@ -343,8 +470,14 @@ impl Bat {
         Ok(v)
     }
 
-    pub fn allocated_count(&self) -> u64 {
-        self.allocated
+    /// How many blocks are allocated: a walk of the table (not known at open).
+    pub fn allocated_count(&self, s: &dyn Storage) -> Result<u64> {
+        let mut n = 0;
+        self.for_each_allocated(s, |_, _| {
+            n += 1;
+            Ok(())
+        })?;
+        Ok(n)
     }
 
     /// The table now has `len` entries at `offset` (a resize wrote them, all ones past the old
@@ -366,17 +499,16 @@ impl Bat {
     }
 }
 
-/// Reads entries `0..len` of the table at `offset` in pieces of [`SCAN_ENTRIES`], calling
-/// `f(first index, entries)` per piece; returns how many are allocated.
+/// Reads entries `0..len` of the table at `offset` in pieces of [`SCAN_ENTRIES`] (whole
+/// pages), calling `f(first index, entries)` per piece.
 fn scan_file(
     s: &dyn Storage,
     offset: u64,
     len: u64,
     mut f: impl FnMut(u64, &[u32]) -> Result<()>,
-) -> Result<u64> {
+) -> Result<()> {
     let mut raw = vec![0u8; (SCAN_ENTRIES.min(len) * ENTRY_SIZE) as usize];
     let mut entries = Vec::with_capacity(SCAN_ENTRIES.min(len) as usize);
-    let mut allocated = 0;
     let mut first = 0;
     while first < len {
         let n = SCAN_ENTRIES.min(len - first);
@@ -384,29 +516,8 @@ fn scan_file(
         read_exact(s, raw, offset + first * ENTRY_SIZE, "VHD BAT")?;
         entries.clear();
         entries.extend(decode(raw));
-        allocated += entries.iter().filter(|&&e| e != UNALLOCATED).count() as u64;
         f(first, &entries)?;
         first += n;
-    }
-    Ok(allocated)
-}
-
-/// Two entries sharing (part of) a block: reads are defined, but a write through one would
-/// change the other's data, so an open refuses it (check reports it as well).
-fn refuse_overlaps(starts: &mut [(u32, u32)], slot: u64, offset: u64) -> Result<()> {
-    starts.sort_unstable();
-    if let Some(w) = starts
-        .windows(2)
-        .find(|w| w[0].0 as u64 * SECTOR + slot > w[1].0 as u64 * SECTOR)
-    {
-        return Err(Error::corrupt(
-            "VHD BAT",
-            offset + ENTRY_SIZE * w[1].1 as u64,
-            format!(
-                "entries {} and {} put blocks at sectors {:#x} and {:#x}, which overlap",
-                w[0].1, w[1].1, w[0].0, w[1].0
-            ),
-        ));
     }
     Ok(())
 }
@@ -443,9 +554,9 @@ mod tests {
         let len = 10 * PAGE_ENTRIES + 7;
         let used = [0, 5, 1500, 9000, len - 1];
         let (s, layout) = table(len, &used);
-        let (bat, errors) = Bat::open(&s, 512, len, 3 * 4096, &layout, true).unwrap();
+        let (bat, errors) = Bat::open(&s, 512, len, 3 * 4096, layout, true).unwrap();
         assert!(errors.is_empty());
-        assert_eq!(bat.allocated_count(), used.len() as u64);
+        assert_eq!(bat.allocated_count(&s).unwrap(), used.len() as u64);
         assert_eq!(bat.cached_pages(), 3, "open warms at most the bound");
         for round in 0..2 {
             for i in (0..len).rev().step_by(97).chain(used) {
@@ -472,13 +583,13 @@ mod tests {
     fn set_updates_a_cached_page_and_pins_win() {
         let len = 3 * PAGE_ENTRIES;
         let (s, layout) = table(len, &[]);
-        let (mut bat, _) = Bat::open(&s, 512, len, 4096, &layout, true).unwrap();
+        let (mut bat, _) = Bat::open(&s, 512, len, 4096, layout, true).unwrap();
         assert_eq!(bat.get(&s, 2000).unwrap(), UNALLOCATED);
         // The file first, then memory (as allocation does).
         s.write_at(&77u32.to_be_bytes(), 512 + 4 * 2000).unwrap();
         bat.set(2000, 77, UNALLOCATED);
         assert_eq!(bat.get(&s, 2000).unwrap(), 77);
-        assert_eq!(bat.allocated_count(), 1);
+        assert_eq!(bat.allocated_count(&s).unwrap(), 1);
         // Evict it (another page), then read it back from the file.
         assert_eq!(bat.get(&s, 0).unwrap(), UNALLOCATED);
         assert_eq!(bat.get(&s, 2000).unwrap(), 77);
@@ -493,18 +604,18 @@ mod tests {
         let len = 4;
         let (s, layout) = table(len, &[0, 1]);
         // Entry 1 onto entry 0's block.
-        let e0 = Bat::open(&s, 512, len, 4096, &layout, true)
+        let e0 = Bat::open(&s, 512, len, 4096, layout.clone(), true)
             .unwrap()
             .0
             .get(&s, 0)
             .unwrap();
         s.write_at(&(e0 + 1).to_be_bytes(), 512 + 4).unwrap();
-        let err = Bat::open(&s, 512, len, 4096, &layout, true).unwrap_err();
+        let err = Bat::open(&s, 512, len, 4096, layout.clone(), true).unwrap_err();
         assert!(err.to_string().contains("overlap"), "{err}");
         // Past the data area: refused, or collected when lenient.
         s.write_at(&0x00FF_0000u32.to_be_bytes(), 512 + 8).unwrap();
-        assert!(Bat::open(&s, 512, len, 4096, &layout, true).is_err());
-        let (_, errors) = Bat::open(&s, 512, len, 4096, &layout, false).unwrap();
+        assert!(Bat::open(&s, 512, len, 4096, layout.clone(), true).is_err());
+        let (_, errors) = Bat::open(&s, 512, len, 4096, layout, false).unwrap();
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].0, 512 + 8);
     }

@@ -10,13 +10,22 @@ use crate::dynamic_header::HEADER_SIZE;
 use crate::footer::{DiskType, FOOTER_SIZE};
 use crate::io::{flush_storage, write_all};
 use crate::limits::SECTOR;
-use crate::open::load;
+use crate::open::load_with;
 use crate::SizeRule;
 
 /// Checks a VHD. `Repair::Leaks` trims trailing leaked space (footer moved first, then the file
 /// truncated); `Repair::All` also rewrites bad footers/header checksums and the footer copy.
 /// Leaked space inside the file (between blocks) is reported but only `compact` reclaims it.
 pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
+    check_with_cache(storage, repair, crate::DEFAULT_BAT_CACHE_BYTES)
+}
+
+/// [`check`], keeping at most `bat_cache_bytes` of BAT pages in memory.
+pub fn check_with_cache(
+    storage: Arc<dyn Storage>,
+    repair: Repair,
+    bat_cache_bytes: usize,
+) -> Result<CheckReport> {
     let s = &*storage;
     let mut r = CheckReport {
         filename: s
@@ -26,7 +35,7 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
         format: "vhd".into(),
         ..Default::default()
     };
-    let meta = match load(s, SizeRule::Auto, false) {
+    let meta = match load_with(s, SizeRule::Auto, false, bat_cache_bytes) {
         Ok(m) => m,
         Err(e @ Error::WrongFormat { .. }) | Err(e @ Error::Io { .. }) => return Err(e),
         Err(e) => {

@@ -60,6 +60,8 @@ pub struct CreateOptions {
     pub parent_windows: disk::ParentWindowsPaths,
     /// How the new file is opened (lock, skip_file_sync).
     pub file: disk::FileOptions,
+    /// Bound of the new image's BAT page cache ([`VhdDisk::open_with_cache`]).
+    pub bat_cache_bytes: usize,
 }
 
 impl CreateOptions {
@@ -72,6 +74,7 @@ impl CreateOptions {
             azure: false,
             parent_windows: disk::ParentWindowsPaths::default(),
             file: disk::FileOptions::default(),
+            bat_cache_bytes: crate::DEFAULT_BAT_CACHE_BYTES,
         }
     }
 }
@@ -138,12 +141,13 @@ impl VhdDisk {
         } else {
             write_sparse_layout(s, &footer, opts, size)?;
         }
-        let mut d = Self::open(
+        let mut d = Self::open_with_cache(
             storage,
             &OpenOptions {
                 read_only: false,
                 size_rule: SizeRule::CurrentSize,
             },
+            opts.bat_cache_bytes,
         )?;
         if let CreateKind::Differencing { parent, .. } = &opts.kind {
             d.attach_parent(parent.clone())?;
@@ -292,6 +296,7 @@ pub fn measure(size: u64, allocated: u64, opts: &CreateOptions) -> (u64, u64) {
         azure: opts.azure,
         parent_windows: disk::ParentWindowsPaths::default(),
         file: opts.file,
+        bat_cache_bytes: opts.bat_cache_bytes,
     };
     let size = resolve_size(&probe).unwrap_or(size.div_ceil(SECTOR) * SECTOR);
     if matches!(opts.kind, CreateKind::Fixed) {

@@ -32,6 +32,8 @@ pub struct VhdInfo {
     pub max_table_entries: Option<u32>,
     pub bat_offset: Option<u64>,
     pub header_offset: Option<u64>,
+    /// Blocks the table allocates: a walk of the whole table, made only by [`VhdDisk::info`]
+    /// (0 when the walk failed; a warning then says why).
     pub allocated_blocks: u64,
     pub parent_name: Option<String>,
     pub parent_unique_id: Option<String>,
@@ -42,8 +44,23 @@ pub struct VhdInfo {
 }
 
 impl VhdDisk {
+    /// Facts about the image, with the count of allocated blocks (a walk of the table).
     pub fn info(&self) -> VhdInfo {
+        self.info_with(true)
+    }
+
+    /// Facts about the image; `count`: walk the table to count the allocated blocks (else 0).
+    pub fn info_with(&self, count: bool) -> VhdInfo {
         let m = self.m();
+        let mut warnings = m.warnings.clone();
+        let allocated_blocks = if count {
+            m.bat.allocated_count(&*self.storage).unwrap_or_else(|e| {
+                warnings.push(format!("cannot count the allocated blocks: {e}"));
+                0
+            })
+        } else {
+            0
+        };
         let f = &m.footer;
         let h = m.header.as_ref();
         let diff = self.kind == DiskType::Differencing;
@@ -69,19 +86,19 @@ impl VhdDisk {
             max_table_entries: h.map(|h| h.max_table_entries),
             bat_offset: h.map(|h| h.table_offset),
             header_offset: h.map(|_| m.header_offset),
-            allocated_blocks: m.bat.allocated_count(),
+            allocated_blocks,
             parent_name: h.filter(|_| diff).map(|h| h.parent_name_lossy()),
             parent_unique_id: h.filter(|_| diff).map(|h| h.parent_unique_id.to_string()),
             parent_timestamp: h.filter(|_| diff).map(|h| h.parent_timestamp),
             locators: m.locators.clone(),
             file_size: m.file_len,
-            warnings: m.warnings.clone(),
+            warnings,
         }
     }
 
     /// [`disk::BlockDevice::facts`].
     pub(crate) fn layer_facts(&self) -> disk::LayerFacts {
-        let i = self.info();
+        let i = self.info_with(false);
         disk::LayerFacts {
             disk_type: Some(i.disk_type),
             creator_app: Some(i.creator_app),

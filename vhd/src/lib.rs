@@ -57,7 +57,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use disk::{BlockDevice, Error, Extent, ParentLink, Result, Storage, ZeroFlags};
 
-pub use check::check;
+pub use check::{check, check_with_cache};
 pub use compact::CompactStats;
 pub use create::{measure, CreateKind, CreateOptions, DEFAULT_BLOCK_SIZE};
 pub use footer::DiskType;

@@ -314,12 +314,8 @@ pub(crate) fn read_locators(
 
 /// Parses footer, header, BAT and locators. `strict` refuses structural problems; otherwise they
 /// are collected in `Meta::errors` (for check) and the offending BAT entries are kept as is.
-pub(crate) fn load(storage: &dyn Storage, rule: SizeRule, strict: bool) -> Result<Meta> {
-    load_with(storage, rule, strict, bat::DEFAULT_CACHE_BYTES)
-}
-
 /// [`load`] with a bound on the BAT pages kept in memory.
-fn load_with(
+pub(crate) fn load_with(
     storage: &dyn Storage,
     rule: SizeRule,
     strict: bool,
@@ -408,7 +404,7 @@ fn load_with(
         file_len: len,
         slot: bitmap + bs as u64,
     };
-    let (bat, errors) = Bat::open(storage, bat_off, entries, bat_cache_bytes, &layout, strict)?;
+    let (bat, errors) = Bat::open(storage, bat_off, entries, bat_cache_bytes, layout, strict)?;
 
     if kind == DiskType::Differencing {
         meta.locators = read_locators(storage, &header, hoff, len)?;
@@ -541,13 +537,23 @@ impl VhdDisk {
     }
 
     pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<VhdDisk> {
+        Self::open_path_with_cache(path, opts, DEFAULT_BAT_CACHE_BYTES)
+    }
+
+    /// [`VhdDisk::open_path`] with a bound on the BAT page cache (see
+    /// [`VhdDisk::open_with_cache`]).
+    pub fn open_path_with_cache(
+        path: &Path,
+        opts: &OpenOptions,
+        bat_cache_bytes: usize,
+    ) -> Result<VhdDisk> {
         let access = if opts.read_only {
             Access::ReadOnly
         } else {
             Access::ReadWrite
         };
         let s = FileStorage::open(path, access, true)?;
-        Self::open(Arc::new(s), opts)
+        Self::open_with_cache(Arc::new(s), opts, bat_cache_bytes)
     }
 }
 

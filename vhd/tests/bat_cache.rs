@@ -167,3 +167,104 @@ fn differencing_compact_and_resize_through_a_small_cache() {
     let r = vhd::check(s.clone() as Arc<dyn Storage>, Repair::None).unwrap();
     assert_eq!(r.corruptions, 0, "{r:?}");
 }
+
+/// Entry `i` of the table, straight from the file.
+fn entry(s: &MemStorage, bat: u64, i: u64) -> u32 {
+    let mut b = [0u8; 4];
+    s.read_at(&mut b, bat + 4 * i).unwrap();
+    u32::from_be_bytes(b)
+}
+
+fn set_entry(s: &MemStorage, bat: u64, i: u64, e: u32) {
+    s.write_at(&e.to_be_bytes(), bat + 4 * i).unwrap();
+}
+
+/// Two entries far apart in the table (pages not both read at open) whose blocks overlap, at
+/// the same sector or shifted by a few sectors either way: the one read second is refused
+/// (corrupt image naming the entry), in either order, and no write goes through it.
+#[test]
+fn entries_far_apart_whose_blocks_overlap_are_refused_when_first_read() {
+    let (near, next, far) = (3u64, 5u64, 20_000u64);
+    for delta in [-1i64, 0, 1, 8] {
+        let s = Arc::new(MemStorage::new());
+        let mut o = CreateOptions::new(CreateKind::Dynamic, SIZE);
+        o.block_size = BLOCK as u32;
+        drop(VhdDisk::create_on(s.clone(), &o).unwrap());
+        let bat = {
+            let d = open(&s, false);
+            for b in [near, next, far] {
+                d.write_at(&vec![byte(b, 0); BLOCK as usize], b * BLOCK)
+                    .unwrap();
+            }
+            d.flush().unwrap();
+            d.info().bat_offset.unwrap()
+        };
+        let e = entry(&s, bat, next);
+        set_entry(&s, bat, far, (e as i64 + delta) as u32);
+        let d = open(&s, false);
+        let mut buf = vec![0u8; BLOCK as usize];
+        d.read_at(&mut buf, next * BLOCK).unwrap();
+        let err = d.read_at(&mut buf, far * BLOCK).unwrap_err().to_string();
+        assert!(
+            err.contains("corrupt") && err.contains(&format!("entry {far}")),
+            "delta {delta}: {err}"
+        );
+        assert!(d
+            .write_at(&vec![0xee; BLOCK as usize], far * BLOCK)
+            .is_err());
+        d.read_at(&mut buf, next * BLOCK).unwrap();
+        assert!(buf.iter().all(|&x| x == byte(next, 0)), "delta {delta}");
+        drop(d);
+        // The far page first: then the near entry is the one refused.
+        set_entry(&s, bat, next + 4096, e);
+        set_entry(&s, bat, next, u32::MAX);
+        let d = open(&s, true);
+        d.read_at(&mut buf, far * BLOCK).unwrap();
+        let err = d
+            .read_at(&mut buf, (next + 4096) * BLOCK)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("entry {}", next + 4096)),
+            "delta {delta}: {err}"
+        );
+    }
+}
+
+/// Open reads only the pages the cache holds: an entry past the data area in the table's last
+/// page does not stop the open (it used to: open walked the whole table), only a read of that
+/// block; `info` walks the table to count blocks and says why it could not.
+#[test]
+fn open_reads_only_the_first_pages_and_checks_the_others_when_read() {
+    let s = Arc::new(MemStorage::new());
+    let mut o = CreateOptions::new(CreateKind::Dynamic, SIZE);
+    o.block_size = BLOCK as u32;
+    drop(VhdDisk::create_on(s.clone(), &o).unwrap());
+    let last = SIZE / BLOCK - 1;
+    let bat = {
+        let d = open(&s, false);
+        d.write_at(&vec![0x42; BLOCK as usize], 0).unwrap();
+        d.flush().unwrap();
+        assert_eq!(d.info().allocated_blocks, 1);
+        d.info().bat_offset.unwrap()
+    };
+    set_entry(&s, bat, last, 0x00FF_0000);
+    let d = open(&s, false);
+    let mut buf = vec![0u8; BLOCK as usize];
+    d.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&x| x == 0x42));
+    let err = d.read_at(&mut buf, last * BLOCK).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("entry {last}")) && err.contains("past the data area"),
+        "{err}"
+    );
+    let i = d.info();
+    assert!(
+        i.warnings.iter().any(|w| w.contains("cannot count")),
+        "{:?}",
+        i.warnings
+    );
+    drop(d);
+    let r = vhd::check(s.clone(), Repair::None).unwrap();
+    assert!(r.corruptions > 0, "{r:?}");
+}

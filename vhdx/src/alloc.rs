@@ -30,6 +30,8 @@ impl VhdxDisk {
                 .map_err(io_err(format!("cannot extend image to {end}")))?;
         }
         wal.next_free = end;
+        // Ours now: an entry first read from here on may not point into it.
+        bat.claim(off, len);
         Ok(off)
     }
 

@@ -22,7 +22,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::geometry::Geometry;
-use disk::Result;
+use crate::owners::Owners;
+use disk::{Error, Result};
 
 /// Entries per 4 KiB BAT page.
 pub(crate) const PER_PAGE: usize = 512;
@@ -36,7 +37,7 @@ const SCAN_BYTES: u64 = 1 << 20;
 type Page = Box<[u64; PER_PAGE]>;
 type ReadFn = dyn Fn(&mut [u8], u64) -> Result<()> + Send + Sync;
 type HoleFn = dyn Fn(u64, u64) -> Result<u64> + Send + Sync;
-type CheckFn = dyn Fn(usize, u64, u64, bool) -> Result<()> + Send + Sync;
+type CheckFn = dyn Fn(usize, u64, u64, bool) -> Result<Option<(u64, u64)>> + Send + Sync;
 
 /// Where pages come from: the file, by absolute offset.
 pub(crate) struct Source {
@@ -49,7 +50,11 @@ pub(crate) struct Source {
     /// The last argument says whether its page is read for the first time in this session:
     /// such an entry was not written by this session, so it must point inside the file as it
     /// was at open (a block this session allocated past that would otherwise alias it).
+    /// Returns the file range (offset, length) the entry's block takes, if it takes one that
+    /// no other entry may share.
     pub check: Box<CheckFn>,
+    /// The file, for errors.
+    pub name: String,
 }
 
 impl Source {
@@ -63,7 +68,8 @@ impl Source {
                 Ok(())
             }),
             hole: Box::new(|_, _| Ok(0)),
-            check: Box::new(|_, _, _, _| Ok(())),
+            check: Box::new(|_, _, _, _| Ok(None)),
+            name: "memory".into(),
         }
     }
 }
@@ -87,6 +93,9 @@ struct Cache {
     /// Pages read (and checked) at least once in this session, one bit each: 16 KiB for the
     /// 512 MiB table of a 64 TiB disk with 1 MiB blocks.
     seen: Vec<u64>,
+    /// The file space taken by the blocks of every entry seen and every block allocated in
+    /// this session: an entry first seen later may not share it.
+    owners: Owners,
 }
 
 impl Cache {
@@ -262,20 +271,65 @@ impl Bat {
     }
 
     /// Checks the entries of page `p` just read from the file (those past the table's end
-    /// become zeros) and records the page as seen.
+    /// become zeros) and records the page as seen. The first time a page is seen, the blocks
+    /// of its entries are marked as taken, and refused if another entry's block or a block
+    /// this session allocated already took (part of) their space.
     fn check_page(&self, c: &mut Cache, p: u64, page: &mut [u64; PER_PAGE]) -> Result<()> {
         let first_sight = !c.seen(p);
         let first = p as usize * PER_PAGE;
+        let mut claims: Vec<(u64, u64, usize)> = Vec::new();
         for (k, e) in page.iter_mut().enumerate() {
             if first + k >= self.len {
                 *e = 0;
             } else if *e != 0 {
-                let at = self.region + (first + k) as u64 * 8;
-                (self.source.check)(first + k, *e, at, first_sight)?;
+                let at = self.entry_at(first + k);
+                if let Some((off, len)) = (self.source.check)(first + k, *e, at, first_sight)? {
+                    if first_sight {
+                        claims.push((off, off.saturating_add(len), first + k));
+                    }
+                }
             }
+        }
+        // All or nothing: a page refused marks nothing, so reading it again fails the same way.
+        claims.sort_unstable();
+        for w in claims.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(Error::corrupt(
+                    "VHDX BAT",
+                    self.entry_at(w[1].2),
+                    format!(
+                        "{}: entries {} and {} point to overlapping blocks at {:#x} and {:#x}",
+                        self.source.name, w[0].2, w[1].2, w[0].0, w[1].0
+                    ),
+                ));
+            }
+        }
+        if let Some(&(off, end, i)) = claims.iter().find(|b| c.owners.any(b.0, b.1 - b.0)) {
+            return Err(Error::corrupt(
+                "VHDX BAT",
+                self.entry_at(i),
+                format!(
+                    "{}: entry {i} points to the block at {off:#x}..{end:#x}, which overlaps the block of another entry (or one allocated since open)",
+                    self.source.name
+                ),
+            ));
+        }
+        for &(off, end, _) in &claims {
+            c.owners.mark(off, end - off);
         }
         c.mark_seen(p);
         Ok(())
+    }
+
+    /// File offset of entry `i`.
+    fn entry_at(&self, i: usize) -> u64 {
+        self.region + i as u64 * 8
+    }
+
+    /// `len` bytes at file offset `off` now belong to a block this session allocated: no entry
+    /// first seen from now on may point into them.
+    pub fn claim(&self, off: u64, len: u64) {
+        self.lock().owners.mark(off, len);
     }
 
     /// The cached slot of page `p`, loading it on a miss.
@@ -416,10 +470,10 @@ impl Bat {
     }
 
     /// Reads and checks the first pages of the table, as many as the cache holds, keeping
-    /// those with entries, and calls `f` for every entry that is not zero. Returns whether that
-    /// was the whole table. (Open uses it: a table that fits the cache is checked whole at
-    /// open, as a small image always was; a bigger one is checked page by page as it is used.)
-    pub fn warm(&self, mut f: impl FnMut(usize, u64) -> Result<()>) -> Result<bool> {
+    /// those with entries. Returns whether that was the whole table. (Open uses it: a table
+    /// that fits the cache is checked whole at open, as a small image always was; a bigger one
+    /// is checked page by page as it is used.)
+    pub fn warm(&self) -> Result<bool> {
         let max = self.lock().max_pages as u64;
         let n = self.pages().min(max);
         let total = n * PAGE_BYTES;
@@ -441,11 +495,6 @@ impl Bat {
                 let mut page: Page = Box::new([0u64; PER_PAGE]);
                 decode(b, &mut page);
                 self.check_page(&mut self.lock(), p, &mut page)?;
-                for (j, &e) in page.iter().enumerate() {
-                    if e != 0 {
-                        f(p as usize * PER_PAGE + j, e)?;
-                    }
-                }
                 let mut c = self.lock();
                 if !c.index.contains_key(&p) {
                     c.insert(p, page);
@@ -702,9 +751,10 @@ mod tests {
                 if e & 7 == 5 {
                     Err(disk::Error::corrupt("VHDX BAT", at, format!("entry {i}")))
                 } else {
-                    Ok(())
+                    Ok(None)
                 }
             }),
+            name: "memory".into(),
         };
         let b = Bat::new(g, 4 << 30, len, 0, src, 1 << 20);
         assert_eq!(b.get(10).unwrap(), 0);
@@ -713,6 +763,28 @@ mod tests {
         assert_eq!(b.get(600).unwrap(), 0xabcd_0006);
         let e = b.get(1100).unwrap_err().to_string();
         assert!(e.contains("entry 1100") && e.contains("0x2260"), "{e}");
+    }
+
+    /// Every non-zero entry `e` takes the MiB at `e << 20`: an entry first read after an
+    /// allocation took its space is refused, and so is one that shares a block with an entry of
+    /// a page read earlier; a refused page stays refused.
+    #[test]
+    fn an_entry_onto_a_block_taken_earlier_in_the_session_is_refused() {
+        let g = geo();
+        let len = 4 * PER_PAGE;
+        let file = file_with(&[(3, 7), (600, 9), (1100, 7)], len);
+        let mut src = Source::memory(file);
+        src.check = Box::new(|_, e, _, _| Ok(Some((e << 20, 1 << 20))));
+        let b = Bat::new(g, 64 << 40, len, 0, src, 1 << 20);
+        b.claim(9 << 20, 1 << 20);
+        let e = b.get(600).unwrap_err().to_string();
+        assert!(e.contains("entry 600") && e.contains("memory"), "{e}");
+        assert_eq!(b.get(3).unwrap(), 7);
+        for _ in 0..2 {
+            let e = b.get(1100).unwrap_err().to_string();
+            assert!(e.contains("entry 1100"), "{e}");
+        }
+        assert_eq!(b.get(2000).unwrap(), 0, "other pages are unaffected");
     }
 
     #[test]

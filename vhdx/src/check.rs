@@ -13,6 +13,15 @@ use crate::VhdxDisk;
 /// Checks an image. With `repair` other than `None` a dirty log is replayed in place; with
 /// `Leaks` or `All` unreferenced space at the end of the file is truncated.
 pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
+    check_with_cache(storage, repair, crate::DEFAULT_BAT_CACHE_BYTES)
+}
+
+/// [`check`], keeping at most `bat_cache_bytes` of BAT pages in memory.
+pub fn check_with_cache(
+    storage: Arc<dyn Storage>,
+    repair: Repair,
+    bat_cache_bytes: usize,
+) -> Result<CheckReport> {
     let mut r = CheckReport {
         filename: storage
             .path()
@@ -49,7 +58,7 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
             storage.clone(),
             true,
             Lenient { bat: true },
-            crate::DEFAULT_BAT_CACHE_BYTES,
+            bat_cache_bytes,
         );
         match probe {
             Ok(d) if d.dirty_at_open => {
@@ -72,7 +81,7 @@ pub fn check(storage: Arc<dyn Storage>, repair: Repair) -> Result<CheckReport> {
         storage.clone(),
         !replay_rw,
         Lenient { bat: true },
-        crate::DEFAULT_BAT_CACHE_BYTES,
+        bat_cache_bytes,
     ) {
         Ok(d) => d,
         Err(e) => {

@@ -104,6 +104,7 @@ impl VhdxDisk {
                 self.write_file_sparse(&buf, t)?;
                 let mut bat = wlock(&self.bat);
                 let st = bat_state(bat.get(idx)?);
+                bat.claim(t, len);
                 self.set_entry(&mut bat, idx, bat_entry(st, t))?;
                 drop(bat);
                 if len == MIB && has_parent {

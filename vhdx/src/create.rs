@@ -29,6 +29,8 @@ pub struct CreateOptions {
     pub parent_windows: disk::ParentWindowsPaths,
     /// How the new file is opened (lock, skip_file_sync).
     pub file: disk::FileOptions,
+    /// Bound of the new image's BAT page cache ([`VhdxDisk::open_with_cache`]).
+    pub bat_cache_bytes: usize,
 }
 
 pub const DEFAULT_BLOCK_SIZE: u32 = 1 << 20;
@@ -48,6 +50,7 @@ impl CreateOptions {
             physical_sector_size: 4096,
             parent_windows: disk::ParentWindowsPaths::default(),
             file: disk::FileOptions::default(),
+            bat_cache_bytes: crate::DEFAULT_BAT_CACHE_BYTES,
         }
     }
 }
@@ -189,12 +192,7 @@ impl VhdxDisk {
         };
         w(&h2.serialize(), HEADER2_OFFSET)?;
         storage.flush().map_err(io_err("cannot flush new image"))?;
-        let mut d = Self::open_inner(
-            storage,
-            false,
-            Lenient::default(),
-            crate::DEFAULT_BAT_CACHE_BYTES,
-        )?;
+        let mut d = Self::open_inner(storage, false, Lenient::default(), opts.bat_cache_bytes)?;
         if let Some(p) = parent {
             d.attach_parent(p)?;
         }

@@ -36,6 +36,7 @@ mod metadata;
 mod region;
 // The table in memory.
 mod bat;
+mod owners;
 mod sector_bitmap;
 // The jobs done on an open image.
 mod alloc;
@@ -77,7 +78,7 @@ use sector_bitmap::Bitmaps;
 
 /// Default bound of the BAT page cache ([`VhdxDisk::open_with_cache`]).
 pub use bat::DEFAULT_CACHE_BYTES as DEFAULT_BAT_CACHE_BYTES;
-pub use check::check;
+pub use check::{check, check_with_cache};
 pub use compact::CompactStats;
 pub use create::{measure, CreateKind, CreateOptions, DEFAULT_BLOCK_SIZE, DEFAULT_LOG_SIZE};
 pub use info::VhdxInfo;

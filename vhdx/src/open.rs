@@ -37,13 +37,23 @@ impl VhdxDisk {
     }
 
     pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<VhdxDisk> {
+        Self::open_path_with_cache(path, opts, DEFAULT_BAT_CACHE_BYTES)
+    }
+
+    /// [`VhdxDisk::open_path`] with a bound on the BAT page cache (see
+    /// [`VhdxDisk::open_with_cache`]).
+    pub fn open_path_with_cache(
+        path: &Path,
+        opts: &OpenOptions,
+        bat_cache_bytes: usize,
+    ) -> Result<VhdxDisk> {
         let access = if opts.read_only {
             Access::ReadOnly
         } else {
             Access::ReadWrite
         };
         let s = FileStorage::open(path, access, true)?;
-        Self::open(Arc::new(s), opts)
+        Self::open_with_cache(Arc::new(s), opts, bat_cache_bytes)
     }
 
     pub fn open(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<VhdxDisk> {
@@ -133,22 +143,9 @@ impl VhdxDisk {
             source,
             bat_cache_bytes,
         );
-        // The first pages (the whole table of any image up to the cache size) are read now,
-        // and blocks there must not overlap one another.
-        let mut blocks: Vec<(u64, u64, usize)> = Vec::new();
-        bat.warm(|i, e| {
-            let st = bat_state(e);
-            let len = if geo.is_bitmap_index(i) {
-                (st == SB_PRESENT && meta.has_parent).then_some(MIB)
-            } else {
-                matches!(st, PB_FULLY_PRESENT | PB_PARTIALLY_PRESENT).then_some(geo.block_size)
-            };
-            if let Some(len) = len.filter(|_| !lenient.bat) {
-                blocks.push((bat_offset(e), bat_offset(e).saturating_add(len), i));
-            }
-            Ok(())
-        })?;
-        refuse_overlaps(&mut blocks, rt.bat_offset)?;
+        // The first pages (the whole table of any image up to the cache size) are read and
+        // checked now; blocks must not overlap one another (`Bat::check_page`).
+        bat.warm()?;
         Ok(VhdxDisk {
             path: storage.path().map(|p| p.to_path_buf()),
             storage,
@@ -308,24 +305,6 @@ fn check_bat_region(rt: &RegionTable, meta: &Metadata) -> Result<Geometry> {
     Ok(geo)
 }
 
-/// Refuses blocks (start, end, BAT index) that overlap one another.
-fn refuse_overlaps(blocks: &mut [(u64, u64, usize)], bat_offset: u64) -> Result<()> {
-    blocks.sort_unstable();
-    for w in blocks.windows(2) {
-        if w[1].0 < w[0].1 {
-            return Err(Error::corrupt(
-                "VHDX BAT",
-                bat_offset + w[1].2 as u64 * 8,
-                format!(
-                    "entries {} and {} point to overlapping blocks at {:#x} and {:#x}",
-                    w[0].2, w[1].2, w[0].0, w[1].0
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Where BAT pages come from: the file, patched by a read-only open's replayed log. Holes in
 /// the file read as zeros (not present) without I/O, unless a replayed log patches pages.
 fn bat_source(
@@ -336,6 +315,7 @@ fn bat_source(
 ) -> bat::Source {
     let (s1, s2, o1, o2) = (storage.clone(), storage, overlay.clone(), overlay);
     let what = format!("the BAT of {name}");
+    let source_name = name.clone();
     bat::Source {
         read: Box::new(move |buf, at| read_via(&*s1, &o1, buf, at, &what)),
         hole: Box::new(move |from, n| {
@@ -358,12 +338,14 @@ fn bat_source(
                 .check(i, e, first_sight)
                 .map_err(|d| Error::corrupt("VHDX BAT", at, format!("{name}: {d}")))
         }),
+        name: source_name,
     }
 }
 
 /// What a BAT entry read from the file must satisfy: a valid state, and (unless lenient) a
 /// block inside the file, clear of the header section, the regions and the log. Blocks that
-/// overlap each other are found by `check`, which sees the whole table.
+/// overlap each other are refused by the table as their pages are first read
+/// (`Bat::check_page`); `check`, lenient, reports them instead.
 struct EntryRules {
     geo: Geometry,
     has_parent: bool,
@@ -384,8 +366,14 @@ struct EntryRules {
 
 impl EntryRules {
     /// Checks entry `i` = `e`. `first_sight`: its page was never read in this session, so
-    /// its entries must lie in the file as it was at open (see `open_len`).
-    fn check(&self, i: usize, e: u64, first_sight: bool) -> std::result::Result<(), String> {
+    /// its entries must lie in the file as it was at open (see `open_len`). Returns the file
+    /// range (offset, length) the block takes, when it takes one no other entry may share.
+    fn check(
+        &self,
+        i: usize,
+        e: u64,
+        first_sight: bool,
+    ) -> std::result::Result<Option<(u64, u64)>, String> {
         let st = bat_state(e);
         let (present, len) = if self.geo.is_bitmap_index(i) {
             if st != 0 && st != SB_PRESENT {
@@ -407,7 +395,7 @@ impl EntryRules {
             )
         };
         if !present || self.lenient.bat {
-            return Ok(());
+            return Ok(None);
         }
         let off = bat_offset(e);
         let end = off.saturating_add(len);
@@ -435,6 +423,6 @@ impl EntryRules {
                 r.0, r.1
             ));
         }
-        Ok(())
+        Ok(Some((off, len)))
     }
 }

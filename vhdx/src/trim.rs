@@ -29,7 +29,21 @@ impl VhdxDisk {
                 let idx = geo.payload_index(b);
                 let e = bat.get(idx)?;
                 let st = bat_state(e);
-                if (st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT) && may_unmap {
+                let present = st == PB_FULLY_PRESENT || st == PB_PARTIALLY_PRESENT;
+                if present && !may_unmap {
+                    // The block stays and holds zeros: a ZERO entry may not keep its file
+                    // offset (Hyper-V refuses one that does), so dropping the offset would
+                    // leak the block (allocation only appends; neither compact nor check -r
+                    // reclaims space in the middle of the file). Every sector is now present.
+                    disk::write_zeros(&*self.storage, bat_offset(e), bend - bstart)
+                        .map_err(io_err("cannot write zeros into a block"))?;
+                    if st == PB_PARTIALLY_PRESENT {
+                        self.set_entry(&mut bat, idx, bat_entry(PB_FULLY_PRESENT, bat_offset(e)))?;
+                    }
+                    o = e_end;
+                    continue;
+                }
+                if present {
                     self.storage
                         .punch_hole(bat_offset(e), geo.block_size)
                         .map_err(io_err("cannot punch hole"))?;

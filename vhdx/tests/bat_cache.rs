@@ -150,3 +150,82 @@ fn an_entry_past_the_end_at_open_never_aliases_a_block_allocated_later() {
     assert_block(&d, 5, 0xb7);
     assert_block(&d, 0, 0xa1);
 }
+
+/// Entry `i` of the table of the image at `p`, read from the file.
+fn read_entry(p: &Path, bat_offset: u64, i: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    let f = std::fs::File::open(p).unwrap();
+    f.read_exact_at(&mut b, bat_offset + 8 * i).unwrap();
+    u64::from_le_bytes(b)
+}
+
+fn write_entry(p: &Path, bat_offset: u64, i: u64, e: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(&e.to_le_bytes(), bat_offset + 8 * i)
+        .unwrap();
+}
+
+/// Two entries far apart in the table (pages not both read at open) that point at the same
+/// block: the second one to be read is refused (corrupt image, naming the file and the
+/// entry), in either order, so no write through one can change what the other reads.
+#[test]
+fn entries_far_apart_that_share_a_block_are_refused_when_first_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.vhdx");
+    drop(VhdxDisk::create(&p, &CreateOptions::new(CreateKind::Dynamic, SIZE)).unwrap());
+    let rw = OpenOptions { read_only: false };
+    let (near, far) = (3u64, 10_000u64);
+    let (bat_offset, ratio) = {
+        let d = VhdxDisk::open(storage(&p), &rw).unwrap();
+        d.write_at(&vec![0xa1; PIECE], near * MIB).unwrap();
+        d.write_at(&vec![0xa2; PIECE], far * MIB).unwrap();
+        d.close().unwrap();
+        let i = d.info();
+        (i.bat_offset, i.chunk_ratio)
+    };
+    let idx = |b: u64| b + b / ratio;
+    assert!(
+        idx(far) / 512 > 1,
+        "the far entry is past the pages read at open"
+    );
+    let e = read_entry(&p, bat_offset, idx(near));
+    write_entry(&p, bat_offset, idx(far), e);
+    let far_entry_at = format!("{:#x}", bat_offset + 8 * idx(far));
+
+    // The near page is read at open; the far one later.
+    let d = VhdxDisk::open_with_cache(storage(&p), &rw, TWO_PAGES).unwrap();
+    assert_block(&d, near, 0xa1);
+    let mut buf = vec![0u8; PIECE];
+    let err = d.read_at(&mut buf, far * MIB).unwrap_err().to_string();
+    assert!(
+        err.contains("corrupt")
+            && err.contains(&format!("entry {}", idx(far)))
+            && err.contains(&far_entry_at)
+            && err.contains("o.vhdx"),
+        "{err}"
+    );
+    assert!(d.write_at(&vec![0xee; PIECE], far * MIB).is_err());
+    assert_block(&d, near, 0xa1);
+    drop(d);
+
+    // The far page first (reading it again after an error gives the same error), then near.
+    let ro = OpenOptions { read_only: true };
+    write_entry(&p, bat_offset, idx(near), 0);
+    let near_entry_at = bat_offset + 8 * idx(near);
+    write_entry(&p, bat_offset, idx(near) + 512, e);
+    let d = VhdxDisk::open_with_cache(storage(&p), &ro, 4096).unwrap();
+    assert_block(&d, far, 0xa1);
+    assert_block(&d, far, 0xa1);
+    let err = d
+        .read_at(&mut buf, (near + 512) * MIB)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("entry {}", idx(near) + 512))
+            && err.contains(&format!("{:#x}", near_entry_at + 8 * 512)),
+        "{err}"
+    );
+    assert!(d.read_at(&mut buf, (near + 512) * MIB).is_err());
+}
