@@ -29,6 +29,7 @@ have nbdsh || need+=(python3-libnbd)
 have nbdcopy || need+=(libnbd-bin)
 have vhdimount || need+=(libvhdi-utils)
 have losetup || need+=(mount)
+have strace || need+=(strace)
 
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""

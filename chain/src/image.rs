@@ -66,6 +66,7 @@ impl Image {
             Image::Vhd(_) => "vhd",
             Image::Vhdx(_) => "vhdx",
         };
+        crate::check_room_for_child(parent_path, parent)?;
         if parent.format() != want {
             return Err(Error::InvalidArgument(format!(
                 "a differencing {} needs a {} parent; {} is {}",

@@ -410,6 +410,21 @@ impl CreateSpec {
     }
 }
 
+/// Refuses to make `parent` (the top of an opened chain, found at `parent_path`) the parent of
+/// an image when the child would be one layer more than the [`MAX_CHAIN_DEPTH`] images a chain
+/// may have: a link that open would refuse is never made (create, snapshot, rebase).
+pub fn check_room_for_child(parent_path: &Path, parent: &dyn BlockDevice) -> Result<()> {
+    let images = disk::chain_depth(parent) + 1;
+    if images + 1 > MAX_CHAIN_DEPTH {
+        return Err(Error::Unsupported(format!(
+            "{} is the top of a chain of {images} images; a child would make it deeper than \
+             the {MAX_CHAIN_DEPTH} images a chain may have",
+            parent_path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Creates a new image (never overwrites) and returns it opened read-write.
 pub fn create(path: &Path, spec: &CreateSpec) -> Result<Disk> {
     create_image(path, spec).map(|i| i.disk())
@@ -430,16 +445,7 @@ pub fn create_image(path: &Path, spec: &CreateSpec) -> Result<Image> {
                 ..OpenOptions::read_only()
             };
             let parent = open(p, &opts)?;
-            // The new child is one more layer: a chain that open would refuse is not made.
-            let images = disk::chain_depth(parent.as_ref()) + 1;
-            if images + 1 > MAX_CHAIN_DEPTH {
-                return Err(Error::Unsupported(format!(
-                    "{} is the top of a chain of {} images; a child would make it deeper than \
-                     the {MAX_CHAIN_DEPTH} images a chain may have",
-                    p.display(),
-                    images
-                )));
-            }
+            check_room_for_child(p, parent.as_ref())?;
             Some((p.clone(), parent))
         }
         None => None,

@@ -101,8 +101,10 @@ pub(crate) fn open_parent(
 ) -> Result<Arc<dyn BlockDevice>> {
     if depth + 1 >= MAX_CHAIN_DEPTH {
         return Err(Error::Unsupported(format!(
-            "parent chain of {} is deeper than {MAX_CHAIN_DEPTH} images",
-            child.display()
+            "the parent of {} would be image {} of the chain, and a chain may have at most \
+             {MAX_CHAIN_DEPTH} images",
+            child.display(),
+            depth + 2
         )));
     }
     let candidates: Vec<PathBuf> = match parent_override {
@@ -125,6 +127,13 @@ pub(crate) fn open_parent(
         // only when the caller names it as the parent.
         let explicit = parent_override.is_some();
         let usable = meta.is_file() || (explicit && is_block_device(&meta));
+        if !usable && explicit {
+            return Err(Error::InvalidArgument(format!(
+                "{} is {}: a parent must be a regular file or a block device",
+                cand.display(),
+                file_kind(&meta)
+            )));
+        }
         if !usable {
             unusable.push((cand.clone(), file_kind(&meta)));
             continue;

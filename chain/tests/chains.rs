@@ -414,6 +414,19 @@ fn create_never_makes_a_chain_deeper_than_open_accepts() {
     assert!(matches!(err, Error::Unsupported(_)), "{err}");
     assert!(err.to_string().contains("l255.vhd"), "{err}");
     assert!(!over.exists(), "the refused child was left behind");
+    // Re-parenting an existing child onto the full chain is refused the same way, before the
+    // link changes: the child still opens on its old parent.
+    let side = d.path().join("side.vhd");
+    mk(&side, Format::Vhd, Some(&name(0)));
+    let mut rw = OpenOptions::read_write();
+    rw.no_parent = true;
+    let child = chain::open_image(&side, &rw).unwrap();
+    let full = open(&top, &OpenOptions::read_only()).unwrap();
+    let err = child.set_parent(&top, full.as_ref()).unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    child.disk().close().unwrap();
+    drop(child);
+    assert_eq!(read(&side, 0), 0, "the refused re-link changed the child");
 }
 
 #[test]

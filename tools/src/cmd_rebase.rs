@@ -71,6 +71,8 @@ pub fn run(a: Args) -> Result<i32> {
     common::check_parent_name(&a.backing)?;
     let backing = common::backing_relative_to(&a.file, &a.backing);
     let new_parent = common::open_ro(&backing, a.backing_format.as_deref(), SizeRuleArg::Auto)?;
+    // Checked before anything is copied: the link is refused anyway (chain::Image).
+    chain::check_room_for_child(&backing, &new_parent)?;
     // The new parent's chain must not lead back to the image itself.
     let me = std::fs::canonicalize(&a.file).unwrap_or_else(|_| a.file.clone());
     let mut layer: Option<&dyn disk::BlockDevice> = Some(&new_parent);

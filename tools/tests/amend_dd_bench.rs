@@ -232,6 +232,51 @@ fn bench_prints_qemu_img_lines_and_fails_past_the_end() {
     assert!(out.contains("step size 4096"), "{out}");
 }
 
+/// `-t writethrough` makes every write durable before the next (one flush each, counted with
+/// strace, which scripts/setup.sh installs); the O_DIRECT modes are refused, not measured as
+/// page-cache numbers.
+#[test]
+fn bench_cache_modes_do_what_they_say_or_are_refused() {
+    let d = tmp();
+    let a = join(d.path(), "a.raw");
+    ok(&["create", "-q", "-f", "raw", p(&a), "8M"]);
+    for mode in ["none", "directsync"] {
+        let (c, e) = stderr(&["bench", "-w", "-t", mode, "-c", "4", p(&a)]);
+        assert_eq!(c, 1, "{mode}: {e}");
+        assert!(e.contains("O_DIRECT"), "{mode}: {e}");
+    }
+    let syncs = |mode: &str| -> usize {
+        let out = std::process::Command::new("strace")
+            .args(["-f", "-e", "trace=fsync,fdatasync", "-o"])
+            .arg(d.path().join("trace"))
+            .arg(env!("CARGO_BIN_EXE_viridian"))
+            .args([
+                "bench",
+                "-q",
+                "-w",
+                "-t",
+                mode,
+                "-c",
+                "40",
+                "-d",
+                "2",
+                p(&a),
+            ])
+            .output()
+            .expect("strace (scripts/setup.sh installs it)");
+        assert!(out.status.success(), "{mode}: {out:?}");
+        std::fs::read_to_string(d.path().join("trace"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("sync(")) // a call started (strace -f may split it)
+            .count()
+    };
+    let through = syncs("writethrough");
+    let back = syncs("writeback");
+    assert!(through >= 40, "writethrough: {through} syncs for 40 writes");
+    assert!(back < 5, "writeback: {back} syncs for 40 writes");
+}
+
 /// qemu-io's limit on one command (2 GiB less a sector) holds before any I/O: a huge length
 /// fails at once instead of running in pieces for hours.
 #[test]
