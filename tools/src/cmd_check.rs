@@ -33,6 +33,13 @@ pub struct Args {
     file: PathBuf,
 }
 
+impl Args {
+    /// Whether this check may write (`-r`).
+    pub fn repairs(&self) -> bool {
+        self.repair.is_some()
+    }
+}
+
 pub fn run(a: Args) -> Result<i32> {
     let repair = match a.repair.as_deref() {
         None => Repair::None,

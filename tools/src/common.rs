@@ -85,9 +85,26 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// The signal that interrupted us (SIGINT or SIGTERM), for the exit code 128 + signal.
 static INTERRUPT_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
+/// Set by verbs that never write: they have nothing to stop cleanly, so a signal ends them at
+/// once (a library walk that does not poll the flag cannot keep them running).
+static STOP_AT_ONCE: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn on_signal(signal: libc::c_int) {
+    // A second signal, or any signal to a read-only verb, ends the process now, with the code
+    // a shell reports for a command killed by it. A writer killed so is in the state a crash
+    // leaves, which every format recovers from; the first signal lets it stop cleanly.
+    if STOP_AT_ONCE.load(Ordering::SeqCst) || INTERRUPTED.load(Ordering::SeqCst) {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + signal) };
+    }
     INTERRUPT_SIGNAL.store(signal, Ordering::SeqCst);
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// For verbs that never write (info, map, compare, measure, check without -r): Ctrl-C and
+/// SIGTERM end them at once instead of setting the flag long operations poll.
+pub fn stop_at_once_on_signal() {
+    STOP_AT_ONCE.store(true, Ordering::SeqCst);
 }
 
 /// The exit code a shell reports for a command stopped by the signal that interrupted us:

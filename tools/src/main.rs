@@ -113,6 +113,14 @@ fn main() {
     if let Some(bytes) = cli.bat_cache {
         chain::set_default_bat_cache_bytes(usize::try_from(bytes).unwrap_or(usize::MAX));
     }
+    let read_only_verb = match &cli.command {
+        Command::Info(_) | Command::Compare(_) | Command::Map(_) | Command::Measure(_) => true,
+        Command::Check(a) => !a.repairs(),
+        _ => false,
+    };
+    if read_only_verb {
+        common::stop_at_once_on_signal();
+    }
     let result = match cli.command {
         Command::Info(a) => cmd_info::run(a),
         Command::Create(a) => cmd_create::run(a),

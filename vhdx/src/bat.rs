@@ -385,7 +385,12 @@ impl Bat {
             if !c.index.contains_key(&p) {
                 let at = self.region + p * PAGE_BYTES;
                 let rest = (self.pages() - p) * PAGE_BYTES;
-                let hole = (self.source.hole)(at, rest)? / PAGE_BYTES;
+                let mut hole = (self.source.hole)(at, rest)? / PAGE_BYTES;
+                // The file's hole says nothing of pages changed since (in the cache, not yet
+                // in the file): the skip stops at the first cached page inside it.
+                if let Some(&cached) = c.index.keys().filter(|&&k| k > p && k < p + hole).min() {
+                    hole = cached - p;
+                }
                 if hole > 0 {
                     j = ((p + hole) as usize) * PER_PAGE;
                     continue;

@@ -287,6 +287,28 @@ impl VhdxDisk {
                     continue;
                 }
             }
+            if let Allocation::Data {
+                host_offset: Some(h),
+            } = alloc
+            {
+                // A run of fully present blocks stored one after another: counted a table
+                // page at a time, not a lookup per block (a dense 64 TiB table has 64 M).
+                let p = geo.payload_index(b);
+                let per = geo.chunk_ratio + 1;
+                let want = |i: usize| {
+                    let block = i as u64 - i as u64 / per;
+                    h + got + (block - b) * geo.block_size
+                };
+                let j = p + bat.run_while(p, |i, e| {
+                    geo.is_bitmap_index(i)
+                        || (bat_state(e) == PB_FULLY_PRESENT && bat_offset(e) == want(i))
+                })?;
+                let blocks = ((j - p) as u64) - (j as u64 / per - p as u64 / per);
+                if blocks > 0 {
+                    got = got.saturating_add(blocks * geo.block_size);
+                    continue;
+                }
+            }
             let (a, n) = classify(b, 0, len - got)?;
             let same = match (alloc, a) {
                 (

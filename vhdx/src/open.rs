@@ -316,17 +316,29 @@ fn bat_source(
     let (s1, s2, o1, o2) = (storage.clone(), storage, overlay.clone(), overlay);
     let what = format!("the BAT of {name}");
     let source_name = name.clone();
+    let known_data = std::sync::Mutex::new(0..0u64);
     bat::Source {
         read: Box::new(move |buf, at| read_via(&*s1, &o1, buf, at, &what)),
         hole: Box::new(move |from, n| {
-            // Past the end of the file is not a hole but a truncated image: read (and fail).
-            let file_len = s2.len().map_err(io_err("cannot get file length"))?;
-            if !o2.is_empty() || from >= file_len {
+            // The last data run found, so a walk over a dense table asks the file system once
+            // per run, not once per page (on tmpfs each SEEK_HOLE scans to the run's end, so
+            // asking per page made a 512 MiB table take minutes). Only data is remembered: a
+            // run punched since then just reads as zeros.
+            let mut known = known_data.lock().unwrap_or_else(|e| e.into_inner());
+            if known.contains(&from) || !o2.is_empty() {
                 return Ok(0);
             }
-            match s2.data_run(from, n.min(file_len - from)) {
-                Ok((false, run)) => Ok(run),
-                Ok((true, _)) => Ok(0),
+            // Past the end of the file is not a hole but a truncated image: read (and fail).
+            let file_len = s2.len().map_err(io_err("cannot get file length"))?;
+            if from >= file_len {
+                return Ok(0);
+            }
+            match s2.data_run(from, file_len - from) {
+                Ok((false, run)) => Ok(run.min(n)),
+                Ok((true, run)) => {
+                    *known = from..from + run;
+                    Ok(0)
+                }
                 Err(e) => Err(Error::io(
                     format!("cannot query allocation of the BAT at {from:#x}"),
                     e,

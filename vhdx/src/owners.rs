@@ -1,23 +1,19 @@
-//! Which MiB of the file belong to a block this session uses: one bit per MiB, kept in 4 KiB
-//! chunks (32 GiB of file each) created on first use, so memory follows the file space the
-//! table really points at (8 MiB for a 64 TiB file whose every MiB is a block, nothing for an
-//! empty image).
+//! Which MiB of the file belong to a block this session uses: one bit per MiB in one flat
+//! array, as long as the highest MiB marked (8 MiB for a 64 TiB file; the file's length at
+//! open bounds every entry, and allocation only grows the file). The array is zero-allocated
+//! (`vec![0; n]`), so the pages of it never marked are never touched and cost no memory: an
+//! empty image costs nothing, and a lookup is one index.
 //!
 //! Blocks and sector bitmaps start on MiB boundaries and are whole MiBs long, so the bits are
 //! exact. Every entry marks its block the first time its page is read in a session, and every
 //! allocation marks the space it takes: an entry whose block is already marked would alias
 //! another entry's data (or a block we allocated), so the table refuses it.
 
-use std::collections::HashMap;
-
 const MIB: u64 = 1 << 20;
-/// Words per chunk: 4 KiB, 32,768 MiB of file.
-const WORDS: usize = 512;
-const BITS: u64 = WORDS as u64 * 64;
 
 #[derive(Default)]
 pub(crate) struct Owners {
-    chunks: HashMap<u64, Box<[u64; WORDS]>>,
+    words: Vec<u64>,
 }
 
 /// The MiBs `off..off+len` covers (offsets are MiB-aligned; a length is rounded up).
@@ -27,44 +23,38 @@ fn mibs(off: u64, len: u64) -> std::ops::Range<u64> {
 
 impl Owners {
     fn bit(&self, m: u64) -> bool {
-        self.chunks
-            .get(&(m / BITS))
-            .is_some_and(|c| c[((m % BITS) / 64) as usize] & (1 << (m % 64)) != 0)
+        self.words
+            .get((m / 64) as usize)
+            .is_some_and(|w| w & (1 << (m % 64)) != 0)
     }
 
     /// Whether any MiB of `off..off+len` is marked.
     pub fn any(&self, off: u64, len: u64) -> bool {
         let r = mibs(off, len);
-        let mut m = r.start;
-        while m < r.end {
-            if !self.chunks.contains_key(&(m / BITS)) {
-                // A whole chunk unmarked: skip it.
-                m = (m / BITS + 1) * BITS;
-                continue;
-            }
-            if self.bit(m) {
-                return true;
-            }
-            m += 1;
-        }
-        false
+        let end = r.end.min(self.words.len() as u64 * 64);
+        (r.start..end).any(|m| self.bit(m))
     }
 
     /// Marks `off..off+len`.
     pub fn mark(&mut self, off: u64, len: u64) {
-        for m in mibs(off, len) {
-            let c = self
-                .chunks
-                .entry(m / BITS)
-                .or_insert_with(|| Box::new([0; WORDS]));
-            c[((m % BITS) / 64) as usize] |= 1 << (m % 64);
+        let r = mibs(off, len);
+        let need = r.end.div_ceil(64) as usize;
+        if need > self.words.len() {
+            // A fresh zeroed array (untouched pages stay unbacked), at least twice as long
+            // so that growing by allocation costs amortised O(1).
+            let mut grown = vec![0u64; need.max(self.words.len() * 2)];
+            grown[..self.words.len()].copy_from_slice(&self.words);
+            self.words = grown;
+        }
+        for m in r {
+            self.words[(m / 64) as usize] |= 1 << (m % 64);
         }
     }
 
     /// Bytes of bits held (tests).
     #[cfg(test)]
     pub fn bytes(&self) -> usize {
-        self.chunks.len() * WORDS * 8
+        self.words.len() * 8
     }
 }
 
@@ -81,10 +71,14 @@ mod tests {
         assert!(!o.any(9 * MIB, MIB));
         assert!(!o.any(MIB, 4 * MIB));
         assert!(o.any(MIB, 5 * MIB));
-        // Far apart: one chunk each.
+        // Far apart.
         o.mark(60 << 40, 32 * MIB);
         assert!(o.any((60 << 40) + 31 * MIB, MIB));
         assert!(!o.any((60 << 40) + 32 * MIB, 1 << 40));
-        assert_eq!(o.bytes(), 2 * 4096);
+        // As long as the highest mark: 60 TiB of file in MiB bits.
+        assert_eq!(
+            o.bytes(),
+            (((60 << 40) / MIB + 32).div_ceil(64) * 8) as usize
+        );
     }
 }

@@ -229,3 +229,62 @@ fn entries_far_apart_that_share_a_block_are_refused_when_first_read() {
     );
     assert!(d.read_at(&mut buf, (near + 512) * MIB).is_err());
 }
+
+/// Block status merges fully present blocks into one extent only while they lie one after
+/// another in the file: checked block by block against the table, across page boundaries and
+/// across the sector-bitmap entries between chunks, with a one-page cache.
+#[test]
+fn block_status_runs_follow_the_file_layout_exactly() {
+    use disk::Allocation;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.vhdx");
+    drop(VhdxDisk::create(&p, &CreateOptions::new(CreateKind::Dynamic, SIZE)).unwrap());
+    let rw = OpenOptions { read_only: false };
+    let d = VhdxDisk::open_with_cache(storage(&p), &rw, 4096).unwrap();
+    // Allocation appends, so the write order decides the layout: long contiguous runs
+    // (crossing page 0/1 at block 511/512 and chunk 0/1 at 2047/2048), a run broken by an
+    // out-of-order block, and single blocks.
+    let mut order: Vec<u64> = (500..530).collect();
+    order.extend(2040..2056);
+    order.extend([3000, 3002, 3001, 3003, 9000, 7000, 7001]);
+    for &b in &order {
+        d.write_at(&vec![byte(b, 1); PIECE], b * MIB).unwrap();
+    }
+    let mut pos = 0u64;
+    let mut extents = 0;
+    while pos < SIZE {
+        let e = d.block_status(pos, SIZE - pos).unwrap();
+        assert!(e.len > 0 && pos + e.len <= SIZE);
+        let first = pos / MIB;
+        let last = (pos + e.len - 1) / MIB;
+        match e.allocation {
+            Allocation::Data {
+                host_offset: Some(h),
+            } => {
+                for b in first..=last {
+                    let entry = d.bat_entry(b).unwrap();
+                    assert_eq!(entry & 7, 6, "block {b} in a data extent is not present");
+                    assert_eq!(entry >> 20 << 20, h + (b - first) * MIB, "block {b}");
+                }
+                // Maximal: the next block does not continue the run.
+                if let Some(next) = d.bat_entry(last + 1) {
+                    assert!(
+                        next & 7 != 6 || next >> 20 << 20 != h + (last + 1 - first) * MIB,
+                        "extent at block {first} stops early at {last}"
+                    );
+                }
+            }
+            other => {
+                for b in first..=last {
+                    assert_ne!(d.bat_entry(b).unwrap() & 7, 6, "block {b}: {other:?}");
+                }
+            }
+        }
+        pos += e.len;
+        extents += 1;
+    }
+    // 500..530 and 2040..2056 are one run each (appended in order), 3000 and 3002 stand alone
+    // before 3001 and 3003 in the file, 9000, and 7000..7002 one run: 9 data extents, plus the
+    // unallocated gaps between them.
+    assert!(extents >= 9, "{extents} extents");
+}
