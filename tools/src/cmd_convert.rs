@@ -12,7 +12,6 @@
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -437,15 +436,21 @@ fn keep_sector_sizes(
 }
 
 fn copy_all(plan: &Arc<Plan>, workers: usize, pb: &indicatif::ProgressBar) -> Result<()> {
-    let (tx, rx) = sync_channel::<Job>(workers * 2);
-    let rx = Arc::new(Mutex::new(rx));
+    // The workers take their jobs from one planner under a lock (walking the allocation is
+    // cheap next to the copy), so no producer thread hands each job over: on a loaded machine
+    // every hand-over was a sleep and a wake-up.
+    let planner = Arc::new(Mutex::new(Planner::default()));
     let first_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::new(Mutex::new(None));
     let mut handles = Vec::new();
     for _ in 0..workers {
-        let (plan, rx, first_error, pb) =
-            (plan.clone(), rx.clone(), first_error.clone(), pb.clone());
+        let (plan, planner, first_error, pb) = (
+            plan.clone(),
+            planner.clone(),
+            first_error.clone(),
+            pb.clone(),
+        );
         handles.push(std::thread::spawn(move || {
-            if let Err(e) = worker(&plan, &rx, &pb) {
+            if let Err(e) = worker(&plan, &planner, &pb) {
                 // Record the cause before others see the flag and stop with a lesser error.
                 first_error
                     .lock()
@@ -456,11 +461,6 @@ fn copy_all(plan: &Arc<Plan>, workers: usize, pb: &indicatif::ProgressBar) -> Re
             }
         }));
     }
-    // Only the workers hold the receiver: when they all stop (error, interrupt), a blocked send
-    // in the producer returns instead of waiting forever.
-    drop(rx);
-    let produced = produce(plan, &tx, &plan.failed, pb);
-    drop(tx);
     for h in handles {
         if h.join().is_err() {
             plan.failed.store(true, Ordering::SeqCst);
@@ -469,34 +469,56 @@ fn copy_all(plan: &Arc<Plan>, workers: usize, pb: &indicatif::ProgressBar) -> Re
     if let Some(e) = first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e);
     }
-    produced?;
     if plan.failed.load(Ordering::SeqCst) {
         bail!("a worker thread failed");
     }
     common::check_interrupted()
 }
 
-/// Walks the sources' allocation and queues work.
-fn produce(
-    plan: &Plan,
-    tx: &std::sync::mpsc::SyncSender<Job>,
-    failed: &AtomicBool,
-    pb: &indicatif::ProgressBar,
-) -> Result<()> {
-    let mut dst_base = 0u64;
-    let mut seq = 0u64;
-    let mut next_seq = || {
-        seq += 1;
-        seq - 1
-    };
-    for (i, src) in plan.sources.iter().enumerate() {
-        let size = src.size();
-        let mut pos = 0u64;
-        while pos < size {
-            if failed.load(Ordering::SeqCst) {
-                return Ok(());
+/// Walks the sources' allocation and hands out work in target order.
+#[derive(Default)]
+struct Planner {
+    /// The source being walked, and where in it.
+    src: usize,
+    pos: u64,
+    /// Target offset of the source's first byte.
+    dst_base: u64,
+    /// What is left of the current data extent (split into chunks): source offset and length.
+    data: Option<(u64, u64)>,
+    seq: u64,
+}
+
+impl Planner {
+    /// The next job, or None when every source is walked (or a worker failed).
+    fn next(&mut self, plan: &Plan, pb: &indicatif::ProgressBar) -> Result<Option<Job>> {
+        loop {
+            if plan.failed.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            if let Some((src_off, len)) = self.data {
+                // Chunks aligned to the target's offsets so every worker writes whole blocks.
+                let dst_off = self.dst_base + src_off;
+                let n = (CHUNK - dst_off % CHUNK).min(len);
+                self.data = (len > n).then_some((src_off + n, len - n));
+                return Ok(Some(self.job(JobKind::Copy {
+                    src: self.src,
+                    src_off,
+                    dst_off,
+                    len: n,
+                })));
+            }
+            let Some(src) = plan.sources.get(self.src) else {
+                return Ok(None);
+            };
+            let size = src.size();
+            if self.pos >= size {
+                self.src += 1;
+                self.pos = 0;
+                self.dst_base += size;
+                continue;
             }
             common::check_interrupted()?;
+            let (i, pos) = (self.src, self.pos);
             let e = match disk::map::status_through_chain(src.as_ref(), pos, size - pos) {
                 Ok(e) => e,
                 // Salvaging: copy what reads up to the next chunk boundary; the reads decide.
@@ -522,53 +544,31 @@ fn produce(
                 }
             };
             let len = e.length;
+            self.pos += len;
             let holds_data = e.data || plan.granule == 0 || plan.backing.is_some();
             if holds_data {
-                // Chunks aligned to the target's offsets so every worker writes whole blocks.
-                let mut off = 0;
-                while off < len {
-                    let dst_off = dst_base + pos + off;
-                    let n = (CHUNK - dst_off % CHUNK).min(len - off);
-                    let job = Job {
-                        seq: next_seq(),
-                        kind: JobKind::Copy {
-                            src: i,
-                            src_off: pos + off,
-                            dst_off,
-                            len: n,
-                        },
-                    };
-                    send(tx, job)?;
-                    off += n;
-                }
+                self.data = Some((pos, len));
             } else if !plan.target_zero {
-                let job = Job {
-                    seq: next_seq(),
-                    kind: JobKind::Zero {
-                        dst_off: dst_base + pos,
-                        len,
-                    },
-                };
-                send(tx, job)?;
+                return Ok(Some(self.job(JobKind::Zero {
+                    dst_off: self.dst_base + pos,
+                    len,
+                })));
             } else {
                 pb.inc(len);
             }
-            pos += len;
         }
-        dst_base += size;
     }
-    Ok(())
+
+    fn job(&mut self, kind: JobKind) -> Job {
+        self.seq += 1;
+        Job {
+            seq: self.seq - 1,
+            kind,
+        }
+    }
 }
 
-fn send(tx: &std::sync::mpsc::SyncSender<Job>, job: Job) -> Result<()> {
-    // A closed channel means every worker stopped; their error is reported by the caller.
-    if tx.send(job).is_err() {
-        bail!("the copy workers stopped");
-    }
-    Ok(())
-}
-
-fn worker(plan: &Plan, rx: &Mutex<Receiver<Job>>, pb: &indicatif::ProgressBar) -> Result<()> {
+fn worker(plan: &Plan, planner: &Mutex<Planner>, pb: &indicatif::ProgressBar) -> Result<()> {
     let mut buf = vec![0u8; CHUNK as usize];
     let mut base_buf = if plan.backing.is_some() {
         vec![0u8; CHUNK as usize]
@@ -576,11 +576,11 @@ fn worker(plan: &Plan, rx: &Mutex<Receiver<Job>>, pb: &indicatif::ProgressBar) -
         Vec::new()
     };
     loop {
-        let job = {
-            let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
-            guard.recv()
-        };
-        let Ok(job) = job else { return Ok(()) };
+        let job = planner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next(plan, pb)?;
+        let Some(job) = job else { return Ok(()) };
         common::check_interrupted()?;
         let seq = job.seq;
         // Reads and scans run in parallel; without -W the writes then go in job order.
