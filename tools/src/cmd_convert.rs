@@ -2,7 +2,7 @@
 //!
 //! Sparse-aware: the source's block status tells which ranges hold data; only those are read,
 //! and within them runs of zeros (granularity `-S`, default 4 KiB) are skipped when the target
-//! already reads zeros there. Reads and writes run on `-m` worker threads (at most one per core),
+//! already reads zeros there. Reads and writes run on `-m` worker threads (at most two per core),
 //! each handling whole chunks, so throughput does not hinge on one thread's latency.
 //!
 //! With `-C` (copy offloading, as in qemu-img) data runs that are plain file bytes on both sides
@@ -12,6 +12,7 @@
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -56,7 +57,7 @@ pub struct Args {
     /// With -n: the target already reads as zeros, so zero runs need no writes.
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
-    /// Worker threads (at most one per core is used).
+    /// Worker threads.
     #[arg(short = 'm', default_value_t = 8)]
     workers: usize,
     /// Allow out-of-order writes. Without it, workers read and scan in parallel but write in
@@ -97,10 +98,6 @@ pub struct Args {
 }
 
 const CHUNK: u64 = 2 << 20;
-/// Bytes one job copies at most (read whole into a worker's buffer, then written): small
-/// enough that the buffers of the workers stay in the cores' caches between the read and the
-/// write (2 MiB jobs cost more CPU than cp for the same bytes). A larger -S makes it larger.
-const JOB: u64 = 256 << 10;
 
 /// Work for one worker, numbered in target order.
 struct Job {
@@ -164,8 +161,6 @@ struct Plan {
     target_zero: bool,
     /// -C: hand data runs between plain files to the kernel.
     copy_range: bool,
-    /// Bytes one job copies at most: [`JOB`], or the granule when that is larger.
-    job: u64,
 }
 
 pub fn run(a: Args) -> Result<i32> {
@@ -324,17 +319,15 @@ pub fn run(a: Args) -> Result<i32> {
         granule,
         salvage: a.salvage,
         copy_range: a.copy_range,
-        job: JOB.max(granule),
     });
     let pb = progress::bar(total, a.progress, a.quiet);
-    // One worker per core: the copy is CPU work (page cache to page cache), and a third or
-    // fourth thread on the shared 2-core machine added CPU time (wake-ups, cache misses) without
-    // shortening the copy. 7 interleaved rounds, 1 GiB half data, 256 KiB jobs, CPU median
-    // 4 workers / 2 workers / cp: raw->vhdx 280 / 200 / 210 ms, vhdx->vhd 310 / 260 ms.
+    // Threads beyond twice the cores only add contention for page-cache-bound copies. (One per
+    // core was tried: on the loaded 2-core machine it was slower for VHDX -> raw, 4 rounds
+    // alternating, 1.3-2.3 s against 0.3-1.7 s, so the reads keep some overlap.)
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    copy_all(&plan, a.workers.clamp(1, 16).min(cores), &pb)?;
+    copy_all(&plan, a.workers.clamp(1, 16).min(2 * cores), &pb)?;
     target
         .close()
         .with_context(|| format!("cannot finish writing {}", dst.display()))?;
@@ -444,21 +437,15 @@ fn keep_sector_sizes(
 }
 
 fn copy_all(plan: &Arc<Plan>, workers: usize, pb: &indicatif::ProgressBar) -> Result<()> {
-    // The workers take their jobs from one planner under a lock (walking the allocation is
-    // cheap next to the copy), so no producer thread hands each job over: on a loaded machine
-    // every hand-over was a sleep and a wake-up.
-    let planner = Arc::new(Mutex::new(Planner::default()));
+    let (tx, rx) = sync_channel::<Job>(workers * 2);
+    let rx = Arc::new(Mutex::new(rx));
     let first_error: Arc<Mutex<Option<anyhow::Error>>> = Arc::new(Mutex::new(None));
     let mut handles = Vec::new();
     for _ in 0..workers {
-        let (plan, planner, first_error, pb) = (
-            plan.clone(),
-            planner.clone(),
-            first_error.clone(),
-            pb.clone(),
-        );
+        let (plan, rx, first_error, pb) =
+            (plan.clone(), rx.clone(), first_error.clone(), pb.clone());
         handles.push(std::thread::spawn(move || {
-            if let Err(e) = worker(&plan, &planner, &pb) {
+            if let Err(e) = worker(&plan, &rx, &pb) {
                 // Record the cause before others see the flag and stop with a lesser error.
                 first_error
                     .lock()
@@ -469,6 +456,11 @@ fn copy_all(plan: &Arc<Plan>, workers: usize, pb: &indicatif::ProgressBar) -> Re
             }
         }));
     }
+    // Only the workers hold the receiver: when they all stop (error, interrupt), a blocked send
+    // in the producer returns instead of waiting forever.
+    drop(rx);
+    let produced = produce(plan, &tx, &plan.failed, pb);
+    drop(tx);
     for h in handles {
         if h.join().is_err() {
             plan.failed.store(true, Ordering::SeqCst);
@@ -477,56 +469,34 @@ fn copy_all(plan: &Arc<Plan>, workers: usize, pb: &indicatif::ProgressBar) -> Re
     if let Some(e) = first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e);
     }
+    produced?;
     if plan.failed.load(Ordering::SeqCst) {
         bail!("a worker thread failed");
     }
     common::check_interrupted()
 }
 
-/// Walks the sources' allocation and hands out work in target order.
-#[derive(Default)]
-struct Planner {
-    /// The source being walked, and where in it.
-    src: usize,
-    pos: u64,
-    /// Target offset of the source's first byte.
-    dst_base: u64,
-    /// What is left of the current data extent (split into chunks): source offset and length.
-    data: Option<(u64, u64)>,
-    seq: u64,
-}
-
-impl Planner {
-    /// The next job, or None when every source is walked (or a worker failed).
-    fn next(&mut self, plan: &Plan, pb: &indicatif::ProgressBar) -> Result<Option<Job>> {
-        loop {
-            if plan.failed.load(Ordering::SeqCst) {
-                return Ok(None);
-            }
-            if let Some((src_off, len)) = self.data {
-                // Jobs aligned to the target's offsets, so none straddles a block.
-                let dst_off = self.dst_base + src_off;
-                let n = (plan.job - dst_off % plan.job).min(len);
-                self.data = (len > n).then_some((src_off + n, len - n));
-                return Ok(Some(self.job(JobKind::Copy {
-                    src: self.src,
-                    src_off,
-                    dst_off,
-                    len: n,
-                })));
-            }
-            let Some(src) = plan.sources.get(self.src) else {
-                return Ok(None);
-            };
-            let size = src.size();
-            if self.pos >= size {
-                self.src += 1;
-                self.pos = 0;
-                self.dst_base += size;
-                continue;
+/// Walks the sources' allocation and queues work.
+fn produce(
+    plan: &Plan,
+    tx: &std::sync::mpsc::SyncSender<Job>,
+    failed: &AtomicBool,
+    pb: &indicatif::ProgressBar,
+) -> Result<()> {
+    let mut dst_base = 0u64;
+    let mut seq = 0u64;
+    let mut next_seq = || {
+        seq += 1;
+        seq - 1
+    };
+    for (i, src) in plan.sources.iter().enumerate() {
+        let size = src.size();
+        let mut pos = 0u64;
+        while pos < size {
+            if failed.load(Ordering::SeqCst) {
+                return Ok(());
             }
             common::check_interrupted()?;
-            let (i, pos) = (self.src, self.pos);
             let e = match disk::map::status_through_chain(src.as_ref(), pos, size - pos) {
                 Ok(e) => e,
                 // Salvaging: copy what reads up to the next chunk boundary; the reads decide.
@@ -552,43 +522,65 @@ impl Planner {
                 }
             };
             let len = e.length;
-            self.pos += len;
             let holds_data = e.data || plan.granule == 0 || plan.backing.is_some();
             if holds_data {
-                self.data = Some((pos, len));
+                // Chunks aligned to the target's offsets so every worker writes whole blocks.
+                let mut off = 0;
+                while off < len {
+                    let dst_off = dst_base + pos + off;
+                    let n = (CHUNK - dst_off % CHUNK).min(len - off);
+                    let job = Job {
+                        seq: next_seq(),
+                        kind: JobKind::Copy {
+                            src: i,
+                            src_off: pos + off,
+                            dst_off,
+                            len: n,
+                        },
+                    };
+                    send(tx, job)?;
+                    off += n;
+                }
             } else if !plan.target_zero {
-                return Ok(Some(self.job(JobKind::Zero {
-                    dst_off: self.dst_base + pos,
-                    len,
-                })));
+                let job = Job {
+                    seq: next_seq(),
+                    kind: JobKind::Zero {
+                        dst_off: dst_base + pos,
+                        len,
+                    },
+                };
+                send(tx, job)?;
             } else {
                 pb.inc(len);
             }
+            pos += len;
         }
+        dst_base += size;
     }
-
-    fn job(&mut self, kind: JobKind) -> Job {
-        self.seq += 1;
-        Job {
-            seq: self.seq - 1,
-            kind,
-        }
-    }
+    Ok(())
 }
 
-fn worker(plan: &Plan, planner: &Mutex<Planner>, pb: &indicatif::ProgressBar) -> Result<()> {
-    let mut buf = vec![0u8; plan.job as usize];
+fn send(tx: &std::sync::mpsc::SyncSender<Job>, job: Job) -> Result<()> {
+    // A closed channel means every worker stopped; their error is reported by the caller.
+    if tx.send(job).is_err() {
+        bail!("the copy workers stopped");
+    }
+    Ok(())
+}
+
+fn worker(plan: &Plan, rx: &Mutex<Receiver<Job>>, pb: &indicatif::ProgressBar) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK as usize];
     let mut base_buf = if plan.backing.is_some() {
-        vec![0u8; plan.job as usize]
+        vec![0u8; CHUNK as usize]
     } else {
         Vec::new()
     };
     loop {
-        let job = planner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .next(plan, pb)?;
-        let Some(job) = job else { return Ok(()) };
+        let job = {
+            let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
+            guard.recv()
+        };
+        let Ok(job) = job else { return Ok(()) };
         common::check_interrupted()?;
         let seq = job.seq;
         // Reads and scans run in parallel; without -W the writes then go in job order.
@@ -805,7 +797,9 @@ fn copy_offloaded(
         source
             .read_at(data, s)
             .with_context(|| format!("cannot read source {} at offset {s}", src + 1))?;
-        write_pieces(&plan.target, data, d)?;
+        plan.target
+            .write_at(data, d)
+            .with_context(|| format!("cannot write the target at offset {d}"))?;
         done += n;
     }
     Ok(())
@@ -823,7 +817,10 @@ fn write_runs(
 ) -> Result<()> {
     if plan.granule == 0 {
         // The caller filled the holes with zeros: everything is written.
-        return write_pieces(&plan.target, data, dst_off);
+        plan.target
+            .write_at(data, dst_off)
+            .with_context(|| format!("cannot write the target at offset {dst_off}"))?;
+        return Ok(());
     }
     let g = plan.granule as usize;
     let mut run_start: Option<usize> = None;
@@ -831,7 +828,14 @@ fn write_runs(
     let mut holes = holes.iter().peekable();
     let mut i = 0;
     let flush_write = |start: usize, end: usize| -> Result<()> {
-        write_pieces(&plan.target, &data[start..end], dst_off + start as u64)
+        plan.target
+            .write_at(&data[start..end], dst_off + start as u64)
+            .with_context(|| {
+                format!(
+                    "cannot write the target at offset {}",
+                    dst_off + start as u64
+                )
+            })
     };
     let flush_zero = |start: usize, end: usize| -> Result<()> {
         plan.target
@@ -895,24 +899,6 @@ fn write_runs(
     }
     if let Some(z) = zero_run {
         flush_zero(z, data.len())?;
-    }
-    Ok(())
-}
-
-/// The most one write call hands the target. Buffered writes got dearer with their size on
-/// this 2-core VM: writing 512 MiB with dd cost 0.22-0.27 s of system time with 64-512 KiB
-/// writes, 0.3-0.7 s with 1 MiB and 1.5-2.8 s with 4 MiB, nearly all of it in the copy into
-/// the page cache (likely: a larger write gets larger folios, taken from large free blocks that
-/// the balloon's free page reporting has handed back to the host). 128 KiB is what cp writes.
-const WRITE_PIECE: usize = 128 << 10;
-
-/// Writes `data` at `dst_off` in pieces of at most [`WRITE_PIECE`].
-fn write_pieces(target: &Disk, data: &[u8], dst_off: u64) -> Result<()> {
-    for (i, piece) in data.chunks(WRITE_PIECE).enumerate() {
-        let at = dst_off + (i * WRITE_PIECE) as u64;
-        target
-            .write_at(piece, at)
-            .with_context(|| format!("cannot write the target at offset {at}"))?;
     }
     Ok(())
 }
