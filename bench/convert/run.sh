@@ -18,19 +18,31 @@
 #
 # Every output is checked: `qemu-img compare` and `viridian compare` against the raw source.
 #
+# Page frames: on a VM whose balloon reports free pages to the host (free page reporting), page
+# frames freed more than ~2 s earlier are handed back to the host and refaulted on their next use;
+# writing 512 MiB into such frames took cp 0.8-1.1 s instead of 0.2-0.3 s here. Which command
+# of a round got the cold frames depended on the timing of the one before, so before every
+# timed command a helper touches and frees WARM_MIB (default SIZE_MIB) of memory: each of
+# the three then writes into frames the host has backed, as on a machine without a balloon
+# (WARM_MIB=0 turns it off).
+#
 # Usage: bench/convert/run.sh [WORKDIR]   (needs ~5x SIZE_MIB free in WORKDIR; default a temp
-#        dir under /var/tmp); env: SIZE_MIB, RUNS, CASES (a grep -E filter on direction names).
+#        dir under /var/tmp); env: SIZE_MIB, RUNS, CASES (a grep -E filter on direction names),
+#        WARM_MIB, VIRIDIAN (a viridian binary to measure instead of this tree's release build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash bench/setup.sh
-cargo build --release -q -p viridian
-V="$PWD/target/release/viridian"
+if [ -z "${VIRIDIAN:-}" ]; then
+    cargo build --release -q -p viridian
+fi
+V="${VIRIDIAN:-$PWD/target/release/viridian}"
 W="${1:-$(mktemp -d /var/tmp/viridian-bench.XXXXXX)}"
 mkdir -p "$W"
 trap 'rm -rf "$W"' EXIT
 SIZE_MIB=${SIZE_MIB:-1024}
 RUNS=${RUNS:-5}
 CASES=${CASES:-.}
+WARM_MIB=${WARM_MIB:-$SIZE_MIB}
 
 python3 - "$W/src.raw" "$SIZE_MIB" <<'PY'
 import os, sys
@@ -56,6 +68,8 @@ timed() {
     local log=$1
     shift
     sync
+    # Backed page frames for the command (see the header); freed right before it starts.
+    if [ "$WARM_MIB" -gt 0 ]; then python3 -c "b = b'\x01' * ($WARM_MIB << 20)"; fi
     local t0 t1
     t0=$(date +%s%N)
     /usr/bin/time -f '%U %S %M' -o "$W/time.out" "$@" >/dev/null 2>"$W/cmd.err" || {
