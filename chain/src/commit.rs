@@ -38,7 +38,7 @@ pub fn commit_into_base(
     base: &Path,
     above: &Path,
     template: &OpenOptions,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<u64> {
     commit_into_base_then(
         open_top,
@@ -61,7 +61,7 @@ pub(crate) fn commit_into_base_then(
     above: &Path,
     template: &OpenOptions,
     before_first_write: &mut dyn FnMut() -> Result<()>,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<u64> {
     let vhdx_link = probe_path(above)? == Format::Vhdx && probe_path(base)? == Format::Vhdx;
     // Step 1.

@@ -568,7 +568,7 @@ pub fn merge(
     top: &dyn BlockDevice,
     depth_limit: usize,
     base: &dyn BlockDevice,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<u64> {
     let size = top.size();
     if base.size() < size {
@@ -582,22 +582,26 @@ pub fn merge(
     let mut merged = 0;
     while pos < size {
         let e = disk::map::status_through_chain(top, pos, size - pos)?;
-        if e.present && e.depth < depth_limit {
-            if e.zero {
-                base.write_zeroes(pos, e.length, disk::ZeroFlags { may_unmap: true })?;
-            } else {
-                let mut off = 0;
-                while off < e.length {
-                    let n = (e.length - off).min(buf.len() as u64) as usize;
-                    top.read_at(&mut buf[..n], pos + off)?;
-                    base.write_at(&buf[..n], pos + off)?;
-                    off += n as u64;
-                }
+        if e.present && e.depth < depth_limit && !e.zero {
+            // Progress (which may stop the merge) after every piece, not every extent: one
+            // extent can be the whole disk.
+            let mut off = 0;
+            while off < e.length {
+                let n = (e.length - off).min(buf.len() as u64) as usize;
+                top.read_at(&mut buf[..n], pos + off)?;
+                base.write_at(&buf[..n], pos + off)?;
+                off += n as u64;
+                merged += n as u64;
+                progress(n as u64)?;
             }
-            merged += e.length;
+        } else {
+            if e.present && e.depth < depth_limit {
+                base.write_zeroes(pos, e.length, disk::ZeroFlags { may_unmap: true })?;
+                merged += e.length;
+            }
+            progress(e.length)?;
         }
         pos += e.length;
-        progress(e.length);
     }
     base.flush()?;
     Ok(merged)

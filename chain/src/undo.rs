@@ -250,7 +250,10 @@ pub fn commit_child(
         child,
         &OpenOptions::read_write(),
         &mut || begin_commit(child),
-        progress,
+        &mut |n| {
+            progress(n);
+            Ok(())
+        },
     )
 }
 

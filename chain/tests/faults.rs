@@ -414,7 +414,7 @@ fn commit_case(fmt: Fmt) {
         };
         let child_bytes = cs.to_vec();
         let expected = read_all(&*child).expect("merged view");
-        let r = chain::merge(&*child, 1, &*parent, &mut |_| {});
+        let r = chain::merge(&*child, 1, &*parent, &mut |_| Ok(()));
         let r = r.and_then(|n| parent.close().map(|_| n));
         let after = cs.to_vec();
         assert_eq!(

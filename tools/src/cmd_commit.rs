@@ -109,7 +109,18 @@ pub fn run(a: Args) -> Result<i32> {
         &base_path,
         &above,
         &OpenOptions::read_write(),
-        &mut |n| pb.inc(n),
+        &mut |n| {
+            pb.inc(n);
+            // Ctrl-C or SIGTERM: stop between pieces, through the failure path that leaves
+            // the chain opening as before.
+            if common::interrupted() {
+                return Err(disk::Error::io(
+                    "stopped by a signal",
+                    std::io::ErrorKind::Interrupted.into(),
+                ));
+            }
+            Ok(())
+        },
     )
     .with_context(|| {
         format!(

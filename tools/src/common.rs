@@ -90,10 +90,10 @@ static INTERRUPT_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::Atomi
 static STOP_AT_ONCE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(signal: libc::c_int) {
-    // A second signal, or any signal to a read-only verb, ends the process now, with the code
-    // a shell reports for a command killed by it. A writer killed so is in the state a crash
-    // leaves, which every format recovers from; the first signal lets it stop cleanly.
-    if STOP_AT_ONCE.load(Ordering::SeqCst) || INTERRUPTED.load(Ordering::SeqCst) {
+    // A read-only verb has nothing to finish: it ends now, with the code a shell reports for
+    // a command killed by the signal. A writer never does, however many signals come (`timeout`
+    // sends a second one at once): it stops cleanly, flushing what it acknowledged.
+    if STOP_AT_ONCE.load(Ordering::SeqCst) {
         // SAFETY: _exit is async-signal-safe.
         unsafe { libc::_exit(128 + signal) };
     }
