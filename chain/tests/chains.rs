@@ -162,18 +162,29 @@ fn parent_cycles_are_refused() {
     }
 }
 
+/// `a.<fmt>` holding 5s, and an undo session over it that wrote and flushed 9s at 4 KiB.
+/// Returns the base, its bytes before the session, and the session.
+fn undo_session_with_a_write(
+    dir: &Path,
+    f: Format,
+) -> (std::path::PathBuf, Vec<u8>, chain::UndoDisk) {
+    let a = dir.join(format!("a.{}", ext(f)));
+    mk(&a, f, None);
+    write(&a, 5, 0);
+    let before = std::fs::read(&a).unwrap();
+    let u = chain::UndoDisk::open(&a, &OpenOptions::read_only(), None).unwrap();
+    let disk = u.disk();
+    disk.write_at(&[9u8; 4096], 4096).unwrap();
+    disk.flush().unwrap();
+    (a, before, u)
+}
+
 #[test]
 fn undo_sessions_never_touch_the_parent_until_commit() {
     for f in [Format::Raw, Format::Vhd, Format::Vhdx] {
         let d = tempfile::tempdir().unwrap();
-        let a = d.path().join(format!("a.{}", ext(f)));
-        mk(&a, f, None);
-        write(&a, 5, 0);
-        let before = std::fs::read(&a).unwrap();
-        let u = chain::UndoDisk::open(&a, &OpenOptions::read_only(), None).unwrap();
+        let (a, before, u) = undo_session_with_a_write(d.path(), f);
         let disk = u.disk();
-        disk.write_at(&[9u8; 4096], 4096).unwrap();
-        disk.flush().unwrap();
         let mut b = [0u8; 8192];
         disk.read_at(&mut b, 0).unwrap();
         assert!(b[..4096].iter().all(|&x| x == 5) && b[4096..].iter().all(|&x| x == 9));
@@ -368,16 +379,8 @@ fn a_child_grown_past_its_parent_reads_zeros_there_in_both_formats() {
 fn undo_commit_into_a_locked_base_changes_nothing() {
     for f in [Format::Raw, Format::Vhd, Format::Vhdx] {
         let d = tempfile::tempdir().unwrap();
-        let a = d.path().join(format!("a.{}", ext(f)));
-        mk(&a, f, None);
-        write(&a, 5, 0);
-        let before = std::fs::read(&a).unwrap();
-        let u = chain::UndoDisk::open(&a, &OpenOptions::read_only(), None).unwrap();
+        let (a, before, u) = undo_session_with_a_write(d.path(), f);
         let child = u.child_path().to_path_buf();
-        let disk = u.disk();
-        disk.write_at(&[9u8; 4096], 4096).unwrap();
-        disk.flush().unwrap();
-        drop(disk);
         // Another session holds the base: the commit cannot open it for writing.
         let holder = open(&a, &OpenOptions::read_only()).unwrap();
         let e = u.commit(&mut |_| {}).unwrap_err();

@@ -10,6 +10,7 @@
 // SEEK_HOLE, copy_file_range, block-device ioctls), each with a SAFETY comment.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod bitset;
 pub mod blockdev;
 pub mod check;
 mod error;
@@ -26,6 +27,7 @@ mod request;
 pub mod sticky;
 mod storage;
 
+pub use bitset::BitSet;
 pub use blockdev::BlockGeometry;
 pub use check::CheckReport;
 pub use error::{Error, IoContext, Result};

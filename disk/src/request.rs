@@ -528,39 +528,59 @@ mod tests {
     use crate::RawDisk;
     use std::sync::Barrier;
 
-    /// A raw RAM disk that yields inside every read and write, so that a read-modify-write
-    /// without a lock would interleave with the others.
+    /// A raw RAM disk that yields inside every read and write, so that requests without the
+    /// ordering would interleave. With `piece`, it also copies that many bytes at a time with
+    /// a pause between, as a page cache copy can be seen halfway by a concurrent request (the
+    /// RAM disk under it then takes requests of `piece` bytes).
     #[derive(Debug)]
-    struct Slow(RawDisk);
+    struct Slow {
+        ram: RawDisk,
+        sector: u32,
+        piece: Option<usize>,
+    }
 
     impl BlockDevice for Slow {
         fn format(&self) -> &'static str {
             "raw"
         }
         fn size(&self) -> u64 {
-            self.0.size()
+            self.ram.size()
         }
         fn logical_sector_size(&self) -> u32 {
-            self.0.logical_sector_size()
+            self.sector
         }
         fn read_only(&self) -> bool {
             false
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
             std::thread::yield_now();
-            let r = self.0.read_at(buf, offset);
-            std::thread::sleep(std::time::Duration::from_micros(20));
-            r
+            let Some(p) = self.piece else {
+                let r = self.ram.read_at(buf, offset);
+                std::thread::sleep(std::time::Duration::from_micros(20));
+                return r;
+            };
+            for (k, piece) in buf.chunks_mut(p).enumerate() {
+                self.ram.read_at(piece, offset + (p * k) as u64)?;
+                std::thread::yield_now();
+            }
+            Ok(())
         }
         fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
             std::thread::yield_now();
-            self.0.write_at(buf, offset)
+            let Some(p) = self.piece else {
+                return self.ram.write_at(buf, offset);
+            };
+            for (k, piece) in buf.chunks(p).enumerate() {
+                self.ram.write_at(piece, offset + (p * k) as u64)?;
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+            Ok(())
         }
         fn flush(&self) -> Result<()> {
             Ok(())
         }
         fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-            self.0.write_zeroes(offset, len, flags)
+            self.ram.write_zeroes(offset, len, flags)
         }
     }
 
@@ -568,7 +588,11 @@ mod tests {
         let raw = RawDisk::memory(size)
             .unwrap()
             .with_logical_sector_size(sector);
-        Disk::new(Arc::new(Slow(raw)))
+        Disk::new(Arc::new(Slow {
+            ram: raw,
+            sector,
+            piece: None,
+        }))
     }
 
     struct Rng(u64);
@@ -705,46 +729,6 @@ mod tests {
         }
     }
 
-    /// A raw RAM disk whose writes copy 64 bytes at a time and yield in between, as a page
-    /// cache copy can be seen halfway by a concurrent reader.
-    #[derive(Debug)]
-    struct Tearing(RawDisk);
-
-    impl BlockDevice for Tearing {
-        fn format(&self) -> &'static str {
-            "raw"
-        }
-        fn size(&self) -> u64 {
-            self.0.size()
-        }
-        fn logical_sector_size(&self) -> u32 {
-            512
-        }
-        fn read_only(&self) -> bool {
-            false
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-            for (k, piece) in buf.chunks_mut(64).enumerate() {
-                self.0.read_at(piece, offset + 64 * k as u64)?;
-                std::thread::yield_now();
-            }
-            Ok(())
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-            for (k, piece) in buf.chunks(64).enumerate() {
-                self.0.write_at(piece, offset + 64 * k as u64)?;
-                std::thread::sleep(std::time::Duration::from_micros(20));
-            }
-            Ok(())
-        }
-        fn flush(&self) -> Result<()> {
-            Ok(())
-        }
-        fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-            self.0.write_zeroes(offset, len, flags)
-        }
-    }
-
     #[test]
     fn reads_and_writes_racing_on_a_sector_see_it_whole() {
         // Two writers rewrite the same 8 sectors with whole-sector patterns, one or two sectors
@@ -753,10 +737,14 @@ mod tests {
         // pattern: never a mix.
         use std::sync::atomic::AtomicBool;
         const SECTORS: u64 = 8;
-        let raw = RawDisk::memory(SECTORS * 512)
+        let ram = RawDisk::memory(SECTORS * 512)
             .unwrap()
             .with_logical_sector_size(64);
-        let d = Disk::new(Arc::new(Tearing(raw)));
+        let d = Disk::new(Arc::new(Slow {
+            ram,
+            sector: 512,
+            piece: Some(64),
+        }));
         d.write_at(&[1u8; (SECTORS * 512) as usize], 0).unwrap();
         let done = AtomicBool::new(false);
         let whole = |s: &[u8]| s.iter().all(|&x| x == s[0]);

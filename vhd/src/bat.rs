@@ -57,24 +57,18 @@ struct Cache {
     hand: usize,
     max_pages: usize,
     /// Pages checked in this session, one bit each (8 KiB for the largest table).
-    seen: Vec<u64>,
+    seen: disk::BitSet,
     /// Start sectors of the blocks of every entry checked and every block set in this session.
     starts: BTreeSet<u32>,
 }
 
 impl Cache {
     fn seen(&self, page: u64) -> bool {
-        self.seen
-            .get((page / 64) as usize)
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+        self.seen.contains(page)
     }
 
     fn mark_seen(&mut self, page: u64) {
-        let w = (page / 64) as usize;
-        if self.seen.len() <= w {
-            self.seen.resize(w + 1, 0);
-        }
-        self.seen[w] |= 1 << (page % 64);
+        self.seen.insert(page);
     }
 
     /// A block start already kept whose block (`slot` bytes) overlaps the one at `sector`.

@@ -92,7 +92,7 @@ struct Cache {
     dirty: BTreeSet<u64>,
     /// Pages read (and checked) at least once in this session, one bit each: 16 KiB for the
     /// 512 MiB table of a 64 TiB disk with 1 MiB blocks.
-    seen: Vec<u64>,
+    seen: disk::BitSet,
     /// The file space taken by the blocks of every entry seen and every block allocated in
     /// this session: an entry first seen later may not share it.
     owners: Owners,
@@ -100,17 +100,11 @@ struct Cache {
 
 impl Cache {
     fn seen(&self, page: u64) -> bool {
-        self.seen
-            .get((page / 64) as usize)
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+        self.seen.contains(page)
     }
 
     fn mark_seen(&mut self, page: u64) {
-        let w = (page / 64) as usize;
-        if self.seen.len() <= w {
-            self.seen.resize(w + 1, 0);
-        }
-        self.seen[w] |= 1 << (page % 64);
+        self.seen.insert(page);
     }
 
     fn slot(&mut self, page: u64) -> Option<&mut Slot> {

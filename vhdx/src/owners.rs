@@ -1,8 +1,7 @@
-//! Which MiB of the file belong to a block this session uses: one bit per MiB in one flat
-//! array, as long as the highest MiB marked (8 MiB for a 64 TiB file; the file's length at
-//! open bounds every entry, and allocation only grows the file). The array is zero-allocated
-//! (`vec![0; n]`), so the pages of it never marked are never touched and cost no memory: an
-//! empty image costs nothing, and a lookup is one index.
+//! Which MiB of the file belong to a block this session uses: one bit per MiB in a
+//! [`disk::BitSet`], as long as the highest MiB marked (8 MiB for a 64 TiB file; the file's
+//! length at open bounds every entry, and allocation only grows the file). Pages of it never
+//! marked cost no memory, so an empty image costs nothing, and a lookup is one index.
 //!
 //! Blocks and sector bitmaps start on MiB boundaries and are whole MiBs long, so the bits are
 //! exact. Every entry marks its block the first time its page is read in a session, and every
@@ -13,7 +12,7 @@ const MIB: u64 = 1 << 20;
 
 #[derive(Default)]
 pub(crate) struct Owners {
-    words: Vec<u64>,
+    mibs: disk::BitSet,
 }
 
 /// The MiBs `off..off+len` covers (offsets are MiB-aligned; a length is rounded up).
@@ -22,39 +21,20 @@ fn mibs(off: u64, len: u64) -> std::ops::Range<u64> {
 }
 
 impl Owners {
-    fn bit(&self, m: u64) -> bool {
-        self.words
-            .get((m / 64) as usize)
-            .is_some_and(|w| w & (1 << (m % 64)) != 0)
-    }
-
     /// Whether any MiB of `off..off+len` is marked.
     pub fn any(&self, off: u64, len: u64) -> bool {
-        let r = mibs(off, len);
-        let end = r.end.min(self.words.len() as u64 * 64);
-        (r.start..end).any(|m| self.bit(m))
+        self.mibs.any_in(mibs(off, len))
     }
 
     /// Marks `off..off+len`.
     pub fn mark(&mut self, off: u64, len: u64) {
-        let r = mibs(off, len);
-        let need = r.end.div_ceil(64) as usize;
-        if need > self.words.len() {
-            // A fresh zeroed array (untouched pages stay unbacked), at least twice as long
-            // so that growing by allocation costs amortised O(1).
-            let mut grown = vec![0u64; need.max(self.words.len() * 2)];
-            grown[..self.words.len()].copy_from_slice(&self.words);
-            self.words = grown;
-        }
-        for m in r {
-            self.words[(m / 64) as usize] |= 1 << (m % 64);
-        }
+        self.mibs.insert_range(mibs(off, len));
     }
 
     /// Bytes of bits held (tests).
     #[cfg(test)]
     pub fn bytes(&self) -> usize {
-        self.words.len() * 8
+        self.mibs.allocated_bytes()
     }
 }
 
